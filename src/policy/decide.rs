@@ -1,0 +1,205 @@
+//! The decision order (SPEC 4.3): pure, synchronous, no I/O and no Lua.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::Arc;
+
+use super::host::CanonicalHost;
+use super::rules::{ByHost, HostList};
+
+/// A class's policy as Rust data, compiled from the script's globals once per generation.
+#[derive(Clone, Debug, Default)]
+pub struct ClassPolicy {
+    /// `enableInternet` (default true, as Cloudflare).
+    pub enable_internet: bool,
+    /// `interceptHttps` (default false).
+    pub intercept_https: bool,
+    /// `redactSecrets` (default false).
+    pub redact_secrets: bool,
+    /// `allowedHosts`; `None` means no gate.
+    pub allowed: Option<HostList>,
+    /// `deniedHosts`.
+    pub denied: Option<HostList>,
+    /// The keys of `outboundByHost`; the functions live in each worker's Lua state, found by key.
+    pub by_host: ByHost<()>,
+    /// Whether the script defines `outbound`.
+    pub has_outbound: bool,
+    /// The names in `outboundHandlers`, selectable at runtime.
+    pub handler_names: BTreeSet<String>,
+}
+
+/// A runtime-selected handler: a name from `outboundHandlers` and its `ctx.params`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NamedHandler {
+    pub name: String,
+    pub params: Option<serde_json::Value>,
+}
+
+/// One container's runtime overrides (SPEC 7.2). Each `None` falls back to the class.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub allowed: Option<HostList>,
+    pub denied: Option<HostList>,
+    pub by_host: ByHost<Arc<NamedHandler>>,
+    pub outbound: Option<Arc<NamedHandler>>,
+}
+
+/// Why a request was denied; the value of the `moat-denied` header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DenyReason {
+    DeniedHost,
+    NotAllowed,
+    InternetDisabled,
+    /// The egress address check refused every address (SPEC 8.3); decided at dial time.
+    BlockedAddress,
+    /// The request was addressed to moat itself (SPEC 8.4).
+    Loop,
+}
+
+impl DenyReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::DeniedHost => "denied-host",
+            Self::NotAllowed => "not-allowed",
+            Self::InternetDisabled => "internet-disabled",
+            Self::BlockedAddress => "blocked-address",
+            Self::Loop => "loop",
+        }
+    }
+}
+
+impl fmt::Display for DenyReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which handler runs.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HandlerChoice {
+    /// Step 3: the container's `setOutboundByHost` override.
+    InstanceByHost { key: String, handler: Arc<NamedHandler> },
+    /// Step 4: the class's `outboundByHost[key]`.
+    ClassByHost { key: String },
+    /// Step 5: the container's `setOutboundHandler` override.
+    InstanceOutbound(Arc<NamedHandler>),
+    /// Step 6: the class's `outbound`.
+    ClassOutbound,
+}
+
+impl HandlerChoice {
+    /// The name used in logs and `moat explain`.
+    pub fn label(&self) -> String {
+        match self {
+            Self::InstanceByHost { handler, .. } | Self::InstanceOutbound(handler) => {
+                format!("outboundHandlers.{}", handler.name)
+            }
+            Self::ClassByHost { key } => format!("outboundByHost[\"{key}\"]"),
+            Self::ClassOutbound => "outbound".to_string(),
+        }
+    }
+
+    /// `ctx.params`, for runtime-selected handlers.
+    pub fn params(&self) -> Option<&serde_json::Value> {
+        match self {
+            Self::InstanceByHost { handler, .. } | Self::InstanceOutbound(handler) => handler.params.as_ref(),
+            _ => None,
+        }
+    }
+}
+
+/// The outcome of the decision order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decision {
+    Deny(DenyReason),
+    Handler(HandlerChoice),
+    Egress,
+}
+
+/// A decision and the step (1–9 of SPEC 4.3) that made it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Verdict {
+    pub step: u8,
+    pub decision: Decision,
+}
+
+impl Verdict {
+    fn new(step: u8, decision: Decision) -> Self {
+        Self { step, decision }
+    }
+
+    /// A sentence saying which step decided and why, for `moat explain`.
+    pub fn explain(&self) -> String {
+        match (&self.step, &self.decision) {
+            (1, _) => "step 1: host matches deniedHosts".into(),
+            (2, _) => "step 2: allowedHosts is set and the host matches none of it".into(),
+            (3, Decision::Handler(h)) => format!("step 3: container override setOutboundByHost → {}", h.label()),
+            (4, Decision::Handler(h)) => format!("step 4: class {}", h.label()),
+            (5, Decision::Handler(h)) => format!("step 5: container override setOutboundHandler → {}", h.label()),
+            (6, _) => "step 6: class catch-all outbound".into(),
+            (7, _) => "step 7: host passed allowedHosts → egress".into(),
+            (8, _) => "step 8: enableInternet is true → egress".into(),
+            (9, _) => "step 9: enableInternet is false and nothing else matched".into(),
+            (n, d) => format!("step {n}: {d:?}"),
+        }
+    }
+}
+
+/// Runs the nine steps for one HTTP request (plain, or inside intercepted TLS).
+pub fn decide(host: &CanonicalHost, port: u16, class: &ClassPolicy, inst: Option<&Overrides>) -> Verdict {
+    if let Some(v) = gate(host, port, class, inst) {
+        return v;
+    }
+    if let Some((key, handler)) = inst.and_then(|o| o.by_host.find(host, port)) {
+        let choice = HandlerChoice::InstanceByHost { key: key.as_str().to_string(), handler: handler.clone() };
+        return Verdict::new(3, Decision::Handler(choice));
+    }
+    if let Some((key, ())) = class.by_host.find(host, port) {
+        return Verdict::new(4, Decision::Handler(HandlerChoice::ClassByHost { key: key.as_str().to_string() }));
+    }
+    if let Some(handler) = inst.and_then(|o| o.outbound.clone()) {
+        return Verdict::new(5, Decision::Handler(HandlerChoice::InstanceOutbound(handler)));
+    }
+    if class.has_outbound {
+        return Verdict::new(6, Decision::Handler(HandlerChoice::ClassOutbound));
+    }
+    fallthrough(class, inst)
+}
+
+/// Steps 1, 2, 7, 8, 9 only: for TLS that is not intercepted and for raw tunnels, where no
+/// handler can run (SPEC 4.3, last paragraph).
+pub fn decide_tunnel(host: &CanonicalHost, port: u16, class: &ClassPolicy, inst: Option<&Overrides>) -> Verdict {
+    gate(host, port, class, inst).unwrap_or_else(|| fallthrough(class, inst))
+}
+
+/// The effective `allowedHosts` (instance override if set, else class).
+pub fn effective_allowed<'a>(class: &'a ClassPolicy, inst: Option<&'a Overrides>) -> Option<&'a HostList> {
+    inst.and_then(|o| o.allowed.as_ref()).or(class.allowed.as_ref())
+}
+
+/// The effective `deniedHosts` (instance override if set, else class).
+pub fn effective_denied<'a>(class: &'a ClassPolicy, inst: Option<&'a Overrides>) -> Option<&'a HostList> {
+    inst.and_then(|o| o.denied.as_ref()).or(class.denied.as_ref())
+}
+
+/// Steps 1 and 2.
+fn gate(host: &CanonicalHost, port: u16, class: &ClassPolicy, inst: Option<&Overrides>) -> Option<Verdict> {
+    if effective_denied(class, inst).is_some_and(|d| d.matches(host, port)) {
+        return Some(Verdict::new(1, Decision::Deny(DenyReason::DeniedHost)));
+    }
+    if effective_allowed(class, inst).is_some_and(|a| !a.matches(host, port)) {
+        return Some(Verdict::new(2, Decision::Deny(DenyReason::NotAllowed)));
+    }
+    None
+}
+
+/// Steps 7, 8 and 9.
+fn fallthrough(class: &ClassPolicy, inst: Option<&Overrides>) -> Verdict {
+    if effective_allowed(class, inst).is_some() {
+        Verdict::new(7, Decision::Egress)
+    } else if class.enable_internet {
+        Verdict::new(8, Decision::Egress)
+    } else {
+        Verdict::new(9, Decision::Deny(DenyReason::InternetDisabled))
+    }
+}
