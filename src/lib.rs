@@ -8,3 +8,5 @@
 #![deny(rust_2018_idioms)]
 
 pub mod policy;
+pub mod config;
+pub mod identity;

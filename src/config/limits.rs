@@ -1,0 +1,161 @@
+//! `[limits]` (SPEC 9): every bound moat enforces, with its default.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The limits in force for a running instance. Fixed at start.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Request line + headers; above → 431.
+    pub request_head_bytes: usize,
+    /// Time to receive a request head (or CONNECT head) once its first byte arrived.
+    pub request_head_timeout: Duration,
+    /// ClientHello wait + TLS handshake, client side and upstream.
+    pub tls_handshake_timeout: Duration,
+    /// A kept-alive client connection with no request in flight is closed after this.
+    pub idle_timeout: Duration,
+    /// Upstream TCP connect (→ 504).
+    pub connect_timeout: Duration,
+    /// Wall clock of one handler call, fetches included (→ 504).
+    pub handler_timeout: Duration,
+    /// Memory of one Lua state (→ 500 for the request that hit it).
+    pub lua_memory: usize,
+    /// CPU time of one handler call (→ 500).
+    pub lua_cpu: Duration,
+    /// What `:text()`, `:json()`, `:bytes()` may buffer.
+    pub body_buffer: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            request_head_bytes: 64 * 1024,
+            request_head_timeout: Duration::from_secs(10),
+            tls_handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(90),
+            connect_timeout: Duration::from_secs(10),
+            handler_timeout: Duration::from_secs(30),
+            lua_memory: 64 * 1024 * 1024,
+            lua_cpu: Duration::from_secs(1),
+            body_buffer: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// `[limits]` as written; every key optional.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    request_head_bytes: Option<SizeValue>,
+    request_head_timeout: Option<String>,
+    tls_handshake_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    connect_timeout: Option<String>,
+    handler_timeout: Option<String>,
+    lua_memory: Option<SizeValue>,
+    lua_cpu: Option<String>,
+    body_buffer: Option<SizeValue>,
+}
+
+/// A size written as a number of bytes or a string like `"64KiB"`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+impl LimitsFile {
+    /// Applies the keys that are set over the defaults; the error names the bad key.
+    pub fn resolve(&self) -> Result<Limits, String> {
+        let mut l = Limits::default();
+        let dur = |key: &str, v: &Option<String>, slot: &mut Duration| -> Result<(), String> {
+            if let Some(text) = v {
+                *slot = parse_duration(text).ok_or_else(|| {
+                    format!("limits.{key}: {text:?} is not a duration (write e.g. \"10s\" or \"500ms\")")
+                })?;
+            }
+            Ok(())
+        };
+        let size = |key: &str, v: &Option<SizeValue>, slot: &mut usize| -> Result<(), String> {
+            match v {
+                None => {}
+                Some(SizeValue::Bytes(n)) => *slot = *n as usize,
+                Some(SizeValue::Text(t)) => {
+                    *slot = parse_size(t).ok_or_else(|| {
+                        format!("limits.{key}: {t:?} is not a size (write e.g. 65536, \"64KiB\" or \"16MiB\")")
+                    })?
+                }
+            }
+            Ok(())
+        };
+        size("request_head_bytes", &self.request_head_bytes, &mut l.request_head_bytes)?;
+        dur("request_head_timeout", &self.request_head_timeout, &mut l.request_head_timeout)?;
+        dur("tls_handshake_timeout", &self.tls_handshake_timeout, &mut l.tls_handshake_timeout)?;
+        dur("idle_timeout", &self.idle_timeout, &mut l.idle_timeout)?;
+        dur("connect_timeout", &self.connect_timeout, &mut l.connect_timeout)?;
+        dur("handler_timeout", &self.handler_timeout, &mut l.handler_timeout)?;
+        size("lua_memory", &self.lua_memory, &mut l.lua_memory)?;
+        dur("lua_cpu", &self.lua_cpu, &mut l.lua_cpu)?;
+        size("body_buffer", &self.body_buffer, &mut l.body_buffer)?;
+        if l.lua_memory < 1024 * 1024 {
+            return Err("limits.lua_memory: must be at least 1MiB".into());
+        }
+        Ok(l)
+    }
+}
+
+/// `"10s"`, `"500ms"`, `"2m"`, `"1h"`, `"250us"`.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.')?;
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let secs = match unit.trim() {
+        "us" | "µs" => n / 1e6,
+        "ms" => n / 1e3,
+        "s" => n,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return None,
+    };
+    (secs.is_finite() && secs > 0.0).then(|| Duration::from_secs_f64(secs))
+}
+
+/// `"65536"`, `"64KiB"`, `"16MiB"`, `"1GiB"`, `"500KB"`.
+pub fn parse_size(text: &str) -> Option<usize> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return None,
+    };
+    n.checked_mul(mult).map(|v| v as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("10"), None);
+        assert_eq!(parse_duration("0s"), None);
+        assert_eq!(parse_size("64KiB"), Some(65536));
+        assert_eq!(parse_size("16MiB"), Some(16 << 20));
+        assert_eq!(parse_size("123"), Some(123));
+        assert_eq!(parse_size("1 TiB"), None);
+    }
+}

@@ -1,0 +1,301 @@
+//! `moat.toml` → typed [`Config`] (SPEC 10). Unknown keys are errors naming key and file.
+
+mod limits;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub use limits::{Limits, parse_duration, parse_size};
+
+use crate::identity::ContainerId;
+
+/// The default explicit-proxy listener.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:3128";
+
+/// A config problem; the CLI prints it as one line and exits 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Everything a running instance needs to know, after defaults and command-line flags.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file this came from, if any (for messages).
+    pub source: Option<PathBuf>,
+    /// Database, blobs, admin socket, CA if persisted.
+    pub data_dir: PathBuf,
+    /// One policy script per class, each with its listener.
+    pub classes: Vec<ClassConfig>,
+    /// Explicit-proxy authentication: container → token. Empty: no authentication.
+    pub containers: BTreeMap<ContainerId, ContainerAuth>,
+    /// Static answers for moat's resolver (`[dns] hosts` and `--resolve`).
+    pub dns_hosts: BTreeMap<String, IpAddr>,
+    /// SPEC 9.
+    pub limits: Limits,
+    /// `[vars]`: plain strings for `env`.
+    pub vars: BTreeMap<String, String>,
+    /// The sections that later parts of moat read, kept as parsed.
+    pub file: ConfigFile,
+}
+
+/// One class: a policy script served on one listener.
+#[derive(Clone, Debug)]
+pub struct ClassConfig {
+    /// `ctx.className`: the config's name, else the policy's file stem.
+    pub name: String,
+    pub policy: PathBuf,
+    pub listen: SocketAddr,
+}
+
+/// How a container proves its identity on the explicit proxy.
+#[derive(Clone)]
+pub struct ContainerAuth {
+    /// The expected `Proxy-Authorization` password.
+    pub token: String,
+}
+
+impl std::fmt::Debug for ContainerAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ContainerAuth { token: [redacted] }")
+    }
+}
+
+/// `moat.toml` as written.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub data_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub class: Vec<ClassEntry>,
+    pub admin: Option<AdminSection>,
+    #[serde(default)]
+    pub kv: BTreeMap<String, BindingOptions>,
+    #[serde(default)]
+    pub blob: BTreeMap<String, BindingOptions>,
+    #[serde(default)]
+    pub secrets: BTreeMap<String, SecretSource>,
+    #[serde(default)]
+    pub vars: BTreeMap<String, String>,
+    #[serde(default)]
+    pub containers: BTreeMap<String, ContainerEntry>,
+    pub tls: Option<TlsSection>,
+    pub dns: Option<DnsSection>,
+    pub sandbox: Option<SandboxSection>,
+    #[serde(default)]
+    limits: limits::LimitsFile,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassEntry {
+    pub name: Option<String>,
+    pub policy: PathBuf,
+    pub listen: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    pub listen: Option<String>,
+    pub tcp: Option<String>,
+    pub token_env: Option<String>,
+}
+
+/// Options of one KV namespace or bucket (none yet; the table must be empty).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BindingOptions {}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSource {
+    pub env: Option<String>,
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerEntry {
+    pub token_env: Option<String>,
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    #[serde(default)]
+    pub extra_ca: Vec<PathBuf>,
+    pub ca_dir: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsSection {
+    #[serde(default)]
+    pub hosts: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxSection {
+    pub subnet: Option<String>,
+}
+
+/// Command-line flags that override the file.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub config: Option<PathBuf>,
+    pub policy: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub resolve: Vec<String>,
+}
+
+impl Config {
+    /// Loads `--config F`, else `./moat.toml` if present, else the embedded defaults; then
+    /// applies the flags. Relative paths in the file are relative to the file's folder.
+    pub fn load(flags: &Overrides) -> Result<Self, ConfigError> {
+        let path = match &flags.config {
+            Some(p) => Some(p.clone()),
+            None => Some(PathBuf::from("moat.toml")).filter(|p| p.is_file()),
+        };
+        let (file, base) = match &path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| ConfigError(format!("{}: cannot read: {e}", p.display())))?;
+                (parse_file(&text, p)?, p.parent().map(Path::to_path_buf).unwrap_or_default())
+            }
+            None => (ConfigFile::default(), PathBuf::new()),
+        };
+        Self::build(file, base, path, flags)
+    }
+
+    fn build(file: ConfigFile, base: PathBuf, source: Option<PathBuf>, flags: &Overrides) -> Result<Self, ConfigError> {
+        let name = source.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "moat.toml".into());
+        let err = |msg: String| ConfigError(format!("{name}: {msg}"));
+        let rel = |p: &Path| if p.is_absolute() || base.as_os_str().is_empty() { p.to_path_buf() } else { base.join(p) };
+
+        let data_dir = flags.data_dir.clone().or_else(|| file.data_dir.as_deref().map(rel)).unwrap_or(".moat".into());
+        let mut classes = Vec::new();
+        if let Some(policy) = &flags.policy {
+            let listen = flags.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+            classes.push(ClassConfig {
+                name: stem(policy),
+                policy: policy.clone(),
+                listen: parse_listen(listen).map_err(|m| ConfigError(format!("--listen: {m}")))?,
+            });
+        } else {
+            for (i, c) in file.class.iter().enumerate() {
+                let listen = match (i, &flags.listen, &c.listen) {
+                    (0, Some(l), _) => l.as_str(),
+                    (_, _, Some(l)) => l.as_str(),
+                    (_, _, None) => DEFAULT_LISTEN,
+                };
+                classes.push(ClassConfig {
+                    name: c.name.clone().unwrap_or_else(|| stem(&c.policy)),
+                    policy: rel(&c.policy),
+                    listen: parse_listen(listen).map_err(|m| err(format!("class[{i}].listen: {m}")))?,
+                });
+            }
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for c in &classes {
+            if !seen.insert(c.name.clone()) {
+                return Err(err(format!("two classes are named {:?}; give one a `name`", c.name)));
+            }
+        }
+
+        let mut containers = BTreeMap::new();
+        for (id, entry) in &file.containers {
+            let cid = ContainerId::parse(id).map_err(|e| err(format!("containers.{id}: {e}")))?;
+            let token = match (&entry.token_env, &entry.token_file) {
+                (Some(var), None) => std::env::var(var).map_err(|_| {
+                    err(format!("containers.{id}.token_env: environment variable {var} is not set"))
+                })?,
+                (None, Some(f)) => std::fs::read_to_string(rel(f))
+                    .map_err(|e| err(format!("containers.{id}.token_file: cannot read {}: {e}", f.display())))?
+                    .trim_end()
+                    .to_string(),
+                _ => return Err(err(format!("containers.{id}: set exactly one of token_env, token_file"))),
+            };
+            if token.is_empty() {
+                return Err(err(format!("containers.{id}: the token is empty")));
+            }
+            containers.insert(cid, ContainerAuth { token });
+        }
+
+        let mut dns_hosts = BTreeMap::new();
+        let static_hosts = file.dns.iter().flat_map(|d| d.hosts.iter().map(|(k, v)| (k.clone(), v.clone())));
+        for (host, ip) in static_hosts {
+            let ip = ip.parse().map_err(|_| err(format!("dns.hosts.{host}: {ip:?} is not an IP address")))?;
+            dns_hosts.insert(canonical_dns_key(&host).map_err(err)?, ip);
+        }
+        for r in &flags.resolve {
+            let (host, ip) = r
+                .split_once('=')
+                .ok_or_else(|| ConfigError(format!("--resolve {r:?}: write HOST=IP")))?;
+            let ip = ip.parse().map_err(|_| ConfigError(format!("--resolve {r:?}: {ip:?} is not an IP address")))?;
+            dns_hosts.insert(canonical_dns_key(host).map_err(|m| ConfigError(format!("--resolve: {m}")))?, ip);
+        }
+
+        let limits = file.limits.resolve().map_err(err)?;
+        Ok(Self { source, data_dir, classes, containers, dns_hosts, limits, vars: file.vars.clone(), file })
+    }
+}
+
+/// Parses a config file's text; errors name the file, the line and the key.
+pub fn parse_file(text: &str, path: &Path) -> Result<ConfigFile, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        let line = e.span().map(|s| text[..s.start].matches('\n').count() + 1);
+        let msg = e.message().lines().next().unwrap_or("invalid").replace("field", "key");
+        match line {
+            Some(l) => ConfigError(format!("{}:{l}: {msg}", path.display())),
+            None => ConfigError(format!("{}: {msg}", path.display())),
+        }
+    })
+}
+
+fn canonical_dns_key(host: &str) -> Result<String, String> {
+    match crate::policy::CanonicalHost::parse(host) {
+        Ok(crate::policy::CanonicalHost::Name(n)) => Ok(n),
+        _ => Err(format!("{host:?} is not a host name")),
+    }
+}
+
+fn stem(p: &Path) -> String {
+    p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "default".into())
+}
+
+/// `127.0.0.1:3128`, `[::1]:3128`, or `:3128` (loopback).
+pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    let text = text.trim();
+    let full = if text.starts_with(':') { format!("127.0.0.1{text}") } else { text.to_string() };
+    full.parse().map_err(|_| format!("{text:?} is not an address like 127.0.0.1:3128"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_names_key_file_and_line() {
+        let e = parse_file("data_dir = \"x\"\n[limits]\nbogus = 1\n", Path::new("conf/moat.toml")).unwrap_err();
+        assert!(e.0.starts_with("conf/moat.toml:3:"), "{e}");
+        assert!(e.0.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn classes_and_flags() {
+        let f = parse_file("[[class]]\npolicy = \"p/agent.lua\"\nlisten = \"127.0.0.1:4000\"\n", Path::new("c/moat.toml")).unwrap();
+        let c = Config::build(f, "c".into(), None, &Overrides::default()).unwrap();
+        assert_eq!(c.classes[0].name, "agent");
+        assert_eq!(c.classes[0].policy, Path::new("c/p/agent.lua"));
+        assert_eq!(c.classes[0].listen.port(), 4000);
+        let bad = parse_file("[limits]\nidle_timeout = \"soon\"\n", Path::new("m.toml")).unwrap();
+        let e = Config::build(bad, "".into(), None, &Overrides::default()).unwrap_err();
+        assert!(e.0.contains("limits.idle_timeout"), "{e}");
+    }
+}
