@@ -10,3 +10,5 @@
 pub mod policy;
 pub mod config;
 pub mod identity;
+pub mod body;
+pub mod proxy;

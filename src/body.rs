@@ -1,0 +1,104 @@
+//! The one body type that flows through moat: a boxed, streaming HTTP body.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use tokio::sync::mpsc;
+
+/// Errors inside a body stream (client went away, upstream reset, limit hit).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A streaming body. Worker-local (not `Send`), as everything that touches a Lua state is.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// An empty body.
+pub fn empty() -> Body {
+    http_body_util::Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// A body of known bytes.
+pub fn full(data: impl Into<Bytes>) -> Body {
+    http_body_util::Full::new(data.into()).map_err(|never| match never {}).boxed_unsync()
+}
+
+/// Boxes any body whose error converts into [`BoxError`].
+pub fn boxed<B>(body: B) -> Body
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed_unsync()
+}
+
+/// A body fed through a channel by the task that reads the client connection.
+pub struct ChannelBody {
+    rx: mpsc::Receiver<Result<Bytes, BoxError>>,
+    /// Bytes still expected when the length is known (Content-Length framing).
+    remaining: Option<u64>,
+}
+
+impl ChannelBody {
+    /// A body and the sender that feeds it; `length` is the Content-Length if known.
+    pub fn new(length: Option<u64>) -> (mpsc::Sender<Result<Bytes, BoxError>>, Self) {
+        let (tx, rx) = mpsc::channel(4);
+        (tx, Self { rx, remaining: length })
+    }
+}
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(Ok(data))) => {
+                if let Some(r) = self.remaining.as_mut() {
+                    *r = r.saturating_sub(data.len() as u64);
+                }
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.remaining {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == Some(0)
+    }
+}
+
+/// Reads a whole body into memory, refusing more than `limit` bytes.
+pub async fn collect_limited(mut body: Body, limit: usize) -> Result<Bytes, CollectError> {
+    let mut out = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| CollectError::Stream(e.to_string()))?;
+        if let Ok(data) = frame.into_data() {
+            if out.len() + data.len() > limit {
+                return Err(CollectError::TooLarge(limit));
+            }
+            out.extend_from_slice(&data);
+        }
+    }
+    Ok(out.freeze())
+}
+
+/// Why a body could not be read into memory.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectError {
+    #[error("body is larger than the body_buffer limit ({0} bytes); stream it with .body instead")]
+    TooLarge(usize),
+    #[error("body stream failed: {0}")]
+    Stream(String),
+}

@@ -1,0 +1,464 @@
+//! A strict HTTP/1.1 server codec for the client side of the proxy (RFC 9112).
+//!
+//! moat parses client requests itself rather than through hyper's server because the proxy
+//! must refuse every ambiguous framing (SPEC 8.6) that a lenient parser accepts: bare LF line
+//! ends, Content-Length together with Transfer-Encoding, obfuscated Transfer-Encoding, NUL or
+//! control bytes, obs-fold. The upstream side uses hyper's client.
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Version};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::body::{Body, BoxError};
+
+/// Most headers a request may carry; more is treated like an oversized head (431).
+const MAX_HEADERS: usize = 128;
+/// Longest chunk-size line (size + extensions) accepted in a chunked body.
+const MAX_CHUNK_LINE: usize = 4096;
+
+/// A parsed request head.
+#[derive(Debug)]
+pub struct RequestHead {
+    pub method: Method,
+    /// The request-target exactly as sent (absolute-form, authority-form, origin-form or `*`).
+    pub target: String,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub framing: Framing,
+    /// Whether the client allows another request on this connection.
+    pub keep_alive: bool,
+}
+
+/// How the request body is delimited (RFC 9112 §6.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// Why no request head could be read.
+#[derive(Debug, thiserror::Error)]
+pub enum HeadError {
+    /// The client closed the connection between requests: not an error.
+    #[error("connection closed")]
+    Closed,
+    #[error("request head larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("bad request: {0}")]
+    Bad(&'static str),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The read side of a client connection with its buffer; owns bytes read ahead.
+pub struct ConnReader<R> {
+    io: R,
+    buf: BytesMut,
+}
+
+impl<R: AsyncRead + Unpin> ConnReader<R> {
+    pub fn new(io: R) -> Self {
+        Self { io, buf: BytesMut::with_capacity(8 * 1024) }
+    }
+
+    /// Waits for the first byte of the next request (for the idle timeout). False on EOF.
+    pub async fn wait_for_data(&mut self) -> std::io::Result<bool> {
+        if !self.buf.is_empty() {
+            return Ok(true);
+        }
+        Ok(self.io.read_buf(&mut self.buf).await? > 0)
+    }
+
+    /// Reads and parses one request head of at most `limit` bytes.
+    pub async fn read_head(&mut self, limit: usize) -> Result<RequestHead, HeadError> {
+        let mut scanned = 0;
+        loop {
+            // RFC 9112 §2.2: a server SHOULD ignore at least one empty line before a request.
+            while self.buf.starts_with(b"\r\n") {
+                self.buf.advance(2);
+                scanned = 0;
+            }
+            if let Some(end) = find_head_end(&self.buf, &mut scanned)? {
+                if end > limit {
+                    return Err(HeadError::TooLarge(limit));
+                }
+                let head = self.buf.split_to(end);
+                return parse_head(&head);
+            }
+            if self.buf.len() > limit {
+                return Err(HeadError::TooLarge(limit));
+            }
+            if self.io.read_buf(&mut self.buf).await? == 0 {
+                return Err(if self.buf.is_empty() { HeadError::Closed } else { HeadError::Bad("incomplete request head") });
+            }
+        }
+    }
+
+    /// Feeds the request body into `tx` until it ends. Returns `Ok(true)` when the body was
+    /// read to its end (the connection can carry another request), `Ok(false)` when the
+    /// receiver went away first (the rest is unread, so the connection must close).
+    pub async fn pump_body(&mut self, framing: Framing, tx: mpsc::Sender<Result<Bytes, BoxError>>) -> Result<bool, BodyError> {
+        match framing {
+            Framing::None => Ok(true),
+            Framing::Length(mut left) => {
+                while left > 0 {
+                    let data = self.next_bytes(left).await?;
+                    left -= data.len() as u64;
+                    if tx.send(Ok(data)).await.is_err() {
+                        return Ok(left == 0);
+                    }
+                }
+                Ok(true)
+            }
+            Framing::Chunked => self.pump_chunked(tx).await,
+        }
+    }
+
+    async fn pump_chunked(&mut self, tx: mpsc::Sender<Result<Bytes, BoxError>>) -> Result<bool, BodyError> {
+        loop {
+            let line = self.read_line(MAX_CHUNK_LINE).await?;
+            let size_text = line.split(|&b| b == b';').next().unwrap_or_default();
+            let size = parse_chunk_size(size_text).ok_or(BodyError::Bad("invalid chunk size"))?;
+            if size == 0 {
+                // Trailers: read and drop up to the empty line (never forwarded).
+                let mut total = 0;
+                loop {
+                    let t = self.read_line(MAX_CHUNK_LINE).await?;
+                    total += t.len();
+                    if t.is_empty() {
+                        return Ok(true);
+                    }
+                    if total > 64 * 1024 {
+                        return Err(BodyError::Bad("chunked trailers too large"));
+                    }
+                }
+            }
+            let mut left = size;
+            while left > 0 {
+                let data = self.next_bytes(left).await?;
+                left -= data.len() as u64;
+                if tx.send(Ok(data)).await.is_err() {
+                    return Ok(false);
+                }
+            }
+            if !self.read_line(0).await?.is_empty() {
+                return Err(BodyError::Bad("chunk data longer than its size"));
+            }
+        }
+    }
+
+    /// Up to `max` body bytes: what is buffered, else one read.
+    async fn next_bytes(&mut self, max: u64) -> Result<Bytes, BodyError> {
+        if self.buf.is_empty() && self.io.read_buf(&mut self.buf).await? == 0 {
+            return Err(BodyError::Truncated);
+        }
+        let n = self.buf.len().min(usize::try_from(max).unwrap_or(usize::MAX));
+        Ok(self.buf.split_to(n).freeze())
+    }
+
+    /// One CRLF-terminated line (without the CRLF), at most `max` bytes long.
+    async fn read_line(&mut self, max: usize) -> Result<Bytes, BodyError> {
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+                if i == 0 || self.buf[i - 1] != b'\r' {
+                    return Err(BodyError::Bad("bare LF in chunked body"));
+                }
+                let line = self.buf.split_to(i + 1);
+                return Ok(line.freeze().slice(..i - 1));
+            }
+            if self.buf.len() > max + 2 {
+                return Err(BodyError::Bad("chunk line too long"));
+            }
+            if self.io.read_buf(&mut self.buf).await? == 0 {
+                return Err(BodyError::Truncated);
+            }
+        }
+    }
+}
+
+/// Why a request body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("client closed the connection in the middle of the body")]
+    Truncated,
+    #[error("bad request body: {0}")]
+    Bad(&'static str),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Finds the end of the head (index after the blank line), refusing bare LF on the way.
+fn find_head_end(buf: &[u8], scanned: &mut usize) -> Result<Option<usize>, HeadError> {
+    let mut i = *scanned;
+    while i < buf.len() {
+        if buf[i] == b'\n' {
+            if i == 0 || buf[i - 1] != b'\r' {
+                return Err(HeadError::Bad("bare LF in request head"));
+            }
+            if i >= 3 && &buf[i - 3..=i] == b"\r\n\r\n" {
+                return Ok(Some(i + 1));
+            }
+        }
+        i += 1;
+    }
+    *scanned = i;
+    Ok(None)
+}
+
+fn parse_head(head: &[u8]) -> Result<RequestHead, HeadError> {
+    for (i, &b) in head.iter().enumerate() {
+        let control = (b < 0x20 && b != b'\t' && b != b'\r' && b != b'\n') || b == 0x7f;
+        if control {
+            return Err(HeadError::Bad("control byte in request head"));
+        }
+        // obs-fold (RFC 9112 §5.2): a header line that starts with white space.
+        if b == b'\n' && i + 1 < head.len() && matches!(head[i + 1], b' ' | b'\t') {
+            return Err(HeadError::Bad("obsolete line folding"));
+        }
+    }
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut slots);
+    match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err(HeadError::Bad("incomplete request head")),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge(head.len())),
+        Err(_) => return Err(HeadError::Bad("malformed request head")),
+    }
+    let method = Method::from_bytes(req.method.unwrap_or_default().as_bytes()).map_err(|_| HeadError::Bad("bad method"))?;
+    let version = match req.version {
+        Some(1) => Version::HTTP_11,
+        Some(0) => Version::HTTP_10,
+        _ => return Err(HeadError::Bad("unsupported HTTP version")),
+    };
+    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    for h in req.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| HeadError::Bad("bad header name"))?;
+        let value = HeaderValue::from_bytes(h.value).map_err(|_| HeadError::Bad("bad header value"))?;
+        headers.append(name, value);
+    }
+    let framing = framing(&headers, version)?;
+    if headers.get_all(http::header::HOST).iter().count() > 1 {
+        return Err(HeadError::Bad("more than one Host header"));
+    }
+    let keep_alive = wants_keep_alive(&headers, version);
+    Ok(RequestHead { method, target: req.path.unwrap_or_default().to_string(), version, headers, framing, keep_alive })
+}
+
+/// RFC 9112 §6.3, strictly: Transfer-Encoding must be exactly `chunked` and never beside a
+/// Content-Length; several Content-Length values must agree.
+fn framing(headers: &HeaderMap, version: Version) -> Result<Framing, HeadError> {
+    let te: Vec<&HeaderValue> = headers.get_all(http::header::TRANSFER_ENCODING).iter().collect();
+    let cl: Vec<&HeaderValue> = headers.get_all(http::header::CONTENT_LENGTH).iter().collect();
+    if !te.is_empty() {
+        if !cl.is_empty() {
+            return Err(HeadError::Bad("both Content-Length and Transfer-Encoding"));
+        }
+        if version == Version::HTTP_10 {
+            return Err(HeadError::Bad("Transfer-Encoding in an HTTP/1.0 request"));
+        }
+        if te.len() != 1 || !te[0].as_bytes().eq_ignore_ascii_case(b"chunked") {
+            return Err(HeadError::Bad("Transfer-Encoding other than a single \"chunked\""));
+        }
+        return Ok(Framing::Chunked);
+    }
+    let mut length = None;
+    for value in cl {
+        for part in value.as_bytes().split(|&b| b == b',') {
+            let n = parse_decimal(trim(part)).ok_or(HeadError::Bad("invalid Content-Length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(HeadError::Bad("differing Content-Length values"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(0) | None => Framing::None,
+        Some(n) => Framing::Length(n),
+    })
+}
+
+fn wants_keep_alive(headers: &HeaderMap, version: Version) -> bool {
+    let tokens = connection_tokens(headers);
+    match version {
+        Version::HTTP_10 => tokens.iter().any(|t| t.eq_ignore_ascii_case("keep-alive")),
+        _ => !tokens.iter().any(|t| t.eq_ignore_ascii_case("close")),
+    }
+}
+
+/// The comma-separated tokens of every `Connection` header.
+pub fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+fn trim(b: &[u8]) -> &[u8] {
+    let start = b.iter().position(|c| !matches!(c, b' ' | b'\t')).unwrap_or(b.len());
+    let end = b.iter().rposition(|c| !matches!(c, b' ' | b'\t')).map_or(start, |e| e + 1);
+    &b[start..end]
+}
+
+fn parse_decimal(b: &[u8]) -> Option<u64> {
+    if b.is_empty() || b.len() > 19 || !b.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(b).ok()?.parse().ok()
+}
+
+fn parse_chunk_size(b: &[u8]) -> Option<u64> {
+    let b = trim(b);
+    if b.is_empty() || b.len() > 15 || !b.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
+    u64::from_str_radix(std::str::from_utf8(b).ok()?, 16).ok()
+}
+
+/// How the response body will be framed on the wire.
+enum OutFraming {
+    Length,
+    Chunked,
+    /// HTTP/1.0 client and unknown length: the body ends when the connection closes.
+    Close,
+    NoBody,
+}
+
+/// Writes one response. Returns the body bytes written and whether the connection may be
+/// reused. `head_request`: the request was HEAD, so no body is sent.
+pub async fn write_response<W: AsyncWrite + Unpin>(
+    out: &mut W,
+    response: http::Response<Body>,
+    version: Version,
+    head_request: bool,
+    mut keep_alive: bool,
+) -> Result<(u64, bool), BoxError> {
+    let (parts, mut body) = response.into_parts();
+    let status = parts.status;
+    let no_body = head_request || status.is_informational() || status == 204 || status == 304;
+    let exact = http_body::Body::size_hint(&body).exact();
+    let framing = if no_body {
+        OutFraming::NoBody
+    } else if exact.is_some() {
+        OutFraming::Length
+    } else if version == Version::HTTP_11 {
+        OutFraming::Chunked
+    } else {
+        keep_alive = false;
+        OutFraming::Close
+    };
+
+    let mut head = Vec::with_capacity(256);
+    head.extend_from_slice(if version == Version::HTTP_10 { b"HTTP/1.0 " } else { b"HTTP/1.1 " });
+    head.extend_from_slice(status.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(status.canonical_reason().unwrap_or("Status").as_bytes());
+    head.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        let framing_header = name == http::header::CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING;
+        if framing_header && !(head_request && name == http::header::CONTENT_LENGTH) || name == http::header::CONNECTION {
+            continue;
+        }
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        OutFraming::Length if !(status == 204 || status.is_informational()) => {
+            head.extend_from_slice(format!("content-length: {}\r\n", exact.unwrap_or(0)).as_bytes());
+        }
+        OutFraming::Chunked => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        _ => {}
+    }
+    head.extend_from_slice(if keep_alive { b"connection: keep-alive\r\n\r\n" } else { b"connection: close\r\n\r\n" });
+    out.write_all(&head).await?;
+
+    let mut written = 0u64;
+    if !matches!(framing, OutFraming::NoBody) {
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame?.into_data() else { continue };
+            if data.is_empty() {
+                continue;
+            }
+            written += data.len() as u64;
+            if let OutFraming::Chunked = framing {
+                out.write_all(format!("{:x}\r\n", data.len()).as_bytes()).await?;
+                out.write_all(&data).await?;
+                out.write_all(b"\r\n").await?;
+            } else {
+                out.write_all(&data).await?;
+            }
+        }
+        if let OutFraming::Chunked = framing {
+            out.write_all(b"0\r\n\r\n").await?;
+        }
+    }
+    out.flush().await?;
+    Ok((written, keep_alive))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn head(raw: &[u8]) -> Result<RequestHead, HeadError> {
+        ConnReader::new(raw).read_head(64 * 1024).await
+    }
+
+    #[tokio::test]
+    async fn accepts_plain_requests() {
+        let h = head(b"GET http://a.test/x HTTP/1.1\r\nHost: a.test\r\n\r\n").await.unwrap();
+        assert_eq!(h.target, "http://a.test/x");
+        assert_eq!(h.framing, Framing::None);
+        assert!(h.keep_alive);
+        let h = head(b"POST http://a.test/ HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n").await.unwrap();
+        assert_eq!(h.framing, Framing::Length(5));
+        let h = head(b"POST http://a.test/ HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n").await.unwrap();
+        assert_eq!(h.framing, Framing::Chunked);
+    }
+
+    #[tokio::test]
+    async fn refuses_ambiguous_framing() {
+        for raw in [
+            &b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: xchunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
+            b"GET / HTTP/1.1\nHost: a\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\0b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            b"GET / HTTP/2.0\r\n\r\n",
+        ] {
+            assert!(matches!(head(raw).await, Err(HeadError::Bad(_))), "{:?}", String::from_utf8_lossy(raw));
+        }
+    }
+
+    #[tokio::test]
+    async fn oversized_head() {
+        let raw = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(70_000));
+        assert!(matches!(head(raw.as_bytes()).await, Err(HeadError::TooLarge(_))));
+    }
+
+    #[tokio::test]
+    async fn chunked_body() {
+        let mut r = ConnReader::new(&b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\nNEXT"[..]);
+        let (tx, mut rx) = mpsc::channel(8);
+        assert!(r.pump_body(Framing::Chunked, tx).await.unwrap());
+        let mut got = Vec::new();
+        while let Some(Ok(b)) = rx.recv().await {
+            got.extend_from_slice(&b);
+        }
+        assert_eq!(got, b"hello world");
+        assert_eq!(&r.buf[..], b"NEXT");
+    }
+}
