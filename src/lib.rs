@@ -12,3 +12,4 @@ pub mod config;
 pub mod identity;
 pub mod body;
 pub mod proxy;
+pub mod upstream;

@@ -1,0 +1,227 @@
+//! Talking to upstream servers: resolve, check every address (SPEC 8.3), dial the checked
+//! address, and send over pooled HTTP/1.1 connections.
+
+pub mod addr;
+mod pool;
+pub mod resolve;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{HeaderMap, HeaderValue, Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::body::Body;
+use crate::policy::{CanonicalHost, HostList};
+use addr::{AddressRules, Refusal};
+use pool::{Pool, Pooled};
+
+/// Where a request goes: the canonical host and the port that was evaluated (SPEC 8.2).
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub https: bool,
+    pub host: CanonicalHost,
+    pub port: u16,
+}
+
+impl Target {
+    /// `host[:port]` as it belongs in a Host header (default port omitted).
+    pub fn authority(&self) -> String {
+        let default = if self.https { 443 } else { 80 };
+        if self.port == default { self.host.to_url_host() } else { format!("{}:{}", self.host.to_url_host(), self.port) }
+    }
+}
+
+/// Which addresses a request may dial.
+pub enum DialRules<'a> {
+    /// Container egress: the full check of SPEC 8.3.
+    Egress { allowed: Option<&'a HostList>, denied: Option<&'a HostList> },
+    /// A handler's `fetch` (trusted code): only moat's own listeners are refused (SPEC 8.4).
+    Trusted,
+}
+
+/// Why an upstream request failed; each maps to one answer (SPEC 9).
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("{0}")]
+    Dns(String),
+    #[error("every address of {host} is refused ({why})")]
+    Blocked { host: String, why: String },
+    #[error("{0} is moat itself")]
+    Loop(String),
+    #[error("connect to {0} failed: {1}")]
+    Connect(String, String),
+    #[error("connect to {0} timed out")]
+    ConnectTimeout(String),
+    #[error("https upstreams are not supported yet")]
+    NoTls,
+    #[error("upstream {0}: {1}")]
+    Protocol(String, String),
+}
+
+/// One worker's upstream client.
+pub struct Upstream {
+    resolver: resolve::Resolver,
+    pool: Pool,
+    connect_timeout: Duration,
+    own_listeners: Arc<Vec<SocketAddr>>,
+}
+
+impl Upstream {
+    pub fn new(resolver: resolve::Resolver, connect_timeout: Duration, own_listeners: Arc<Vec<SocketAddr>>) -> Self {
+        Self { resolver, pool: Pool::default(), connect_timeout, own_listeners }
+    }
+
+    /// moat's listeners, for loop checks before any I/O.
+    pub fn own_listeners(&self) -> &[SocketAddr] {
+        &self.own_listeners
+    }
+
+    /// Sends `req` (origin-form URI, Host set) to `target`, dialling only addresses that pass
+    /// `rules`.
+    pub async fn send(&self, req: Request<Body>, target: &Target, rules: DialRules<'_>) -> Result<Response<Incoming>, UpstreamError> {
+        if target.https {
+            return Err(UpstreamError::NoTls);
+        }
+        let addrs = self.resolver.resolve(&target.host).await.map_err(UpstreamError::Dns)?;
+        let checked = self.check(&addrs, target, &rules)?;
+        let key = (target.host.to_string(), target.port);
+        let mut req = req;
+        if let Some(mut conn) = self.pool.checkout(&key, |peer| checked.contains(&peer.ip())) {
+            match conn.sender.try_send_request(req).await {
+                Ok(resp) => {
+                    self.pool.put_back(key, conn);
+                    return Ok(resp);
+                }
+                // The pooled connection closed before the request went out: retry on a new one.
+                Err(mut e) => match e.take_message() {
+                    Some(back) => req = back,
+                    None => return Err(UpstreamError::Protocol(target.authority(), e.into_error().to_string())),
+                },
+            }
+        }
+        let mut conn = self.dial(&checked, target).await?;
+        let resp = conn
+            .sender
+            .send_request(req)
+            .await
+            .map_err(|e| UpstreamError::Protocol(target.authority(), describe_hyper_error(&e)))?;
+        self.pool.put_back(key, conn);
+        Ok(resp)
+    }
+
+    fn check(&self, addrs: &[IpAddr], target: &Target, rules: &DialRules<'_>) -> Result<Vec<IpAddr>, UpstreamError> {
+        let mut ok = Vec::with_capacity(addrs.len());
+        let mut refusals = Vec::new();
+        for &ip in addrs {
+            let verdict = match rules {
+                DialRules::Egress { allowed, denied } => {
+                    AddressRules { allowed: *allowed, denied: *denied, own: &self.own_listeners }.check(ip, target.port)
+                }
+                DialRules::Trusted if addr::is_own_listener(&self.own_listeners, ip, target.port) => {
+                    Err(Refusal::OwnListener)
+                }
+                DialRules::Trusted => Ok(()),
+            };
+            match verdict {
+                Ok(()) => ok.push(ip.to_canonical()),
+                Err(r) => refusals.push((ip, r)),
+            }
+        }
+        if !ok.is_empty() {
+            return Ok(ok);
+        }
+        if refusals.iter().any(|(_, r)| *r == Refusal::OwnListener) {
+            return Err(UpstreamError::Loop(target.authority()));
+        }
+        let why = refusals
+            .iter()
+            .map(|(ip, r)| match r {
+                Refusal::Special(kind) => format!("{ip} is {kind}"),
+                Refusal::Denied => format!("{ip} is in deniedHosts"),
+                Refusal::OwnListener => format!("{ip} is moat"),
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        Err(UpstreamError::Blocked { host: target.host.to_string(), why })
+    }
+
+    async fn dial(&self, addrs: &[IpAddr], target: &Target) -> Result<Pooled, UpstreamError> {
+        let deadline = Instant::now() + self.connect_timeout;
+        let mut last_err = String::new();
+        for &ip in addrs {
+            let peer = SocketAddr::new(ip, target.port);
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, TcpStream::connect(peer)).await {
+                Err(_) => return Err(UpstreamError::ConnectTimeout(target.authority())),
+                Ok(Err(e)) => last_err = format!("{peer}: {e}"),
+                Ok(Ok(stream)) => {
+                    let _ = stream.set_nodelay(true);
+                    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+                        .handshake(TokioIo::new(stream))
+                        .await
+                        .map_err(|e| UpstreamError::Connect(target.authority(), e.to_string()))?;
+                    tokio::task::spawn_local(async move {
+                        // Errors here surface on the request that was in flight.
+                        let _ = conn.with_upgrades().await;
+                    });
+                    return Ok(Pooled::new(sender, peer));
+                }
+            }
+        }
+        Err(UpstreamError::Connect(target.authority(), last_err))
+    }
+}
+
+fn describe_hyper_error(e: &hyper::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the proxy's own credentials: never forwarded,
+/// in either direction.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for token in crate::proxy::h1::connection_tokens(headers) {
+        headers.remove(token.as_str());
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Turns a request into the form sent upstream: origin-form URI, `Host` = the evaluated
+/// authority (SPEC 8.2: the URI's authority wins), no hop-by-hop headers.
+pub fn to_upstream_request(mut req: Request<Body>, target: &Target) -> Request<Body> {
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+    *req.uri_mut() = path.parse::<Uri>().unwrap_or_else(|_| Uri::from_static("/"));
+    *req.version_mut() = http::Version::HTTP_11;
+    let headers = req.headers_mut();
+    strip_hop_by_hop(headers);
+    headers.remove(http::header::EXPECT);
+    if let Ok(host) = HeaderValue::from_str(&target.authority()) {
+        headers.insert(http::header::HOST, host);
+    }
+    req
+}

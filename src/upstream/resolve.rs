@@ -1,0 +1,50 @@
+//! moat's own resolver: static answers (`[dns] hosts`, `--resolve`) first, then DNS.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use hickory_resolver::TokioResolver;
+use tokio::sync::OnceCell;
+
+use crate::policy::CanonicalHost;
+
+/// Per-worker resolver (hickory's connections belong to the runtime that made them).
+pub struct Resolver {
+    static_hosts: Arc<BTreeMap<String, IpAddr>>,
+    dns: OnceCell<Result<TokioResolver, String>>,
+}
+
+impl Resolver {
+    pub fn new(static_hosts: Arc<BTreeMap<String, IpAddr>>) -> Self {
+        Self { static_hosts, dns: OnceCell::new() }
+    }
+
+    /// Every address the host resolves to. IP literals resolve to themselves.
+    pub async fn resolve(&self, host: &CanonicalHost) -> Result<Vec<IpAddr>, String> {
+        let name = match host {
+            CanonicalHost::Ip(ip) => return Ok(vec![*ip]),
+            CanonicalHost::Name(n) => n,
+        };
+        if let Some(ip) = self.static_hosts.get(name) {
+            return Ok(vec![*ip]);
+        }
+        let dns = self
+            .dns
+            .get_or_init(|| async {
+                TokioResolver::builder_tokio()
+                    .and_then(|b| b.build())
+                    .map_err(|e| format!("no usable DNS configuration: {e}"))
+            })
+            .await
+            .as_ref()
+            .map_err(Clone::clone)?;
+        // A trailing dot makes the name absolute, so resolv.conf search domains never apply.
+        let lookup = dns.lookup_ip(format!("{name}.")).await.map_err(|e| format!("could not resolve {name}: {e}"))?;
+        let addrs: Vec<IpAddr> = lookup.iter().map(|ip| ip.to_canonical()).collect();
+        if addrs.is_empty() {
+            return Err(format!("{name} has no addresses"));
+        }
+        Ok(addrs)
+    }
+}
