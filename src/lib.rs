@@ -13,3 +13,7 @@ pub mod identity;
 pub mod body;
 pub mod proxy;
 pub mod upstream;
+pub mod log;
+pub mod script;
+pub mod bindings;
+pub mod cli;

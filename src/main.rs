@@ -1,3 +1,120 @@
-fn main() {
-    println!("Hello, world!");
+//! The `moat` command line. Parsing and printing only; the work is in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use moat::config::{self, Config};
+use moat::log::LogFormat;
+
+#[derive(Parser)]
+#[command(name = "moat", version, about = "A programmable egress proxy driven by Lua policies")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Flags shared by the commands that read a config.
+#[derive(clap::Args, Clone, Default)]
+struct ConfigFlags {
+    /// moat.toml to read (default: ./moat.toml if present).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Policy script; defines one class (overrides [[class]] in the config).
+    #[arg(long)]
+    policy: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the explicit HTTP proxy.
+    Serve {
+        #[command(flatten)]
+        cfg: ConfigFlags,
+        /// Listener address for --policy (default 127.0.0.1:3128).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Folder for the database, blobs and admin socket (default .moat).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Static DNS answer for moat's resolver, like /etc/hosts (repeatable).
+        #[arg(long, value_name = "HOST=IP")]
+        resolve: Vec<String>,
+        /// Log format.
+        #[arg(long, value_enum, default_value = "human")]
+        log_format: LogFormat,
+    },
+    /// Load and validate policies; print what they define.
+    Check {
+        #[command(flatten)]
+        cfg: ConfigFlags,
+    },
+    /// Show which step of the decision order decides a request, without running handlers.
+    Explain {
+        #[command(flatten)]
+        cfg: ConfigFlags,
+        /// Container id (default "default").
+        #[arg(long)]
+        id: Option<String>,
+        /// HTTP method.
+        method: String,
+        /// Absolute URL, e.g. http://api.github.com/user.
+        url: String,
+    },
+    /// Write a starter policy.lua and moat.toml.
+    Init {
+        /// Folder to write into (default: the current folder).
+        dir: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { cfg, listen, data_dir, resolve, log_format } => {
+            moat::log::init(log_format);
+            let flags = config::Overrides { config: cfg.config, policy: cfg.policy, listen, data_dir, resolve };
+            load_config(&flags).and_then(|c| {
+                if c.classes.is_empty() {
+                    return Err(usage("no policy: pass --policy FILE or add a [[class]] to moat.toml (moat init writes one)"));
+                }
+                moat::proxy::server::run(c).map_err(|e| Failure::Runtime(format!("{e:#}")))
+            })
+        }
+        Command::Check { cfg } => {
+            let flags = config::Overrides { config: cfg.config, policy: cfg.policy, ..Default::default() };
+            load_config(&flags).and_then(|c| moat::cli::check(&c).map_err(Failure::Usage))
+        }
+        Command::Explain { cfg, id, method, url } => {
+            let flags = config::Overrides { config: cfg.config, policy: cfg.policy, ..Default::default() };
+            load_config(&flags).and_then(|c| moat::cli::explain(&c, id.as_deref(), &method, &url).map_err(Failure::Usage))
+        }
+        Command::Init { dir } => moat::cli::init(&dir.unwrap_or_else(|| PathBuf::from("."))).map_err(Failure::Usage),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(msg)) => {
+            eprintln!("moat: {msg}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Runtime(msg)) => {
+            eprintln!("moat: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Exit 2 (usage or config) or 1 (runtime), per SPEC 10.
+enum Failure {
+    Usage(String),
+    Runtime(String),
+}
+
+fn usage(msg: &str) -> Failure {
+    Failure::Usage(msg.to_string())
+}
+
+fn load_config(flags: &config::Overrides) -> Result<Config, Failure> {
+    Config::load(flags).map_err(|e| Failure::Usage(e.0))
 }

@@ -358,7 +358,7 @@ pub async fn write_response<W: AsyncWrite + Unpin>(
     head.extend_from_slice(if version == Version::HTTP_10 { b"HTTP/1.0 " } else { b"HTTP/1.1 " });
     head.extend_from_slice(status.as_str().as_bytes());
     head.push(b' ');
-    head.extend_from_slice(status.canonical_reason().unwrap_or("Status").as_bytes());
+    head.extend_from_slice(reason_phrase(status).as_bytes());
     head.extend_from_slice(b"\r\n");
     for (name, value) in &parts.headers {
         let framing_header = name == http::header::CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING;
@@ -460,5 +460,13 @@ mod tests {
         }
         assert_eq!(got, b"hello world");
         assert_eq!(&r.buf[..], b"NEXT");
+    }
+}
+
+/// The reason phrase; 520 is moat's (and Cloudflare's) "origin is disallowed" answer.
+fn reason_phrase(status: http::StatusCode) -> &'static str {
+    match status.as_u16() {
+        520 => "Origin Disallowed",
+        _ => status.canonical_reason().unwrap_or("Unknown"),
     }
 }

@@ -1,1 +1,9 @@
+//! The proxy: listeners, workers, connections, and the path of one request.
+
+pub mod answer;
+pub mod conn;
 pub mod h1;
+pub mod request;
+pub mod server;
+pub mod state;
+pub mod worker;

@@ -1,0 +1,63 @@
+//! `env` bindings (SPEC 6): secrets and vars. (KV namespaces and buckets come with the
+//! storage layer.)
+
+use std::collections::BTreeMap;
+
+use mlua::{Lua, Result, Table};
+
+use crate::config::Config;
+
+/// Prefix of environment variables that become secrets when no config names them.
+pub const SECRET_ENV_PREFIX: &str = "MOAT_SECRET_";
+
+/// The values behind `env`, read at start. Shared by every worker.
+#[derive(Clone, Debug, Default)]
+pub struct Bindings {
+    /// `[vars]`: plain strings.
+    pub vars: BTreeMap<String, String>,
+    /// Secret name → value. Never logged (see [`crate::log::redact`]).
+    secrets: BTreeMap<String, String>,
+}
+
+impl Bindings {
+    /// Reads `[secrets]` (env or file), every `MOAT_SECRET_<NAME>` variable, and `[vars]`.
+    pub fn load(config: &Config) -> std::result::Result<Self, String> {
+        let mut secrets = BTreeMap::new();
+        for (name, value) in std::env::vars() {
+            if let Some(n) = name.strip_prefix(SECRET_ENV_PREFIX).filter(|n| !n.is_empty()) {
+                secrets.insert(n.to_string(), value);
+            }
+        }
+        for (name, src) in &config.file.secrets {
+            let value = match (&src.env, &src.file) {
+                (Some(var), None) => std::env::var(var)
+                    .map_err(|_| format!("secrets.{name}: environment variable {var} is not set"))?,
+                (None, Some(path)) => std::fs::read_to_string(path)
+                    .map_err(|e| format!("secrets.{name}: cannot read {}: {e}", path.display()))?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string(),
+                _ => return Err(format!("secrets.{name}: set exactly one of env, file")),
+            };
+            secrets.insert(name.clone(), value);
+        }
+        crate::log::set_secrets(secrets.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+        Ok(Self { vars: config.vars.clone(), secrets })
+    }
+
+    /// Names of the secrets (for `moat check`).
+    pub fn secret_names(&self) -> impl Iterator<Item = &str> {
+        self.secrets.keys().map(String::as_str)
+    }
+
+    /// Builds the `env` table for one Lua state.
+    pub fn env_table(&self, lua: &Lua) -> Result<Table> {
+        let env = lua.create_table()?;
+        for (k, v) in &self.vars {
+            env.set(k.as_str(), v.as_str())?;
+        }
+        for (k, v) in &self.secrets {
+            env.set(k.as_str(), v.as_str())?;
+        }
+        Ok(env)
+    }
+}

@@ -1,0 +1,102 @@
+//! `moat check`, `moat explain`, `moat init`: commands that inspect or scaffold policies.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use crate::config::Config;
+use crate::identity::ContainerId;
+use crate::policy::{CanonicalHost, Decision, decide, host::split_authority};
+use crate::script::{Generation, load_generation};
+
+fn load_all(config: &Config) -> Result<Vec<Generation>, String> {
+    if config.classes.is_empty() {
+        return Err("no policy: pass --policy FILE or add a [[class]] to moat.toml".into());
+    }
+    config.classes.iter().map(|c| load_generation(&c.name, &c.policy, 1, &config.limits).map_err(|e| e.to_string())).collect()
+}
+
+/// Loads and validates every class; prints a summary. Errors carry file:line.
+pub fn check(config: &Config) -> Result<(), String> {
+    let mut out = String::new();
+    for (g, c) in load_all(config)?.iter().zip(&config.classes) {
+        let p = &g.policy;
+        let _ = writeln!(out, "class {} ({}) on {}: ok", g.class, g.path.display(), c.listen);
+        let _ = writeln!(out, "  enableInternet = {}, interceptHttps = {}, redactSecrets = {}", p.enable_internet, p.intercept_https, p.redact_secrets);
+        let list = |l: &Option<crate::policy::HostList>| match l {
+            None => "(not set)".to_string(),
+            Some(l) => format!("[{}]", l.patterns().iter().map(|p| p.as_str()).collect::<Vec<_>>().join(", ")),
+        };
+        let _ = writeln!(out, "  allowedHosts = {}", list(&p.allowed));
+        let _ = writeln!(out, "  deniedHosts = {}", list(&p.denied));
+        let keys: Vec<&str> = p.by_host.iter().map(|(k, _)| k.as_str()).collect();
+        let _ = writeln!(out, "  outboundByHost = [{}]", keys.join(", "));
+        let _ = writeln!(out, "  outbound = {}", if p.has_outbound { "defined" } else { "(none)" });
+        let names: Vec<&str> = p.handler_names.iter().map(String::as_str).collect();
+        let _ = writeln!(out, "  outboundHandlers = [{}]", names.join(", "));
+        if !g.modules.is_empty() {
+            let _ = writeln!(out, "  modules = [{}]", g.modules.keys().cloned().collect::<Vec<_>>().join(", "));
+        }
+    }
+    print!("{out}");
+    Ok(())
+}
+
+/// Prints which step decides `METHOD URL` for a container, without running any handler.
+pub fn explain(config: &Config, id: Option<&str>, method: &str, url: &str) -> Result<(), String> {
+    let id = ContainerId::parse(id.unwrap_or("default")).map_err(|e| format!("--id: {e}"))?;
+    let gens = load_all(config)?;
+    let g = gens.first().ok_or("no class")?;
+    let parsed = url::Url::parse(url).map_err(|e| format!("{url:?} is not an absolute URL: {e}"))?;
+    let (https, default_port) = match parsed.scheme() {
+        "http" => (false, 80),
+        "https" => (true, 443),
+        s => return Err(format!("unsupported scheme {s:?}: use http:// or https://")),
+    };
+    // Take the authority as written so that every numeric IPv4 form canonicalises as moat would.
+    let after = &url[url.find("://").map_or(0, |i| i + 3)..];
+    let authority = &after[..after.find(['/', '?', '#']).unwrap_or(after.len())];
+    let (host, port) = split_authority(authority).map_err(|e| e.to_string())?;
+    let host = CanonicalHost::parse(host).map_err(|e| e.to_string())?;
+    let port = port.unwrap_or(default_port);
+    let v = decide(&host, port, &g.policy, None);
+    println!("{} {url}", method.to_ascii_uppercase());
+    println!("  container: {id} (class {}, no runtime overrides)", g.class);
+    println!("  canonical host: {host}, port {port}");
+    println!("  {}", v.explain());
+    let outcome = match &v.decision {
+        Decision::Deny(r) => format!("deny: 520 Origin is disallowed, moat-denied: {r}"),
+        Decision::Handler(h) => format!("handler {} (not run by explain)", h.label()),
+        Decision::Egress => "egress: moat resolves the host, checks every address, and forwards".to_string(),
+    };
+    println!("  decision: {outcome}");
+    if https && !g.policy.intercept_https {
+        let t = crate::policy::decide_tunnel(&host, port, &g.policy, None);
+        let tunnel = match t.decision {
+            Decision::Deny(r) => format!("refused ({r})"),
+            _ => "allowed (spliced, not intercepted)".into(),
+        };
+        println!("  note: interceptHttps is false, so handlers do not run for https; the CONNECT tunnel is {tunnel}");
+    }
+    Ok(())
+}
+
+const INIT_POLICY: &str = include_str!("../scripts/init-policy.lua");
+const INIT_CONFIG: &str = include_str!("../scripts/init-moat.toml");
+
+/// Writes a starter `policy.lua` and `moat.toml`; refuses to overwrite.
+pub fn init(dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let files = [("policy.lua", INIT_POLICY), ("moat.toml", INIT_CONFIG)];
+    for (name, _) in &files {
+        if dir.join(name).exists() {
+            return Err(format!("{} already exists; not overwriting", dir.join(name).display()));
+        }
+    }
+    for (name, text) in files {
+        let p = dir.join(name);
+        std::fs::write(&p, text).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+        println!("wrote {}", p.display());
+    }
+    println!("next: moat check && moat serve   (then: curl -x http://127.0.0.1:3128 http://example.com/)");
+    Ok(())
+}

@@ -1,0 +1,89 @@
+//! Log output: the access log (SPEC 11), and redaction of secret values (SPEC 8.5).
+
+use std::sync::RwLock;
+
+/// Secret values known to this process, with their names, longest first.
+static SECRETS: RwLock<Vec<(String, String)>> = RwLock::new(Vec::new());
+
+/// Registers the secrets whose values must never be printed. Replaces the previous set.
+pub fn set_secrets(mut secrets: Vec<(String, String)>) {
+    secrets.retain(|(_, v)| !v.is_empty());
+    secrets.sort_by(|a, b| b.1.len().cmp(&a.1.len()));
+    *SECRETS.write().unwrap_or_else(|e| e.into_inner()) = secrets;
+}
+
+/// Replaces every secret value in `text` with `[secret NAME]`.
+pub fn redact(text: &str) -> String {
+    let secrets = SECRETS.read().unwrap_or_else(|e| e.into_inner());
+    let mut out = text.to_string();
+    for (name, value) in secrets.iter() {
+        if out.contains(value.as_str()) {
+            out = out.replace(value.as_str(), &format!("[secret {name}]"));
+        }
+    }
+    out
+}
+
+/// One access-log line (SPEC 11).
+pub struct AccessRecord<'a> {
+    pub request_id: &'a str,
+    pub container: &'a str,
+    pub class: &'a str,
+    pub generation: u64,
+    pub method: &'a str,
+    pub scheme: &'a str,
+    pub host: &'a str,
+    pub port: u16,
+    /// Path only: the query string may carry secrets and is never logged.
+    pub path: &'a str,
+    /// `deny`, `handler`, `egress` or `error`.
+    pub decision: &'a str,
+    /// The deny reason, the handler's name, or the error.
+    pub detail: &'a str,
+    pub status: u16,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub duration: std::time::Duration,
+}
+
+/// Writes one access-log line through the log stream (human or JSON, per `--log-format`).
+pub fn access(r: &AccessRecord<'_>) {
+    let detail = redact(r.detail);
+    tracing::info!(
+        target: "moat::access",
+        request_id = r.request_id,
+        container = r.container,
+        class = r.class,
+        generation = r.generation,
+        method = r.method,
+        scheme = r.scheme,
+        host = r.host,
+        port = r.port,
+        path = r.path,
+        decision = r.decision,
+        detail = detail.as_str(),
+        status = r.status,
+        bytes_up = r.bytes_up,
+        bytes_down = r.bytes_down,
+        duration_ms = (r.duration.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
+        "access"
+    );
+}
+
+/// Output format of the log stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// Installs the log subscriber: everything to stderr, `RUST_LOG` filters (default `info`).
+pub fn init(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+        LogFormat::Human => builder.with_ansi(false).try_init(),
+    };
+}

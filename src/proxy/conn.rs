@@ -1,0 +1,127 @@
+//! One client connection on the explicit listener: read a request, decide, answer, repeat
+//! while the connection is kept alive.
+
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::rc::Rc;
+use std::time::Instant;
+
+use http::StatusCode;
+use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::net::TcpStream;
+
+use super::answer;
+use super::h1::{ConnReader, Framing, HeadError, write_response};
+use super::request::{Exchange, handle};
+use super::worker::Worker;
+use crate::body::{self, ChannelBody};
+
+pub async fn serve(worker: Rc<Worker>, stream: TcpStream, class: usize, local: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let limits = worker.shared.config.limits.clone();
+    let (rd, wr) = stream.into_split();
+    let mut reader = ConnReader::new(rd);
+    let mut writer = BufWriter::with_capacity(16 * 1024, wr);
+    let mut first = true;
+    loop {
+        // A new connection must start its request within the head timeout; a kept-alive one
+        // may sit idle for the idle timeout.
+        let wait = if first { limits.request_head_timeout } else { limits.idle_timeout };
+        match tokio::time::timeout(wait, reader.wait_for_data()).await {
+            Ok(Ok(true)) => {}
+            _ => return,
+        }
+        first = false;
+        let head = match tokio::time::timeout(limits.request_head_timeout, reader.read_head(limits.request_head_bytes)).await {
+            Err(_) => {
+                let _ = reply_and_close(&mut writer, answer::text(StatusCode::REQUEST_TIMEOUT, "moat: request head took too long (limits.request_head_timeout)")).await;
+                return;
+            }
+            Ok(Err(HeadError::Closed | HeadError::Io(_))) => return,
+            Ok(Err(HeadError::TooLarge(n))) => {
+                let msg = format!("moat: request head larger than {n} bytes (limits.request_head_bytes)");
+                let _ = reply_and_close(&mut writer, answer::text(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, msg)).await;
+                return;
+            }
+            Ok(Err(HeadError::Bad(why))) => {
+                let _ = reply_and_close(&mut writer, answer::text(StatusCode::BAD_REQUEST, format!("moat: bad request: {why}"))).await;
+                return;
+            }
+            Ok(Ok(h)) => h,
+        };
+        let started = Instant::now();
+        let version = head.version;
+        let is_head = head.method == http::Method::HEAD;
+        let framing = head.framing;
+        let client_keep_alive = head.keep_alive;
+
+        if framing != Framing::None && expects_continue(&head.headers) && version == http::Version::HTTP_11 {
+            if writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() || writer.flush().await.is_err() {
+                return;
+            }
+        }
+        let (tx, request_body) = match framing {
+            Framing::None => (None, body::empty()),
+            Framing::Length(n) => {
+                let (tx, b) = ChannelBody::new(Some(n));
+                (Some(tx), body::boxed(b))
+            }
+            Framing::Chunked => {
+                let (tx, b) = ChannelBody::new(None);
+                (Some(tx), body::boxed(b))
+            }
+        };
+
+        // Handle the request while feeding its body from the connection.
+        let mut body_complete = tx.is_none();
+        let mut body_failed = false;
+        let exchange = {
+            let handling = pin!(handle(&worker, class, local, head, request_body));
+            let mut handling = handling;
+            match tx {
+                None => handling.await,
+                Some(tx) => {
+                    let mut pump = pin!(reader.pump_body(framing, tx));
+                    let mut pumping = true;
+                    loop {
+                        tokio::select! {
+                            biased;
+                            ex = &mut handling => break ex,
+                            r = &mut pump, if pumping => {
+                                pumping = false;
+                                match r {
+                                    Ok(done) => body_complete = done,
+                                    Err(_) => body_failed = true,
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        let Exchange { response, mut log } = exchange;
+        let keep_alive = client_keep_alive && body_complete && !body_failed;
+        let write = write_response(&mut writer, response, version, is_head, keep_alive).await;
+        log.duration = started.elapsed();
+        let (keep, down) = match write {
+            Ok((n, keep)) => (keep, n),
+            Err(_) => (false, 0),
+        };
+        log.bytes_down = down;
+        log.emit();
+        if !keep {
+            let _ = writer.shutdown().await;
+            return;
+        }
+    }
+}
+
+fn expects_continue(h: &http::HeaderMap) -> bool {
+    h.get(http::header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
+async fn reply_and_close<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, resp: http::Response<crate::body::Body>) -> Result<(), crate::body::BoxError> {
+    write_response(w, resp, http::Version::HTTP_11, false, false).await?;
+    w.shutdown().await?;
+    Ok(())
+}

@@ -1,0 +1,233 @@
+//! One request on the explicit listener: identify, find the target, decide, then deny, run
+//! the handler, or egress (SPEC 4.3, 5.1, 8).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::{HeaderValue, Request, Response, StatusCode};
+
+use super::answer;
+use super::h1::RequestHead;
+use super::worker::Worker;
+use crate::body::Body;
+use crate::identity::{self, AuthError, ContainerId};
+use crate::policy::{CanonicalHost, Decision, decide, host::split_authority};
+use crate::script::CallContext;
+use crate::script::api::body::{BodySlot, SharedBody};
+use crate::script::api::headers::LuaHeaders;
+use crate::script::api::request::{LuaRequest, Redirect};
+use crate::upstream::{self, DialRules, Target};
+
+/// A response and the access-log line that goes with it.
+pub struct Exchange {
+    pub response: Response<Body>,
+    pub log: LogLine,
+}
+
+/// The access-log fields, filled in as the request travels.
+#[derive(Default)]
+pub struct LogLine {
+    pub request_id: String,
+    pub container: String,
+    pub class: String,
+    pub generation: u64,
+    pub method: String,
+    pub scheme: &'static str,
+    pub host: String,
+    pub port: u16,
+    pub path: String,
+    pub decision: &'static str,
+    pub detail: String,
+    pub status: u16,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub duration: Duration,
+}
+
+impl LogLine {
+    pub fn emit(&self) {
+        crate::log::access(&crate::log::AccessRecord {
+            request_id: &self.request_id,
+            container: &self.container,
+            class: &self.class,
+            generation: self.generation,
+            method: &self.method,
+            scheme: self.scheme,
+            host: &self.host,
+            port: self.port,
+            path: &self.path,
+            decision: self.decision,
+            detail: &self.detail,
+            status: self.status,
+            bytes_up: self.bytes_up,
+            bytes_down: self.bytes_down,
+            duration: self.duration,
+        });
+    }
+}
+
+/// Handles one request; never fails (every failure is an answer).
+pub async fn handle(worker: &Worker, class: usize, _local: SocketAddr, head: RequestHead, body: Body) -> Exchange {
+    let shared = &worker.shared;
+    let class_shared = &shared.classes[class];
+    let mut log = LogLine {
+        request_id: shared.next_request_id(),
+        class: class_shared.config.name.clone(),
+        method: head.method.to_string(),
+        scheme: "http",
+        ..Default::default()
+    };
+    let response = run(worker, class, head, body, &mut log).await;
+    log.status = response.status().as_u16();
+    Exchange { response, log }
+}
+
+async fn run(worker: &Worker, class: usize, head: RequestHead, body: Body, log: &mut LogLine) -> Response<Body> {
+    let shared = &worker.shared;
+    let fail = |log: &mut LogLine, status: StatusCode, msg: String| {
+        log.decision = "error";
+        log.detail = msg.clone();
+        answer::text(status, format!("moat: {msg}"))
+    };
+
+    // Who: the container id from Proxy-Authorization (SPEC 5.1).
+    let container = match identify(shared, &head.headers) {
+        Ok(id) => id,
+        Err(e) => {
+            log.decision = "error";
+            log.detail = e.to_string();
+            return answer::auth_required(&e.to_string());
+        }
+    };
+    log.container = container.to_string();
+
+    if head.method == http::Method::CONNECT {
+        return fail(log, StatusCode::NOT_IMPLEMENTED, "CONNECT (HTTPS tunnels) is not supported by this version of moat".into());
+    }
+    // Where: the absolute-form target; its authority wins over Host (SPEC 8.2).
+    let (target, path) = match parse_target(&head.target) {
+        Ok(t) => t,
+        Err(msg) => return fail(log, StatusCode::BAD_REQUEST, msg),
+    };
+    log.host = target.host.to_string();
+    log.port = target.port;
+    log.path = path.split('?').next().unwrap_or("/").to_string();
+
+    let Some(generation) = shared.classes[class].current() else {
+        log.decision = "error";
+        log.detail = "policy not loaded".into();
+        return answer::not_loaded();
+    };
+    log.generation = generation.number;
+    let overrides = shared.overrides.get(container.as_str());
+    let verdict = decide(&target.host, target.port, &generation.policy, overrides.as_deref());
+
+    match verdict.decision {
+        Decision::Deny(reason) => {
+            log.decision = "deny";
+            log.detail = reason.to_string();
+            answer::denied(reason)
+        }
+        Decision::Handler(choice) => {
+            log.decision = "handler";
+            log.detail = choice.label();
+            let Some(runtime) = worker.runtime(class) else {
+                return answer::not_loaded();
+            };
+            // The request the handler sees: URI authority as Host, no proxy credentials.
+            let mut headers = head.headers;
+            upstream::strip_hop_by_hop(&mut headers);
+            if let Ok(v) = HeaderValue::from_str(&target.authority()) {
+                headers.insert(http::header::HOST, v);
+            }
+            let lua_req = LuaRequest {
+                method: head.method,
+                url: format!("http://{}{}", target.authority(), path),
+                headers: LuaHeaders::new(headers),
+                body: SharedBody::new(BodySlot::Stream(body)),
+                redirect: Redirect::Manual,
+            };
+            let who = CallContext { request_id: &log.request_id, container_id: container.as_str(), class: &log.class };
+            let limits = &shared.config.limits;
+            match runtime.call(&choice, lua_req, who, limits).await {
+                Ok(mut resp) => {
+                    upstream::strip_hop_by_hop(resp.headers_mut());
+                    resp
+                }
+                Err(f) => {
+                    log.detail = format!("{}: {}", choice.label(), answer::handler_failure_detail(&f));
+                    tracing::warn!(target: "moat::handler", request_id = %log.request_id, container = %log.container, class = %log.class, "{}", crate::log::redact(&log.detail));
+                    answer::handler_failure(&f, &log.request_id, limits.handler_timeout)
+                }
+            }
+        }
+        Decision::Egress => {
+            log.decision = "egress";
+            let policy = &generation.policy;
+            let rules = DialRules::Egress {
+                allowed: crate::policy::decide::effective_allowed(policy, overrides.as_deref()),
+                denied: crate::policy::decide::effective_denied(policy, overrides.as_deref()),
+            };
+            let mut builder = Request::builder().method(head.method).uri(path.as_str());
+            *builder.headers_mut().expect("fresh builder") = head.headers;
+            let req = match builder.body(body) {
+                Ok(r) => upstream::to_upstream_request(r, &target),
+                Err(e) => return fail(log, StatusCode::BAD_REQUEST, e.to_string()),
+            };
+            match worker.upstream.send(req, &target, rules).await {
+                Ok(resp) => {
+                    let (mut parts, incoming) = resp.into_parts();
+                    upstream::strip_hop_by_hop(&mut parts.headers);
+                    Response::from_parts(parts, crate::body::boxed(incoming))
+                }
+                Err(e) => {
+                    log.detail = e.to_string();
+                    answer::upstream_failure(&e)
+                }
+            }
+        }
+    }
+}
+
+/// The container id, checked against `[containers]` tokens when the config lists any.
+fn identify(shared: &super::state::Shared, headers: &http::HeaderMap) -> Result<ContainerId, AuthError> {
+    let creds = match headers.get(http::header::PROXY_AUTHORIZATION) {
+        Some(v) => Some(identity::parse_proxy_authorization(v.as_bytes())?),
+        None => None,
+    };
+    let auth = &shared.config.containers;
+    if auth.is_empty() {
+        return Ok(creds.map_or_else(ContainerId::default_id, |c| c.id));
+    }
+    let creds = creds.ok_or(AuthError::Missing)?;
+    match (auth.get(&creds.id), &creds.token) {
+        (Some(expected), Some(given)) if identity::constant_time_eq(expected.token.as_bytes(), given.as_bytes()) => Ok(creds.id),
+        _ => Err(AuthError::WrongToken(creds.id.to_string())),
+    }
+}
+
+/// Parses an absolute-form `http://authority/path?query` target (RFC 9112 §3.2.2) into the
+/// canonical target and the origin-form path.
+fn parse_target(raw: &str) -> Result<(Target, String), String> {
+    let lower = raw.get(..8).map(str::to_ascii_lowercase).unwrap_or_default();
+    let rest = if lower.starts_with("http://") {
+        &raw[7..]
+    } else if lower.starts_with("https://") {
+        return Err("https:// URLs go through CONNECT; set HTTPS_PROXY to this proxy".into());
+    } else {
+        return Err("moat is a proxy: send absolute-form requests (e.g. curl -x http://127.0.0.1:3128 http://host/)".into());
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    let (host, port) = split_authority(authority).map_err(|e| e.to_string())?;
+    let host = CanonicalHost::parse(host).map_err(|e| e.to_string())?;
+    let path = path.split('#').next().unwrap_or("");
+    let path = if path.is_empty() {
+        "/".to_string()
+    } else if path.starts_with('?') {
+        format!("/{path}")
+    } else {
+        path.to_string()
+    };
+    Ok((Target { https: false, host, port: port.unwrap_or(80) }, path))
+}

@@ -1,0 +1,86 @@
+//! Starting `moat serve`: load every class, bind listeners, start workers, accept.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use super::state::Shared;
+use super::worker::{self, Handoff};
+use crate::bindings::Bindings;
+use crate::config::Config;
+
+/// Runs the proxy until SIGINT/SIGTERM. Errors that stop it from starting are returned.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    let bindings = Bindings::load(&config).map_err(anyhow::Error::msg)?;
+    // Bind first: the listeners' addresses are part of the loop check every worker needs.
+    let mut listeners = Vec::new();
+    for (i, class) in config.classes.iter().enumerate() {
+        let l = std::net::TcpListener::bind(class.listen)
+            .map_err(|e| anyhow::anyhow!("cannot listen on {} for class {}: {e}", class.listen, class.name))?;
+        l.set_nonblocking(true)?;
+        listeners.push((i, l));
+    }
+    let own: Vec<SocketAddr> = listeners.iter().filter_map(|(_, l)| l.local_addr().ok()).collect();
+    let shared = Arc::new(Shared::new(config, bindings, own));
+
+    for class in &shared.classes {
+        match class.reload(&shared.config.limits) {
+            Ok(g) => tracing::info!(class = %class.config.name, generation = g.number, "loaded {}", class.config.policy.display()),
+            Err(e) => tracing::error!(class = %class.config.name, "policy not loaded (every request gets 503 until fixed): {e}"),
+        }
+    }
+
+    let threads = std::env::var("MOAT_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .clamp(1, 64);
+    let workers = (0..threads).map(|i| worker::spawn(i, shared.clone())).collect::<Result<Vec<_>, _>>()?;
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (class, std_listener) in listeners {
+            let listener = TcpListener::from_std(std_listener)?;
+            let addr = listener.local_addr()?;
+            let name = &shared.classes[class].config.name;
+            println!("moat: listening on {addr} (class {name})");
+            let workers = workers.clone();
+            tasks.spawn(accept_loop(listener, class, addr, workers));
+        }
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        wait_for_shutdown().await;
+        tracing::info!("shutting down");
+        tasks.abort_all();
+        anyhow::Ok(())
+    })
+}
+
+async fn accept_loop(listener: TcpListener, class: usize, local: SocketAddr, workers: Vec<tokio::sync::mpsc::UnboundedSender<Handoff>>) {
+    let mut next = 0usize;
+    loop {
+        match listener.accept().await {
+            Ok((stream, _peer)) => {
+                let Ok(stream) = stream.into_std() else { continue };
+                let _ = workers[next % workers.len()].send(Handoff { stream, class, local });
+                next = next.wrapping_add(1);
+            }
+            Err(e) => {
+                // Out of file descriptors and similar: back off instead of spinning.
+                tracing::warn!("accept on {local}: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn wait_for_shutdown() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,108 @@
+//! State shared by every worker: config, the current generation of each class, overrides.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use crate::bindings::Bindings;
+use crate::config::{ClassConfig, Config};
+use crate::policy::Overrides;
+use crate::script::{Generation, LoadError, load_generation};
+
+/// One class: its script's current generation, or the error that kept it from loading.
+pub struct ClassShared {
+    pub config: ClassConfig,
+    /// The generation new requests use; `None` until a first load succeeds (→ 503).
+    current: RwLock<Option<Arc<Generation>>>,
+    /// The last load error, if the last load failed.
+    pub last_error: RwLock<Option<LoadError>>,
+    next_number: AtomicU64,
+}
+
+impl ClassShared {
+    pub fn new(config: ClassConfig) -> Self {
+        Self { config, current: RwLock::new(None), last_error: RwLock::new(None), next_number: AtomicU64::new(1) }
+    }
+
+    pub fn current(&self) -> Option<Arc<Generation>> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Loads the script from disk; on success it becomes current, on failure the previous
+    /// generation stays (SPEC 8.8).
+    pub fn reload(&self, limits: &crate::config::Limits) -> Result<Arc<Generation>, LoadError> {
+        let number = self.next_number.load(Ordering::Relaxed);
+        match load_generation(&self.config.name, &self.config.policy, number, limits) {
+            Ok(g) => {
+                self.next_number.fetch_add(1, Ordering::Relaxed);
+                let g = Arc::new(g);
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(g.clone());
+                *self.last_error.write().unwrap_or_else(|e| e.into_inner()) = None;
+                Ok(g)
+            }
+            Err(e) => {
+                *self.last_error.write().unwrap_or_else(|e| e.into_inner()) = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Per-container runtime overrides (SPEC 7.2), read by every request.
+#[derive(Default)]
+pub struct OverrideStore {
+    by_container: RwLock<HashMap<String, Arc<Overrides>>>,
+}
+
+impl OverrideStore {
+    pub fn get(&self, container: &str) -> Option<Arc<Overrides>> {
+        self.by_container.read().unwrap_or_else(|e| e.into_inner()).get(container).cloned()
+    }
+
+    pub fn set(&self, container: &str, o: Overrides) {
+        self.by_container.write().unwrap_or_else(|e| e.into_inner()).insert(container.to_string(), Arc::new(o));
+    }
+
+    pub fn clear(&self, container: &str) {
+        self.by_container.write().unwrap_or_else(|e| e.into_inner()).remove(container);
+    }
+}
+
+/// Everything workers share.
+pub struct Shared {
+    pub config: Config,
+    pub classes: Vec<ClassShared>,
+    pub bindings: Bindings,
+    pub overrides: OverrideStore,
+    /// Every address moat listens on (loop prevention, SPEC 8.4).
+    pub own_listeners: Arc<Vec<SocketAddr>>,
+    pub dns_hosts: Arc<BTreeMap<String, IpAddr>>,
+    request_prefix: u32,
+    request_counter: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(config: Config, bindings: Bindings, own_listeners: Vec<SocketAddr>) -> Self {
+        let classes = config.classes.iter().cloned().map(ClassShared::new).collect();
+        let prefix = crate::script::api::natives::random_bytes(4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+            .unwrap_or(0);
+        Self {
+            dns_hosts: Arc::new(config.dns_hosts.clone()),
+            config,
+            classes,
+            bindings,
+            overrides: OverrideStore::default(),
+            own_listeners: Arc::new(own_listeners),
+            request_prefix: prefix,
+            request_counter: AtomicU64::new(0),
+        }
+    }
+
+    /// A new request id: unique in this process, unguessable across processes.
+    pub fn next_request_id(&self) -> String {
+        let n = self.request_counter.fetch_add(1, Ordering::Relaxed);
+        format!("{:08x}{:08x}", self.request_prefix, n as u32)
+    }
+}

@@ -1,0 +1,82 @@
+//! A worker thread: a current-thread runtime with a `LocalSet`, its own Lua state per class
+//! (Envoy's model: Lua states are never shared across threads), its own upstream pool.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use super::state::Shared;
+use crate::script::ClassRuntime;
+use crate::upstream::{Upstream, resolve::Resolver};
+
+/// A client connection handed to a worker: the socket and the index of its class.
+pub struct Handoff {
+    pub stream: std::net::TcpStream,
+    pub class: usize,
+    pub local: std::net::SocketAddr,
+}
+
+/// One worker's state.
+pub struct Worker {
+    pub shared: Arc<Shared>,
+    pub upstream: Rc<Upstream>,
+    runtimes: RefCell<HashMap<usize, Rc<ClassRuntime>>>,
+}
+
+impl Worker {
+    /// The runtime for the class's current generation, rebuilt when the generation changed.
+    /// `None` when the class has no loaded generation.
+    pub fn runtime(&self, class: usize) -> Option<Rc<ClassRuntime>> {
+        let current = self.shared.classes[class].current()?;
+        if let Some(rt) = self.runtimes.borrow().get(&class) {
+            if Arc::ptr_eq(&rt.generation, &current) {
+                return Some(rt.clone());
+            }
+        }
+        match ClassRuntime::build(current, self.upstream.clone(), &self.shared.config.limits, &self.shared.bindings) {
+            Ok(rt) => {
+                let rt = Rc::new(rt);
+                self.runtimes.borrow_mut().insert(class, rt.clone());
+                Some(rt)
+            }
+            Err(e) => {
+                tracing::error!(class = %self.shared.classes[class].config.name, "worker could not build its Lua state: {e}");
+                self.runtimes.borrow().get(&class).cloned()
+            }
+        }
+    }
+}
+
+/// Starts a worker thread; connections arrive on the returned sender.
+pub fn spawn(index: usize, shared: Arc<Shared>) -> std::io::Result<mpsc::UnboundedSender<Handoff>> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Handoff>();
+    std::thread::Builder::new().name(format!("moat-worker-{index}")).spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("worker runtime");
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async move {
+            let upstream = Rc::new(Upstream::new(
+                Resolver::new(shared.dns_hosts.clone()),
+                shared.config.limits.connect_timeout,
+                shared.own_listeners.clone(),
+            ));
+            let worker = Rc::new(Worker { shared: shared.clone(), upstream, runtimes: RefCell::new(HashMap::new()) });
+            for class in 0..shared.classes.len() {
+                let _ = worker.runtime(class);
+            }
+            while let Some(h) = rx.recv().await {
+                let worker = worker.clone();
+                tokio::task::spawn_local(async move {
+                    let _ = h.stream.set_nonblocking(true);
+                    match tokio::net::TcpStream::from_std(h.stream) {
+                        Ok(stream) => super::conn::serve(worker, stream, h.class, h.local).await,
+                        Err(e) => tracing::warn!("could not adopt connection: {e}"),
+                    }
+                });
+            }
+        });
+    })?;
+    Ok(tx)
+}

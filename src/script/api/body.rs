@@ -1,0 +1,98 @@
+//! Bodies of Lua-visible Requests and Responses: streamed unless a script reads them.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use bytes::Bytes;
+use mlua::{UserData, UserDataFields};
+
+use crate::body::{self, Body};
+
+/// The state of a body, shared between its Request/Response and any `.body` handle.
+pub enum BodySlot {
+    Empty,
+    Bytes(Bytes),
+    Stream(Body),
+    /// Read or moved away; a second read is an error (as in the Fetch API).
+    Used,
+}
+
+/// A body shared by reference; moving it (into `Request.new`, `fetch`, …) leaves `Used`.
+#[derive(Clone)]
+pub struct SharedBody(pub Rc<RefCell<BodySlot>>);
+
+impl SharedBody {
+    pub fn new(slot: BodySlot) -> Self {
+        Self(Rc::new(RefCell::new(slot)))
+    }
+
+    pub fn is_used(&self) -> bool {
+        matches!(*self.0.borrow(), BodySlot::Used)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        matches!(*self.0.borrow(), BodySlot::Empty)
+    }
+
+    /// Moves the body out for sending; errors if it was already read.
+    pub fn take(&self) -> mlua::Result<Body> {
+        match std::mem::replace(&mut *self.0.borrow_mut(), BodySlot::Used) {
+            BodySlot::Empty => {
+                *self.0.borrow_mut() = BodySlot::Empty;
+                Ok(body::empty())
+            }
+            BodySlot::Bytes(b) => Ok(body::full(b)),
+            BodySlot::Stream(s) => Ok(s),
+            BodySlot::Used => Err(mlua::Error::runtime("body has already been used")),
+        }
+    }
+
+    /// Moves the body into a new slot (for copying a Request or Response).
+    pub fn transfer(&self) -> mlua::Result<SharedBody> {
+        let slot = match std::mem::replace(&mut *self.0.borrow_mut(), BodySlot::Used) {
+            BodySlot::Empty => {
+                *self.0.borrow_mut() = BodySlot::Empty;
+                BodySlot::Empty
+            }
+            BodySlot::Used => return Err(mlua::Error::runtime("body has already been used")),
+            other => other,
+        };
+        Ok(SharedBody::new(slot))
+    }
+
+    /// Bytes already in memory, if the body is not a stream (lets redirects replay it).
+    pub fn peek_bytes(&self) -> Option<Bytes> {
+        match &*self.0.borrow() {
+            BodySlot::Empty => Some(Bytes::new()),
+            BodySlot::Bytes(b) => Some(b.clone()),
+            _ => None,
+        }
+    }
+
+    /// Reads the whole body (once), up to `limit` bytes.
+    pub async fn read_all(&self, limit: usize) -> mlua::Result<Bytes> {
+        let stream = self.take()?;
+        body::collect_limited(stream, limit).await.map_err(mlua::Error::runtime)
+    }
+
+    /// Reads the body into memory and leaves a copy in place (for `:clone()`).
+    pub async fn buffer(&self, limit: usize) -> mlua::Result<Bytes> {
+        if let Some(b) = self.peek_bytes() {
+            return Ok(b);
+        }
+        let data = self.read_all(limit).await?;
+        *self.0.borrow_mut() = BodySlot::Bytes(data.clone());
+        Ok(data)
+    }
+}
+
+/// The `.body` handle a script passes to `Request.new`, `Response.new` or `fetch` to move a
+/// body without buffering it.
+#[derive(Clone)]
+pub struct BodyHandle(pub SharedBody);
+
+impl UserData for BodyHandle {
+    fn add_fields<F: UserDataFields<Self>>(f: &mut F) {
+        f.add_field_method_get("used", |_, this| Ok(this.0.is_used()));
+    }
+}

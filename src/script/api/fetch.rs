@@ -1,0 +1,119 @@
+//! `fetch(input, init?)`: a request made by moat itself for a handler (trusted code: the
+//! container's host lists do not apply, moat's own listeners still do).
+
+use std::rc::Rc;
+
+use http::{Method, StatusCode};
+use mlua::{Lua, Result, Value};
+
+use super::body::{BodySlot, SharedBody};
+use super::headers::LuaHeaders;
+use super::request::{LuaRequest, Redirect};
+use super::response::LuaResponse;
+use crate::body;
+use crate::policy::CanonicalHost;
+use crate::upstream::{self, DialRules, Target, Upstream, UpstreamError};
+
+/// Most redirects `fetch` follows (as in Workers).
+const MAX_REDIRECTS: usize = 20;
+
+/// A `fetch` that failed before a response arrived. If it escapes the handler, the client
+/// gets the same 502/504 that egress would give (SPEC 9), not a 500.
+#[derive(Debug, thiserror::Error)]
+#[error("fetch {url} failed: {source}")]
+pub struct FetchError {
+    pub url: String,
+    #[source]
+    pub source: UpstreamError,
+}
+
+/// Installs `fetch`. Without an upstream (a state that only validates a script) `fetch`
+/// raises an error: scripts may fetch only inside handlers.
+pub fn install(lua: &Lua, upstream: Option<Rc<Upstream>>) -> Result<()> {
+    let f = lua.create_async_function(move |lua, (input, init): (Value, Option<Value>)| {
+        let upstream = upstream.clone();
+        async move {
+            let upstream = upstream.ok_or_else(|| mlua::Error::runtime("fetch can only be called inside a handler"))?;
+            let req = LuaRequest::construct(input, init)?;
+            fetch(&lua, &upstream, req).await
+        }
+    })?;
+    lua.globals().set("fetch", f)
+}
+
+async fn fetch(lua: &Lua, upstream: &Upstream, req: LuaRequest) -> Result<LuaResponse> {
+    let mut method = req.method.clone();
+    let mut url = url::Url::parse(&req.url).map_err(mlua::Error::external)?;
+    let mut headers = req.headers.snapshot();
+    // A streamed body can be sent once; bytes already in memory can be replayed on redirect.
+    let replayable = req.body.peek_bytes();
+    let mut body = Some(req.body.take()?);
+    for hop in 0..=MAX_REDIRECTS {
+        let target = target_of(&url)?;
+        let mut builder = http::Request::builder().method(method.clone()).uri(url.as_str());
+        *builder.headers_mut().expect("fresh builder") = headers.clone();
+        let this_body = match body.take() {
+            Some(b) => b,
+            None => match &replayable {
+                Some(bytes) => body::full(bytes.clone()),
+                None => return Err(mlua::Error::runtime("fetch: cannot follow a redirect that resends a streamed body")),
+            },
+        };
+        let http_req = builder.body(this_body).map_err(mlua::Error::external)?;
+        let http_req = upstream::to_upstream_request(http_req, &target);
+        let resp = upstream
+            .send(http_req, &target, DialRules::Trusted)
+            .await
+            .map_err(|source| mlua::Error::external(FetchError { url: url.to_string(), source }))?;
+        let status = resp.status();
+        let location = resp.headers().get(http::header::LOCATION).and_then(|l| l.to_str().ok()).map(str::to_string);
+        let follow = req.redirect == Redirect::Follow && status.is_redirection() && hop < MAX_REDIRECTS;
+        if let (true, Some(loc)) = (follow, location) {
+            let next = url.join(&loc).map_err(|e| mlua::Error::runtime(format!("fetch: bad redirect Location {loc:?}: {e}")))?;
+            // RFC 9110 §15.4: 303 (and, as browsers do, 301/302 after POST) switch to GET.
+            if status == StatusCode::SEE_OTHER
+                || (matches!(status, StatusCode::MOVED_PERMANENTLY | StatusCode::FOUND) && method == Method::POST)
+            {
+                method = Method::GET;
+                body = Some(body::empty());
+                headers.remove(http::header::CONTENT_LENGTH);
+                headers.remove(http::header::CONTENT_TYPE);
+            }
+            if next.origin() != url.origin() {
+                headers.remove(http::header::AUTHORIZATION);
+                headers.remove(http::header::COOKIE);
+            }
+            url = next;
+            continue;
+        }
+        return Ok(response_from_upstream(resp, url.to_string()));
+    }
+    let _ = lua;
+    Err(mlua::Error::runtime(format!("fetch: more than {MAX_REDIRECTS} redirects")))
+}
+
+/// Wraps an upstream response for Lua, without its hop-by-hop headers.
+pub fn response_from_upstream(resp: http::Response<hyper::body::Incoming>, url: String) -> LuaResponse {
+    let (mut parts, incoming) = resp.into_parts();
+    upstream::strip_hop_by_hop(&mut parts.headers);
+    LuaResponse {
+        status: parts.status,
+        status_text: String::new(),
+        headers: LuaHeaders::new(parts.headers),
+        body: SharedBody::new(BodySlot::Stream(body::boxed(incoming))),
+        url,
+    }
+}
+
+/// The host and port a URL dials (canonical, SPEC 4.1).
+pub fn target_of(url: &url::Url) -> Result<Target> {
+    let https = match url.scheme() {
+        "http" => false,
+        "https" => true,
+        other => return Err(mlua::Error::runtime(format!("fetch: unsupported scheme {other:?}"))),
+    };
+    let host = url.host_str().ok_or_else(|| mlua::Error::runtime("fetch: URL has no host"))?;
+    let host = CanonicalHost::parse(host).map_err(|e| mlua::Error::runtime(format!("fetch: {e}")))?;
+    let port = url.port_or_known_default().unwrap_or(if https { 443 } else { 80 });
+    Ok(Target { https, host, port })
+}

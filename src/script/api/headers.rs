@@ -1,0 +1,139 @@
+//! `Headers` (SPEC 3): a case-insensitive multimap shared by reference with its Request or
+//! Response, so `request.headers:set(…)` changes the request.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use mlua::{Lua, MetaMethod, Result, Table, UserData, UserDataMethods, Value};
+
+/// A Headers object; clones share the same map.
+#[derive(Clone, Default)]
+pub struct LuaHeaders(pub Rc<RefCell<HeaderMap>>);
+
+impl LuaHeaders {
+    pub fn new(map: HeaderMap) -> Self {
+        Self(Rc::new(RefCell::new(map)))
+    }
+
+    /// A copy of the map.
+    pub fn snapshot(&self) -> HeaderMap {
+        self.0.borrow().clone()
+    }
+}
+
+pub fn header_name(name: &str) -> Result<HeaderName> {
+    HeaderName::from_bytes(name.as_bytes()).map_err(|_| mlua::Error::runtime(format!("invalid header name {name:?}")))
+}
+
+pub fn header_value(name: &str, value: &str) -> Result<HeaderValue> {
+    HeaderValue::from_str(value).map_err(|_| mlua::Error::runtime(format!("invalid value for header {name:?}")))
+}
+
+/// Builds a map from a Lua value: nil, a Headers object, or a table of name → string (or a
+/// list of strings for repeated headers).
+pub fn headers_from_lua(value: &Value) -> Result<HeaderMap> {
+    let mut map = HeaderMap::new();
+    match value {
+        Value::Nil => {}
+        Value::UserData(ud) => return Ok(ud.borrow::<LuaHeaders>()?.snapshot()),
+        Value::Table(t) => {
+            for pair in t.pairs::<String, Value>() {
+                let (name, v) = pair?;
+                let hn = header_name(&name)?;
+                match v {
+                    Value::Table(list) => {
+                        for item in list.sequence_values::<String>() {
+                            map.append(hn.clone(), header_value(&name, &item?)?);
+                        }
+                    }
+                    other => {
+                        let s = lua_to_header_string(&other)
+                            .ok_or_else(|| mlua::Error::runtime(format!("header {name:?} must be a string")))?;
+                        map.append(hn, header_value(&name, &s)?);
+                    }
+                }
+            }
+        }
+        _ => return Err(mlua::Error::runtime("headers must be a table or a Headers object")),
+    }
+    Ok(map)
+}
+
+fn lua_to_header_string(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.to_str().ok()?.to_string()),
+        Value::Integer(i) => Some(i.to_string()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Boolean(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// The values of `name` joined by `", "`, as the Fetch API's `get` does.
+fn joined(map: &HeaderMap, name: &HeaderName) -> Option<String> {
+    let mut it = map.get_all(name).iter().peekable();
+    it.peek()?;
+    Some(it.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect::<Vec<_>>().join(", "))
+}
+
+impl UserData for LuaHeaders {
+    fn add_methods<M: UserDataMethods<Self>>(m: &mut M) {
+        m.add_method("get", |_, this, name: String| Ok(joined(&this.0.borrow(), &header_name(&name)?)));
+        m.add_method("getAll", |lua, this, name: String| {
+            let map = this.0.borrow();
+            let values = map.get_all(header_name(&name)?).iter().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+            lua.create_sequence_from(values)
+        });
+        m.add_method("has", |_, this, name: String| Ok(this.0.borrow().contains_key(header_name(&name)?)));
+        m.add_method("set", |_, this, (name, value): (String, String)| {
+            let v = header_value(&name, &value)?;
+            this.0.borrow_mut().insert(header_name(&name)?, v);
+            Ok(())
+        });
+        m.add_method("append", |_, this, (name, value): (String, String)| {
+            let v = header_value(&name, &value)?;
+            this.0.borrow_mut().append(header_name(&name)?, v);
+            Ok(())
+        });
+        m.add_method("delete", |_, this, name: String| {
+            this.0.borrow_mut().remove(header_name(&name)?);
+            Ok(())
+        });
+        m.add_method("entries", |lua, this, ()| entries_iterator(lua, &this.0.borrow()));
+        m.add_meta_method(MetaMethod::Pairs, |lua, this, ()| {
+            let it = entries_iterator(lua, &this.0.borrow())?;
+            Ok((it, Value::Nil, Value::Nil))
+        });
+    }
+}
+
+/// `for name, value in headers:entries()`: names sorted, repeated values joined (except
+/// `set-cookie`, whose values are yielded one by one, as in the Fetch API).
+fn entries_iterator(lua: &Lua, map: &HeaderMap) -> Result<mlua::Function> {
+    let mut names: Vec<&HeaderName> = map.keys().collect();
+    names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    for name in names {
+        if name == http::header::SET_COOKIE {
+            for v in map.get_all(name) {
+                pairs.push((name.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()));
+            }
+        } else if let Some(v) = joined(map, name) {
+            pairs.push((name.to_string(), v));
+        }
+    }
+    let items: Table = lua.create_table_with_capacity(pairs.len(), 0)?;
+    for (i, (n, v)) in pairs.into_iter().enumerate() {
+        items.raw_set(i + 1, lua.create_sequence_from([n, v])?)?;
+    }
+    let index = std::cell::Cell::new(0usize);
+    lua.create_function(move |_, ()| {
+        let i = index.get() + 1;
+        index.set(i);
+        match items.raw_get::<Option<Table>>(i)? {
+            Some(pair) => Ok((pair.raw_get::<Value>(1)?, pair.raw_get::<Value>(2)?)),
+            None => Ok((Value::Nil, Value::Nil)),
+        }
+    })
+}

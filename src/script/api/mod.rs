@@ -1,0 +1,93 @@
+//! The globals a policy script sees (SPEC 3): Request, Response, Headers, URL, fetch,
+//! console. `ctx` and `env` are handler arguments, built in [`super::runtime`].
+
+pub mod body;
+pub mod console;
+pub mod fetch;
+pub mod headers;
+pub mod natives;
+pub mod request;
+pub mod response;
+pub mod url;
+
+use std::rc::Rc;
+
+use bytes::Bytes;
+use mlua::{Lua, LuaSerdeExt, Result, UserData, UserDataMethods, Value};
+
+use body::{BodyHandle, BodySlot, SharedBody};
+use headers::{LuaHeaders, headers_from_lua};
+use request::LuaRequest;
+
+use crate::upstream::Upstream;
+
+/// What the API needs from its worker, stored as the state's app data.
+pub struct ApiContext {
+    /// `[limits] body_buffer`: most bytes `:text()`/`:json()`/`:bytes()` may read.
+    pub body_buffer: usize,
+}
+
+/// Installs every API global into a fresh state.
+pub fn install(lua: &Lua, upstream: Option<Rc<Upstream>>, body_buffer: usize) -> Result<()> {
+    lua.set_app_data(ApiContext { body_buffer });
+    let g = lua.globals();
+    let request = lua.create_table()?;
+    request.set("new", lua.create_function(|_, (input, init): (Value, Option<Value>)| LuaRequest::construct(input, init))?)?;
+    g.set("Request", request)?;
+    let headers = lua.create_table()?;
+    headers.set("new", lua.create_function(|_, init: Value| Ok(LuaHeaders::new(headers_from_lua(&init)?)))?)?;
+    g.set("Headers", headers)?;
+    response::install(lua)?;
+    url::install(lua)?;
+    fetch::install(lua, upstream)?;
+    console::install(lua)?;
+    Ok(())
+}
+
+/// The body buffer limit of this state.
+pub fn body_limit(lua: &Lua) -> usize {
+    lua.app_data_ref::<ApiContext>().map_or(16 << 20, |c| c.body_buffer)
+}
+
+/// A body from Lua: nil, a string, or a `.body` handle (moved, not copied).
+pub fn body_from_lua(v: Value) -> Result<SharedBody> {
+    match v {
+        Value::Nil => Ok(SharedBody::new(BodySlot::Empty)),
+        Value::String(s) => Ok(SharedBody::new(BodySlot::Bytes(Bytes::copy_from_slice(&s.as_bytes())))),
+        Value::UserData(ud) if ud.is::<BodyHandle>() => ud.borrow::<BodyHandle>()?.0.transfer(),
+        other => Err(mlua::Error::runtime(format!("body must be a string or a .body stream, not {}", other.type_name()))),
+    }
+}
+
+/// `:text()`, `:json()`, `:bytes()` for anything with a body.
+pub fn add_body_methods<T: UserData + 'static, M: UserDataMethods<T>>(m: &mut M, get: fn(&T) -> SharedBody) {
+    m.add_async_method("text", move |lua, this, ()| {
+        let body = get(&this);
+        drop(this);
+        async move {
+            let data = body.read_all(body_limit(&lua)).await?;
+            lua.create_string(&data)
+        }
+    });
+    m.add_async_method("bytes", move |lua, this, ()| {
+        let body = get(&this);
+        drop(this);
+        async move {
+            let data = body.read_all(body_limit(&lua)).await?;
+            lua.create_string(&data)
+        }
+    });
+    m.add_async_method("json", move |lua, this, ()| {
+        let body = get(&this);
+        drop(this);
+        async move {
+            let data = body.read_all(body_limit(&lua)).await?;
+            natives::json_decode(&lua, &data)
+        }
+    });
+}
+
+/// A JSON value as a Lua value (for `ctx.params`).
+pub fn json_to_lua(lua: &Lua, v: &serde_json::Value) -> Result<Value> {
+    lua.to_value(v)
+}

@@ -1,0 +1,133 @@
+//! `Response` (SPEC 3).
+
+use http::StatusCode;
+use mlua::{Lua, Result, Table, UserData, UserDataFields, UserDataMethods, Value};
+
+use super::body::{BodyHandle, BodySlot, SharedBody};
+use super::headers::{LuaHeaders, headers_from_lua};
+use super::{add_body_methods, body_from_lua};
+use crate::body::Body;
+
+/// A Response as Lua sees it.
+pub struct LuaResponse {
+    pub status: StatusCode,
+    pub status_text: String,
+    pub headers: LuaHeaders,
+    pub body: SharedBody,
+    /// The URL it came from (`fetch`), else empty.
+    pub url: String,
+}
+
+impl LuaResponse {
+    /// `Response.new(body?, init?)`.
+    pub fn construct(body: Value, init: Option<Table>) -> Result<Self> {
+        let mut r = Self {
+            status: StatusCode::OK,
+            status_text: String::new(),
+            headers: LuaHeaders::default(),
+            body: body_from_lua(body)?,
+            url: String::new(),
+        };
+        if let Some(init) = init {
+            if let Some(code) = init.get::<Option<u16>>("status")? {
+                r.status = status(code)?;
+            }
+            if let Some(t) = init.get::<Option<String>>("statusText")? {
+                r.status_text = t;
+            }
+            let headers: Value = init.get("headers")?;
+            if !headers.is_nil() {
+                r.headers = LuaHeaders::new(headers_from_lua(&headers)?);
+            }
+        }
+        if (r.status == StatusCode::NO_CONTENT || r.status == StatusCode::NOT_MODIFIED) && !r.body.is_empty() {
+            return Err(mlua::Error::runtime(format!("a {} response cannot have a body", r.status.as_u16())));
+        }
+        Ok(r)
+    }
+
+    /// Converts into the HTTP response sent to the client (the body moves).
+    pub fn into_http(&self) -> Result<http::Response<Body>> {
+        let body = self.body.take()?;
+        let mut resp = http::Response::new(body);
+        *resp.status_mut() = self.status;
+        *resp.headers_mut() = self.headers.snapshot();
+        Ok(resp)
+    }
+}
+
+fn status(code: u16) -> Result<StatusCode> {
+    if !(200..=599).contains(&code) {
+        return Err(mlua::Error::runtime(format!("status must be 200-599, got {code}")));
+    }
+    StatusCode::from_u16(code).map_err(|_| mlua::Error::runtime(format!("invalid status {code}")))
+}
+
+/// Installs the `Response` global table.
+pub fn install(lua: &Lua) -> Result<()> {
+    let t = lua.create_table()?;
+    t.set("new", lua.create_function(|_, (body, init): (Value, Option<Table>)| LuaResponse::construct(body, init))?)?;
+    t.set(
+        "json",
+        lua.create_function(|lua, (value, init): (Value, Option<Table>)| {
+            let text = super::natives::json_encode(lua, value)?;
+            let r = LuaResponse::construct(Value::String(lua.create_string(&text)?), init)?;
+            if !r.headers.0.borrow().contains_key(http::header::CONTENT_TYPE) {
+                r.headers.0.borrow_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+            }
+            Ok(r)
+        })?,
+    )?;
+    t.set(
+        "redirect",
+        lua.create_function(|_, (url, code): (String, Option<u16>)| {
+            let code = code.unwrap_or(302);
+            if ![301, 302, 303, 307, 308].contains(&code) {
+                return Err(mlua::Error::runtime(format!("redirect status must be 301, 302, 303, 307 or 308, got {code}")));
+            }
+            let location = super::request::absolute_url(&url)?;
+            let mut headers = http::HeaderMap::new();
+            headers.insert(http::header::LOCATION, super::headers::header_value("location", &location)?);
+            Ok(LuaResponse {
+                status: status(code)?,
+                status_text: String::new(),
+                headers: LuaHeaders::new(headers),
+                body: SharedBody::new(BodySlot::Empty),
+                url: String::new(),
+            })
+        })?,
+    )?;
+    lua.globals().set("Response", t)
+}
+
+impl UserData for LuaResponse {
+    fn add_fields<F: UserDataFields<Self>>(f: &mut F) {
+        f.add_field_method_get("status", |_, this| Ok(this.status.as_u16()));
+        f.add_field_method_get("ok", |_, this| Ok(this.status.is_success()));
+        f.add_field_method_get("statusText", |_, this| {
+            Ok(if this.status_text.is_empty() {
+                this.status.canonical_reason().unwrap_or("").to_string()
+            } else {
+                this.status_text.clone()
+            })
+        });
+        f.add_field_method_get("headers", |_, this| Ok(this.headers.clone()));
+        f.add_field_method_get("url", |_, this| Ok(this.url.clone()));
+        f.add_field_method_get("redirected", |_, _| Ok(false));
+        f.add_field_method_get("bodyUsed", |_, this| Ok(this.body.is_used()));
+        f.add_field_method_get("body", |_, this| Ok((!this.body.is_empty()).then(|| BodyHandle(this.body.clone()))));
+    }
+
+    fn add_methods<M: UserDataMethods<Self>>(m: &mut M) {
+        add_body_methods(m, |r: &Self| r.body.clone());
+        m.add_async_method("clone", |lua, this, ()| {
+            let body = this.body.clone();
+            let (status, status_text, headers, url) = (this.status, this.status_text.clone(), this.headers.snapshot(), this.url.clone());
+            drop(this);
+            async move {
+                let data = body.buffer(super::body_limit(&lua)).await?;
+                Ok(LuaResponse { status, status_text, headers: LuaHeaders::new(headers), body: SharedBody::new(BodySlot::Bytes(data)), url })
+            }
+        });
+    }
+}

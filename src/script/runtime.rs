@@ -1,0 +1,168 @@
+//! A worker's Lua state for one class generation, and calling its handlers (SPEC 9 limits).
+
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use mlua::{Function, Lua, Table, Value};
+
+use super::api::fetch::FetchError;
+use super::api::request::LuaRequest;
+use super::api::response::LuaResponse;
+use super::load::{Generation, LoadError, run_chunk};
+use super::sandbox::{self, ModuleSource, StateOptions, global_table};
+use super::scope::{Scope, Scoped};
+use crate::bindings::Bindings;
+use crate::body::Body;
+use crate::config::Limits;
+use crate::policy::HandlerChoice;
+use crate::upstream::{Upstream, UpstreamError};
+
+/// One worker's running copy of a generation.
+pub struct ClassRuntime {
+    pub generation: Arc<Generation>,
+    lua: Lua,
+    by_host: HashMap<String, Function>,
+    outbound: Option<Function>,
+    handlers: HashMap<String, Function>,
+    env: Table,
+}
+
+/// Who a handler call is for.
+pub struct CallContext<'a> {
+    pub request_id: &'a str,
+    pub container_id: &'a str,
+    pub class: &'a str,
+}
+
+/// Why a handler produced no response; each maps to one answer (SPEC 9).
+#[derive(Debug)]
+pub enum HandlerFailure {
+    /// Raised an error (message with traceback, for the log).
+    Error(String),
+    /// Returned something that is not a Response.
+    NotResponse(String),
+    /// Went over `limits.lua_cpu`.
+    Cpu,
+    /// Went over `limits.lua_memory`.
+    Memory,
+    /// Went over `limits.handler_timeout`.
+    Timeout,
+    /// A `fetch` failed and the handler did not catch it: answered like egress would be.
+    Upstream(String, Arc<FetchError>),
+}
+
+impl ClassRuntime {
+    /// Builds this worker's state for `generation` (runs the script's top level again).
+    pub fn build(generation: Arc<Generation>, upstream: Rc<Upstream>, limits: &Limits, bindings: &Bindings) -> Result<Self, LoadError> {
+        let fail = |message: String| LoadError { file: generation.path.clone(), line: None, message };
+        let lua = sandbox::new_state(StateOptions {
+            memory_limit: limits.lua_memory,
+            body_buffer: limits.body_buffer,
+            upstream: Some(upstream),
+            modules: ModuleSource {
+                dir: generation.path.parent().map(|p| p.to_path_buf()).unwrap_or_default(),
+                captured: generation.modules.clone(),
+                read: Default::default(),
+            },
+            policy_path: &generation.path,
+        })
+        .map_err(|e| fail(e.to_string()))?;
+        run_chunk(&lua, &generation.path, &generation.source, &generation.class, limits).map_err(|e| fail(e.to_string()))?;
+        let table_fns = |name: &str| -> mlua::Result<HashMap<String, Function>> {
+            let mut out = HashMap::new();
+            if let Some(t) = global_table(&lua, name)? {
+                for pair in t.pairs::<String, Function>() {
+                    let (k, f) = pair?;
+                    out.insert(k, f);
+                }
+            }
+            Ok(out)
+        };
+        let by_host = table_fns("outboundByHost").map_err(|e| fail(e.to_string()))?;
+        let handlers = table_fns("outboundHandlers").map_err(|e| fail(e.to_string()))?;
+        let outbound = lua.globals().get::<Option<Function>>("outbound").map_err(|e| fail(e.to_string()))?;
+        let env = bindings.env_table(&lua).map_err(|e| fail(e.to_string()))?;
+        Ok(Self { generation, lua, by_host, outbound, handlers, env })
+    }
+
+    /// Runs the chosen handler for `request` and returns its Response as HTTP.
+    pub async fn call(&self, choice: &HandlerChoice, request: LuaRequest, who: CallContext<'_>, limits: &Limits) -> Result<http::Response<Body>, HandlerFailure> {
+        let func = match choice {
+            HandlerChoice::ClassByHost { key } => self.by_host.get(key),
+            HandlerChoice::ClassOutbound => self.outbound.as_ref(),
+            HandlerChoice::InstanceByHost { handler, .. } | HandlerChoice::InstanceOutbound(handler) => self.handlers.get(&handler.name),
+        }
+        .ok_or_else(|| HandlerFailure::Error(format!("handler {} is not defined in this generation", choice.label())))?;
+
+        let lua_err = |e: mlua::Error| HandlerFailure::Error(e.to_string());
+        let req = self.lua.create_userdata(request).map_err(lua_err)?;
+        let ctx = self.lua.create_table().map_err(lua_err)?;
+        ctx.set("containerId", who.container_id).map_err(lua_err)?;
+        ctx.set("className", who.class).map_err(lua_err)?;
+        ctx.set("requestId", who.request_id).map_err(lua_err)?;
+        if let Some(p) = choice.params() {
+            ctx.set("params", super::api::json_to_lua(&self.lua, p).map_err(lua_err)?).map_err(lua_err)?;
+        }
+
+        let scope = Scope::new(who.request_id.into(), who.container_id.into(), who.class.into(), limits.lua_cpu);
+        let call = func.call_async::<Value>((req, self.env.clone(), ctx));
+        let outcome = tokio::time::timeout(limits.handler_timeout, Scoped::new(scope.clone(), call)).await;
+        let result = match outcome {
+            Err(_) => return Err(HandlerFailure::Timeout),
+            Ok(r) => r,
+        };
+        if scope.exceeded() {
+            return Err(HandlerFailure::Cpu);
+        }
+        match result {
+            Ok(Value::UserData(ud)) if ud.is::<LuaResponse>() => {
+                let resp = ud.borrow::<LuaResponse>().map_err(lua_err)?;
+                resp.into_http().map_err(lua_err)
+            }
+            Ok(other) => Err(HandlerFailure::NotResponse(other.type_name().to_string())),
+            Err(e) => Err(self.classify(e)),
+        }
+    }
+
+    fn classify(&self, e: mlua::Error) -> HandlerFailure {
+        let mut cur = &e;
+        loop {
+            match cur {
+                mlua::Error::MemoryError(_) => {
+                    // Give back what the failed call held before the next request runs.
+                    let _ = self.lua.gc_collect();
+                    return HandlerFailure::Memory;
+                }
+                mlua::Error::CallbackError { cause, .. } => cur = cause,
+                mlua::Error::WithContext { cause, .. } => cur = cause,
+                mlua::Error::ExternalError(ext) => {
+                    if let Some(fe) = ext.downcast_ref::<FetchError>() {
+                        let arc: Arc<FetchError> = Arc::new(FetchError { url: fe.url.clone(), source: clone_upstream_error(&fe.source) });
+                        return HandlerFailure::Upstream(e.to_string(), arc);
+                    }
+                    break;
+                }
+                _ => break,
+            }
+        }
+        if e.to_string().contains("not enough memory") {
+            let _ = self.lua.gc_collect();
+            return HandlerFailure::Memory;
+        }
+        HandlerFailure::Error(e.to_string())
+    }
+
+    /// Memory used by this state (for metrics and tests).
+    pub fn used_memory(&self) -> usize {
+        self.lua.used_memory()
+    }
+}
+
+fn clone_upstream_error(e: &UpstreamError) -> UpstreamError {
+    match e {
+        UpstreamError::ConnectTimeout(a) => UpstreamError::ConnectTimeout(a.clone()),
+        UpstreamError::Dns(m) => UpstreamError::Dns(m.clone()),
+        other => UpstreamError::Protocol(String::new(), other.to_string()),
+    }
+}

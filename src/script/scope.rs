@@ -1,0 +1,111 @@
+//! The request a Lua state is running for right now, and its CPU budget.
+//!
+//! A worker thread runs one Lua state and polls many handler coroutines. Lua code only ever
+//! runs inside a poll, so "the request being polled" is exact: [`Scoped`] installs it around
+//! each poll, and the instruction hook and `console` read it. CPU is the time spent inside
+//! polls, not wall time, so a handler waiting on `fetch` uses none.
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+/// One handler call (or one script load).
+pub struct Scope {
+    pub request_id: String,
+    pub container_id: String,
+    pub class: String,
+    /// CPU allowed to this call.
+    budget: Duration,
+    /// CPU used by finished polls.
+    used: Cell<Duration>,
+    /// Start of the poll in progress.
+    poll_start: Cell<Option<Instant>>,
+    /// Set once the budget is exceeded; the call fails even if Lua caught the error.
+    exceeded: Cell<bool>,
+}
+
+impl Scope {
+    pub fn new(request_id: String, container_id: String, class: String, budget: Duration) -> Rc<Self> {
+        Rc::new(Self {
+            request_id,
+            container_id,
+            class,
+            budget,
+            used: Cell::new(Duration::ZERO),
+            poll_start: Cell::new(None),
+            exceeded: Cell::new(false),
+        })
+    }
+
+    pub fn exceeded(&self) -> bool {
+        self.exceeded.get()
+    }
+
+    /// Called from the instruction hook: true once this call is over its CPU budget.
+    fn over_budget(&self) -> bool {
+        let running = self.poll_start.get().map_or(Duration::ZERO, |s| s.elapsed());
+        if self.used.get() + running > self.budget {
+            self.exceeded.set(true);
+        }
+        self.exceeded.get()
+    }
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<Rc<Scope>>> = const { RefCell::new(None) };
+}
+
+/// The scope being polled on this thread, if any.
+pub fn current() -> Option<Rc<Scope>> {
+    CURRENT.with(|c| c.borrow().clone())
+}
+
+/// For the instruction hook: should the running Lua code be stopped?
+pub fn current_over_budget() -> bool {
+    CURRENT.with(|c| c.borrow().as_ref().is_some_and(|s| s.over_budget()))
+}
+
+/// Runs `f` with `scope` installed (for synchronous Lua calls such as a script load).
+pub fn enter<R>(scope: &Rc<Scope>, f: impl FnOnce() -> R) -> R {
+    let prev = CURRENT.with(|c| c.replace(Some(scope.clone())));
+    scope.poll_start.set(Some(Instant::now()));
+    let out = f();
+    settle(scope);
+    CURRENT.with(|c| *c.borrow_mut() = prev);
+    out
+}
+
+fn settle(scope: &Scope) {
+    if let Some(start) = scope.poll_start.take() {
+        scope.used.set(scope.used.get() + start.elapsed());
+    }
+}
+
+/// A future that installs its scope around every poll and accounts the time spent.
+pub struct Scoped<F> {
+    inner: Pin<Box<F>>,
+    scope: Rc<Scope>,
+}
+
+impl<F: Future> Scoped<F> {
+    pub fn new(scope: Rc<Scope>, inner: F) -> Self {
+        Self { inner: Box::pin(inner), scope }
+    }
+}
+
+impl<F: Future> Future for Scoped<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let scope = self.scope.clone();
+        let prev = CURRENT.with(|c| c.replace(Some(scope.clone())));
+        scope.poll_start.set(Some(Instant::now()));
+        let out = self.inner.as_mut().poll(cx);
+        settle(&scope);
+        CURRENT.with(|c| *c.borrow_mut() = prev);
+        out
+    }
+}
