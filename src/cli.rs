@@ -12,7 +12,11 @@ fn load_all(config: &Config) -> Result<Vec<Generation>, String> {
     if config.classes.is_empty() {
         return Err("no policy: pass --policy FILE or add a [[class]] to moat.toml".into());
     }
-    config.classes.iter().map(|c| load_generation(&c.name, &c.policy, 1, &config.limits).map_err(|e| e.to_string())).collect()
+    config
+        .classes
+        .iter()
+        .map(|c| load_generation(&c.name, &c.policy, 1, &config.limits).map_err(|e| e.to_string()))
+        .collect()
 }
 
 /// Loads and validates every class; prints a summary. Errors carry file:line.
@@ -21,7 +25,11 @@ pub fn check(config: &Config) -> Result<(), String> {
     for (g, c) in load_all(config)?.iter().zip(&config.classes) {
         let p = &g.policy;
         let _ = writeln!(out, "class {} ({}) on {}: ok", g.class, g.path.display(), c.listen);
-        let _ = writeln!(out, "  enableInternet = {}, interceptHttps = {}, redactSecrets = {}", p.enable_internet, p.intercept_https, p.redact_secrets);
+        let _ = writeln!(
+            out,
+            "  enableInternet = {}, interceptHttps = {}, redactSecrets = {}",
+            p.enable_internet, p.intercept_https, p.redact_secrets
+        );
         let list = |l: &Option<crate::policy::HostList>| match l {
             None => "(not set)".to_string(),
             Some(l) => format!("[{}]", l.patterns().iter().map(|p| p.as_str()).collect::<Vec<_>>().join(", ")),

@@ -7,13 +7,13 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
-pub mod policy;
+pub mod bindings;
+pub mod body;
+pub mod cli;
 pub mod config;
 pub mod identity;
-pub mod body;
-pub mod proxy;
-pub mod upstream;
 pub mod log;
+pub mod policy;
+pub mod proxy;
 pub mod script;
-pub mod bindings;
-pub mod cli;
+pub mod upstream;

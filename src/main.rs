@@ -77,7 +77,9 @@ fn main() -> ExitCode {
             let flags = config::Overrides { config: cfg.config, policy: cfg.policy, listen, data_dir, resolve };
             load_config(&flags).and_then(|c| {
                 if c.classes.is_empty() {
-                    return Err(usage("no policy: pass --policy FILE or add a [[class]] to moat.toml (moat init writes one)"));
+                    return Err(usage(
+                        "no policy: pass --policy FILE or add a [[class]] to moat.toml (moat init writes one)",
+                    ));
                 }
                 moat::proxy::server::run(c).map_err(|e| Failure::Runtime(format!("{e:#}")))
             })
@@ -88,7 +90,8 @@ fn main() -> ExitCode {
         }
         Command::Explain { cfg, id, method, url } => {
             let flags = config::Overrides { config: cfg.config, policy: cfg.policy, ..Default::default() };
-            load_config(&flags).and_then(|c| moat::cli::explain(&c, id.as_deref(), &method, &url).map_err(Failure::Usage))
+            load_config(&flags)
+                .and_then(|c| moat::cli::explain(&c, id.as_deref(), &method, &url).map_err(Failure::Usage))
         }
         Command::Init { dir } => moat::cli::init(&dir.unwrap_or_else(|| PathBuf::from("."))).map_err(Failure::Usage),
     };

@@ -30,8 +30,9 @@ impl Bindings {
         }
         for (name, src) in &config.file.secrets {
             let value = match (&src.env, &src.file) {
-                (Some(var), None) => std::env::var(var)
-                    .map_err(|_| format!("secrets.{name}: environment variable {var} is not set"))?,
+                (Some(var), None) => {
+                    std::env::var(var).map_err(|_| format!("secrets.{name}: environment variable {var} is not set"))?
+                }
                 (None, Some(path)) => std::fs::read_to_string(path)
                     .map_err(|e| format!("secrets.{name}: cannot read {}: {e}", path.display()))?
                     .trim_end_matches(['\r', '\n'])

@@ -176,7 +176,8 @@ impl Config {
     fn build(file: ConfigFile, base: PathBuf, source: Option<PathBuf>, flags: &Overrides) -> Result<Self, ConfigError> {
         let name = source.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "moat.toml".into());
         let err = |msg: String| ConfigError(format!("{name}: {msg}"));
-        let rel = |p: &Path| if p.is_absolute() || base.as_os_str().is_empty() { p.to_path_buf() } else { base.join(p) };
+        let rel =
+            |p: &Path| if p.is_absolute() || base.as_os_str().is_empty() { p.to_path_buf() } else { base.join(p) };
 
         let data_dir = flags.data_dir.clone().or_else(|| file.data_dir.as_deref().map(rel)).unwrap_or(".moat".into());
         let mut classes = Vec::new();
@@ -212,9 +213,8 @@ impl Config {
         for (id, entry) in &file.containers {
             let cid = ContainerId::parse(id).map_err(|e| err(format!("containers.{id}: {e}")))?;
             let token = match (&entry.token_env, &entry.token_file) {
-                (Some(var), None) => std::env::var(var).map_err(|_| {
-                    err(format!("containers.{id}.token_env: environment variable {var} is not set"))
-                })?,
+                (Some(var), None) => std::env::var(var)
+                    .map_err(|_| err(format!("containers.{id}.token_env: environment variable {var} is not set")))?,
                 (None, Some(f)) => std::fs::read_to_string(rel(f))
                     .map_err(|e| err(format!("containers.{id}.token_file: cannot read {}: {e}", f.display())))?
                     .trim_end()
@@ -234,9 +234,7 @@ impl Config {
             dns_hosts.insert(canonical_dns_key(&host).map_err(err)?, ip);
         }
         for r in &flags.resolve {
-            let (host, ip) = r
-                .split_once('=')
-                .ok_or_else(|| ConfigError(format!("--resolve {r:?}: write HOST=IP")))?;
+            let (host, ip) = r.split_once('=').ok_or_else(|| ConfigError(format!("--resolve {r:?}: write HOST=IP")))?;
             let ip = ip.parse().map_err(|_| ConfigError(format!("--resolve {r:?}: {ip:?} is not an IP address")))?;
             dns_hosts.insert(canonical_dns_key(host).map_err(|m| ConfigError(format!("--resolve: {m}")))?, ip);
         }
@@ -289,7 +287,9 @@ mod tests {
 
     #[test]
     fn classes_and_flags() {
-        let f = parse_file("[[class]]\npolicy = \"p/agent.lua\"\nlisten = \"127.0.0.1:4000\"\n", Path::new("c/moat.toml")).unwrap();
+        let f =
+            parse_file("[[class]]\npolicy = \"p/agent.lua\"\nlisten = \"127.0.0.1:4000\"\n", Path::new("c/moat.toml"))
+                .unwrap();
         let c = Config::build(f, "c".into(), None, &Overrides::default()).unwrap();
         assert_eq!(c.classes[0].name, "agent");
         assert_eq!(c.classes[0].policy, Path::new("c/p/agent.lua"));

@@ -43,7 +43,9 @@ pub fn handler_failure(f: &HandlerFailure, request_id: &str, handler_timeout: st
     match f {
         HandlerFailure::Timeout => text(
             StatusCode::GATEWAY_TIMEOUT,
-            format!("moat: handler took longer than {handler_timeout:?} (limits.handler_timeout), request {request_id}"),
+            format!(
+                "moat: handler took longer than {handler_timeout:?} (limits.handler_timeout), request {request_id}"
+            ),
         ),
         HandlerFailure::Upstream(_, fe) => upstream_failure(&fe.source),
         _ => text(StatusCode::INTERNAL_SERVER_ERROR, format!("policy handler error (request {request_id})")),

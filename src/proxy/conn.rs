@@ -32,19 +32,33 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream, class: usize, local: S
             _ => return,
         }
         first = false;
-        let head = match tokio::time::timeout(limits.request_head_timeout, reader.read_head(limits.request_head_bytes)).await {
+        let head = match tokio::time::timeout(limits.request_head_timeout, reader.read_head(limits.request_head_bytes))
+            .await
+        {
             Err(_) => {
-                let _ = reply_and_close(&mut writer, answer::text(StatusCode::REQUEST_TIMEOUT, "moat: request head took too long (limits.request_head_timeout)")).await;
+                let _ = reply_and_close(
+                    &mut writer,
+                    answer::text(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "moat: request head took too long (limits.request_head_timeout)",
+                    ),
+                )
+                .await;
                 return;
             }
             Ok(Err(HeadError::Closed | HeadError::Io(_))) => return,
             Ok(Err(HeadError::TooLarge(n))) => {
                 let msg = format!("moat: request head larger than {n} bytes (limits.request_head_bytes)");
-                let _ = reply_and_close(&mut writer, answer::text(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, msg)).await;
+                let _ =
+                    reply_and_close(&mut writer, answer::text(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, msg)).await;
                 return;
             }
             Ok(Err(HeadError::Bad(why))) => {
-                let _ = reply_and_close(&mut writer, answer::text(StatusCode::BAD_REQUEST, format!("moat: bad request: {why}"))).await;
+                let _ = reply_and_close(
+                    &mut writer,
+                    answer::text(StatusCode::BAD_REQUEST, format!("moat: bad request: {why}")),
+                )
+                .await;
                 return;
             }
             Ok(Ok(h)) => h,
@@ -120,7 +134,10 @@ fn expects_continue(h: &http::HeaderMap) -> bool {
     h.get(http::header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
-async fn reply_and_close<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, resp: http::Response<crate::body::Body>) -> Result<(), crate::body::BoxError> {
+async fn reply_and_close<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    resp: http::Response<crate::body::Body>,
+) -> Result<(), crate::body::BoxError> {
     write_response(w, resp, http::Version::HTTP_11, false, false).await?;
     w.shutdown().await?;
     Ok(())

@@ -92,7 +92,11 @@ impl<R: AsyncRead + Unpin> ConnReader<R> {
                 return Err(HeadError::TooLarge(limit));
             }
             if self.io.read_buf(&mut self.buf).await? == 0 {
-                return Err(if self.buf.is_empty() { HeadError::Closed } else { HeadError::Bad("incomplete request head") });
+                return Err(if self.buf.is_empty() {
+                    HeadError::Closed
+                } else {
+                    HeadError::Bad("incomplete request head")
+                });
             }
         }
     }
@@ -100,7 +104,11 @@ impl<R: AsyncRead + Unpin> ConnReader<R> {
     /// Feeds the request body into `tx` until it ends. Returns `Ok(true)` when the body was
     /// read to its end (the connection can carry another request), `Ok(false)` when the
     /// receiver went away first (the rest is unread, so the connection must close).
-    pub async fn pump_body(&mut self, framing: Framing, tx: mpsc::Sender<Result<Bytes, BoxError>>) -> Result<bool, BodyError> {
+    pub async fn pump_body(
+        &mut self,
+        framing: Framing,
+        tx: mpsc::Sender<Result<Bytes, BoxError>>,
+    ) -> Result<bool, BodyError> {
         match framing {
             Framing::None => Ok(true),
             Framing::Length(mut left) => {
@@ -227,7 +235,8 @@ fn parse_head(head: &[u8]) -> Result<RequestHead, HeadError> {
         Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge(head.len())),
         Err(_) => return Err(HeadError::Bad("malformed request head")),
     }
-    let method = Method::from_bytes(req.method.unwrap_or_default().as_bytes()).map_err(|_| HeadError::Bad("bad method"))?;
+    let method =
+        Method::from_bytes(req.method.unwrap_or_default().as_bytes()).map_err(|_| HeadError::Bad("bad method"))?;
     let version = match req.version {
         Some(1) => Version::HTTP_11,
         Some(0) => Version::HTTP_10,
@@ -362,7 +371,8 @@ pub async fn write_response<W: AsyncWrite + Unpin>(
     head.extend_from_slice(b"\r\n");
     for (name, value) in &parts.headers {
         let framing_header = name == http::header::CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING;
-        if framing_header && !(head_request && name == http::header::CONTENT_LENGTH) || name == http::header::CONNECTION {
+        if framing_header && !(head_request && name == http::header::CONTENT_LENGTH) || name == http::header::CONNECTION
+        {
             continue;
         }
         head.extend_from_slice(name.as_str().as_bytes());

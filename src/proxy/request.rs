@@ -102,7 +102,11 @@ async fn run(worker: &Worker, class: usize, head: RequestHead, body: Body, log: 
     log.container = container.to_string();
 
     if head.method == http::Method::CONNECT {
-        return fail(log, StatusCode::NOT_IMPLEMENTED, "CONNECT (HTTPS tunnels) is not supported by this version of moat".into());
+        return fail(
+            log,
+            StatusCode::NOT_IMPLEMENTED,
+            "CONNECT (HTTPS tunnels) is not supported by this version of moat".into(),
+        );
     }
     // Where: the absolute-form target; its authority wins over Host (SPEC 8.2).
     let (target, path) = match parse_target(&head.target) {
@@ -144,7 +148,11 @@ async fn run(worker: &Worker, class: usize, head: RequestHead, body: Body, log: 
                 method: head.method,
                 url: format!("http://{}{}", target.authority(), path),
                 headers: LuaHeaders::new(headers),
-                body: SharedBody::new(BodySlot::Stream(body)),
+                body: SharedBody::new(if http_body::Body::is_end_stream(&body) {
+                    BodySlot::Empty
+                } else {
+                    BodySlot::Stream(body)
+                }),
                 redirect: Redirect::Manual,
             };
             let who = CallContext { request_id: &log.request_id, container_id: container.as_str(), class: &log.class };
@@ -201,7 +209,9 @@ fn identify(shared: &super::state::Shared, headers: &http::HeaderMap) -> Result<
     }
     let creds = creds.ok_or(AuthError::Missing)?;
     match (auth.get(&creds.id), &creds.token) {
-        (Some(expected), Some(given)) if identity::constant_time_eq(expected.token.as_bytes(), given.as_bytes()) => Ok(creds.id),
+        (Some(expected), Some(given)) if identity::constant_time_eq(expected.token.as_bytes(), given.as_bytes()) => {
+            Ok(creds.id)
+        }
         _ => Err(AuthError::WrongToken(creds.id.to_string())),
     }
 }
@@ -215,7 +225,9 @@ fn parse_target(raw: &str) -> Result<(Target, String), String> {
     } else if lower.starts_with("https://") {
         return Err("https:// URLs go through CONNECT; set HTTPS_PROXY to this proxy".into());
     } else {
-        return Err("moat is a proxy: send absolute-form requests (e.g. curl -x http://127.0.0.1:3128 http://host/)".into());
+        return Err(
+            "moat is a proxy: send absolute-form requests (e.g. curl -x http://127.0.0.1:3128 http://host/)".into()
+        );
     };
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, path) = rest.split_at(end);

@@ -26,8 +26,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 
     for class in &shared.classes {
         match class.reload(&shared.config.limits) {
-            Ok(g) => tracing::info!(class = %class.config.name, generation = g.number, "loaded {}", class.config.policy.display()),
-            Err(e) => tracing::error!(class = %class.config.name, "policy not loaded (every request gets 503 until fixed): {e}"),
+            Ok(g) => {
+                tracing::info!(class = %class.config.name, generation = g.number, "loaded {}", class.config.policy.display())
+            }
+            Err(e) => {
+                tracing::error!(class = %class.config.name, "policy not loaded (every request gets 503 until fixed): {e}")
+            }
         }
     }
 
@@ -58,7 +62,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     })
 }
 
-async fn accept_loop(listener: TcpListener, class: usize, local: SocketAddr, workers: Vec<tokio::sync::mpsc::UnboundedSender<Handoff>>) {
+async fn accept_loop(
+    listener: TcpListener,
+    class: usize,
+    local: SocketAddr,
+    workers: Vec<tokio::sync::mpsc::UnboundedSender<Handoff>>,
+) {
     let mut next = 0usize;
     loop {
         match listener.accept().await {

@@ -82,9 +82,7 @@ pub fn load_generation(class: &str, path: &Path, number: u64, limits: &Limits) -
 /// Runs the policy's top level under the CPU budget.
 pub fn run_chunk(lua: &Lua, path: &Path, source: &str, class: &str, limits: &Limits) -> mlua::Result<()> {
     let s = Scope::new("load".into(), "-".into(), class.into(), limits.lua_cpu);
-    scope::enter(&s, || {
-        lua.load(source).set_name(format!("@{}", path.display())).set_mode(ChunkMode::Text).exec()
-    })
+    scope::enter(&s, || lua.load(source).set_name(format!("@{}", path.display())).set_mode(ChunkMode::Text).exec())
 }
 
 /// Turns a Lua error into file:line + message (first line, no traceback).
@@ -118,16 +116,23 @@ fn lua_error(path: &Path, e: &mlua::Error) -> LoadError {
 
 /// The line where `name = …` is first assigned at the start of a line, if any.
 fn assignment_line(source: &str, name: &str) -> Option<usize> {
-    source.lines().position(|l| {
-        let t = l.trim_start();
-        t.strip_prefix(name).is_some_and(|rest| rest.trim_start().starts_with('=') && !rest.trim_start().starts_with("=="))
-    })
-    .map(|i| i + 1)
+    source
+        .lines()
+        .position(|l| {
+            let t = l.trim_start();
+            t.strip_prefix(name)
+                .is_some_and(|rest| rest.trim_start().starts_with('=') && !rest.trim_start().starts_with("=="))
+        })
+        .map(|i| i + 1)
 }
 
 fn extract_policy(lua: &Lua, path: &Path, source: &str) -> Result<ClassPolicy, LoadError> {
     let g = lua.globals();
-    let fail = |name: &str, message: String| LoadError { file: path.to_path_buf(), line: assignment_line(source, name), message };
+    let fail = |name: &str, message: String| LoadError {
+        file: path.to_path_buf(),
+        line: assignment_line(source, name),
+        message,
+    };
     let get = |name: &str| g.get::<Value>(name).map_err(|e| fail(name, e.to_string()));
 
     let boolean = |name: &str, default: bool| -> Result<bool, LoadError> {
@@ -145,7 +150,12 @@ fn extract_policy(lua: &Lua, path: &Path, source: &str) -> Result<ClassPolicy, L
                 for v in t.sequence_values::<Value>() {
                     match v.map_err(|e| fail(name, e.to_string()))? {
                         Value::String(s) => items.push(s.to_string_lossy()),
-                        other => return Err(fail(name, format!("{name} entries must be strings, got {}", other.type_name()))),
+                        other => {
+                            return Err(fail(
+                                name,
+                                format!("{name} entries must be strings, got {}", other.type_name()),
+                            ));
+                        }
                     }
                 }
                 if items.len() != t.raw_len() || t.pairs::<Value, Value>().count() != items.len() {

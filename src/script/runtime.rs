@@ -54,7 +54,12 @@ pub enum HandlerFailure {
 
 impl ClassRuntime {
     /// Builds this worker's state for `generation` (runs the script's top level again).
-    pub fn build(generation: Arc<Generation>, upstream: Rc<Upstream>, limits: &Limits, bindings: &Bindings) -> Result<Self, LoadError> {
+    pub fn build(
+        generation: Arc<Generation>,
+        upstream: Rc<Upstream>,
+        limits: &Limits,
+        bindings: &Bindings,
+    ) -> Result<Self, LoadError> {
         let fail = |message: String| LoadError { file: generation.path.clone(), line: None, message };
         let lua = sandbox::new_state(StateOptions {
             memory_limit: limits.lua_memory,
@@ -68,7 +73,8 @@ impl ClassRuntime {
             policy_path: &generation.path,
         })
         .map_err(|e| fail(e.to_string()))?;
-        run_chunk(&lua, &generation.path, &generation.source, &generation.class, limits).map_err(|e| fail(e.to_string()))?;
+        run_chunk(&lua, &generation.path, &generation.source, &generation.class, limits)
+            .map_err(|e| fail(e.to_string()))?;
         let table_fns = |name: &str| -> mlua::Result<HashMap<String, Function>> {
             let mut out = HashMap::new();
             if let Some(t) = global_table(&lua, name)? {
@@ -87,13 +93,23 @@ impl ClassRuntime {
     }
 
     /// Runs the chosen handler for `request` and returns its Response as HTTP.
-    pub async fn call(&self, choice: &HandlerChoice, request: LuaRequest, who: CallContext<'_>, limits: &Limits) -> Result<http::Response<Body>, HandlerFailure> {
+    pub async fn call(
+        &self,
+        choice: &HandlerChoice,
+        request: LuaRequest,
+        who: CallContext<'_>,
+        limits: &Limits,
+    ) -> Result<http::Response<Body>, HandlerFailure> {
         let func = match choice {
             HandlerChoice::ClassByHost { key } => self.by_host.get(key),
             HandlerChoice::ClassOutbound => self.outbound.as_ref(),
-            HandlerChoice::InstanceByHost { handler, .. } | HandlerChoice::InstanceOutbound(handler) => self.handlers.get(&handler.name),
+            HandlerChoice::InstanceByHost { handler, .. } | HandlerChoice::InstanceOutbound(handler) => {
+                self.handlers.get(&handler.name)
+            }
         }
-        .ok_or_else(|| HandlerFailure::Error(format!("handler {} is not defined in this generation", choice.label())))?;
+        .ok_or_else(|| {
+            HandlerFailure::Error(format!("handler {} is not defined in this generation", choice.label()))
+        })?;
 
         let lua_err = |e: mlua::Error| HandlerFailure::Error(e.to_string());
         let req = self.lua.create_userdata(request).map_err(lua_err)?;
@@ -138,7 +154,8 @@ impl ClassRuntime {
                 mlua::Error::WithContext { cause, .. } => cur = cause,
                 mlua::Error::ExternalError(ext) => {
                     if let Some(fe) = ext.downcast_ref::<FetchError>() {
-                        let arc: Arc<FetchError> = Arc::new(FetchError { url: fe.url.clone(), source: clone_upstream_error(&fe.source) });
+                        let arc: Arc<FetchError> =
+                            Arc::new(FetchError { url: fe.url.clone(), source: clone_upstream_error(&fe.source) });
                         return HandlerFailure::Upstream(e.to_string(), arc);
                     }
                     break;

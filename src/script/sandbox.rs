@@ -1,10 +1,10 @@
 //! A fresh, sandboxed Lua 5.4 state (SPEC 2): safe libraries only, text chunks only,
 //! `require` from the policy folder then the bundled stdlib, memory and CPU limits.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::cell::RefCell;
 use std::sync::Arc;
 
 use mlua::chunk::ChunkMode;
@@ -71,11 +71,10 @@ pub fn new_state(opts: StateOptions<'_>) -> Result<Lua> {
     let libs = StdLib::STRING | StdLib::TABLE | StdLib::MATH | StdLib::UTF8 | StdLib::COROUTINE | StdLib::OS;
     let lua = Lua::new_with(libs, LuaOptions::new().thread_pool_size(64))?;
     lua.load(BOOTSTRAP).set_name("=moat-bootstrap").exec()?;
-    lua.set_global_hook(HookTriggers::new().every_nth_instruction(HOOK_EVERY), |_, _| {
-        if scope::current_over_budget() {
-            return Err(mlua::Error::runtime("CPU budget exceeded (limits.lua_cpu)"));
-        }
-        Ok(VmState::Continue)
+    lua.set_global_hook(HookTriggers::new().every_nth_instruction(HOOK_EVERY), |_, _| match scope::hook_action() {
+        scope::HookAction::Continue => Ok(VmState::Continue),
+        scope::HookAction::Yield => Ok(VmState::Yield),
+        scope::HookAction::Raise => Err(mlua::Error::runtime("CPU budget exceeded (limits.lua_cpu)")),
     })?;
     api::install(&lua, opts.upstream, opts.body_buffer)?;
     lua.set_app_data(opts.modules);
@@ -101,12 +100,16 @@ fn install_require(lua: &Lua) -> Result<()> {
                 lua.load(&*src).set_name(chunk_name).set_mode(ChunkMode::Text).call::<Value>(name.as_str())?
             }
             None => match STDLIB.iter().find(|(n, _, _)| *n == name) {
-                Some((_, file, src)) => {
-                    lua.load(*src).set_name(format!("@{file}")).set_mode(ChunkMode::Text).call::<Value>(natives.clone())?
+                Some((_, file, src)) => lua
+                    .load(*src)
+                    .set_name(format!("@{file}"))
+                    .set_mode(ChunkMode::Text)
+                    .call::<Value>(natives.clone())?,
+                None => {
+                    return Err(mlua::Error::runtime(format!(
+                        "module {name:?} not found in the policy folder or the bundled stdlib"
+                    )));
                 }
-                None => return Err(mlua::Error::runtime(format!(
-                    "module {name:?} not found in the policy folder or the bundled stdlib"
-                ))),
             },
         };
         let value = if value.is_nil() { Value::Boolean(true) } else { value };
@@ -119,7 +122,9 @@ fn install_require(lua: &Lua) -> Result<()> {
 fn valid_module_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 128
-        && name.split('.').all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
+        && name
+            .split('.')
+            .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
 }
 
 fn find_in_policy_dir(lua: &Lua, name: &str) -> Result<Option<(PathBuf, Arc<str>)>> {

@@ -25,6 +25,8 @@ pub struct Scope {
     poll_start: Cell<Option<Instant>>,
     /// Set once the budget is exceeded; the call fails even if Lua caught the error.
     exceeded: Cell<bool>,
+    /// Hook calls since the budget was exceeded (alternates error and yield).
+    strikes: Cell<u32>,
 }
 
 impl Scope {
@@ -37,6 +39,7 @@ impl Scope {
             used: Cell::new(Duration::ZERO),
             poll_start: Cell::new(None),
             exceeded: Cell::new(false),
+            strikes: Cell::new(0),
         })
     }
 
@@ -63,9 +66,26 @@ pub fn current() -> Option<Rc<Scope>> {
     CURRENT.with(|c| c.borrow().clone())
 }
 
-/// For the instruction hook: should the running Lua code be stopped?
-pub fn current_over_budget() -> bool {
-    CURRENT.with(|c| c.borrow().as_ref().is_some_and(|s| s.over_budget()))
+/// What the instruction hook does next.
+pub enum HookAction {
+    Continue,
+    /// Raise "CPU budget exceeded" in the running Lua code.
+    Raise,
+    /// Yield the coroutine so the poll returns and [`Scoped`] ends the call. Needed because
+    /// a script can catch the error with `pcall` and loop on; a yield cannot be caught.
+    Yield,
+}
+
+/// For the instruction hook: should the running Lua code be stopped, and how?
+pub fn hook_action() -> HookAction {
+    CURRENT.with(|c| match c.borrow().as_ref() {
+        Some(s) if s.over_budget() => {
+            let n = s.strikes.get();
+            s.strikes.set(n + 1);
+            if n % 2 == 0 { HookAction::Raise } else { HookAction::Yield }
+        }
+        _ => HookAction::Continue,
+    })
 }
 
 /// Runs `f` with `scope` installed (for synchronous Lua calls such as a script load).
@@ -84,7 +104,8 @@ fn settle(scope: &Scope) {
     }
 }
 
-/// A future that installs its scope around every poll and accounts the time spent.
+/// A future that installs its scope around every poll and accounts the time spent. Once the
+/// budget is exceeded it completes with an error, whatever the Lua code does.
 pub struct Scoped<F> {
     inner: Pin<Box<F>>,
     scope: Rc<Scope>,
@@ -96,7 +117,7 @@ impl<F: Future> Scoped<F> {
     }
 }
 
-impl<F: Future> Future for Scoped<F> {
+impl<T, F: Future<Output = mlua::Result<T>>> Future for Scoped<F> {
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
@@ -106,6 +127,9 @@ impl<F: Future> Future for Scoped<F> {
         let out = self.inner.as_mut().poll(cx);
         settle(&scope);
         CURRENT.with(|c| *c.borrow_mut() = prev);
-        out
+        match out {
+            Poll::Pending if scope.exceeded() => Poll::Ready(Err(mlua::Error::runtime("CPU budget exceeded"))),
+            other => other,
+        }
     }
 }

@@ -31,7 +31,11 @@ impl Target {
     /// `host[:port]` as it belongs in a Host header (default port omitted).
     pub fn authority(&self) -> String {
         let default = if self.https { 443 } else { 80 };
-        if self.port == default { self.host.to_url_host() } else { format!("{}:{}", self.host.to_url_host(), self.port) }
+        if self.port == default {
+            self.host.to_url_host()
+        } else {
+            format!("{}:{}", self.host.to_url_host(), self.port)
+        }
     }
 }
 
@@ -82,7 +86,12 @@ impl Upstream {
 
     /// Sends `req` (origin-form URI, Host set) to `target`, dialling only addresses that pass
     /// `rules`.
-    pub async fn send(&self, req: Request<Body>, target: &Target, rules: DialRules<'_>) -> Result<Response<Incoming>, UpstreamError> {
+    pub async fn send(
+        &self,
+        req: Request<Body>,
+        target: &Target,
+        rules: DialRules<'_>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
         if target.https {
             return Err(UpstreamError::NoTls);
         }

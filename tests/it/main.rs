@@ -1,1 +1,10 @@
-fn main() {}
+//! moat's integration tests: one binary (2-core machines), real processes and sockets.
+
+mod harness;
+
+mod cli;
+mod decision;
+mod egress;
+mod limits;
+mod lua_api;
+mod parsing;

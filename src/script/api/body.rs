@@ -36,7 +36,8 @@ impl SharedBody {
 
     /// Moves the body out for sending; errors if it was already read.
     pub fn take(&self) -> mlua::Result<Body> {
-        match std::mem::replace(&mut *self.0.borrow_mut(), BodySlot::Used) {
+        let previous = std::mem::replace(&mut *self.0.borrow_mut(), BodySlot::Used);
+        match previous {
             BodySlot::Empty => {
                 *self.0.borrow_mut() = BodySlot::Empty;
                 Ok(body::empty())
@@ -49,7 +50,8 @@ impl SharedBody {
 
     /// Moves the body into a new slot (for copying a Request or Response).
     pub fn transfer(&self) -> mlua::Result<SharedBody> {
-        let slot = match std::mem::replace(&mut *self.0.borrow_mut(), BodySlot::Used) {
+        let previous = std::mem::replace(&mut *self.0.borrow_mut(), BodySlot::Used);
+        let slot = match previous {
             BodySlot::Empty => {
                 *self.0.borrow_mut() = BodySlot::Empty;
                 BodySlot::Empty

@@ -22,9 +22,15 @@ fn emit(lua: &Lua, level: &str, args: &MultiValue) -> Result<()> {
         None => ("-", "-", "-"),
     };
     match level {
-        "error" => tracing::error!(target: "moat::console", request_id = req, container = container, class = class, "{text}"),
-        "warn" => tracing::warn!(target: "moat::console", request_id = req, container = container, class = class, "{text}"),
-        "debug" => tracing::debug!(target: "moat::console", request_id = req, container = container, class = class, "{text}"),
+        "error" => {
+            tracing::error!(target: "moat::console", request_id = req, container = container, class = class, "{text}")
+        }
+        "warn" => {
+            tracing::warn!(target: "moat::console", request_id = req, container = container, class = class, "{text}")
+        }
+        "debug" => {
+            tracing::debug!(target: "moat::console", request_id = req, container = container, class = class, "{text}")
+        }
         _ => tracing::info!(target: "moat::console", request_id = req, container = container, class = class, "{text}"),
     }
     Ok(())
@@ -33,9 +39,7 @@ fn emit(lua: &Lua, level: &str, args: &MultiValue) -> Result<()> {
 fn display(lua: &Lua, v: &Value) -> String {
     match v {
         Value::String(s) => s.to_string_lossy(),
-        Value::Table(_) => {
-            crate::script::api::natives::json_encode(lua, v.clone()).unwrap_or_else(|_| "table".into())
-        }
+        Value::Table(_) => crate::script::api::natives::json_encode(lua, v.clone()).unwrap_or_else(|_| "table".into()),
         other => other.to_string().unwrap_or_else(|_| format!("{}", other.type_name())),
     }
 }

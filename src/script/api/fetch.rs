@@ -56,7 +56,9 @@ async fn fetch(lua: &Lua, upstream: &Upstream, req: LuaRequest) -> Result<LuaRes
             Some(b) => b,
             None => match &replayable {
                 Some(bytes) => body::full(bytes.clone()),
-                None => return Err(mlua::Error::runtime("fetch: cannot follow a redirect that resends a streamed body")),
+                None => {
+                    return Err(mlua::Error::runtime("fetch: cannot follow a redirect that resends a streamed body"));
+                }
             },
         };
         let http_req = builder.body(this_body).map_err(mlua::Error::external)?;
@@ -69,7 +71,9 @@ async fn fetch(lua: &Lua, upstream: &Upstream, req: LuaRequest) -> Result<LuaRes
         let location = resp.headers().get(http::header::LOCATION).and_then(|l| l.to_str().ok()).map(str::to_string);
         let follow = req.redirect == Redirect::Follow && status.is_redirection() && hop < MAX_REDIRECTS;
         if let (true, Some(loc)) = (follow, location) {
-            let next = url.join(&loc).map_err(|e| mlua::Error::runtime(format!("fetch: bad redirect Location {loc:?}: {e}")))?;
+            let next = url
+                .join(&loc)
+                .map_err(|e| mlua::Error::runtime(format!("fetch: bad redirect Location {loc:?}: {e}")))?;
             // RFC 9110 §15.4: 303 (and, as browsers do, 301/302 after POST) switch to GET.
             if status == StatusCode::SEE_OTHER
                 || (matches!(status, StatusCode::MOVED_PERMANENTLY | StatusCode::FOUND) && method == Method::POST)

@@ -82,7 +82,8 @@ impl UserData for LuaHeaders {
         m.add_method("get", |_, this, name: String| Ok(joined(&this.0.borrow(), &header_name(&name)?)));
         m.add_method("getAll", |lua, this, name: String| {
             let map = this.0.borrow();
-            let values = map.get_all(header_name(&name)?).iter().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+            let values =
+                map.get_all(header_name(&name)?).iter().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
             lua.create_sequence_from(values)
         });
         m.add_method("has", |_, this, name: String| Ok(this.0.borrow().contains_key(header_name(&name)?)));

@@ -32,7 +32,10 @@ pub fn install(lua: &Lua, upstream: Option<Rc<Upstream>>, body_buffer: usize) ->
     lua.set_app_data(ApiContext { body_buffer });
     let g = lua.globals();
     let request = lua.create_table()?;
-    request.set("new", lua.create_function(|_, (input, init): (Value, Option<Value>)| LuaRequest::construct(input, init))?)?;
+    request.set(
+        "new",
+        lua.create_function(|_, (input, init): (Value, Option<Value>)| LuaRequest::construct(input, init))?,
+    )?;
     g.set("Request", request)?;
     let headers = lua.create_table()?;
     headers.set("new", lua.create_function(|_, init: Value| Ok(LuaHeaders::new(headers_from_lua(&init)?)))?)?;
@@ -55,7 +58,9 @@ pub fn body_from_lua(v: Value) -> Result<SharedBody> {
         Value::Nil => Ok(SharedBody::new(BodySlot::Empty)),
         Value::String(s) => Ok(SharedBody::new(BodySlot::Bytes(Bytes::copy_from_slice(&s.as_bytes())))),
         Value::UserData(ud) if ud.is::<BodyHandle>() => ud.borrow::<BodyHandle>()?.0.transfer(),
-        other => Err(mlua::Error::runtime(format!("body must be a string or a .body stream, not {}", other.type_name()))),
+        other => {
+            Err(mlua::Error::runtime(format!("body must be a string or a .body stream, not {}", other.type_name())))
+        }
     }
 }
 

@@ -29,7 +29,10 @@ pub fn table(lua: &Lua) -> Result<Table> {
     t.set("json_null", lua.null())?;
     t.set("json_array_mt", lua.array_metatable())?;
     t.set("b64_encode", lua.create_function(|_, s: mlua::LuaString| Ok(STANDARD.encode(s.as_bytes())))?)?;
-    t.set("b64_decode", lua.create_function(|lua, s: mlua::LuaString| lua.create_string(b64_decode(&STANDARD, &s.as_bytes())?))?)?;
+    t.set(
+        "b64_decode",
+        lua.create_function(|lua, s: mlua::LuaString| lua.create_string(b64_decode(&STANDARD, &s.as_bytes())?))?,
+    )?;
     t.set("b64url_encode", lua.create_function(|_, s: mlua::LuaString| Ok(URL_SAFE_NO_PAD.encode(s.as_bytes())))?)?;
     t.set(
         "b64url_decode",
@@ -41,7 +44,9 @@ pub fn table(lua: &Lua) -> Result<Table> {
     )?;
     t.set(
         "hex_encode",
-        lua.create_function(|_, s: mlua::LuaString| Ok(s.as_bytes().iter().map(|b| format!("{b:02x}")).collect::<String>()))?,
+        lua.create_function(|_, s: mlua::LuaString| {
+            Ok(s.as_bytes().iter().map(|b| format!("{b:02x}")).collect::<String>())
+        })?,
     )?;
     t.set(
         "hex_decode",
@@ -60,7 +65,9 @@ pub fn table(lua: &Lua) -> Result<Table> {
     )?;
     t.set(
         "sha256",
-        lua.create_function(|lua, s: mlua::LuaString| lua.create_string(digest::digest(&digest::SHA256, &s.as_bytes())))?,
+        lua.create_function(|lua, s: mlua::LuaString| {
+            lua.create_string(digest::digest(&digest::SHA256, &s.as_bytes()))
+        })?,
     )?;
     t.set(
         "hmac_sha256",

@@ -50,7 +50,9 @@ impl LuaRequest {
         let mut req = match input {
             Value::String(s) => from_url(&s.to_str()?)?,
             Value::UserData(ud) if ud.is::<LuaRequest>() => ud.borrow::<LuaRequest>()?.copy()?,
-            Value::UserData(ud) if ud.is::<super::url::LuaUrl>() => from_url(&ud.borrow::<super::url::LuaUrl>()?.href())?,
+            Value::UserData(ud) if ud.is::<super::url::LuaUrl>() => {
+                from_url(&ud.borrow::<super::url::LuaUrl>()?.href())?
+            }
             _ => return Err(mlua::Error::runtime("Request.new: input must be a URL string, URL or Request")),
         };
         match init {
@@ -88,7 +90,9 @@ impl LuaRequest {
             None => {}
             Some("follow") => self.redirect = Redirect::Follow,
             Some("manual") => self.redirect = Redirect::Manual,
-            Some(other) => return Err(mlua::Error::runtime(format!("redirect must be \"follow\" or \"manual\", not {other:?}"))),
+            Some(other) => {
+                return Err(mlua::Error::runtime(format!("redirect must be \"follow\" or \"manual\", not {other:?}")));
+            }
         }
         Ok(())
     }
@@ -112,20 +116,25 @@ impl UserData for LuaRequest {
             Ok(if this.redirect == Redirect::Follow { "follow" } else { "manual" })
         });
         f.add_field_method_get("bodyUsed", |_, this| Ok(this.body.is_used()));
-        f.add_field_method_get("body", |_, this| {
-            Ok((!this.body.is_empty()).then(|| BodyHandle(this.body.clone())))
-        });
+        f.add_field_method_get("body", |_, this| Ok((!this.body.is_empty()).then(|| BodyHandle(this.body.clone()))));
     }
 
     fn add_methods<M: UserDataMethods<Self>>(m: &mut M) {
         add_body_methods(m, |r: &Self| r.body.clone());
         m.add_async_method("clone", |lua, this, ()| {
             let body = this.body.clone();
-            let (method, url, headers, redirect) = (this.method.clone(), this.url.clone(), this.headers.snapshot(), this.redirect);
+            let (method, url, headers, redirect) =
+                (this.method.clone(), this.url.clone(), this.headers.snapshot(), this.redirect);
             drop(this);
             async move {
                 let data = body.buffer(super::body_limit(&lua)).await?;
-                Ok(LuaRequest { method, url, headers: LuaHeaders::new(headers), body: SharedBody::new(BodySlot::Bytes(data)), redirect })
+                Ok(LuaRequest {
+                    method,
+                    url,
+                    headers: LuaHeaders::new(headers),
+                    body: SharedBody::new(BodySlot::Bytes(data)),
+                    redirect,
+                })
             }
         });
     }

@@ -73,7 +73,10 @@ pub fn install(lua: &Lua) -> Result<()> {
             let text = super::natives::json_encode(lua, value)?;
             let r = LuaResponse::construct(Value::String(lua.create_string(&text)?), init)?;
             if !r.headers.0.borrow().contains_key(http::header::CONTENT_TYPE) {
-                r.headers.0.borrow_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+                r.headers
+                    .0
+                    .borrow_mut()
+                    .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
             }
             Ok(r)
         })?,
@@ -83,7 +86,9 @@ pub fn install(lua: &Lua) -> Result<()> {
         lua.create_function(|_, (url, code): (String, Option<u16>)| {
             let code = code.unwrap_or(302);
             if ![301, 302, 303, 307, 308].contains(&code) {
-                return Err(mlua::Error::runtime(format!("redirect status must be 301, 302, 303, 307 or 308, got {code}")));
+                return Err(mlua::Error::runtime(format!(
+                    "redirect status must be 301, 302, 303, 307 or 308, got {code}"
+                )));
             }
             let location = super::request::absolute_url(&url)?;
             let mut headers = http::HeaderMap::new();
@@ -122,11 +127,18 @@ impl UserData for LuaResponse {
         add_body_methods(m, |r: &Self| r.body.clone());
         m.add_async_method("clone", |lua, this, ()| {
             let body = this.body.clone();
-            let (status, status_text, headers, url) = (this.status, this.status_text.clone(), this.headers.snapshot(), this.url.clone());
+            let (status, status_text, headers, url) =
+                (this.status, this.status_text.clone(), this.headers.snapshot(), this.url.clone());
             drop(this);
             async move {
                 let data = body.buffer(super::body_limit(&lua)).await?;
-                Ok(LuaResponse { status, status_text, headers: LuaHeaders::new(headers), body: SharedBody::new(BodySlot::Bytes(data)), url })
+                Ok(LuaResponse {
+                    status,
+                    status_text,
+                    headers: LuaHeaders::new(headers),
+                    body: SharedBody::new(BodySlot::Bytes(data)),
+                    url,
+                })
             }
         });
     }

@@ -95,7 +95,9 @@ impl UserData for LuaUrl {
 
 impl UserData for SearchParams {
     fn add_methods<M: UserDataMethods<Self>>(m: &mut M) {
-        m.add_method("get", |_, this, name: String| Ok(this.pairs().into_iter().find(|(k, _)| *k == name).map(|(_, v)| v)));
+        m.add_method("get", |_, this, name: String| {
+            Ok(this.pairs().into_iter().find(|(k, _)| *k == name).map(|(_, v)| v))
+        });
         m.add_method("getAll", |lua, this, name: String| {
             lua.create_sequence_from(this.pairs().into_iter().filter(|(k, _)| *k == name).map(|(_, v)| v))
         });

@@ -1,0 +1,102 @@
+//! `moat check`, `moat explain`, `moat init`, and config errors (SPEC 10).
+
+use crate::harness::*;
+
+const POLICY: &str = r#"
+enableInternet = false
+allowedHosts = { "api.github.com", "*.npmjs.org", "hello.moat" }
+deniedHosts = { "169.254.169.254" }
+outboundByHost = {
+  ["hello.moat"] = function() return Response.new("hi") end,
+}
+outboundHandlers = { readOnly = function(r) return fetch(r) end }
+"#;
+
+#[test]
+fn check_prints_a_summary_and_fails_with_file_line() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "agent.lua", POLICY);
+    let (code, out, _) = moat_cmd(&["check", "--policy", "agent.lua"], dir.path());
+    assert_eq!(code, 0);
+    assert!(out.contains("class agent (agent.lua)"), "{out}");
+    assert!(out.contains("allowedHosts = [api.github.com, *.npmjs.org, hello.moat]"), "{out}");
+    assert!(out.contains("outboundByHost = [hello.moat]"), "{out}");
+    assert!(out.contains("outboundHandlers = [readOnly]"), "{out}");
+
+    let broken = [
+        ("syntax.lua", "allowedHosts = {\n  \"a\",\n  oops oops\n}\n", "syntax.lua:3:"),
+        ("type.lua", "enableInternet = false\nallowedHosts = \"x\"\n", "type.lua:2: allowedHosts must be a list"),
+        (
+            "handler.lua",
+            "outboundByHost = {\n  [\"a.test\"] = 42,\n}\n",
+            "handler.lua:2: outboundByHost[\"a.test\"] must be a function",
+        ),
+        ("pattern.lua", "deniedHosts = { \"a b\" }\n", "pattern.lua:1: deniedHosts: invalid host pattern"),
+        ("runtime.lua", "local x = nil\nlocal y = x.field\n", "runtime.lua:2: attempt to index"),
+    ];
+    for (file, text, want) in broken {
+        write(dir.path(), file, text);
+        let (code, _, err) = moat_cmd(&["check", "--policy", file], dir.path());
+        assert_eq!(code, 2, "{file}");
+        assert!(err.starts_with(&format!("moat: {want}")), "{file}: {err}");
+        assert_eq!(err.lines().count(), 1, "{file}: one line: {err}");
+    }
+}
+
+#[test]
+fn explain_names_the_deciding_step() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "agent.lua", POLICY);
+    let explain = |url: &str| moat_cmd(&["explain", "--policy", "agent.lua", "GET", url], dir.path());
+    let (code, out, _) = explain("http://hello.moat/x");
+    assert_eq!(code, 0);
+    assert!(out.contains("step 4: class outboundByHost[\"hello.moat\"]"), "{out}");
+    let (_, out, _) = explain("http://169.254.169.254/latest");
+    assert!(out.contains("step 1") && out.contains("moat-denied: denied-host"), "{out}");
+    let (_, out, _) = explain("http://evil.test/");
+    assert!(out.contains("step 2") && out.contains("not-allowed"), "{out}");
+    let (_, out, _) = explain("http://registry.npmjs.org/x");
+    assert!(out.contains("step 7") && out.contains("egress"), "{out}");
+    let (_, out, _) = explain("http://0x7f.1/");
+    assert!(out.contains("canonical host: 127.0.0.1, port 80"), "{out}");
+    let (_, out, _) = explain("https://api.github.com/user");
+    assert!(out.contains("interceptHttps is false") && out.contains("allowed (spliced"), "{out}");
+    let (code, _, err) = explain("not a url");
+    assert_eq!(code, 2, "{err}");
+}
+
+#[test]
+fn init_writes_a_policy_that_checks_and_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out, _) = moat_cmd(&["init", "site"], dir.path());
+    assert_eq!(code, 0, "{out}");
+    let site = dir.path().join("site");
+    let (code, out, err) = moat_cmd(&["check"], &site);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("class policy (policy.lua)"), "{out}");
+    let (code, _, err) = moat_cmd(&["init", "site"], dir.path());
+    assert_eq!(code, 2, "refuses to overwrite: {err}");
+    // The starter serves its virtual host.
+    let mut cmd = std::process::Command::new(MOAT);
+    cmd.args(["serve", "--listen", "127.0.0.1:0"]).current_dir(&site).env("MOAT_WORKERS", "1");
+    let moat = Moat::spawn(cmd, tempfile::tempdir().unwrap());
+    let r = curl(&moat, "http://hello.moat/", &["-U", "me:"]);
+    assert_eq!(r.body, "hello me\n");
+}
+
+#[test]
+fn config_errors_name_key_and_file_and_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "p.lua", "");
+    write(dir.path(), "moat.toml", "data_dir = \".moat\"\n[limits]\nlua_cpuu = \"1s\"\n");
+    let (code, _, err) = moat_cmd(&["check", "--policy", "p.lua"], dir.path());
+    assert_eq!(code, 2);
+    assert!(err.contains("moat.toml:3") && err.contains("lua_cpuu"), "{err}");
+    write(dir.path(), "moat.toml", "[limits]\nidle_timeout = \"forever\"\n");
+    let (code, _, err) = moat_cmd(&["check", "--policy", "p.lua"], dir.path());
+    assert_eq!(code, 2);
+    assert!(err.contains("limits.idle_timeout"), "{err}");
+    // A missing policy file is a one-line error too.
+    let (code, _, err) = moat_cmd(&["check", "--policy", "nope.lua"], dir.path());
+    assert_eq!((code, err.lines().count()), (2, 1), "{err}");
+}

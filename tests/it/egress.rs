@@ -1,0 +1,136 @@
+//! Egress (SPEC 8.1–8.4, 8.6): the address check, header hygiene, one authority, errors.
+
+use std::sync::atomic::Ordering;
+
+use crate::harness::*;
+
+#[test]
+fn loopback_forms_are_refused_without_an_ip_entry() {
+    let up = Upstream::start();
+    let port = up.addr.port();
+    let moat = Moat::start_with("", None, &["--resolve", &format!("sneaky.test=127.0.0.1")], &[]);
+    for host in
+        ["127.0.0.1", "2130706433", "0x7f000001", "0x7f.1", "0177.0.0.1", "127.1", "[::ffff:127.0.0.1]", "sneaky.test"]
+    {
+        let r = curl(&moat, &format!("http://{host}:{port}/"), &[]);
+        assert_eq!(r.status, 520, "{host}: {}", r.body);
+        assert_eq!(r.headers["moat-denied"], "blocked-address", "{host}");
+    }
+    assert_eq!(up.connections.load(Ordering::SeqCst), 0, "the upstream must never be dialled");
+}
+
+#[test]
+fn ip_entry_opens_loopback_but_denied_cidr_and_moat_itself_stay_closed() {
+    let up = Upstream::start();
+    let port = up.addr.port();
+    let moat = Moat::start_with(
+        r#"allowedHosts = { "127.0.0.0/8", "loop.test", "ddd.test" } deniedHosts = { "127.0.0.9" }"#,
+        None,
+        &["--resolve", "loop.test=127.0.0.1", "--resolve", "ddd.test=127.0.0.9"],
+        &[],
+    );
+    assert_eq!(curl(&moat, &format!("http://loop.test:{port}/ok"), &[]).status, 200);
+    // A name whose address is inside a deniedHosts CIDR is refused at dial time.
+    let r = curl(&moat, &format!("http://ddd.test:{port}/"), &[]);
+    assert_eq!((r.status, r.headers["moat-denied"].as_str()), (520, "blocked-address"));
+    // moat's own listener is never a destination, whatever allowedHosts says.
+    let r = curl(&moat, &format!("http://127.0.0.1:{}/", moat.addr.port()), &[]);
+    assert_eq!((r.status, r.headers["moat-denied"].as_str()), (520, "blocked-address"));
+    assert_eq!(up.count(), 1);
+}
+
+#[test]
+fn proxy_credentials_and_hop_by_hop_headers_are_stripped_and_uri_wins() {
+    let up = Upstream::start();
+    let port = up.addr.port();
+    let moat = Moat::start(r#"allowedHosts = { "127.0.0.1" }"#);
+    let r = curl(
+        &moat,
+        &up.url("/h"),
+        &[
+            "-U",
+            "agent-1:tok",
+            "-H",
+            "Host: evil.test",
+            "-H",
+            "Connection: keep-alive, X-Drop",
+            "-H",
+            "X-Drop: 1",
+            "-H",
+            "X-Keep: 2",
+            "-H",
+            "TE: trailers",
+        ],
+    );
+    assert_eq!(r.status, 200);
+    let seen = up.last().unwrap();
+    assert_eq!(seen.headers["host"], format!("127.0.0.1:{port}"), "the URI's authority wins over Host");
+    assert!(!seen.headers.contains_key("proxy-authorization"));
+    assert!(!seen.headers.contains_key("x-drop"), "headers named by Connection are hop-by-hop");
+    assert!(!seen.headers.contains_key("te"));
+    assert_eq!(seen.headers["x-keep"], "2");
+    let log = moat.wait_log("agent-1");
+    assert!(!log.contains("tok"), "the token must not be logged");
+}
+
+#[test]
+fn bodies_stream_both_ways_and_keep_alive_is_reused() {
+    let up = Upstream::start();
+    let moat = Moat::start(r#"allowedHosts = { "127.0.0.1" }"#);
+    let url = up.url("/post");
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--noproxy",
+            "",
+            "-x",
+            &moat.proxy_url(),
+            "-d",
+            "hello body",
+            "-H",
+            "Transfer-Encoding: chunked",
+            &url,
+            "-o",
+            "/dev/null",
+        ])
+        .args(["--next", "--noproxy", "", "-x", &moat.proxy_url(), &up.url("/bytes/100000"), "-o", "/dev/null"])
+        .args(["-w", "%{http_code} %{size_download} %{num_connects}\n"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().last().unwrap();
+    assert_eq!(last, "200 100000 0", "second request reuses the client connection: {text}");
+    let seen = up.seen.lock().unwrap().clone();
+    assert_eq!(seen[0].method, "POST");
+    assert_eq!(seen[0].body, "hello body");
+    assert_eq!(up.connections.load(Ordering::SeqCst), 1, "upstream connection pooled");
+}
+
+#[test]
+fn upstream_failures_are_502_with_a_reason() {
+    // A port nobody listens on: bind, learn the port, close.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let moat = Moat::start(r#"allowedHosts = { "127.0.0.1" }"#);
+    let r = curl(&moat, &format!("http://127.0.0.1:{port}/"), &[]);
+    assert_eq!(r.status, 502);
+    assert!(r.body.starts_with("moat: connect to 127.0.0.1:"), "{}", r.body);
+    assert_eq!(r.body.lines().count(), 1);
+}
+
+#[test]
+fn access_log_has_one_line_per_request_without_query() {
+    let up = Upstream::start();
+    let moat = Moat::start_with(r#"allowedHosts = { "127.0.0.1" }"#, None, &["--log-format", "json"], &[]);
+    curl(&moat, &up.url("/path?token=SECRETQUERY"), &["-U", "c-7:"]);
+    let log = moat.wait_log("\"status\":200");
+    let line = log.lines().find(|l| l.contains("moat::access")).expect("an access line");
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(v["path"], "/path");
+    assert_eq!(v["container"], "c-7");
+    assert_eq!(v["decision"], "egress");
+    assert_eq!(v["method"], "GET");
+    assert_eq!(v["class"], "policy");
+    assert_eq!(v["port"], up.addr.port());
+    assert!(v["duration_ms"].as_f64().is_some());
+    assert!(!log.contains("SECRETQUERY"));
+}

@@ -1,0 +1,280 @@
+//! Test harness: a real moat process, a real upstream server on loopback, real clients.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+
+pub const MOAT: &str = env!("CARGO_BIN_EXE_moat");
+
+/// A running `moat serve`, killed on drop.
+pub struct Moat {
+    child: Child,
+    pub addr: SocketAddr,
+    logs: Arc<Mutex<String>>,
+    #[allow(dead_code)] // owns the temp folder for as long as moat runs
+    pub dir: tempfile::TempDir,
+}
+
+impl Moat {
+    /// Serves `policy` (Lua source) with no config.
+    pub fn start(policy: &str) -> Moat {
+        Self::start_with(policy, None, &[], &[])
+    }
+
+    /// Serves `policy` with an optional moat.toml, extra flags and environment.
+    pub fn start_with(policy: &str, toml: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Moat {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("policy.lua"), policy).unwrap();
+        let mut cmd = Command::new(MOAT);
+        cmd.arg("serve").arg("--listen").arg("127.0.0.1:0");
+        cmd.arg("--policy").arg(dir.path().join("policy.lua"));
+        cmd.arg("--data-dir").arg(dir.path().join("data"));
+        if let Some(t) = toml {
+            std::fs::write(dir.path().join("moat.toml"), t).unwrap();
+            cmd.arg("--config").arg(dir.path().join("moat.toml"));
+        }
+        cmd.args(args).envs(env.iter().copied()).env("MOAT_WORKERS", "2").current_dir(dir.path());
+        Self::spawn(cmd, dir)
+    }
+
+    pub fn spawn(mut cmd: Command, dir: tempfile::TempDir) -> Moat {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("start moat");
+        let logs = Arc::new(Mutex::new(String::new()));
+        let sink = logs.clone();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let addr = loop {
+            line.clear();
+            if stdout.read_line(&mut line).unwrap_or(0) == 0 || Instant::now() > deadline {
+                std::thread::sleep(Duration::from_millis(100));
+                panic!("moat did not start; logs:\n{}", logs.lock().unwrap());
+            }
+            if let Some(rest) = line.strip_prefix("moat: listening on ") {
+                break rest.split_whitespace().next().unwrap().parse().unwrap();
+            }
+        };
+        std::thread::spawn(move || for _ in stdout.lines() {});
+        Moat { child, addr, logs, dir }
+    }
+
+    pub fn proxy_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Everything moat wrote to stderr so far.
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// Waits until the log contains `needle` (log lines are written after the response).
+    pub fn wait_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let l = self.logs();
+            if l.contains(needle) || Instant::now() > deadline {
+                return l;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Moat {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What curl got.
+pub struct CurlOut {
+    pub status: u16,
+    pub headers: BTreeMap<String, String>,
+    pub body: String,
+}
+
+/// Runs curl through the proxy; `extra` are more curl arguments.
+pub fn curl(moat: &Moat, url: &str, extra: &[&str]) -> CurlOut {
+    curl_via(&moat.proxy_url(), url, extra)
+}
+
+pub fn curl_via(proxy: &str, url: &str, extra: &[&str]) -> CurlOut {
+    let out = Command::new("curl")
+        .args(["-sS", "-i", "--max-time", "20", "--noproxy", "", "-x", proxy])
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("curl runs");
+    parse_response(&String::from_utf8_lossy(&out.stdout))
+        .unwrap_or_else(|| panic!("curl gave no response: {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+/// Parses `HTTP/1.1 200 OK\r\nh: v\r\n\r\nbody` (skipping 100 Continue blocks).
+pub fn parse_response(text: &str) -> Option<CurlOut> {
+    let mut rest = text;
+    loop {
+        let (head, body) = rest.split_once("\r\n\r\n")?;
+        let mut lines = head.lines();
+        let status: u16 = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
+        if status == 100 {
+            rest = body;
+            continue;
+        }
+        let mut headers: BTreeMap<String, String> = BTreeMap::new();
+        for (k, v) in lines.filter_map(|l| l.split_once(':')) {
+            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_string());
+            headers.entry(k).and_modify(|e| *e = format!("{e}, {v}")).or_insert(v);
+        }
+        return Some(CurlOut { status, headers, body: body.to_string() });
+    }
+}
+
+/// Sends raw bytes to moat and returns whatever it answers until it closes (or 5 s).
+pub fn raw(moat: &Moat, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(moat.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// What the upstream saw of one request.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: String,
+    pub uri: String,
+    pub headers: BTreeMap<String, String>,
+    pub body: String,
+}
+
+/// A real HTTP/1.1 server on loopback that echoes what it receives.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub connections: Arc<AtomicUsize>,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Upstream {
+    pub fn start() -> Upstream {
+        Self::start_on("127.0.0.1:0")
+    }
+
+    pub fn start_on(bind: &str) -> Upstream {
+        let listener = std::net::TcpListener::bind(bind).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (c, s) = (connections.clone(), seen.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else { continue };
+                    c.fetch_add(1, Ordering::SeqCst);
+                    let s = s.clone();
+                    tokio::spawn(async move {
+                        let svc = service_fn(move |req| echo(req, s.clone()));
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .with_upgrades()
+                            .await;
+                    });
+                }
+            });
+        });
+        Upstream { addr, connections, seen }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn last(&self) -> Option<Seen> {
+        self.seen.lock().unwrap().last().cloned()
+    }
+
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+}
+
+async fn echo(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let mut headers = BTreeMap::new();
+    for (k, v) in &parts.headers {
+        headers.insert(k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned());
+    }
+    let record = Seen {
+        method: parts.method.to_string(),
+        uri: parts.uri.to_string(),
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    };
+    seen.lock().unwrap().push(record.clone());
+    let path = parts.uri.path();
+    let mut resp = Response::builder();
+    let out: Bytes = if path == "/redirect" {
+        resp = resp.status(302).header("location", "/echo?redirected=1");
+        Bytes::new()
+    } else if let Some(n) = path.strip_prefix("/bytes/") {
+        Bytes::from(vec![b'x'; n.parse().unwrap_or(0)])
+    } else if path == "/reflect-secret" {
+        // Echoes the Authorization header into the body and a header.
+        let a = record.headers.get("authorization").cloned().unwrap_or_default();
+        resp = resp.header("x-reflected", a.clone());
+        Bytes::from(format!("you sent {a}"))
+    } else if let Some(ms) = path.strip_prefix("/slow/") {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+        Bytes::from_static(b"slow")
+    } else {
+        resp = resp.header("content-type", "application/json").header("x-upstream", "echo");
+        Bytes::from(serde_json::json!({"method": record.method, "uri": record.uri, "headers": record.headers, "body": record.body}).to_string())
+    };
+    Ok(resp.body(Full::new(out)).unwrap())
+}
+
+/// Writes a file into the moat's temp dir.
+pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    if let Some(parent) = p.parent() {
+        std::fs::create_dir_all(parent).unwrap();
+    }
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// Runs a moat subcommand to completion: (exit code, stdout, stderr).
+pub fn moat_cmd(args: &[&str], cwd: &Path) -> (i32, String, String) {
+    let out = Command::new(MOAT).args(args).current_dir(cwd).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

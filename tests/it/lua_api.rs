@@ -1,0 +1,172 @@
+//! The Lua API of SPEC 3, each type observed through a response a client gets.
+
+use crate::harness::*;
+
+fn api_policy(up: u16) -> String {
+    format!(
+        r#"
+local UP = "http://127.0.0.1:{up}"
+local json = require("moat.json")
+local helper = require("lib.helper")
+
+outboundByHost = {{
+  -- Request: read the client's body as JSON, copy with new method and headers.
+  ["request.test"] = function(request, env, ctx)
+    local data = request:json()
+    local r = Request.new(UP .. "/echo", {{ method = "PUT", headers = {{ ["x-from"] = data.name }}, body = "copied" }})
+    local echoed = fetch(r):json()
+    return Response.json({{ method = echoed.method, from = echoed.headers["x-from"], body = echoed.body, orig = request.method }})
+  end,
+  -- Forwarding the container's request keeps its body streaming and its method.
+  ["forward.test"] = function(request)
+    local r = Request.new(request)
+    r.headers:set("x-injected", "yes")
+    local target = Request.new(UP .. "/fwd", r)
+    return fetch(target)
+  end,
+  -- Response: status, statusText, headers, json, redirect.
+  ["response.test"] = function(request)
+    local u = URL.new(request.url)
+    local kind = u.searchParams:get("kind")
+    if kind == "json" then return Response.json({{ a = 1 }}, {{ status = 201 }}) end
+    if kind == "redirect" then return Response.redirect("http://elsewhere.test/x", 307) end
+    local r = Response.new("teapot", {{ status = 418, headers = {{ ["x-a"] = "1" }} }})
+    r.headers:append("x-a", "2")
+    return r
+  end,
+  -- Headers: case-insensitive get, joined values, has, delete, entries.
+  ["headers.test"] = function(request)
+    local h = Headers.new({{ ["X-One"] = "1", ["x-list"] = {{ "a", "b" }} }})
+    h:append("X-ONE", "2")
+    h:delete("x-gone")
+    local names = {{}}
+    for name, value in h:entries() do names[#names + 1] = name .. "=" .. value end
+    return Response.new(table.concat(names, ";") .. "|" .. h:get("x-one") .. "|" .. tostring(h:has("X-List"))
+      .. "|" .. #h:getAll("x-list") .. "|" .. (request.headers:get("user-agent") and "ua" or "no-ua"))
+  end,
+  -- URL: WHATWG parsing and searchParams.
+  ["url.test"] = function(request)
+    local u = URL.new("../b/c?x=1&y=2#frag", "https://Example.COM:8443/a/z")
+    u.searchParams:set("x", "9")
+    u.searchParams:append("z", "a b")
+    return Response.new(table.concat({{ u.href, u.hostname, u.port, u.pathname, u.search, u.hash, u.origin, tostring(URL.new(request.url)) }}, " "))
+  end,
+  -- fetch: a URL string follows redirects; the container's own request does not.
+  ["fetch.test"] = function(request)
+    local followed = fetch(UP .. "/redirect")
+    local manual = fetch(Request.new(UP .. "/redirect", {{ redirect = "manual" }}))
+    return Response.new(followed.status .. " " .. followed.url .. " " .. manual.status .. " " .. manual.headers:get("location"))
+  end,
+  ["fetch-manual.test"] = function(request)
+    -- Built from the intercepted request: redirect = "manual", as in Workers.
+    return fetch(Request.new(UP .. "/redirect", request))
+  end,
+  -- console, ctx, print.
+  ["ctx.test"] = function(request, env, ctx)
+    console.log("hello from", ctx.containerId, {{ n = 1 }})
+    print("printed")
+    return Response.new(ctx.containerId .. " " .. ctx.className .. " " .. #ctx.requestId)
+  end,
+  -- stdlib and require.
+  ["stdlib.test"] = function()
+    local b64, hex, crypto = require("moat.base64"), require("moat.hex"), require("moat.crypto")
+    local out = {{
+      json.encode(json.decode('{{"a":[1,2,3]}}')),
+      b64.encode("hi?"), b64.decode("aGk/"), b64.urlEncode("hi?"),
+      hex.encode("\1\255"), hex.decode("4142"),
+      hex.encode(crypto.sha256("abc")),
+      hex.encode(crypto.hmac_sha256("key", "The quick brown fox jumps over the lazy dog")),
+      tostring(#crypto.randomBytes(7)),
+      tostring(crypto.randomUUID():match("^%x+%-%x+%-4%x+%-[89ab]%x+%-%x+$") ~= nil),
+      helper.greet("lua"),
+    }}
+    return Response.new(table.concat(out, "\n"))
+  end,
+  -- The sandbox: no io, no os.execute, no debug, no binary chunks.
+  ["sandbox.test"] = function()
+    local bin = string.dump and "dump" or "nodump"
+    local ok = pcall(load, "\27Lua")
+    local f = load("\27LuaS")
+    return Response.new(table.concat({{ tostring(io), tostring(os.execute), tostring(debug), bin, tostring(f), type(os.time()) }}, " "))
+  end,
+}}
+"#
+    )
+}
+
+#[test]
+fn every_api_type_is_observable() {
+    let up = Upstream::start();
+    // The module must exist before the policy loads: write it, then start.
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "lib/helper.lua", "return { greet = function(n) return 'hello ' .. n end }");
+    write(dir.path(), "policy.lua", &api_policy(up.addr.port()));
+    let mut cmd = std::process::Command::new(MOAT);
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--policy"])
+        .arg(dir.path().join("policy.lua"))
+        .env("MOAT_WORKERS", "2");
+    let moat = Moat::spawn(cmd, dir);
+
+    let r = curl(&moat, "http://request.test/", &["-d", r#"{"name":"ann"}"#]);
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap_or_else(|_| panic!("{}", r.body));
+    assert_eq!(v, serde_json::json!({"method": "PUT", "from": "ann", "body": "copied", "orig": "POST"}));
+
+    let r = curl(&moat, "http://forward.test/some/path?q=1", &["-d", "streamed body", "-U", "agent-9:"]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let seen = up.last().unwrap();
+    assert_eq!((seen.method.as_str(), seen.uri.as_str(), seen.body.as_str()), ("POST", "/fwd", "streamed body"));
+    assert_eq!(seen.headers["x-injected"], "yes");
+    assert!(!seen.headers.contains_key("proxy-authorization"));
+
+    let r = curl(&moat, "http://response.test/", &[]);
+    assert_eq!((r.status, r.body.as_str(), r.headers["x-a"].as_str()), (418, "teapot", "1, 2"));
+    let r = curl(&moat, "http://response.test/?kind=json", &[]);
+    assert_eq!(
+        (r.status, r.body.as_str(), r.headers["content-type"].as_str()),
+        (201, r#"{"a":1}"#, "application/json")
+    );
+    let r = curl(&moat, "http://response.test/?kind=redirect", &[]);
+    assert_eq!((r.status, r.headers["location"].as_str()), (307, "http://elsewhere.test/x"));
+
+    let r = curl(&moat, "http://headers.test/", &["-A", "curl-test"]);
+    assert_eq!(r.body, "x-list=a, b;x-one=1, 2|1, 2|true|2|ua");
+
+    let r = curl(&moat, "http://url.test/p?k=v", &[]);
+    assert_eq!(
+        r.body,
+        "https://example.com:8443/b/c?x=9&y=2&z=a+b#frag example.com 8443 /b/c ?x=9&y=2&z=a+b #frag https://example.com:8443 http://url.test/p?k=v"
+    );
+
+    let r = curl(&moat, "http://fetch.test/", &[]);
+    assert_eq!(r.body, format!("200 {} 302 /echo?redirected=1", up.url("/echo?redirected=1")));
+    let r = curl(&moat, "http://fetch-manual.test/", &[]);
+    assert_eq!((r.status, r.headers["location"].as_str()), (302, "/echo?redirected=1"));
+
+    let r = curl(&moat, "http://ctx.test/", &["-U", "agent-3:"]);
+    assert_eq!(r.body, "agent-3 policy 16");
+    let log = moat.wait_log("printed");
+    assert!(log.contains(r#"hello from agent-3 {"n":1}"#), "{log}");
+    assert!(log.contains("container=\"agent-3\""), "{log}");
+
+    let r = curl(&moat, "http://stdlib.test/", &[]);
+    let lines: Vec<&str> = r.body.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            r#"{"a":[1,2,3]}"#,
+            "aGk/",
+            "hi?",
+            "aGk_",
+            "01ff",
+            "AB",
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+            "f7bc83f430538424b13298e6aa6fb143ef4d59a14946175997479dbc2d1a3cd8",
+            "7",
+            "true",
+            "hello lua"
+        ]
+    );
+
+    let r = curl(&moat, "http://sandbox.test/", &[]);
+    assert_eq!(r.body, "nil nil nil nodump nil number");
+}

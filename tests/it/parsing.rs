@@ -1,0 +1,88 @@
+//! Strict parsing (SPEC 8.6), identity and 407 (SPEC 5.1), and request forms.
+
+use std::sync::atomic::Ordering;
+
+use crate::harness::*;
+
+fn open_policy() -> &'static str {
+    r#"allowedHosts = { "127.0.0.1" }"#
+}
+
+#[test]
+fn smuggling_forms_are_400_and_never_reach_upstream() {
+    let up = Upstream::start();
+    let moat = Moat::start(open_policy());
+    let a = up.addr;
+    let cases = [
+        format!(
+            "POST http://{a}/ HTTP/1.1\r\nHost: {a}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        ),
+        format!(
+            "POST http://{a}/ HTTP/1.1\r\nHost: {a}\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n"
+        ),
+        format!("POST http://{a}/ HTTP/1.1\r\nHost: {a}\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde"),
+        format!("POST http://{a}/ HTTP/1.1\r\nHost: {a}\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n"),
+        format!("POST http://{a}/ HTTP/1.1\r\nHost: {a}\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n"),
+        format!("POST http://{a}/ HTTP/1.1\r\nHost: {a}\r\nTransfer-Encoding:\tchunked\x0b\r\n\r\n0\r\n\r\n"),
+        format!("GET http://{a}/ HTTP/1.1\nHost: {a}\n\n"),
+        format!("GET http://{a}/ HTTP/1.1\r\nHost: {a}\r\nX-A: 1\0\r\n\r\n"),
+        format!("GET http://{a}/\0 HTTP/1.1\r\nHost: {a}\r\n\r\n"),
+        format!("GET http://{a}/ HTTP/1.1\r\nHost: {a}\r\nX-A: 1\r\n folded\r\n\r\n"),
+    ];
+    for case in &cases {
+        let resp = raw(&moat, case.as_bytes());
+        assert!(resp.starts_with("HTTP/1.1 400 "), "{case:?} → {resp:?}");
+        assert!(resp.contains("connection: close"), "{case:?} → {resp:?}");
+    }
+    assert_eq!(up.connections.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn oversized_head_is_431() {
+    let moat = Moat::start_with(open_policy(), Some("[limits]\nrequest_head_bytes = \"8KiB\"\n"), &[], &[]);
+    let req = format!("GET http://127.0.0.1:9/ HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(10_000));
+    assert!(raw(&moat, req.as_bytes()).starts_with("HTTP/1.1 431 "));
+}
+
+#[test]
+fn request_forms_and_bad_hosts() {
+    let up = Upstream::start();
+    let moat = Moat::start(open_policy());
+    let a = up.addr;
+    // Absolute-URI authority wins over a conflicting Host header.
+    let resp =
+        raw(&moat, format!("GET http://{a}/x HTTP/1.1\r\nHost: evil.test\r\nConnection: close\r\n\r\n").as_bytes());
+    assert!(resp.starts_with("HTTP/1.1 200 "), "{resp}");
+    assert_eq!(up.last().unwrap().headers["host"], a.to_string());
+    // Origin-form is not a proxy request.
+    let resp = raw(&moat, b"GET /x HTTP/1.1\r\nHost: a.test\r\n\r\n");
+    assert!(resp.starts_with("HTTP/1.1 400 ") && resp.contains("absolute-form"), "{resp}");
+    for bad in ["http://a..b/", "http://[::1/", "http://a%00b/", "http://u:p@a.test/", "http://a.test:99999/"] {
+        let resp = raw(&moat, format!("GET {bad} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+        assert!(resp.starts_with("HTTP/1.1 400 "), "{bad}: {resp}");
+    }
+    let resp = raw(&moat, b"CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n");
+    assert!(resp.starts_with("HTTP/1.1 501 "), "{resp}");
+    assert_eq!(up.count(), 1);
+}
+
+#[test]
+fn container_identity_and_407() {
+    let toml = "[containers]\nagent-1 = { token_env = \"AGENT1_TOKEN\" }\n";
+    let policy =
+        r#"outboundByHost = { ["who.test"] = function(r, env, ctx) return Response.new(ctx.containerId) end }"#;
+    let moat = Moat::start_with(policy, Some(toml), &[], &[("AGENT1_TOKEN", "s3cret")]);
+    let ok = curl(&moat, "http://who.test/", &["-U", "agent-1:s3cret"]);
+    assert_eq!((ok.status, ok.body.as_str()), (200, "agent-1"));
+    for creds in [None, Some("agent-1:wrong"), Some("agent-2:s3cret"), Some("agent-1:"), Some("bad/id:s3cret")] {
+        let extra: Vec<&str> = creds.map(|c| vec!["-U", c]).unwrap_or_default();
+        let r = curl(&moat, "http://who.test/", &extra);
+        assert_eq!(r.status, 407, "{creds:?}");
+        assert_eq!(r.headers["proxy-authenticate"], "Basic realm=\"moat\"");
+    }
+    assert!(!moat.logs().contains("s3cret"));
+    // Without [containers], the user name is the id and no token is needed; none → "default".
+    let open = Moat::start(policy);
+    assert_eq!(curl(&open, "http://who.test/", &["-U", "ci-job.7:"]).body, "ci-job.7");
+    assert_eq!(curl(&open, "http://who.test/", &[]).body, "default");
+}
