@@ -8,7 +8,7 @@ static SECRETS: RwLock<Vec<(String, String)>> = RwLock::new(Vec::new());
 /// Registers the secrets whose values must never be printed. Replaces the previous set.
 pub fn set_secrets(mut secrets: Vec<(String, String)>) {
     secrets.retain(|(_, v)| !v.is_empty());
-    secrets.sort_by(|a, b| b.1.len().cmp(&a.1.len()));
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.1.len()));
     *SECRETS.write().unwrap_or_else(|e| e.into_inner()) = secrets;
 }
 

@@ -69,10 +69,12 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream, class: usize, local: S
         let framing = head.framing;
         let client_keep_alive = head.keep_alive;
 
-        if framing != Framing::None && expects_continue(&head.headers) && version == http::Version::HTTP_11 {
-            if writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() || writer.flush().await.is_err() {
-                return;
-            }
+        let send_continue =
+            framing != Framing::None && version == http::Version::HTTP_11 && expects_continue(&head.headers);
+        if send_continue
+            && (writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() || writer.flush().await.is_err())
+        {
+            return;
         }
         let (tx, request_body) = match framing {
             Framing::None => (None, body::empty()),

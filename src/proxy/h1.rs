@@ -414,6 +414,14 @@ pub async fn write_response<W: AsyncWrite + Unpin>(
     Ok((written, keep_alive))
 }
 
+/// The reason phrase; 520 is moat's (and Cloudflare's) "origin is disallowed" answer.
+fn reason_phrase(status: http::StatusCode) -> &'static str {
+    match status.as_u16() {
+        520 => "Origin Disallowed",
+        _ => status.canonical_reason().unwrap_or("Unknown"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -470,13 +478,5 @@ mod tests {
         }
         assert_eq!(got, b"hello world");
         assert_eq!(&r.buf[..], b"NEXT");
-    }
-}
-
-/// The reason phrase; 520 is moat's (and Cloudflare's) "origin is disallowed" answer.
-fn reason_phrase(status: http::StatusCode) -> &'static str {
-    match status.as_u16() {
-        520 => "Origin Disallowed",
-        _ => status.canonical_reason().unwrap_or("Unknown"),
     }
 }

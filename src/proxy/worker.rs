@@ -31,10 +31,8 @@ impl Worker {
     /// `None` when the class has no loaded generation.
     pub fn runtime(&self, class: usize) -> Option<Rc<ClassRuntime>> {
         let current = self.shared.classes[class].current()?;
-        if let Some(rt) = self.runtimes.borrow().get(&class) {
-            if Arc::ptr_eq(&rt.generation, &current) {
-                return Some(rt.clone());
-            }
+        if let Some(rt) = self.runtimes.borrow().get(&class).filter(|rt| Arc::ptr_eq(&rt.generation, &current)) {
+            return Some(rt.clone());
         }
         match ClassRuntime::build(current, self.upstream.clone(), &self.shared.config.limits, &self.shared.bindings) {
             Ok(rt) => {

@@ -97,19 +97,17 @@ fn lua_error(path: &Path, e: &mlua::Error) -> LoadError {
     let first = text.lines().next().unwrap_or("error").to_string();
     // Lua prefixes "file:line: " itself; split it back out so the rendering is uniform.
     let shown = path.display().to_string();
-    if let Some(rest) = first.strip_prefix(&format!("{shown}:")) {
-        if let Some((line, msg)) = rest.split_once(": ") {
-            if let Ok(n) = line.parse() {
-                return LoadError { file: path.to_path_buf(), line: Some(n), message: msg.to_string() };
-            }
-        }
+    let ours = first.strip_prefix(&format!("{shown}:")).and_then(|rest| rest.split_once(": "));
+    if let Some((n, msg)) = ours.and_then(|(line, msg)| Some((line.parse().ok()?, msg))) {
+        return LoadError { file: path.to_path_buf(), line: Some(n), message: msg.to_string() };
     }
-    if let Some((loc, msg)) = first.split_once(": ") {
-        if let Some((file, line)) = loc.rsplit_once(':') {
-            if let Ok(n) = line.parse() {
-                return LoadError { file: PathBuf::from(file), line: Some(n), message: msg.to_string() };
-            }
-        }
+    // An error inside a required module names that module's file.
+    let other = first.split_once(": ").and_then(|(loc, msg)| {
+        let (file, line) = loc.rsplit_once(':')?;
+        Some((file, line.parse().ok()?, msg))
+    });
+    if let Some((file, n, msg)) = other {
+        return LoadError { file: PathBuf::from(file), line: Some(n), message: msg.to_string() };
     }
     LoadError { file: path.to_path_buf(), line: None, message: first }
 }

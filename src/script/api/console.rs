@@ -40,6 +40,6 @@ fn display(lua: &Lua, v: &Value) -> String {
     match v {
         Value::String(s) => s.to_string_lossy(),
         Value::Table(_) => crate::script::api::natives::json_encode(lua, v.clone()).unwrap_or_else(|_| "table".into()),
-        other => other.to_string().unwrap_or_else(|_| format!("{}", other.type_name())),
+        other => other.to_string().unwrap_or_else(|_| other.type_name().to_string()),
     }
 }

@@ -52,7 +52,7 @@ pub fn table(lua: &Lua) -> Result<Table> {
         "hex_decode",
         lua.create_function(|lua, s: mlua::LuaString| {
             let raw = s.as_bytes();
-            if raw.len() % 2 != 0 {
+            if !raw.len().is_multiple_of(2) {
                 return Err(mlua::Error::runtime("invalid hex: odd length"));
             }
             let bytes = raw
