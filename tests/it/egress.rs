@@ -8,7 +8,7 @@ use crate::harness::*;
 fn loopback_forms_are_refused_without_an_ip_entry() {
     let up = Upstream::start();
     let port = up.addr.port();
-    let moat = Moat::start_with("", None, &["--resolve", &format!("sneaky.test=127.0.0.1")], &[]);
+    let moat = Moat::start_with("", None, &["--resolve", "sneaky.test=127.0.0.1"], &[]);
     for host in
         ["127.0.0.1", "2130706433", "0x7f000001", "0x7f.1", "0177.0.0.1", "127.1", "[::ffff:127.0.0.1]", "sneaky.test"]
     {
