@@ -121,3 +121,8 @@ fn usage(msg: &str) -> Failure {
 fn load_config(flags: &config::Overrides) -> Result<Config, Failure> {
     Config::load(flags).map_err(|e| Failure::Usage(e.0))
 }
+
+// mimalloc: the proxy allocates many small, short-lived objects per request (headers, Lua
+// strings); glibc malloc showed up as ~13% of a profile under load.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -80,6 +80,9 @@ pub fn new_state(opts: StateOptions<'_>) -> Result<Lua> {
     lua.set_app_data(opts.modules);
     install_require(&lua)?;
     lua.set_memory_limit(opts.memory_limit)?;
+    // Handlers make many short-lived objects (requests, header tables, strings): the
+    // generational collector reclaims them in cheap minor collections.
+    lua.gc_set_mode(mlua::prelude::LuaGcMode::Generational(Default::default()));
     let _ = opts.policy_path;
     Ok(lua)
 }
