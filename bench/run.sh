@@ -48,7 +48,7 @@ name = "handler"
 policy = "$work/handler.lua"
 listen = "127.0.0.1:13129"
 TOML
-RUST_LOG=warn "$BIN/moat" serve --config "$work/moat.toml" > "$work/moat.out" 2> "$work/moat.log" &
+RUST_LOG=warn MOAT_WORKERS=${MOAT_WORKERS:-} "$BIN/moat" serve --config "$work/moat.toml" > "$work/moat.out" 2> "$work/moat.log" &
 MOAT=$!
 pids+=($MOAT)
 sleep 1
