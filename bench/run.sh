@@ -56,14 +56,25 @@ sleep 1
 run() { "$BIN/examples/bench-load" "$@"; }
 field() { sed -n "s/.*$1=\([0-9.]*\).*/\1/p"; }
 
-echo "== closed loop: $CONNS keep-alive connections, ${SECS}s each, 13-byte responses"
-direct=$(run "$UP" "http://$UP/" "$CONNS" "$SECS")
-egress=$(run 127.0.0.1:13128 "http://$UP/" "$CONNS" "$SECS")
-handler=$(run 127.0.0.1:13129 "http://$UP/" "$CONNS" "$SECS")
-d=$(echo "$direct" | field rps)
-printf '%-26s %s\n' "direct" "$direct"
-printf '%-26s %s ratio=%.2f\n' "moat egress" "$egress" "$(echo "$egress" | field rps | awk -v d="$d" '{print $1/d}')"
-printf '%-26s %s ratio=%.2f\n' "moat handler" "$handler" "$(echo "$handler" | field rps | awk -v d="$d" '{print $1/d}')"
+ROUNDS=${ROUNDS:-3}
+echo "== closed loop: $CONNS keep-alive connections, ${SECS}s per run, $ROUNDS rounds of direct/egress/handler"
+echo "   (runs alternate so that machine noise hits every path alike; the median run is reported)"
+: > "$work/direct"; : > "$work/egress"; : > "$work/handler"
+for r in $(seq "$ROUNDS"); do
+  run "$UP" "http://$UP/" "$CONNS" "$SECS" >> "$work/direct"
+  run 127.0.0.1:13128 "http://$UP/" "$CONNS" "$SECS" >> "$work/egress"
+  run 127.0.0.1:13129 "http://$UP/" "$CONNS" "$SECS" >> "$work/handler"
+done
+median() { sort -t= -k4 -n "$1" | awk '{a[NR]=$0} END {print a[int((NR+1)/2)]}'; }
+median_rps() { field rps < "$1" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+d=$(median_rps "$work/direct")
+for path in direct egress handler; do
+  m=$(median_rps "$work/$path")
+  printf '%-9s median rps=%-7s ratio=%.2f   runs: %s\n' "$path" "$m" "$(awk -v m="$m" -v d="$d" 'BEGIN {print m/d}')" "$(field rps < "$work/$path" | tr '\n' ' ')"
+done
+for path in direct egress handler; do
+  printf '%-9s latency of the median run: %s\n' "$path" "$(grep "rps=$(median_rps "$work/$path")" "$work/$path" | head -1 | sed 's/.*\(p50_us.*\)/\1/')"
+done
 
 echo "== open loop at $RATE req/s, $CONNS connections, ${SECS}s"
 rd=$(run "$UP" "http://$UP/" "$CONNS" "$SECS" "$RATE")

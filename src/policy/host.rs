@@ -42,6 +42,12 @@ impl CanonicalHost {
         if trimmed.is_empty() {
             return Err(bad());
         }
+        // Fast path: an already-canonical DNS name (lower-case LDH labels, last label not
+        // numeric) needs none of the WHATWG machinery below.
+        if is_plain_name(trimmed) {
+            validate_dns_name(trimmed).map_err(|_| bad())?;
+            return Ok(Self::Name(trimmed.to_string()));
+        }
         // The WHATWG host parser does IDNA, lower-casing and every IPv4 number form
         // (decimal, hex, octal, short forms), exactly as browsers and Workers' URL do.
         match url::Host::parse(trimmed).map_err(|_| bad())? {
@@ -79,6 +85,18 @@ impl fmt::Display for CanonicalHost {
             Self::Ip(ip) => write!(f, "{ip}"),
         }
     }
+}
+
+/// Lower-case ASCII letters, digits, `-`, `_` and dots, not `xn--` anywhere (punycode must be
+/// validated by IDNA), with a last label that is not all digits or hex-looking (those are IPv4
+/// number forms in WHATWG parsing).
+fn is_plain_name(s: &str) -> bool {
+    let ok_bytes = s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'));
+    if !ok_bytes || s.contains("xn--") {
+        return false;
+    }
+    let last = s.rsplit('.').next().unwrap_or("");
+    !last.is_empty() && !last.bytes().all(|b| b.is_ascii_digit()) && !last.starts_with("0x")
 }
 
 /// Checks the label syntax that DNS can carry: 1–63 bytes of `[a-z0-9_-]` per label, 253 in all.

@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use mlua::{Function, Lua, Table, Value};
 
+
+use super::api::ctx::LuaCtx;
 use super::api::fetch::FetchError;
 use super::api::request::LuaRequest;
 use super::api::response::LuaResponse;
@@ -113,13 +115,15 @@ impl ClassRuntime {
 
         let lua_err = |e: mlua::Error| HandlerFailure::Error(e.to_string());
         let req = self.lua.create_userdata(request).map_err(lua_err)?;
-        let ctx = self.lua.create_table().map_err(lua_err)?;
-        ctx.set("containerId", who.container_id).map_err(lua_err)?;
-        ctx.set("className", who.class).map_err(lua_err)?;
-        ctx.set("requestId", who.request_id).map_err(lua_err)?;
-        if let Some(p) = choice.params() {
-            ctx.set("params", super::api::json_to_lua(&self.lua, p).map_err(lua_err)?).map_err(lua_err)?;
-        }
+        let ctx = self
+            .lua
+            .create_userdata(LuaCtx {
+                container_id: who.container_id.to_string(),
+                class: who.class.to_string(),
+                request_id: who.request_id.to_string(),
+                params: choice.params().cloned(),
+            })
+            .map_err(lua_err)?;
 
         let scope = Scope::new(who.request_id.into(), who.container_id.into(), who.class.into(), limits.lua_cpu);
         let call = func.call_async::<Value>((req, self.env.clone(), ctx));

@@ -3,6 +3,7 @@
 
 pub mod body;
 pub mod console;
+pub mod ctx;
 pub mod fetch;
 pub mod headers;
 pub mod natives;
