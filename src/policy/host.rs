@@ -42,7 +42,12 @@ impl CanonicalHost {
         if trimmed.is_empty() {
             return Err(bad());
         }
-        // Fast path: an already-canonical DNS name (lower-case LDH labels, last label not
+        // Fast paths: a dotted-quad IPv4, or an already-canonical DNS name (lower-case LDH
+        // labels, last label not numeric), needs none of the WHATWG machinery below.
+        if let Ok(v4) = trimmed.parse::<std::net::Ipv4Addr>() {
+            return Ok(Self::Ip(IpAddr::V4(v4)));
+        }
+        // An already-canonical DNS name (lower-case LDH labels, last label not
         // numeric) needs none of the WHATWG machinery below.
         if is_plain_name(trimmed) {
             validate_dns_name(trimmed).map_err(|_| bad())?;
