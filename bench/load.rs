@@ -103,7 +103,8 @@ async fn load(addr: &str, url: &str, conns: usize, secs: u64, rate: Option<f64>)
     }
     let elapsed = start.elapsed().as_secs_f64();
     all.sort_unstable();
-    let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0);
+    let pct =
+        |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0);
     println!(
         "requests={} errors={} rps={:.0} p50_us={} p99_us={} max_us={}",
         all.len(),

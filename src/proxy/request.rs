@@ -117,11 +117,14 @@ async fn run(worker: &Worker, class: usize, head: RequestHead, body: Body, log: 
     log.port = target.port;
     log.path = path.split('?').next().unwrap_or("/").to_string();
 
-    let Some(generation) = shared.classes[class].current() else {
+    // The request runs start to end on the generation current when it arrived (SPEC 7.1):
+    // its decision and its handler come from the same runtime.
+    let Some(runtime) = worker.runtime(class) else {
         log.decision = "error";
         log.detail = "policy not loaded".into();
         return answer::not_loaded();
     };
+    let generation = runtime.generation.clone();
     log.generation = generation.number;
     let overrides = shared.overrides.get(container.as_str());
     let verdict = decide(&target.host, target.port, &generation.policy, overrides.as_deref());
@@ -135,9 +138,6 @@ async fn run(worker: &Worker, class: usize, head: RequestHead, body: Body, log: 
         Decision::Handler(choice) => {
             log.decision = "handler";
             log.detail = choice.label();
-            let Some(runtime) = worker.runtime(class) else {
-                return answer::not_loaded();
-            };
             // The request the handler sees: URI authority as Host, no proxy credentials.
             let mut headers = head.headers;
             upstream::strip_hop_by_hop(&mut headers);

@@ -35,6 +35,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         }
     }
 
+    let reloads = super::reload::start(shared.clone())?;
+
     let threads = std::env::var("MOAT_WORKERS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -55,7 +57,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         }
         use std::io::Write;
         let _ = std::io::stdout().flush();
-        wait_for_shutdown().await;
+        wait_for_shutdown(reloads).await;
         tracing::info!("shutting down");
         tasks.abort_all();
         anyhow::Ok(())
@@ -85,11 +87,19 @@ async fn accept_loop(
     }
 }
 
-async fn wait_for_shutdown() {
+/// Waits for SIGINT or SIGTERM; SIGHUP meanwhile forces a reload of every class.
+async fn wait_for_shutdown(reloads: std::sync::mpsc::Sender<super::reload::ReloadRequest>) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return,
+            _ = term.recv() => return,
+            _ = hup.recv() => {
+                tracing::info!(target: "moat::reload", "SIGHUP: reloading every policy");
+                let _ = reloads.send(super::reload::ReloadRequest::All);
+            }
+        }
     }
 }

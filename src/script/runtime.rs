@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use mlua::{Function, Lua, Table, Value};
 
-
 use super::api::ctx::LuaCtx;
 use super::api::fetch::FetchError;
 use super::api::request::LuaRequest;

@@ -79,6 +79,10 @@ impl Moat {
         Moat { child, addr, logs, dir }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn proxy_url(&self) -> String {
         format!("http://{}", self.addr)
     }

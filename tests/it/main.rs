@@ -8,3 +8,4 @@ mod egress;
 mod limits;
 mod lua_api;
 mod parsing;
+mod reload;

@@ -1,0 +1,132 @@
+//! Hot reload (SPEC 7.1): watch each policy's folder and the folders of the modules it
+//! requires; on a change, debounce, load and validate a new generation, and make it current.
+//! A failed load keeps the previous generation (SPEC 8.8).
+//!
+//! Folders are watched rather than files because editors save in three ways: writing in
+//! place, renaming a temp file over the original, or deleting and re-creating it. A watch
+//! on the file itself is lost with the last two.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+
+use super::state::Shared;
+
+/// Quiet time after the last change before reloading: editors write a file in several steps.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// What the reload thread is asked to do.
+pub enum ReloadRequest {
+    /// Files changed (absolute paths).
+    Changed(Vec<PathBuf>),
+    /// Reload every class now (SIGHUP).
+    All,
+}
+
+/// Starts the reload thread; returns the sender that SIGHUP uses.
+pub fn start(shared: Arc<Shared>) -> std::io::Result<mpsc::Sender<ReloadRequest>> {
+    let (tx, rx) = mpsc::channel::<ReloadRequest>();
+    let events = tx.clone();
+    let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(event) = res {
+            let _ = events.send(ReloadRequest::Changed(event.paths));
+        }
+    });
+    let mut watcher = match watcher {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!("cannot watch policy files ({e}); reload with SIGHUP");
+            None
+        }
+    };
+    // Watch before returning, so that a save right after startup is not missed.
+    let mut watched = BTreeSet::new();
+    if let Some(w) = watcher.as_mut() {
+        update_watches(w, &shared, &mut watched);
+    }
+    std::thread::Builder::new().name("moat-reload".into()).spawn(move || {
+        while let Ok(first) = rx.recv() {
+            let mut all = matches!(first, ReloadRequest::All);
+            let mut changed: Vec<PathBuf> = match first {
+                ReloadRequest::Changed(p) => p,
+                ReloadRequest::All => Vec::new(),
+            };
+            loop {
+                match rx.recv_timeout(DEBOUNCE) {
+                    Ok(ReloadRequest::Changed(p)) => changed.extend(p),
+                    Ok(ReloadRequest::All) => all = true,
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            }
+            for i in 0..shared.classes.len() {
+                if all || affects(&shared, i, &changed) {
+                    reload_class(&shared, i);
+                }
+            }
+            if let Some(w) = watcher.as_mut() {
+                update_watches(w, &shared, &mut watched);
+            }
+        }
+    })?;
+    Ok(tx)
+}
+
+/// Loads class `i` again and logs the outcome.
+pub fn reload_class(shared: &Shared, i: usize) {
+    let class = &shared.classes[i];
+    match class.reload(&shared.config.limits) {
+        Ok(g) => {
+            tracing::info!(target: "moat::reload", class = %class.config.name, generation = g.number, "policy reloaded")
+        }
+        Err(e) => {
+            let kept = class.current().map_or("none (requests get 503)".to_string(), |g| g.number.to_string());
+            tracing::error!(target: "moat::reload", class = %class.config.name, "policy reload failed, still serving generation {kept}: {e}");
+        }
+    }
+}
+
+/// The files whose change reloads class `i`: its policy and the modules it required.
+fn files_of(shared: &Shared, i: usize) -> Vec<PathBuf> {
+    let class = &shared.classes[i];
+    let mut files = vec![absolute(&class.config.policy)];
+    if let Some(g) = class.current() {
+        files.extend(g.modules.values().map(|(p, _)| absolute(p)));
+    }
+    files
+}
+
+fn affects(shared: &Shared, i: usize, changed: &[PathBuf]) -> bool {
+    let files = files_of(shared, i);
+    let policy_dir = files[0].parent().map(Path::to_path_buf).unwrap_or_default();
+    let unloaded = shared.classes[i].current().is_none();
+    changed.iter().any(|c| {
+        files.contains(c)
+            // A class that never loaded may be missing a module it has not named yet.
+            || (unloaded && c.parent() == Some(policy_dir.as_path()) && c.extension().is_some_and(|e| e == "lua"))
+    })
+}
+
+fn update_watches(w: &mut notify::RecommendedWatcher, shared: &Shared, watched: &mut BTreeSet<PathBuf>) {
+    for i in 0..shared.classes.len() {
+        for file in files_of(shared, i) {
+            let Some(dir) = file.parent().map(Path::to_path_buf) else { continue };
+            if !watched.contains(&dir) {
+                match w.watch(&dir, RecursiveMode::NonRecursive) {
+                    Ok(()) => {
+                        watched.insert(dir);
+                    }
+                    Err(e) => tracing::warn!("cannot watch {}: {e}", dir.display()),
+                }
+            }
+        }
+    }
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
