@@ -26,6 +26,20 @@ struct ConfigFlags {
     policy: Option<PathBuf>,
 }
 
+/// How the CLI finds a running instance's admin socket.
+#[derive(clap::Args, Clone, Default)]
+struct AdminFlags {
+    /// moat.toml to read (default: ./moat.toml if present).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The running instance's data folder (default .moat).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Admin socket (default unix:DATA_DIR/admin.sock).
+    #[arg(long, value_name = "unix:PATH")]
+    admin: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the explicit HTTP proxy.
@@ -41,6 +55,9 @@ enum Command {
         /// Static DNS answer for moat's resolver, like /etc/hosts (repeatable).
         #[arg(long, value_name = "HOST=IP")]
         resolve: Vec<String>,
+        /// Admin API socket (default unix:DATA_DIR/admin.sock).
+        #[arg(long, value_name = "unix:PATH")]
+        admin: Option<String>,
         /// Log format.
         #[arg(long, value_enum, default_value = "human")]
         log_format: LogFormat,
@@ -62,6 +79,27 @@ enum Command {
         /// Absolute URL, e.g. http://api.github.com/user.
         url: String,
     },
+    /// Show the running instance: classes, generations, last reload error.
+    Status {
+        #[command(flatten)]
+        admin: AdminFlags,
+    },
+    /// Change one container's policy at runtime (Cloudflare's instance methods).
+    Policy {
+        #[command(flatten)]
+        admin: AdminFlags,
+        /// The class to validate handler names against (when several are served).
+        #[arg(long)]
+        class: Option<String>,
+        /// Container id.
+        id: String,
+        /// show, setOutboundHandler, setOutboundByHost, setOutboundByHosts, removeOutboundByHost,
+        /// setAllowedHosts, setDeniedHosts, allowHost, denyHost, removeAllowedHost,
+        /// removeDeniedHost, clearOverrides, removeOutboundHandler.
+        setter: String,
+        /// The setter's arguments (hosts, handler name, JSON params).
+        args: Vec<String>,
+    },
     /// Write a starter policy.lua and moat.toml.
     Init {
         /// Folder to write into (default: the current folder).
@@ -72,9 +110,9 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve { cfg, listen, data_dir, resolve, log_format } => {
+        Command::Serve { cfg, listen, data_dir, resolve, admin, log_format } => {
             moat::log::init(log_format);
-            let flags = config::Overrides { config: cfg.config, policy: cfg.policy, listen, data_dir, resolve };
+            let flags = config::Overrides { config: cfg.config, policy: cfg.policy, listen, data_dir, resolve, admin };
             load_config(&flags).and_then(|c| {
                 if c.classes.is_empty() {
                     return Err(usage(
@@ -93,6 +131,11 @@ fn main() -> ExitCode {
             load_config(&flags)
                 .and_then(|c| moat::cli::explain(&c, id.as_deref(), &method, &url).map_err(Failure::Usage))
         }
+        Command::Status { admin } => {
+            admin_socket(admin).and_then(|s| moat::admin::commands::status(&s).map_err(failure))
+        }
+        Command::Policy { admin, class, id, setter, args } => admin_socket(admin)
+            .and_then(|s| moat::admin::commands::policy(&s, &id, class.as_deref(), &setter, &args).map_err(failure)),
         Command::Init { dir } => moat::cli::init(&dir.unwrap_or_else(|| PathBuf::from("."))).map_err(Failure::Usage),
     };
     match result {
@@ -116,6 +159,16 @@ enum Failure {
 
 fn usage(msg: &str) -> Failure {
     Failure::Usage(msg.to_string())
+}
+
+fn admin_socket(flags: AdminFlags) -> Result<PathBuf, Failure> {
+    let o =
+        config::Overrides { config: flags.config, data_dir: flags.data_dir, admin: flags.admin, ..Default::default() };
+    Ok(load_config(&o)?.admin_socket)
+}
+
+fn failure(e: moat::admin::commands::CommandError) -> Failure {
+    if e.0 == 2 { Failure::Usage(e.1) } else { Failure::Runtime(e.1) }
 }
 
 fn load_config(flags: &config::Overrides) -> Result<Config, Failure> {

@@ -35,6 +35,8 @@ pub struct Config {
     pub dns_hosts: BTreeMap<String, IpAddr>,
     /// SPEC 9.
     pub limits: Limits,
+    /// The admin API's Unix socket.
+    pub admin_socket: PathBuf,
     /// `[vars]`: plain strings for `env`.
     pub vars: BTreeMap<String, String>,
     /// The sections that later parts of moat read, kept as parsed.
@@ -152,6 +154,7 @@ pub struct Overrides {
     pub listen: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub resolve: Vec<String>,
+    pub admin: Option<String>,
 }
 
 impl Config {
@@ -240,7 +243,29 @@ impl Config {
         }
 
         let limits = file.limits.resolve().map_err(err)?;
-        Ok(Self { source, data_dir, classes, containers, dns_hosts, limits, vars: file.vars.clone(), file })
+        let admin = flags.admin.clone().or_else(|| file.admin.as_ref().and_then(|a| a.listen.clone()));
+        let admin_socket = match admin {
+            None => data_dir.join("admin.sock"),
+            Some(a) => match a.strip_prefix("unix:") {
+                Some(p) => rel(Path::new(p)),
+                None => {
+                    return Err(err(format!(
+                        "admin.listen {a:?}: write unix:PATH (a TCP admin listener is not supported yet)"
+                    )));
+                }
+            },
+        };
+        Ok(Self {
+            source,
+            data_dir,
+            classes,
+            containers,
+            dns_hosts,
+            limits,
+            admin_socket,
+            vars: file.vars.clone(),
+            file,
+        })
     }
 }
 

@@ -2,6 +2,7 @@
 
 pub mod decide;
 pub mod host;
+pub mod overrides;
 pub mod pattern;
 pub mod rules;
 

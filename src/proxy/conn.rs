@@ -18,6 +18,7 @@ use crate::body::{self, ChannelBody};
 
 pub async fn serve(worker: Rc<Worker>, stream: TcpStream, class: usize, local: SocketAddr) {
     let _ = stream.set_nodelay(true);
+    let _open = OpenConnection::new(&worker.shared.metrics.open_connections);
     let limits = worker.shared.config.limits.clone();
     let (rd, wr) = stream.into_split();
     let mut reader = ConnReader::new(rd);
@@ -125,10 +126,27 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream, class: usize, local: S
         };
         log.bytes_down = down;
         log.emit();
+        log.record(&worker.shared.metrics);
         if !keep {
             let _ = writer.shutdown().await;
             return;
         }
+    }
+}
+
+/// Counts a client connection in `moat_open_connections` while it lives.
+struct OpenConnection(prometheus_client::metrics::gauge::Gauge);
+
+impl OpenConnection {
+    fn new(g: &prometheus_client::metrics::gauge::Gauge) -> Self {
+        g.inc();
+        Self(g.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

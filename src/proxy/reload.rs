@@ -79,13 +79,18 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<mpsc::Sender<ReloadRequest>
 /// Loads class `i` again and logs the outcome.
 pub fn reload_class(shared: &Shared, i: usize) {
     let class = &shared.classes[i];
+    let label = crate::admin::metrics::Metrics::class_label(&class.config.name);
     match class.reload(&shared.config.limits) {
         Ok(g) => {
-            tracing::info!(target: "moat::reload", class = %class.config.name, generation = g.number, "policy reloaded")
+            shared.metrics.generation.get_or_create(&label).set(g.number as i64);
+            let what = if g.number == 1 { "policy loaded" } else { "policy reloaded" };
+            tracing::info!(target: "moat::reload", class = %class.config.name, generation = g.number, "{what}: {}", class.config.policy.display());
         }
         Err(e) => {
-            let kept = class.current().map_or("none (requests get 503)".to_string(), |g| g.number.to_string());
-            tracing::error!(target: "moat::reload", class = %class.config.name, "policy reload failed, still serving generation {kept}: {e}");
+            shared.metrics.reload_failures.get_or_create(&label).inc();
+            let kept =
+                class.current().map_or("none (requests get 503 until fixed)".to_string(), |g| g.number.to_string());
+            tracing::error!(target: "moat::reload", class = %class.config.name, "policy load failed, serving generation {kept}: {e}");
         }
     }
 }

@@ -42,9 +42,25 @@ pub struct LogLine {
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub duration: Duration,
+    /// The handler failed (for `moat_handler_errors_total`).
+    pub handler_failed: bool,
 }
 
 impl LogLine {
+    /// Counts the request in the metrics.
+    pub fn record(&self, m: &crate::admin::metrics::Metrics) {
+        let labels = crate::admin::metrics::RequestLabels {
+            class: self.class.clone(),
+            decision: self.decision.to_string(),
+            status: self.status,
+        };
+        m.requests.get_or_create(&labels).inc();
+        m.duration.observe(self.duration.as_secs_f64());
+        if self.handler_failed {
+            m.handler_errors.get_or_create(&crate::admin::metrics::Metrics::class_label(&self.class)).inc();
+        }
+    }
+
     pub fn emit(&self) {
         crate::log::access(&crate::log::AccessRecord {
             request_id: &self.request_id,
@@ -126,7 +142,7 @@ async fn run(worker: &Worker, class: usize, head: RequestHead, body: Body, log: 
     };
     let generation = runtime.generation.clone();
     log.generation = generation.number;
-    let overrides = shared.overrides.get(container.as_str());
+    let overrides = shared.overrides.get(container.as_str(), &generation);
     let verdict = decide(&target.host, target.port, &generation.policy, overrides.as_deref());
 
     match verdict.decision {
@@ -163,6 +179,7 @@ async fn run(worker: &Worker, class: usize, head: RequestHead, body: Body, log: 
                     resp
                 }
                 Err(f) => {
+                    log.handler_failed = true;
                     log.detail = format!("{}: {}", choice.label(), answer::handler_failure_detail(&f));
                     tracing::warn!(target: "moat::handler", request_id = %log.request_id, container = %log.container, class = %log.class, "{}", crate::log::redact(&log.detail));
                     answer::handler_failure(&f, &log.request_id, limits.handler_timeout)

@@ -22,17 +22,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         listeners.push((i, l));
     }
     let own: Vec<SocketAddr> = listeners.iter().filter_map(|(_, l)| l.local_addr().ok()).collect();
-    let shared = Arc::new(Shared::new(config, bindings, own));
+    let overrides = super::overrides::OverrideStore::open(&config.data_dir)?;
+    let shared = Arc::new(Shared::new(config, bindings, overrides, own));
 
-    for class in &shared.classes {
-        match class.reload(&shared.config.limits) {
-            Ok(g) => {
-                tracing::info!(class = %class.config.name, generation = g.number, "loaded {}", class.config.policy.display())
-            }
-            Err(e) => {
-                tracing::error!(class = %class.config.name, "policy not loaded (every request gets 503 until fixed): {e}")
-            }
-        }
+    for i in 0..shared.classes.len() {
+        super::reload::reload_class(&shared, i);
     }
 
     let reloads = super::reload::start(shared.clone())?;
@@ -55,6 +49,13 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             let workers = workers.clone();
             tasks.spawn(accept_loop(listener, class, addr, workers));
         }
+        let admin = shared.config.admin_socket.clone();
+        let admin_shared = shared.clone();
+        tasks.spawn(async move {
+            if let Err(e) = crate::admin::server::serve(admin_shared, admin.clone()).await {
+                tracing::error!("admin API on unix:{} stopped: {e}", admin.display());
+            }
+        });
         use std::io::Write;
         let _ = std::io::stdout().flush();
         wait_for_shutdown(reloads).await;

@@ -1,13 +1,13 @@
 //! State shared by every worker: config, the current generation of each class, overrides.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
+use super::overrides::OverrideStore;
 use crate::bindings::Bindings;
 use crate::config::{ClassConfig, Config};
-use crate::policy::Overrides;
 use crate::script::{Generation, LoadError, load_generation};
 
 /// One class: its script's current generation, or the error that kept it from loading.
@@ -49,32 +49,14 @@ impl ClassShared {
     }
 }
 
-/// Per-container runtime overrides (SPEC 7.2), read by every request.
-#[derive(Default)]
-pub struct OverrideStore {
-    by_container: RwLock<HashMap<String, Arc<Overrides>>>,
-}
-
-impl OverrideStore {
-    pub fn get(&self, container: &str) -> Option<Arc<Overrides>> {
-        self.by_container.read().unwrap_or_else(|e| e.into_inner()).get(container).cloned()
-    }
-
-    pub fn set(&self, container: &str, o: Overrides) {
-        self.by_container.write().unwrap_or_else(|e| e.into_inner()).insert(container.to_string(), Arc::new(o));
-    }
-
-    pub fn clear(&self, container: &str) {
-        self.by_container.write().unwrap_or_else(|e| e.into_inner()).remove(container);
-    }
-}
-
 /// Everything workers share.
 pub struct Shared {
     pub config: Config,
     pub classes: Vec<ClassShared>,
     pub bindings: Bindings,
     pub overrides: OverrideStore,
+    pub metrics: crate::admin::metrics::Metrics,
+    pub started: std::time::Instant,
     /// Every address moat listens on (loop prevention, SPEC 8.4).
     pub own_listeners: Arc<Vec<SocketAddr>>,
     pub dns_hosts: Arc<BTreeMap<String, IpAddr>>,
@@ -83,7 +65,7 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: Config, bindings: Bindings, own_listeners: Vec<SocketAddr>) -> Self {
+    pub fn new(config: Config, bindings: Bindings, overrides: OverrideStore, own_listeners: Vec<SocketAddr>) -> Self {
         let classes = config.classes.iter().cloned().map(ClassShared::new).collect();
         let prefix = crate::script::api::natives::random_bytes(4)
             .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
@@ -93,7 +75,9 @@ impl Shared {
             config,
             classes,
             bindings,
-            overrides: OverrideStore::default(),
+            overrides,
+            metrics: Default::default(),
+            started: std::time::Instant::now(),
             own_listeners: Arc::new(own_listeners),
             request_prefix: prefix,
             request_counter: AtomicU64::new(0),

@@ -34,7 +34,14 @@ impl Worker {
         if let Some(rt) = self.runtimes.borrow().get(&class).filter(|rt| Arc::ptr_eq(&rt.generation, &current)) {
             return Some(rt.clone());
         }
-        match ClassRuntime::build(current, self.upstream.clone(), &self.shared.config.limits, &self.shared.bindings) {
+        let sink = Rc::new(StoreSink { shared: self.shared.clone(), class });
+        match ClassRuntime::build(
+            current,
+            self.upstream.clone(),
+            sink,
+            &self.shared.config.limits,
+            &self.shared.bindings,
+        ) {
             Ok(rt) => {
                 let rt = Rc::new(rt);
                 self.runtimes.borrow_mut().insert(class, rt.clone());
@@ -45,6 +52,21 @@ impl Worker {
                 self.runtimes.borrow().get(&class).cloned()
             }
         }
+    }
+}
+
+/// `moat.container(id)` setters from a handler of class `class`, validated against its current
+/// generation and written to the store (a short, durable redb commit on the worker).
+struct StoreSink {
+    shared: Arc<Shared>,
+    class: usize,
+}
+
+impl crate::script::api::container::OverrideSink for StoreSink {
+    fn apply(&self, container: &str, setter: crate::policy::overrides::Setter) -> Result<(), String> {
+        let class = &self.shared.classes[self.class];
+        let generation = class.current().ok_or("policy not loaded")?;
+        self.shared.overrides.apply(container, setter, &generation).map(|_| ()).map_err(|e| e.to_string())
     }
 }
 

@@ -61,6 +61,7 @@ pub fn load_generation(class: &str, path: &Path, number: u64, limits: &Limits) -
         memory_limit: limits.lua_memory,
         body_buffer: limits.body_buffer,
         upstream: None,
+        sink: None,
         modules,
         policy_path: path,
     })

@@ -58,6 +58,7 @@ impl ClassRuntime {
     pub fn build(
         generation: Arc<Generation>,
         upstream: Rc<Upstream>,
+        sink: Rc<dyn super::api::container::OverrideSink>,
         limits: &Limits,
         bindings: &Bindings,
     ) -> Result<Self, LoadError> {
@@ -66,6 +67,7 @@ impl ClassRuntime {
             memory_limit: limits.lua_memory,
             body_buffer: limits.body_buffer,
             upstream: Some(upstream),
+            sink: Some(sink),
             modules: ModuleSource {
                 dir: generation.path.parent().map(|p| p.to_path_buf()).unwrap_or_default(),
                 captured: generation.modules.clone(),

@@ -46,6 +46,8 @@ pub struct StateOptions<'a> {
     pub memory_limit: usize,
     pub body_buffer: usize,
     pub upstream: Option<Rc<Upstream>>,
+    /// Where `moat.container(id)` setters go (none while validating).
+    pub sink: Option<Rc<dyn api::container::OverrideSink>>,
     pub modules: ModuleSource,
     pub policy_path: &'a Path,
 }
@@ -76,7 +78,7 @@ pub fn new_state(opts: StateOptions<'_>) -> Result<Lua> {
         scope::HookAction::Yield => Ok(VmState::Yield),
         scope::HookAction::Raise => Err(mlua::Error::runtime("CPU budget exceeded (limits.lua_cpu)")),
     })?;
-    api::install(&lua, opts.upstream, opts.body_buffer)?;
+    api::install(&lua, opts.upstream, opts.sink, opts.body_buffer)?;
     lua.set_app_data(opts.modules);
     install_require(&lua)?;
     lua.set_memory_limit(opts.memory_limit)?;

@@ -3,6 +3,7 @@
 
 pub mod body;
 pub mod console;
+pub mod container;
 pub mod ctx;
 pub mod fetch;
 pub mod headers;
@@ -29,7 +30,12 @@ pub struct ApiContext {
 }
 
 /// Installs every API global into a fresh state.
-pub fn install(lua: &Lua, upstream: Option<Rc<Upstream>>, body_buffer: usize) -> Result<()> {
+pub fn install(
+    lua: &Lua,
+    upstream: Option<Rc<Upstream>>,
+    sink: Option<Rc<dyn container::OverrideSink>>,
+    body_buffer: usize,
+) -> Result<()> {
     lua.set_app_data(ApiContext { body_buffer });
     let g = lua.globals();
     let request = lua.create_table()?;
@@ -45,6 +51,7 @@ pub fn install(lua: &Lua, upstream: Option<Rc<Upstream>>, body_buffer: usize) ->
     url::install(lua)?;
     fetch::install(lua, upstream)?;
     console::install(lua)?;
+    container::install(lua, sink)?;
     Ok(())
 }
 

@@ -1,0 +1,183 @@
+//! Admin API routes (SPEC 7.3). Every answer is JSON; errors are `{"error", "code"}`.
+
+use std::collections::BTreeMap;
+
+use http::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::policy::overrides::{HandlerSpec, Setter};
+use crate::proxy::overrides::ApplyError;
+use crate::proxy::state::Shared;
+
+/// An answer: status and JSON body (or Prometheus text for `/metrics`).
+pub struct Answer {
+    pub status: StatusCode,
+    pub body: String,
+    pub content_type: &'static str,
+}
+
+fn json_answer(status: StatusCode, v: Value) -> Answer {
+    Answer { status, body: format!("{v}\n"), content_type: "application/json" }
+}
+
+fn error(status: StatusCode, code: &str, msg: impl Into<String>) -> Answer {
+    json_answer(status, json!({ "error": msg.into(), "code": code }))
+}
+
+/// Routes one admin request.
+pub fn route(shared: &Shared, method: &Method, path: &str, query: Option<&str>, body: &[u8]) -> Answer {
+    let segments: Vec<String> = path.trim_matches('/').split('/').map(percent_decode).collect();
+    let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
+    match (method, segs.as_slice()) {
+        (&Method::GET, ["metrics"]) => {
+            Answer { status: StatusCode::OK, body: shared.metrics.encode(), content_type: "text/plain; version=0.0.4" }
+        }
+        (&Method::GET, ["v1", "status"]) => json_answer(StatusCode::OK, status(shared)),
+        (&Method::POST, ["v1", "reload"]) => {
+            for i in 0..shared.classes.len() {
+                crate::proxy::reload::reload_class(shared, i);
+            }
+            json_answer(StatusCode::OK, status(shared))
+        }
+        (&Method::GET, ["v1", "containers"]) => {
+            json_answer(StatusCode::OK, json!({ "containers": shared.overrides.containers() }))
+        }
+        (&Method::GET, ["v1", "containers", id]) => match crate::identity::ContainerId::parse(id) {
+            Ok(_) => json_answer(StatusCode::OK, json!({ "id": id, "overrides": shared.overrides.spec(id) })),
+            Err(e) => error(StatusCode::BAD_REQUEST, "bad_container_id", e.to_string()),
+        },
+        (_, ["v1", "containers", id, rest @ ..]) => match setter_for(method, rest, body) {
+            Ok(setter) => apply(shared, id, setter, query),
+            Err(a) => a,
+        },
+        _ => error(StatusCode::NOT_FOUND, "not_found", format!("no admin endpoint {method} {path}")),
+    }
+}
+
+fn status(shared: &Shared) -> Value {
+    let classes: Vec<Value> = shared
+        .classes
+        .iter()
+        .map(|c| {
+            let g = c.current();
+            json!({
+                "name": c.config.name,
+                "policy": c.config.policy.display().to_string(),
+                "listen": c.config.listen.to_string(),
+                "generation": g.as_ref().map(|g| g.number),
+                "lastError": c.last_error.read().unwrap_or_else(|e| e.into_inner()).as_ref().map(|e| e.to_string()),
+            })
+        })
+        .collect();
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptimeSeconds": shared.started.elapsed().as_secs(),
+        "classes": classes,
+    })
+}
+
+/// Maps a REST call to a setter (SPEC 7.3 paths).
+fn setter_for(method: &Method, rest: &[&str], body: &[u8]) -> Result<Setter, Answer> {
+    let parse = |what: &str| -> Result<Value, Answer> {
+        serde_json::from_slice(body)
+            .map_err(|e| error(StatusCode::BAD_REQUEST, "bad_json", format!("{what}: invalid JSON body: {e}")))
+    };
+    let handler = |v: Value| -> Result<HandlerSpec, Answer> {
+        match v {
+            Value::String(method) => Ok(HandlerSpec { method, params: None }),
+            other => serde_json::from_value(other).map_err(|e| {
+                error(StatusCode::BAD_REQUEST, "bad_json", format!("expected {{\"method\": NAME, \"params\": …}}: {e}"))
+            }),
+        }
+    };
+    let list = |v: Value| -> Result<Vec<String>, Answer> {
+        serde_json::from_value(v)
+            .map_err(|_| error(StatusCode::BAD_REQUEST, "bad_json", "expected a JSON list of host patterns"))
+    };
+    let setter = match (method, rest) {
+        (&Method::PUT, ["outbound-by-host", host]) => {
+            Setter::SetOutboundByHost(host.to_string(), handler(parse("outbound-by-host")?)?)
+        }
+        (&Method::DELETE, ["outbound-by-host", host]) => Setter::RemoveOutboundByHost(host.to_string()),
+        (&Method::PUT, ["outbound-by-hosts"]) => {
+            let Value::Object(map) = parse("outbound-by-hosts")? else {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_json",
+                    "expected {\"host\": NAME | {\"method\": NAME, \"params\": …}}",
+                ));
+            };
+            let mut out = BTreeMap::new();
+            for (host, v) in map {
+                out.insert(host, handler(v)?);
+            }
+            Setter::SetOutboundByHosts(out)
+        }
+        (&Method::PUT, ["outbound-handler"]) => Setter::SetOutboundHandler(handler(parse("outbound-handler")?)?),
+        (&Method::DELETE, ["outbound-handler"]) => Setter::RemoveOutboundHandler,
+        (&Method::PUT, ["allowed-hosts"]) => Setter::SetAllowedHosts(list(parse("allowed-hosts")?)?),
+        (&Method::PUT, ["denied-hosts"]) => Setter::SetDeniedHosts(list(parse("denied-hosts")?)?),
+        (&Method::POST, ["allowed-hosts", host]) => Setter::AllowHost(host.to_string()),
+        (&Method::DELETE, ["allowed-hosts", host]) => Setter::RemoveAllowedHost(host.to_string()),
+        (&Method::POST, ["denied-hosts", host]) => Setter::DenyHost(host.to_string()),
+        (&Method::DELETE, ["denied-hosts", host]) => Setter::RemoveDeniedHost(host.to_string()),
+        (&Method::DELETE, ["overrides"]) => Setter::ClearOverrides,
+        _ => {
+            return Err(error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no admin endpoint {method} …/{}", rest.join("/")),
+            ));
+        }
+    };
+    Ok(setter)
+}
+
+fn apply(shared: &Shared, id: &str, setter: Setter, query: Option<&str>) -> Answer {
+    if let Err(e) = crate::identity::ContainerId::parse(id) {
+        return error(StatusCode::BAD_REQUEST, "bad_container_id", e.to_string());
+    }
+    let wanted = query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("class=")));
+    let class = match (wanted, shared.classes.len()) {
+        (Some(name), _) => shared.classes.iter().find(|c| c.config.name == name),
+        (None, 1) => shared.classes.first(),
+        (None, _) => {
+            return error(StatusCode::BAD_REQUEST, "class_required", "several classes are served: add ?class=NAME");
+        }
+    };
+    let Some(class) = class else {
+        return error(StatusCode::NOT_FOUND, "unknown_class", format!("no class {:?}", wanted.unwrap_or_default()));
+    };
+    let Some(generation) = class.current() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "policy_not_loaded",
+            format!("class {} has no loaded policy", class.config.name),
+        );
+    };
+    match shared.overrides.apply(id, setter, &generation) {
+        Ok(spec) => json_answer(StatusCode::OK, json!({ "id": id, "overrides": spec })),
+        Err(ApplyError::Setter(e)) => error(StatusCode::BAD_REQUEST, e.code(), e.to_string()),
+        Err(ApplyError::Store(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()),
+    }
+}
+
+/// `%2A.example.com` → `*.example.com`. Invalid escapes are kept as written.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}

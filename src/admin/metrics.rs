@@ -1,0 +1,92 @@
+//! Prometheus metrics (SPEC 11), encoded by the prometheus-client crate.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub class: String,
+    pub decision: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabel {
+    pub class: String,
+}
+
+/// Every metric moat exports. Shared by all threads (the types are atomic).
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub duration: Histogram,
+    pub handler_errors: Family<ClassLabel, Counter>,
+    pub generation: Family<ClassLabel, Gauge>,
+    pub reload_failures: Family<ClassLabel, Counter>,
+    pub open_connections: Gauge,
+    pub tls_leaf_cache_size: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        // 100 µs to ~26 s.
+        let duration = Histogram::new(exponential_buckets(0.0001, 4.0, 10));
+        let handler_errors = Family::<ClassLabel, Counter>::default();
+        let generation = Family::<ClassLabel, Gauge>::default();
+        let reload_failures = Family::<ClassLabel, Counter>::default();
+        let open_connections = Gauge::default();
+        let tls_leaf_cache_size = Gauge::default();
+        registry.register("moat_requests", "Requests by class, decision and status", requests.clone());
+        registry.register("moat_request_duration_seconds", "Time from request head to response end", duration.clone());
+        registry.register(
+            "moat_handler_errors",
+            "Handler calls that failed (error, limit, not a Response)",
+            handler_errors.clone(),
+        );
+        registry.register(
+            "moat_policy_generation",
+            "Generation number of the policy serving each class",
+            generation.clone(),
+        );
+        registry.register(
+            "moat_policy_reload_failures",
+            "Reloads whose new script was rejected",
+            reload_failures.clone(),
+        );
+        registry.register("moat_open_connections", "Client connections open now", open_connections.clone());
+        registry.register(
+            "moat_tls_leaf_cache_size",
+            "Leaf certificates cached for TLS interception",
+            tls_leaf_cache_size.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            duration,
+            handler_errors,
+            generation,
+            reload_failures,
+            open_connections,
+            tls_leaf_cache_size,
+        }
+    }
+}
+
+impl Metrics {
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn class_label(class: &str) -> ClassLabel {
+        ClassLabel { class: class.to_string() }
+    }
+}

@@ -1,0 +1,133 @@
+//! Where per-container overrides live: in memory for the request path, in redb so that a
+//! restart keeps them (SPEC 7.2).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::policy::Overrides;
+use crate::policy::overrides::{OverrideSpec, Setter, SetterError};
+use crate::script::Generation;
+
+/// container id → JSON of its [`OverrideSpec`].
+const TABLE: TableDefinition<'_, &str, &str> = TableDefinition::new("overrides");
+
+/// Why the store could not be opened or written.
+#[derive(Debug, thiserror::Error)]
+#[error("override store {path}: {msg}")]
+pub struct StoreError {
+    pub path: String,
+    pub msg: String,
+}
+
+/// Overrides of every container.
+pub struct OverrideStore {
+    db: redb::Database,
+    path: String,
+    specs: RwLock<HashMap<String, OverrideSpec>>,
+    /// Compiled per container for the generation it was compiled against.
+    compiled: RwLock<HashMap<String, (Arc<Generation>, Arc<Overrides>)>>,
+}
+
+impl OverrideStore {
+    /// Opens (or creates) `data_dir/moat.redb` and loads every stored override.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        let path = data_dir.join("moat.redb");
+        let shown = path.display().to_string();
+        let err = |msg: String| StoreError { path: shown.clone(), msg };
+        std::fs::create_dir_all(data_dir).map_err(|e| err(format!("cannot create the data folder: {e}")))?;
+        let db = redb::Database::create(&path).map_err(|e| err(e.to_string()))?;
+        let mut specs = HashMap::new();
+        let read = db.begin_read().map_err(|e| err(e.to_string()))?;
+        match read.open_table(TABLE) {
+            Ok(table) => {
+                for row in table.iter().map_err(|e| err(e.to_string()))? {
+                    let (k, v) = row.map_err(|e| err(e.to_string()))?;
+                    match serde_json::from_str::<OverrideSpec>(v.value()) {
+                        Ok(spec) => {
+                            specs.insert(k.value().to_string(), spec);
+                        }
+                        Err(e) => tracing::warn!("dropping unreadable overrides of container {}: {e}", k.value()),
+                    }
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(err(e.to_string())),
+        }
+        drop(read);
+        Ok(Self { db, path: shown, specs: RwLock::new(specs), compiled: RwLock::new(HashMap::new()) })
+    }
+
+    /// The compiled overrides of `container` for `generation`, if it has any.
+    pub fn get(&self, container: &str, generation: &Arc<Generation>) -> Option<Arc<Overrides>> {
+        if let Some((g, o)) = self.compiled.read().unwrap_or_else(|e| e.into_inner()).get(container) {
+            if Arc::ptr_eq(g, generation) {
+                return Some(o.clone());
+            }
+        }
+        let spec = self.specs.read().unwrap_or_else(|e| e.into_inner()).get(container)?.clone();
+        let (compiled, dropped) = spec.compile(&generation.policy);
+        for name in dropped {
+            tracing::warn!(container, class = %generation.class, "override names handler {name:?}, which generation {} no longer has: ignored", generation.number);
+        }
+        let compiled = Arc::new(compiled);
+        self.compiled
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(container.to_string(), (generation.clone(), compiled.clone()));
+        Some(compiled)
+    }
+
+    /// The overrides of `container` as set.
+    pub fn spec(&self, container: &str) -> OverrideSpec {
+        self.specs.read().unwrap_or_else(|e| e.into_inner()).get(container).cloned().unwrap_or_default()
+    }
+
+    /// Every container with overrides.
+    pub fn containers(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.specs.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    /// Applies a setter, validated against `generation`'s class; durable once it returns.
+    pub fn apply(&self, container: &str, setter: Setter, generation: &Generation) -> Result<OverrideSpec, ApplyError> {
+        let mut specs = self.specs.write().unwrap_or_else(|e| e.into_inner());
+        let mut spec = specs.get(container).cloned().unwrap_or_default();
+        spec.apply(setter, &generation.class, &generation.policy).map_err(ApplyError::Setter)?;
+        self.persist(container, &spec).map_err(ApplyError::Store)?;
+        if spec.is_empty() {
+            specs.remove(container);
+        } else {
+            specs.insert(container.to_string(), spec.clone());
+        }
+        self.compiled.write().unwrap_or_else(|e| e.into_inner()).remove(container);
+        Ok(spec)
+    }
+
+    fn persist(&self, container: &str, spec: &OverrideSpec) -> Result<(), StoreError> {
+        let err = |e: &dyn std::fmt::Display| StoreError { path: self.path.clone(), msg: e.to_string() };
+        let tx = self.db.begin_write().map_err(|e| err(&e))?;
+        {
+            let mut table = tx.open_table(TABLE).map_err(|e| err(&e))?;
+            if spec.is_empty() {
+                table.remove(container).map_err(|e| err(&e))?;
+            } else {
+                let json = serde_json::to_string(spec).map_err(|e| err(&e))?;
+                table.insert(container, json.as_str()).map_err(|e| err(&e))?;
+            }
+        }
+        tx.commit().map_err(|e| err(&e))
+    }
+}
+
+/// A setter that failed: the user's mistake, or the database.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Setter(SetterError),
+    #[error(transparent)]
+    Store(StoreError),
+}
