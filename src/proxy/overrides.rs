@@ -22,13 +22,16 @@ pub struct StoreError {
     pub msg: String,
 }
 
+/// A container's overrides compiled for one generation (handler names checked against it).
+type Compiled = (Arc<Generation>, Arc<Overrides>);
+
 /// Overrides of every container.
 pub struct OverrideStore {
     db: redb::Database,
     path: String,
     specs: RwLock<HashMap<String, OverrideSpec>>,
     /// Compiled per container for the generation it was compiled against.
-    compiled: RwLock<HashMap<String, (Arc<Generation>, Arc<Overrides>)>>,
+    compiled: RwLock<HashMap<String, Compiled>>,
 }
 
 impl OverrideStore {
@@ -62,10 +65,9 @@ impl OverrideStore {
 
     /// The compiled overrides of `container` for `generation`, if it has any.
     pub fn get(&self, container: &str, generation: &Arc<Generation>) -> Option<Arc<Overrides>> {
-        if let Some((g, o)) = self.compiled.read().unwrap_or_else(|e| e.into_inner()).get(container) {
-            if Arc::ptr_eq(g, generation) {
-                return Some(o.clone());
-            }
+        let cached = self.compiled.read().unwrap_or_else(|e| e.into_inner()).get(container).cloned();
+        if let Some((_, o)) = cached.filter(|(g, _)| Arc::ptr_eq(g, generation)) {
+            return Some(o);
         }
         let spec = self.specs.read().unwrap_or_else(|e| e.into_inner()).get(container)?.clone();
         let (compiled, dropped) = spec.compile(&generation.policy);
