@@ -9,3 +9,4 @@ mod limits;
 mod lua_api;
 mod parsing;
 mod reload;
+mod runtime_policy;
