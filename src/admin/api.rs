@@ -24,6 +24,11 @@ fn error(status: StatusCode, code: &str, msg: impl Into<String>) -> Answer {
     json_answer(status, json!({ "error": msg.into(), "code": code }))
 }
 
+/// 401 for a TCP admin request without the right bearer token.
+pub fn unauthorized() -> Answer {
+    error(StatusCode::UNAUTHORIZED, "unauthorized", "send Authorization: Bearer <token from [admin] token_env>")
+}
+
 /// Routes one admin request.
 pub fn route(shared: &Shared, method: &Method, path: &str, query: Option<&str>, body: &[u8]) -> Answer {
     let segments: Vec<String> = path.trim_matches('/').split('/').map(percent_decode).collect();

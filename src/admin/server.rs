@@ -38,26 +38,50 @@ pub async fn serve(shared: Arc<Shared>, path: PathBuf) -> std::io::Result<()> {
     tracing::info!("admin API on unix:{}", path.display());
     loop {
         let (stream, _) = listener.accept().await?;
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let shared = shared.clone();
-                async move {
-                    let (parts, body) = req.into_parts();
-                    let body = match Limited::new(body, MAX_BODY).collect().await {
-                        Ok(b) => b.to_bytes(),
-                        Err(_) => Bytes::new(),
-                    };
-                    let a = super::api::route(&shared, &parts.method, parts.uri.path(), parts.uri.query(), &body);
-                    let resp = hyper::Response::builder()
-                        .status(a.status)
-                        .header("content-type", a.content_type)
-                        .body(Full::new(Bytes::from(a.body)))
-                        .expect("valid response");
-                    Ok::<_, std::convert::Infallible>(resp)
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-        });
+        tokio::spawn(serve_connection(TokioIo::new(stream), shared.clone(), None));
     }
+}
+
+/// Serves the admin API on TCP; every request must carry `Authorization: Bearer TOKEN`.
+pub async fn serve_tcp(shared: Arc<Shared>, listener: std::net::TcpListener, token: Arc<str>) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    tracing::info!("admin API on tcp:{} (bearer token required)", listener.local_addr()?);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        tokio::spawn(serve_connection(TokioIo::new(stream), shared.clone(), Some(token.clone())));
+    }
+}
+
+async fn serve_connection<I>(io: I, shared: Arc<Shared>, token: Option<Arc<str>>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let shared = shared.clone();
+        let token = token.clone();
+        async move {
+            let (parts, body) = req.into_parts();
+            let authorized = token.as_deref().is_none_or(|t| {
+                let given = parts.headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
+                crate::identity::constant_time_eq(given.as_bytes(), format!("Bearer {t}").as_bytes())
+            });
+            let a = if authorized {
+                let body = match Limited::new(body, MAX_BODY).collect().await {
+                    Ok(b) => b.to_bytes(),
+                    Err(_) => Bytes::new(),
+                };
+                super::api::route(&shared, &parts.method, parts.uri.path(), parts.uri.query(), &body)
+            } else {
+                super::api::unauthorized()
+            };
+            let resp = hyper::Response::builder()
+                .status(a.status)
+                .header("content-type", a.content_type)
+                .body(Full::new(Bytes::from(a.body)))
+                .expect("valid response");
+            Ok::<_, std::convert::Infallible>(resp)
+        }
+    });
+    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
 }

@@ -21,7 +21,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         l.set_nonblocking(true)?;
         listeners.push((i, l));
     }
-    let own: Vec<SocketAddr> = listeners.iter().filter_map(|(_, l)| l.local_addr().ok()).collect();
+    let mut own: Vec<SocketAddr> = listeners.iter().filter_map(|(_, l)| l.local_addr().ok()).collect();
+    let admin_tcp = bind_admin_tcp(&config)?;
+    if let Some((l, _)) = &admin_tcp {
+        own.extend(l.local_addr().ok());
+    }
     let overrides = super::overrides::OverrideStore::open(&config.data_dir)?;
     let shared = Arc::new(Shared::new(config, bindings, overrides, own));
 
@@ -49,6 +53,14 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             let workers = workers.clone();
             tasks.spawn(accept_loop(listener, class, addr, workers));
         }
+        if let Some((listener, token)) = admin_tcp {
+            let s = shared.clone();
+            tasks.spawn(async move {
+                if let Err(e) = crate::admin::server::serve_tcp(s, listener, token).await {
+                    tracing::error!("admin API on TCP stopped: {e}");
+                }
+            });
+        }
         let admin = shared.config.admin_socket.clone();
         let admin_shared = shared.clone();
         tasks.spawn(async move {
@@ -63,6 +75,25 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         tasks.abort_all();
         anyhow::Ok(())
     })
+}
+
+/// The optional TCP admin listener (`[admin] tcp`), with its bearer token from `token_env`.
+fn bind_admin_tcp(config: &Config) -> anyhow::Result<Option<(std::net::TcpListener, Arc<str>)>> {
+    let Some(section) = config.file.admin.as_ref() else { return Ok(None) };
+    let Some(addr) = section.tcp.as_deref() else { return Ok(None) };
+    let var = section
+        .token_env
+        .as_deref()
+        .ok_or_else(|| anyhow::anyhow!("[admin] tcp needs token_env: the TCP admin API always requires a token"))?;
+    let token =
+        std::env::var(var).map_err(|_| anyhow::anyhow!("[admin] token_env: environment variable {var} is not set"))?;
+    if token.len() < 16 {
+        anyhow::bail!("[admin] token_env: the token in {var} is shorter than 16 characters");
+    }
+    let addr = crate::config::parse_listen(addr).map_err(|m| anyhow::anyhow!("[admin] tcp: {m}"))?;
+    let l = std::net::TcpListener::bind(addr)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for the admin API: {e}"))?;
+    Ok(Some((l, Arc::from(token))))
 }
 
 async fn accept_loop(

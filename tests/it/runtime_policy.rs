@@ -208,3 +208,27 @@ fn status_and_metrics_tell_what_happened() {
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
 }
+
+#[test]
+fn tcp_admin_needs_the_token_and_is_never_a_proxy_destination() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let toml = format!("[admin]\ntcp = \"127.0.0.1:{port}\"\ntoken_env = \"ADMIN_TOKEN\"\n");
+    let token = "0123456789abcdef-admin";
+    let moat = Moat::start_with(r#"allowedHosts = { "127.0.0.1" }"#, Some(&toml), &[], &[("ADMIN_TOKEN", token)]);
+    let url = format!("http://127.0.0.1:{port}/v1/status");
+    let out = |args: &[&str]| {
+        let o = Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--noproxy", "*"])
+            .args(args)
+            .arg(&url)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert_eq!(out(&[]), "401");
+    assert_eq!(out(&["-H", "Authorization: Bearer wrong-token-xxxxxxx"]), "401");
+    assert_eq!(out(&["-H", &format!("Authorization: Bearer {token}")]), "200");
+    // Through the proxy, the admin address is refused even though 127.0.0.1 is allowed.
+    let r = curl(&moat, &url, &["-H", &format!("Authorization: Bearer {token}")]);
+    assert_eq!((r.status, r.headers["moat-denied"].as_str()), (520, "blocked-address"));
+}
