@@ -48,7 +48,7 @@ name = "handler"
 policy = "$work/handler.lua"
 listen = "127.0.0.1:13129"
 TOML
-RUST_LOG=warn MOAT_WORKERS=${MOAT_WORKERS:-} "$BIN/moat" serve --config "$work/moat.toml" > "$work/moat.out" 2> "$work/moat.log" &
+RUST_LOG=warn,moat::reload=info MOAT_WORKERS=${MOAT_WORKERS:-} "$BIN/moat" serve --config "$work/moat.toml" > "$work/moat.out" 2> "$work/moat.log" &
 MOAT=$!
 pids+=($MOAT)
 sleep 1
@@ -83,6 +83,16 @@ rh=$(run 127.0.0.1:13129 "http://$UP/" "$CONNS" "$SECS" "$RATE")
 printf '%-26s %s\n' "direct @${RATE}" "$rd" "moat egress @${RATE}" "$re" "moat handler @${RATE}" "$rh"
 p99d=$(echo "$rd" | field p99_us)
 echo "p99 added: egress $(( $(echo "$re" | field p99_us) - p99d )) us, handler $(( $(echo "$rh" | field p99_us) - p99d )) us"
+
+echo "== handler path while the policy is saved once a second (hot reload), ${SECS}s each"
+quiet=$(run 127.0.0.1:13129 "http://$UP/" "$CONNS" "$SECS")
+( for i in $(seq "$SECS"); do sleep 1; sed -i "1s/.*/-- saved $i/" "$work/handler.lua"; done ) &
+saver=$!
+busy=$(run 127.0.0.1:13129 "http://$UP/" "$CONNS" "$SECS")
+wait $saver
+q=$(echo "$quiet" | field rps); b=$(echo "$busy" | field rps)
+printf '%-26s %s\n' "handler, no reloads" "$quiet" "handler, 1 save/s" "$busy"
+echo "with reloads / without: $(awk -v b="$b" -v q="$q" 'BEGIN {printf "%.2f", b/q}')   (reloads seen: $(grep -c 'policy reloaded' "$work/moat.log" || true))"
 
 echo "== $IDLE idle keep-alive connections"
 run idle 127.0.0.1:13129 "http://$UP/" "$IDLE" 3 &

@@ -32,7 +32,9 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<mpsc::Sender<ReloadRequest>
     let (tx, rx) = mpsc::channel::<ReloadRequest>();
     let events = tx.clone();
     let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if let Ok(event) = res {
+        // Opening or reading a file is not a change (and moat's own reads would otherwise
+        // trigger reloads of their own).
+        if let Some(event) = res.ok().filter(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
             let _ = events.send(ReloadRequest::Changed(event.paths));
         }
     });

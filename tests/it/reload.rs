@@ -180,3 +180,14 @@ fn rewrite(policy: &Path, times: u32) {
         std::fs::rename(&tmp, policy).unwrap();
     }
 }
+
+#[test]
+fn a_reload_does_not_trigger_another() {
+    let moat = Moat::start(&version_policy("one"));
+    std::fs::write(moat.dir.path().join("policy.lua"), version_policy("two")).unwrap();
+    wait_for(&moat, "two", RELOAD_BOUND);
+    // Reading the policy to reload it must not count as a change.
+    std::thread::sleep(Duration::from_millis(800));
+    let log = moat.logs();
+    assert_eq!(log.matches("policy reloaded").count(), 1, "{log}");
+}
