@@ -12,6 +12,7 @@ pub mod bindings;
 pub mod body;
 pub mod cli;
 pub mod config;
+pub mod db;
 pub mod identity;
 pub mod log;
 pub mod policy;

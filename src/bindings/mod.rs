@@ -1,6 +1,8 @@
 //! `env` bindings (SPEC 6): secrets and vars. (KV namespaces and buckets come with the
 //! storage layer.)
 
+pub mod kv;
+
 use std::collections::BTreeMap;
 
 use mlua::{Lua, Result, Table};
@@ -10,13 +12,18 @@ use crate::config::Config;
 /// Prefix of environment variables that become secrets when no config names them.
 pub const SECRET_ENV_PREFIX: &str = "MOAT_SECRET_";
 
-/// The values behind `env`, read at start. Shared by every worker.
-#[derive(Clone, Debug, Default)]
+/// The values behind `env`, read at start. Shared by every worker. (No `Debug`: it holds
+/// secret values.)
+#[derive(Clone, Default)]
 pub struct Bindings {
     /// `[vars]`: plain strings.
     pub vars: BTreeMap<String, String>,
     /// Secret name → value. Never logged (see [`crate::log::redact`]).
     secrets: BTreeMap<String, String>,
+    /// KV binding names (`[kv]`, or `KV` when the config has no `[kv]`).
+    pub kv_names: Vec<String>,
+    /// The store behind KV bindings and `ctx.storage`, once the database is open.
+    pub kv: Option<std::sync::Arc<kv::KvStore>>,
 }
 
 impl Bindings {
@@ -42,7 +49,18 @@ impl Bindings {
             secrets.insert(name.clone(), value);
         }
         crate::log::set_secrets(secrets.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
-        Ok(Self { vars: config.vars.clone(), secrets })
+        let kv_names =
+            if config.file.kv.is_empty() { vec!["KV".to_string()] } else { config.file.kv.keys().cloned().collect() };
+        for name in &kv_names {
+            if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return Err(format!("kv.{name}: binding names are letters, digits and _"));
+            }
+        }
+        Ok(Self { vars: config.vars.clone(), secrets, kv_names, kv: None })
+    }
+
+    pub fn attach_kv(&mut self, store: std::sync::Arc<kv::KvStore>) {
+        self.kv = Some(store);
     }
 
     /// Names of the secrets (for `moat check`).
@@ -58,6 +76,14 @@ impl Bindings {
         }
         for (k, v) in &self.secrets {
             env.set(k.as_str(), v.as_str())?;
+        }
+        if let Some(store) = &self.kv {
+            for name in &self.kv_names {
+                env.set(
+                    name.as_str(),
+                    crate::script::api::kv::LuaKv { table: kv::kv_table(name), store: store.clone() },
+                )?;
+            }
         }
         Ok(env)
     }

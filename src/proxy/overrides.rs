@@ -27,7 +27,7 @@ type Compiled = (Arc<Generation>, Arc<Overrides>);
 
 /// Overrides of every container.
 pub struct OverrideStore {
-    db: redb::Database,
+    db: Arc<redb::Database>,
     path: String,
     specs: RwLock<HashMap<String, OverrideSpec>>,
     /// Compiled per container for the generation it was compiled against.
@@ -35,13 +35,10 @@ pub struct OverrideStore {
 }
 
 impl OverrideStore {
-    /// Opens (or creates) `data_dir/moat.redb` and loads every stored override.
-    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        let path = data_dir.join("moat.redb");
-        let shown = path.display().to_string();
+    /// Loads every stored override from `db` (`data_dir/moat.redb`).
+    pub fn open(db: Arc<redb::Database>, data_dir: &Path) -> Result<Self, StoreError> {
+        let shown = data_dir.join("moat.redb").display().to_string();
         let err = |msg: String| StoreError { path: shown.clone(), msg };
-        std::fs::create_dir_all(data_dir).map_err(|e| err(format!("cannot create the data folder: {e}")))?;
-        let db = redb::Database::create(&path).map_err(|e| err(e.to_string()))?;
         let mut specs = HashMap::new();
         let read = db.begin_read().map_err(|e| err(e.to_string()))?;
         match read.open_table(TABLE) {

@@ -26,7 +26,26 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     if let Some((l, _)) = &admin_tcp {
         own.extend(l.local_addr().ok());
     }
-    let overrides = super::overrides::OverrideStore::open(&config.data_dir)?;
+    let db = crate::db::open(&config.data_dir).map_err(|e| match e {
+        crate::db::OpenError::InUse => {
+            anyhow::anyhow!("{}: another moat is running on this data folder", config.data_dir.display())
+        }
+        other => anyhow::anyhow!("{other}"),
+    })?;
+    let overrides = super::overrides::OverrideStore::open(db.clone(), &config.data_dir)?;
+    let kv = Arc::new(crate::bindings::kv::KvStore::new(db));
+    let mut bindings = bindings;
+    bindings.attach_kv(kv.clone());
+    std::thread::Builder::new().name("moat-kv-expiry".into()).spawn(move || {
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(60));
+            match kv.purge_expired() {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!("removed {n} expired KV entries"),
+                Err(e) => tracing::warn!("KV expiry sweep: {e}"),
+            }
+        }
+    })?;
     let shared = Arc::new(Shared::new(config, bindings, overrides, own));
 
     for i in 0..shared.classes.len() {

@@ -27,6 +27,7 @@ pub struct ClassRuntime {
     outbound: Option<Function>,
     handlers: HashMap<String, Function>,
     env: Table,
+    kv: Option<Arc<crate::bindings::kv::KvStore>>,
 }
 
 /// Who a handler call is for.
@@ -92,7 +93,7 @@ impl ClassRuntime {
         let handlers = table_fns("outboundHandlers").map_err(|e| fail(e.to_string()))?;
         let outbound = lua.globals().get::<Option<Function>>("outbound").map_err(|e| fail(e.to_string()))?;
         let env = bindings.env_table(&lua).map_err(|e| fail(e.to_string()))?;
-        Ok(Self { generation, lua, by_host, outbound, handlers, env })
+        Ok(Self { generation, lua, by_host, outbound, handlers, env, kv: bindings.kv.clone() })
     }
 
     /// Runs the chosen handler for `request` and returns its Response as HTTP.
@@ -123,6 +124,7 @@ impl ClassRuntime {
                 class: who.class.to_string(),
                 request_id: who.request_id.to_string(),
                 params: choice.params().cloned(),
+                storage: self.kv.clone(),
             })
             .map_err(lua_err)?;
 

@@ -2,6 +2,7 @@
 
 mod harness;
 
+mod bindings;
 mod cli;
 mod decision;
 mod egress;

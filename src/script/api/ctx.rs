@@ -10,6 +10,8 @@ pub struct LuaCtx {
     pub request_id: String,
     /// `ctx.params` for handlers chosen at runtime with params.
     pub params: Option<serde_json::Value>,
+    /// The store behind `ctx.storage`.
+    pub storage: Option<std::sync::Arc<crate::bindings::kv::KvStore>>,
 }
 
 impl UserData for LuaCtx {
@@ -17,6 +19,10 @@ impl UserData for LuaCtx {
         f.add_field_method_get("containerId", |_, this| Ok(this.container_id.clone()));
         f.add_field_method_get("className", |_, this| Ok(this.class.clone()));
         f.add_field_method_get("requestId", |_, this| Ok(this.request_id.clone()));
+        f.add_field_method_get("storage", |_, this| {
+            let store = this.storage.clone().ok_or_else(|| mlua::Error::runtime("ctx.storage is not available"))?;
+            Ok(super::kv::LuaKv { table: crate::bindings::kv::storage_table(&this.container_id), store })
+        });
         f.add_field_method_get("params", |lua, this| match &this.params {
             Some(p) => super::json_to_lua(lua, p),
             None => Ok(mlua::Value::Nil),

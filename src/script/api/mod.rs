@@ -7,6 +7,7 @@ pub mod container;
 pub mod ctx;
 pub mod fetch;
 pub mod headers;
+pub mod kv;
 pub mod natives;
 pub mod request;
 pub mod response;

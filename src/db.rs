@@ -1,0 +1,30 @@
+//! moat's one database file, `data_dir/moat.redb`: overrides, KV namespaces, ctx.storage.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Opens (or creates) the database, creating `data_dir` private to its owner (mode 0700).
+pub fn open(data_dir: &Path) -> Result<Arc<redb::Database>, OpenError> {
+    if !data_dir.exists() {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| OpenError::Other(format!("cannot create {}: {e}", data_dir.display())))?;
+        let _ = std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700));
+    }
+    let path = data_dir.join("moat.redb");
+    match redb::Database::create(&path) {
+        Ok(db) => Ok(Arc::new(db)),
+        Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(OpenError::InUse),
+        Err(e) => Err(OpenError::Other(format!("{}: {e}", path.display()))),
+    }
+}
+
+/// Why the database could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// A running moat holds it: go through its admin API.
+    #[error("the database is in use by a running moat")]
+    InUse,
+    #[error("{0}")]
+    Other(String),
+}

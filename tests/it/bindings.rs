@@ -1,0 +1,142 @@
+//! env bindings (SPEC 6): KV namespaces on redb, ctx.storage, secrets; the quickstart.
+
+use std::process::Command;
+
+use crate::harness::*;
+
+const KV_POLICY: &str = r#"
+local json = require("moat.json")
+outboundByHost = {
+  ["kv.test"] = function(request, env, ctx)
+    local u = URL.new(request.url)
+    local op, key = u.searchParams:get("op"), u.pathname:sub(2)
+    if op == "put" then
+      local ttl = u.searchParams:get("ttl")
+      env.KV:put(key, request:text(), { expirationTtl = ttl and tonumber(ttl), metadata = { n = 1 } })
+      return Response.new("ok")
+    elseif op == "delete" then
+      env.KV:delete(key)
+      return Response.new("deleted")
+    elseif op == "json" then
+      return Response.new(tostring(env.KV:get(key, { type = "json" }).a))
+    elseif op == "meta" then
+      local v, m = env.KV:getWithMetadata(key)
+      return Response.new(v .. " " .. json.encode(m))
+    elseif op == "list" then
+      local out, cursor = {}, nil
+      repeat
+        local page = env.KV:list({ prefix = u.searchParams:get("prefix"), limit = 2, cursor = cursor })
+        for _, k in ipairs(page.keys) do out[#out + 1] = k.name end
+        cursor = page.cursor
+      until page.list_complete
+      return Response.new(table.concat(out, ","))
+    elseif op == "bad" then
+      local ok, err = pcall(function() env.KV:put(string.rep("k", 513), "v") end)
+      return Response.new(tostring(err))
+    end
+    local v = env.KV:get(key)
+    if v == nil then return Response.new("missing", { status = 404 }) end
+    return Response.new(v)
+  end,
+  ["notes.test"] = function(request, env, ctx)
+    local key = URL.new(request.url).pathname:sub(2)
+    if request.method == "PUT" then ctx.storage:put(key, request:text()) return Response.new("ok") end
+    return Response.new(ctx.storage:get(key) or "none")
+  end,
+  ["secret.test"] = function(request, env, ctx)
+    console.log("token is", env.API_TOKEN)
+    local r = Request.new("http://127.0.0.1:" .. request.headers:get("x-port") .. "/echo")
+    r.headers:set("authorization", "Bearer " .. env.API_TOKEN)
+    local up = fetch(r):json()
+    if up.headers.authorization ~= "Bearer " .. env.API_TOKEN then error("not injected") end
+    error("failing on purpose with " .. env.API_TOKEN)
+  end,
+}
+"#;
+
+fn kv(moat: &Moat, path: &str, extra: &[&str]) -> (u16, String) {
+    let r = curl(moat, &format!("http://kv.test/{path}"), extra);
+    (r.status, r.body)
+}
+
+#[test]
+fn kv_calls_and_edge_cases() {
+    let moat = Moat::start(KV_POLICY);
+    assert_eq!(kv(&moat, "nothing", &[]), (404, "missing".into()), "a missing key is nil");
+    assert_eq!(kv(&moat, "k1?op=put", &["--data", "v1"]).0, 200);
+    assert_eq!(kv(&moat, "k1", &[]), (200, "v1".into()));
+    assert_eq!(kv(&moat, "k1?op=meta", &[]), (200, r#"v1 {"n":1}"#.into()));
+    assert_eq!(kv(&moat, "k1?op=put", &["--data", "v2"]).0, 200);
+    assert_eq!(kv(&moat, "k1", &[]).1, "v2", "put overwrites");
+    assert_eq!(kv(&moat, "doc?op=put", &["--data", r#"{"a":42}"#]).0, 200);
+    assert_eq!(kv(&moat, "doc?op=json", &[]).1, "42");
+    for k in ["p/1", "p/2", "p/3", "p/4", "p/5", "q/1"] {
+        kv(&moat, &format!("{k}?op=put"), &["--data", "x"]);
+    }
+    assert_eq!(kv(&moat, "?op=list&prefix=p/", &[]).1, "p/1,p/2,p/3,p/4,p/5", "pagination with limit 2");
+    assert_eq!(kv(&moat, "k1?op=delete", &[]).0, 200);
+    assert_eq!(kv(&moat, "k1", &[]).0, 404);
+    assert!(kv(&moat, "?op=bad", &[]).1.contains("the limit is 512"));
+    // TTL: gone after it expires.
+    assert_eq!(kv(&moat, "short?op=put&ttl=1", &["--data", "brief"]).0, 200);
+    assert_eq!(kv(&moat, "short", &[]).1, "brief");
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    assert_eq!(kv(&moat, "short", &[]).0, 404, "expired");
+}
+
+#[test]
+fn storage_is_private_per_container_and_data_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "policy.lua", KV_POLICY);
+    let start = || {
+        let mut cmd = Command::new(MOAT);
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--policy"])
+            .arg(dir.path().join("policy.lua"))
+            .arg("--data-dir")
+            .arg(dir.path().join("data"));
+        Moat::spawn(cmd, tempfile::tempdir().unwrap())
+    };
+    let moat = start();
+    assert_eq!(curl(&moat, "http://notes.test/n", &["-U", "alice:", "-X", "PUT", "--data", "alice's"]).body, "ok");
+    assert_eq!(curl(&moat, "http://notes.test/n", &["-U", "bob:"]).body, "none", "bob cannot read alice's storage");
+    assert_eq!(curl(&moat, "http://notes.test/n", &["-U", "alice:"]).body, "alice's");
+    assert_eq!(kv(&moat, "kept?op=put", &["--data", "durable"]).0, 200);
+    drop(moat);
+    let moat = start();
+    assert_eq!(kv(&moat, "kept", &[]).1, "durable");
+    assert_eq!(curl(&moat, "http://notes.test/n", &["-U", "alice:"]).body, "alice's");
+}
+
+#[test]
+fn secrets_reach_the_upstream_but_never_the_log_or_an_error_body() {
+    let up = Upstream::start();
+    let secret = "sk-live-5f1e2d3c4b5a69788796";
+    let moat = Moat::start_with(KV_POLICY, None, &[], &[("MOAT_SECRET_API_TOKEN", secret)]);
+    let r = curl(&moat, "http://secret.test/", &["-H", &format!("x-port: {}", up.addr.port())]);
+    assert_eq!(r.status, 500);
+    assert!(!r.body.contains(secret), "{}", r.body);
+    assert_eq!(up.last().unwrap().headers["authorization"], format!("Bearer {secret}"));
+    let log = moat.wait_log("failing on purpose");
+    assert!(!log.contains(secret), "{log}");
+    assert!(log.contains("token is [secret API_TOKEN]"), "{log}");
+    assert!(log.contains("failing on purpose with [secret API_TOKEN]"), "{log}");
+}
+
+#[test]
+fn the_readme_quickstart_answers_from_kv() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(MOAT);
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--policy"])
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/quickstart.lua"))
+        .current_dir(dir.path());
+    let moat = Moat::spawn(cmd, dir);
+    let r = curl(&moat, "http://my.kv/greeting", &["-U", "agent-1:", "-X", "PUT", "--data", "hello from KV"]);
+    assert_eq!(r.status, 201);
+    let r = curl(&moat, "http://my.kv/greeting", &["-U", "agent-1:"]);
+    assert_eq!((r.status, r.body.as_str(), r.headers["x-written-by"].as_str()), (200, "hello from KV\n", "agent-1"));
+    assert_eq!(curl(&moat, "http://my.kv/", &[]).body, r#"{"complete":true,"keys":["greeting"]}"#);
+    curl(&moat, "http://my.notes/n", &["-U", "agent-1:", "-X", "PUT", "--data", "mine"]);
+    assert_eq!(curl(&moat, "http://my.notes/n", &["-U", "agent-2:"]).status, 404);
+    let r = curl(&moat, "http://example.com/", &[]);
+    assert_eq!((r.status, r.headers["moat-denied"].as_str()), (520, "internet-disabled"));
+}
