@@ -135,7 +135,7 @@ fn put_entry(lua: &Lua, value: Value, opts: Option<Table>) -> Result<Entry> {
     let mut entry = Entry { value, expiration: None, metadata: None };
     if let Some(o) = opts {
         if let Some(ttl) = o.get::<Option<f64>>("expirationTtl")? {
-            if !(ttl >= 1.0) {
+            if ttl.is_nan() || ttl < 1.0 {
                 return Err(mlua::Error::runtime("put: expirationTtl must be at least 1 second"));
             }
             entry.expiration = Some(now_secs() + ttl as u64);
