@@ -140,3 +140,49 @@ fn the_readme_quickstart_answers_from_kv() {
     let r = curl(&moat, "http://example.com/", &[]);
     assert_eq!((r.status, r.headers["moat-denied"].as_str()), (520, "internet-disabled"));
 }
+
+#[test]
+fn acknowledged_kv_puts_survive_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "policy.lua", KV_POLICY);
+    let start = || {
+        let mut cmd = Command::new(MOAT);
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--policy"]).arg(dir.path().join("policy.lua")).arg("--data-dir").arg(dir.path().join("data"));
+        Moat::spawn(cmd, tempfile::tempdir().unwrap())
+    };
+    let moat = start();
+    let pid = moat.pid();
+    let proxy = moat.proxy_url();
+    // Writers acknowledge each put only after moat answered it.
+    let writers: Vec<_> = (0..3)
+        .map(|w| {
+            let proxy = proxy.clone();
+            std::thread::spawn(move || {
+                let mut acked = Vec::new();
+                for i in 0..10_000 {
+                    let key = format!("w{w}-{i}");
+                    let out = Command::new("curl")
+                        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", "--noproxy", "", "-x", &proxy])
+                        .args(["--data", &format!("value-{key}"), &format!("http://kv.test/{key}?op=put")])
+                        .output()
+                        .unwrap();
+                    if String::from_utf8_lossy(&out.stdout) != "200" {
+                        break; // moat is gone
+                    }
+                    acked.push(key);
+                }
+                acked
+            })
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap().success());
+    let acked: Vec<String> = writers.into_iter().flat_map(|w| w.join().unwrap()).collect();
+    assert!(acked.len() > 10, "the writers made progress before the kill ({})", acked.len());
+    drop(moat);
+    let moat = start();
+    for key in &acked {
+        let (code, body) = kv(&moat, key, &[]);
+        assert_eq!((code, body), (200, format!("value-{key}")), "acknowledged put {key} lost");
+    }
+}
