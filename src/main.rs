@@ -100,6 +100,19 @@ enum Command {
         /// The setter's arguments (hosts, handler name, JSON params).
         args: Vec<String>,
     },
+    /// Read and write KV namespaces (directly, or through the running moat).
+    Kv {
+        #[command(flatten)]
+        admin: AdminFlags,
+        /// get, put, delete or list.
+        op: String,
+        /// The binding name, e.g. KV.
+        binding: String,
+        /// The key (for list: a prefix).
+        key: Option<String>,
+        /// The value for put, or - to read standard input.
+        value: Option<String>,
+    },
     /// Write a starter policy.lua and moat.toml.
     Init {
         /// Folder to write into (default: the current folder).
@@ -136,6 +149,17 @@ fn main() -> ExitCode {
         }
         Command::Policy { admin, class, id, setter, args } => admin_socket(admin)
             .and_then(|s| moat::admin::commands::policy(&s, &id, class.as_deref(), &setter, &args).map_err(failure)),
+        Command::Kv { admin, op, binding, key, value } => {
+            let o = config::Overrides {
+                config: admin.config,
+                data_dir: admin.data_dir,
+                admin: admin.admin,
+                ..Default::default()
+            };
+            load_config(&o).and_then(|c| {
+                moat::bindings::cli::kv(&c, &op, &binding, key.as_deref(), value.as_deref()).map_err(failure)
+            })
+        }
         Command::Init { dir } => moat::cli::init(&dir.unwrap_or_else(|| PathBuf::from("."))).map_err(Failure::Usage),
     };
     match result {

@@ -12,12 +12,12 @@ use crate::proxy::state::Shared;
 /// An answer: status and JSON body (or Prometheus text for `/metrics`).
 pub struct Answer {
     pub status: StatusCode,
-    pub body: String,
+    pub body: Vec<u8>,
     pub content_type: &'static str,
 }
 
 fn json_answer(status: StatusCode, v: Value) -> Answer {
-    Answer { status, body: format!("{v}\n"), content_type: "application/json" }
+    Answer { status, body: format!("{v}\n").into_bytes(), content_type: "application/json" }
 }
 
 fn error(status: StatusCode, code: &str, msg: impl Into<String>) -> Answer {
@@ -34,9 +34,11 @@ pub fn route(shared: &Shared, method: &Method, path: &str, query: Option<&str>, 
     let segments: Vec<String> = path.trim_matches('/').split('/').map(percent_decode).collect();
     let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
     match (method, segs.as_slice()) {
-        (&Method::GET, ["metrics"]) => {
-            Answer { status: StatusCode::OK, body: shared.metrics.encode(), content_type: "text/plain; version=0.0.4" }
-        }
+        (&Method::GET, ["metrics"]) => Answer {
+            status: StatusCode::OK,
+            body: shared.metrics.encode().into_bytes(),
+            content_type: "text/plain; version=0.0.4",
+        },
         (&Method::GET, ["v1", "status"]) => json_answer(StatusCode::OK, status(shared)),
         (&Method::POST, ["v1", "reload"]) => {
             for i in 0..shared.classes.len() {
@@ -51,11 +53,84 @@ pub fn route(shared: &Shared, method: &Method, path: &str, query: Option<&str>, 
             Ok(_) => json_answer(StatusCode::OK, json!({ "id": id, "overrides": shared.overrides.spec(id) })),
             Err(e) => error(StatusCode::BAD_REQUEST, "bad_container_id", e.to_string()),
         },
+        (_, ["v1", "kv", binding, rest @ ..]) => kv_route(shared, method, binding, rest, query, body),
         (_, ["v1", "containers", id, rest @ ..]) => match setter_for(method, rest, body) {
             Ok(setter) => apply(shared, id, setter, query),
             Err(a) => a,
         },
         _ => error(StatusCode::NOT_FOUND, "not_found", format!("no admin endpoint {method} {path}")),
+    }
+}
+
+/// `moat kv` through a running instance (which holds the database open).
+fn kv_route(
+    shared: &Shared,
+    method: &Method,
+    binding: &str,
+    rest: &[&str],
+    query: Option<&str>,
+    body: &[u8],
+) -> Answer {
+    let Some(store) = shared.bindings.kv.as_ref() else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "no_kv", "KV storage is not open");
+    };
+    if !shared.bindings.kv_names.iter().any(|n| n == binding) {
+        return error(
+            StatusCode::NOT_FOUND,
+            "unknown_binding",
+            format!("no KV binding {binding:?} (have: {})", shared.bindings.kv_names.join(", ")),
+        );
+    }
+    let table = crate::bindings::kv::kv_table(binding);
+    let param = |name: &str| {
+        query
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('='))))
+            .map(percent_decode)
+    };
+    let failed = |e: crate::bindings::kv::KvError| match e {
+        crate::bindings::kv::KvError::Invalid(m) => error(StatusCode::BAD_REQUEST, "bad_request", m),
+        other => error(StatusCode::INTERNAL_SERVER_ERROR, "store", other.to_string()),
+    };
+    match (method, rest) {
+        (&Method::GET, []) => {
+            let limit = param("limit").and_then(|l| l.parse().ok()).unwrap_or(crate::bindings::kv::MAX_LIST);
+            let prefix = param("prefix").unwrap_or_default();
+            match store.list(&table, prefix.as_bytes(), limit, param("cursor").as_deref()) {
+                Ok(page) => {
+                    let keys: Vec<Value> = page
+                        .keys
+                        .iter()
+                        .map(|k| json!({"name": String::from_utf8_lossy(&k.name), "expiration": k.expiration, "metadata": k.metadata}))
+                        .collect();
+                    json_answer(
+                        StatusCode::OK,
+                        json!({"keys": keys, "list_complete": page.complete, "cursor": page.cursor}),
+                    )
+                }
+                Err(e) => failed(e),
+            }
+        }
+        (&Method::GET, [key]) => match store.get(&table, key.as_bytes()) {
+            Ok(Some(e)) => Answer { status: StatusCode::OK, body: e.value, content_type: "application/octet-stream" },
+            Ok(None) => error(StatusCode::NOT_FOUND, "no_such_key", format!("no key {key:?} in {binding}")),
+            Err(e) => failed(e),
+        },
+        (&Method::PUT, [key]) => {
+            let entry = crate::bindings::kv::Entry { value: body.to_vec(), expiration: None, metadata: None };
+            match store.put(&table, key.as_bytes(), &entry) {
+                Ok(()) => json_answer(StatusCode::OK, json!({"ok": true})),
+                Err(e) => failed(e),
+            }
+        }
+        (&Method::DELETE, [key]) => match store.delete(&table, key.as_bytes()) {
+            Ok(()) => json_answer(StatusCode::OK, json!({"ok": true})),
+            Err(e) => failed(e),
+        },
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no admin endpoint {method} /v1/kv/{binding}/{}", rest.join("/")),
+        ),
     }
 }
 

@@ -1,6 +1,7 @@
 //! `env` bindings (SPEC 6): secrets and vars. (KV namespaces and buckets come with the
 //! storage layer.)
 
+pub mod cli;
 pub mod kv;
 
 use std::collections::BTreeMap;

@@ -147,7 +147,10 @@ fn acknowledged_kv_puts_survive_sigkill() {
     write(dir.path(), "policy.lua", KV_POLICY);
     let start = || {
         let mut cmd = Command::new(MOAT);
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--policy"]).arg(dir.path().join("policy.lua")).arg("--data-dir").arg(dir.path().join("data"));
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--policy"])
+            .arg(dir.path().join("policy.lua"))
+            .arg("--data-dir")
+            .arg(dir.path().join("data"));
         Moat::spawn(cmd, tempfile::tempdir().unwrap())
     };
     let moat = start();
@@ -162,7 +165,19 @@ fn acknowledged_kv_puts_survive_sigkill() {
                 for i in 0..10_000 {
                     let key = format!("w{w}-{i}");
                     let out = Command::new("curl")
-                        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", "--noproxy", "", "-x", &proxy])
+                        .args([
+                            "-s",
+                            "-o",
+                            "/dev/null",
+                            "-w",
+                            "%{http_code}",
+                            "--max-time",
+                            "5",
+                            "--noproxy",
+                            "",
+                            "-x",
+                            &proxy,
+                        ])
                         .args(["--data", &format!("value-{key}"), &format!("http://kv.test/{key}?op=put")])
                         .output()
                         .unwrap();
@@ -185,4 +200,38 @@ fn acknowledged_kv_puts_survive_sigkill() {
         let (code, body) = kv(&moat, key, &[]);
         assert_eq!((code, body), (200, format!("value-{key}")), "acknowledged put {key} lost");
     }
+}
+
+#[test]
+fn kv_cli_works_with_and_without_a_running_moat() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "policy.lua", KV_POLICY);
+    let data = dir.path().join("data");
+    let d = data.to_str().unwrap();
+    // No moat running: the CLI opens the database itself.
+    assert_eq!(moat_cmd(&["kv", "--data-dir", d, "put", "KV", "offline", "written without moat"], dir.path()).0, 0);
+    let (code, out, _) = moat_cmd(&["kv", "--data-dir", d, "get", "KV", "offline"], dir.path());
+    assert_eq!((code, out.as_str()), (0, "written without moat"));
+    let (code, _, err) = moat_cmd(&["kv", "--data-dir", d, "get", "NOPE", "x"], dir.path());
+    assert_eq!(code, 2, "{err}");
+
+    // With moat running, the same commands go through its admin API, on the same data.
+    let mut cmd = Command::new(MOAT);
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--policy"])
+        .arg(dir.path().join("policy.lua"))
+        .arg("--data-dir")
+        .arg(&data);
+    let moat = Moat::spawn(cmd, tempfile::tempdir().unwrap());
+    assert_eq!(kv(&moat, "offline", &[]).1, "written without moat");
+    assert_eq!(moat_cmd(&["kv", "--data-dir", d, "put", "KV", "online", "via admin"], dir.path()).0, 0);
+    assert_eq!(kv(&moat, "online", &[]).1, "via admin", "the policy sees what the CLI wrote");
+    assert_eq!(kv(&moat, "fromlua?op=put", &["--data", "lua value"]).0, 200);
+    let (code, out, _) = moat_cmd(&["kv", "--data-dir", d, "get", "KV", "fromlua"], dir.path());
+    assert_eq!((code, out.as_str()), (0, "lua value"));
+    let (_, out, _) = moat_cmd(&["kv", "--data-dir", d, "list", "KV"], dir.path());
+    assert_eq!(out, "fromlua\noffline\nonline\n");
+    assert_eq!(moat_cmd(&["kv", "--data-dir", d, "delete", "KV", "online"], dir.path()).0, 0);
+    let (code, _, err) = moat_cmd(&["kv", "--data-dir", d, "get", "KV", "online"], dir.path());
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no key"), "{err}");
 }
