@@ -12,6 +12,11 @@ pub fn set_secrets(mut secrets: Vec<(String, String)>) {
     *SECRETS.write().unwrap_or_else(|e| e.into_inner()) = secrets;
 }
 
+/// The registered secrets (name, value), longest value first.
+pub fn secrets() -> Vec<(String, String)> {
+    SECRETS.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
 /// Replaces every secret value in `text` with `[secret NAME]`.
 pub fn redact(text: &str) -> String {
     let secrets = SECRETS.read().unwrap_or_else(|e| e.into_inner());

@@ -4,6 +4,7 @@ pub mod answer;
 pub mod conn;
 pub mod h1;
 pub mod overrides;
+pub mod redact;
 pub mod reload;
 pub mod request;
 pub mod server;

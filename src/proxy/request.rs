@@ -176,7 +176,7 @@ async fn run(worker: &Worker, class: usize, head: RequestHead, body: Body, log: 
             match runtime.call(&choice, lua_req, who, limits).await {
                 Ok(mut resp) => {
                     upstream::strip_hop_by_hop(resp.headers_mut());
-                    resp
+                    redact_if(generation.policy.redact_secrets, resp)
                 }
                 Err(f) => {
                     log.handler_failed = true;
@@ -203,7 +203,10 @@ async fn run(worker: &Worker, class: usize, head: RequestHead, body: Body, log: 
                 Ok(resp) => {
                     let (mut parts, incoming) = resp.into_parts();
                     upstream::strip_hop_by_hop(&mut parts.headers);
-                    Response::from_parts(parts, crate::body::boxed(incoming))
+                    redact_if(
+                        generation.policy.redact_secrets,
+                        Response::from_parts(parts, crate::body::boxed(incoming)),
+                    )
                 }
                 Err(e) => {
                     log.detail = e.to_string();
@@ -212,6 +215,11 @@ async fn run(worker: &Worker, class: usize, head: RequestHead, body: Body, log: 
             }
         }
     }
+}
+
+/// Applies `redactSecrets` (SPEC 8.5) to what goes back to the container.
+fn redact_if(enabled: bool, resp: Response<Body>) -> Response<Body> {
+    if enabled { super::redact::redact_response(resp) } else { resp }
 }
 
 /// The container id, checked against `[containers]` tokens when the config lists any.

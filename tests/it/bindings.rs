@@ -235,3 +235,63 @@ fn kv_cli_works_with_and_without_a_running_moat() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("no key"), "{err}");
 }
+
+/// An upstream that answers once with a chunked body whose chunks split `text` in two.
+fn split_upstream(text: String) -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf);
+        let (a, b) = text.split_at(text.len() / 2);
+        let _ = write!(
+            s,
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n{:x}\r\n{a}\r\n",
+            a.len()
+        );
+        let _ = s.flush();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let _ = write!(s, "{:x}\r\n{b}\r\n0\r\n\r\n", b.len());
+    });
+    addr
+}
+
+#[test]
+fn redact_secrets_cleans_what_an_upstream_reflects() {
+    let up = Upstream::start();
+    let secret = "ghp_0123456789abcdefABCDEF";
+    let policy = r#"
+redactSecrets = true
+allowedHosts = { "127.0.0.1", "gh.test" }
+outboundByHost = {
+  ["gh.test"] = function(request, env)
+    local r = Request.new("http://127.0.0.1:" .. request.headers:get("x-port") .. "/reflect-secret")
+    r.headers:set("authorization", "Bearer " .. env.GITHUB_TOKEN)
+    return fetch(r)
+  end,
+}"#;
+    let moat = Moat::start_with(policy, None, &[], &[("MOAT_SECRET_GITHUB_TOKEN", secret)]);
+    let r = curl(&moat, "http://gh.test/", &["-H", &format!("x-port: {}", up.addr.port())]);
+    assert_eq!(
+        up.last().unwrap().headers["authorization"],
+        format!("Bearer {secret}"),
+        "the upstream got the real token"
+    );
+    assert_eq!(r.body, "you sent Bearer [secret GITHUB_TOKEN]");
+    assert_eq!(r.headers["x-reflected"], "Bearer [secret GITHUB_TOKEN]");
+    // A value split across two body chunks is still caught (egress path).
+    let split = split_upstream(format!("before {secret} after"));
+    let r = curl(&moat, &format!("http://{split}/"), &[]);
+    assert_eq!(r.body, "before [secret GITHUB_TOKEN] after");
+    // Without redactSecrets, the reflection passes (the policy author chose so).
+    let plain = Moat::start_with(
+        &policy.replace("redactSecrets = true", ""),
+        None,
+        &[],
+        &[("MOAT_SECRET_GITHUB_TOKEN", secret)],
+    );
+    let r = curl(&plain, "http://gh.test/", &["-H", &format!("x-port: {}", up.addr.port())]);
+    assert!(r.body.contains(secret));
+}
