@@ -1,6 +1,7 @@
 //! `env` bindings (SPEC 6): secrets and vars. (KV namespaces and buckets come with the
 //! storage layer.)
 
+pub mod blob;
 pub mod cli;
 pub mod kv;
 
@@ -25,6 +26,10 @@ pub struct Bindings {
     pub kv_names: Vec<String>,
     /// The store behind KV bindings and `ctx.storage`, once the database is open.
     pub kv: Option<std::sync::Arc<kv::KvStore>>,
+    /// Bucket binding names (`[blob]`, or `BUCKET` when the config has no `[blob]`).
+    pub blob_names: Vec<String>,
+    /// The store behind buckets.
+    pub blob: Option<std::sync::Arc<blob::BlobStore>>,
 }
 
 impl Bindings {
@@ -52,16 +57,25 @@ impl Bindings {
         crate::log::set_secrets(secrets.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
         let kv_names =
             if config.file.kv.is_empty() { vec!["KV".to_string()] } else { config.file.kv.keys().cloned().collect() };
-        for name in &kv_names {
+        let blob_names = if config.file.blob.is_empty() {
+            vec!["BUCKET".to_string()]
+        } else {
+            config.file.blob.keys().cloned().collect()
+        };
+        for (section, name) in kv_names.iter().map(|n| ("kv", n)).chain(blob_names.iter().map(|n| ("blob", n))) {
             if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-                return Err(format!("kv.{name}: binding names are letters, digits and _"));
+                return Err(format!("{section}.{name}: binding names are letters, digits and _"));
             }
         }
-        Ok(Self { vars: config.vars.clone(), secrets, kv_names, kv: None })
+        Ok(Self { vars: config.vars.clone(), secrets, kv_names, kv: None, blob_names, blob: None })
     }
 
     pub fn attach_kv(&mut self, store: std::sync::Arc<kv::KvStore>) {
         self.kv = Some(store);
+    }
+
+    pub fn attach_blob(&mut self, store: std::sync::Arc<blob::BlobStore>) {
+        self.blob = Some(store);
     }
 
     /// Names of the secrets (for `moat check`).
@@ -84,6 +98,12 @@ impl Bindings {
                     name.as_str(),
                     crate::script::api::kv::LuaKv { table: kv::kv_table(name), store: store.clone() },
                 )?;
+            }
+        }
+        if let Some(store) = &self.blob {
+            for name in &self.blob_names {
+                let bucket = crate::script::api::blob::LuaBucket { bucket: name.clone(), store: store.clone() };
+                env.set(name.as_str(), bucket)?;
             }
         }
         Ok(env)

@@ -33,9 +33,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         other => anyhow::anyhow!("{other}"),
     })?;
     let overrides = super::overrides::OverrideStore::open(db.clone(), &config.data_dir)?;
-    let kv = Arc::new(crate::bindings::kv::KvStore::new(db));
+    let kv = Arc::new(crate::bindings::kv::KvStore::new(db.clone()));
     let mut bindings = bindings;
     bindings.attach_kv(kv.clone());
+    bindings.attach_blob(Arc::new(crate::bindings::blob::BlobStore::new(db, &config.data_dir)));
     std::thread::Builder::new().name("moat-kv-expiry".into()).spawn(move || {
         loop {
             std::thread::sleep(std::time::Duration::from_secs(60));

@@ -3,6 +3,7 @@
 mod harness;
 
 mod bindings;
+mod blobs;
 mod cli;
 mod decision;
 mod egress;

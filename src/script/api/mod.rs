@@ -1,6 +1,7 @@
 //! The globals a policy script sees (SPEC 3): Request, Response, Headers, URL, fetch,
 //! console. `ctx` and `env` are handler arguments, built in [`super::runtime`].
 
+pub mod blob;
 pub mod body;
 pub mod console;
 pub mod container;
