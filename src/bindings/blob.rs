@@ -140,11 +140,8 @@ impl BlobStore {
         {
             let mut t = tx.open_table(table(&name)).map_err(storage)?;
             for k in keys {
-                if let Some(v) = t.remove(k.as_str()).map_err(storage)? {
-                    if let Ok(m) = serde_json::from_str(v.value()) {
-                        removed.push(m);
-                    }
-                }
+                let old = t.remove(k.as_str()).map_err(storage)?;
+                removed.extend(old.and_then(|v| serde_json::from_str(v.value()).ok()));
             }
         }
         tx.commit().map_err(storage)?;
