@@ -113,6 +113,19 @@ enum Command {
         /// The value for put, or - to read standard input.
         value: Option<String>,
     },
+    /// Read and write blob buckets (directly, or through the running moat).
+    Blob {
+        #[command(flatten)]
+        admin: AdminFlags,
+        /// get, put, delete or list.
+        op: String,
+        /// The bucket name, e.g. BUCKET.
+        bucket: String,
+        /// The object key (for list: a prefix).
+        key: Option<String>,
+        /// For put: the file to upload, or - for standard input.
+        file: Option<String>,
+    },
     /// Write a starter policy.lua and moat.toml.
     Init {
         /// Folder to write into (default: the current folder).
@@ -158,6 +171,17 @@ fn main() -> ExitCode {
             };
             load_config(&o).and_then(|c| {
                 moat::bindings::cli::kv(&c, &op, &binding, key.as_deref(), value.as_deref()).map_err(failure)
+            })
+        }
+        Command::Blob { admin, op, bucket, key, file } => {
+            let o = config::Overrides {
+                config: admin.config,
+                data_dir: admin.data_dir,
+                admin: admin.admin,
+                ..Default::default()
+            };
+            load_config(&o).and_then(|c| {
+                moat::bindings::cli::blob(&c, &op, &bucket, key.as_deref(), file.as_deref()).map_err(failure)
             })
         }
         Command::Init { dir } => moat::cli::init(&dir.unwrap_or_else(|| PathBuf::from("."))).map_err(Failure::Usage),

@@ -54,6 +54,7 @@ pub fn route(shared: &Shared, method: &Method, path: &str, query: Option<&str>, 
             Err(e) => error(StatusCode::BAD_REQUEST, "bad_container_id", e.to_string()),
         },
         (_, ["v1", "kv", binding, rest @ ..]) => kv_route(shared, method, binding, rest, query, body),
+        (_, ["v1", "blob", bucket, rest @ ..]) => blob_route(shared, method, bucket, &rest.join("/"), query, body),
         (_, ["v1", "containers", id, rest @ ..]) => match setter_for(method, rest, body) {
             Ok(setter) => apply(shared, id, setter, query),
             Err(a) => a,
@@ -131,6 +132,61 @@ fn kv_route(
             "not_found",
             format!("no admin endpoint {method} /v1/kv/{binding}/{}", rest.join("/")),
         ),
+    }
+}
+
+/// `moat blob` through a running instance.
+fn blob_route(shared: &Shared, method: &Method, bucket: &str, key: &str, query: Option<&str>, body: &[u8]) -> Answer {
+    use crate::bindings::blob::BlobError;
+    let Some(store) = shared.bindings.blob.as_ref() else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "no_blob", "blob storage is not open");
+    };
+    if !shared.bindings.blob_names.iter().any(|n| n == bucket) {
+        let have = shared.bindings.blob_names.join(", ");
+        return error(StatusCode::NOT_FOUND, "unknown_binding", format!("no bucket {bucket:?} (have: {have})"));
+    }
+    let failed = |e: BlobError| match e {
+        BlobError::Invalid(m) => error(StatusCode::BAD_REQUEST, "bad_request", m),
+        other => error(StatusCode::INTERNAL_SERVER_ERROR, "store", other.to_string()),
+    };
+    match (method, key) {
+        (&Method::GET, "") => {
+            let prefix = query
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("prefix=")))
+                .map(percent_decode)
+                .unwrap_or_default();
+            let mut names = Vec::new();
+            let mut cursor: Option<String> = None;
+            loop {
+                match store.list(bucket, &prefix, crate::bindings::blob::MAX_LIST, cursor.as_deref(), None) {
+                    Ok(l) => {
+                        names.extend(
+                            l.objects.into_iter().map(|o| json!({"key": o.key, "size": o.size, "etag": o.etag})),
+                        );
+                        if !l.truncated {
+                            break;
+                        }
+                        cursor = l.cursor;
+                    }
+                    Err(e) => return failed(e),
+                }
+            }
+            json_answer(StatusCode::OK, json!({ "objects": names }))
+        }
+        (&Method::GET, key) => match store.get_bytes(bucket, key) {
+            Ok(Some(b)) => Answer { status: StatusCode::OK, body: b, content_type: "application/octet-stream" },
+            Ok(None) => error(StatusCode::NOT_FOUND, "no_such_key", format!("no object {key:?} in {bucket}")),
+            Err(e) => failed(e),
+        },
+        (&Method::PUT, key) => match store.put_bytes(bucket, key, body) {
+            Ok(m) => json_answer(StatusCode::OK, json!({"key": m.key, "size": m.size, "etag": m.etag})),
+            Err(e) => failed(e),
+        },
+        (&Method::DELETE, key) => match store.delete(bucket, &[key.to_string()]) {
+            Ok(()) => json_answer(StatusCode::OK, json!({"ok": true})),
+            Err(e) => failed(e),
+        },
+        _ => error(StatusCode::NOT_FOUND, "not_found", format!("no admin endpoint {method} /v1/blob/{bucket}/{key}")),
     }
 }
 

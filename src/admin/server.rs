@@ -13,8 +13,9 @@ use tokio::net::UnixListener;
 
 use crate::proxy::state::Shared;
 
-/// Most bytes an admin request body may have.
-const MAX_BODY: usize = 1 << 20;
+/// Most bytes an admin request body may have (`moat blob put` through a running instance
+/// sends whole objects).
+const MAX_BODY: usize = 256 << 20;
 
 /// The default socket path: `data_dir/admin.sock`.
 pub fn default_socket(data_dir: &Path) -> PathBuf {

@@ -67,6 +67,28 @@ pub struct BlobStore {
     root: PathBuf,
 }
 
+/// A fresh data-file name for a version of `key`, and a temporary name to write it under.
+pub fn new_file_names(key: &str) -> (String, String) {
+    let mut r = [0u8; 8];
+    let _ = aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut r);
+    let unique = hex(&r);
+    let key_id = hex(&aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, key.as_bytes()).as_ref()[..8]);
+    (format!("{key_id}-{unique}.obj"), format!(".tmp-{unique}"))
+}
+
+/// The etag of an object: the first 16 bytes of its SHA-256, in hex.
+pub fn etag(sha256: &[u8]) -> String {
+    hex(&sha256[..16])
+}
+
+pub fn now_millis() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 /// Refuses keys that are empty, too long, contain NUL, or could be read as a path that
 /// leaves the bucket (`..` segments, absolute paths). Data files are never named after keys,
 /// so this is defence in depth and keeps keys portable to R2.
@@ -146,6 +168,54 @@ impl BlobStore {
         }
         tx.commit().map_err(storage)?;
         Ok(removed)
+    }
+
+    /// Stores an object from bytes in memory (CLI and admin API); the same steps as a streamed
+    /// put: temporary file, sync, rename to a fresh name, commit, remove the old version.
+    pub fn put_bytes(&self, bucket: &str, key: &str, data: &[u8]) -> Result<ObjectMeta, BlobError> {
+        use std::io::Write;
+        validate_key(key)?;
+        let dir = self.bucket_dir(bucket);
+        std::fs::create_dir_all(&dir).map_err(storage)?;
+        let (file, tmp) = new_file_names(key);
+        let tmp = dir.join(tmp);
+        let mut f = std::fs::File::create(&tmp).map_err(storage)?;
+        f.write_all(data).and_then(|_| f.sync_all()).map_err(storage)?;
+        std::fs::rename(&tmp, dir.join(&file)).map_err(storage)?;
+        let meta = ObjectMeta {
+            key: key.to_string(),
+            size: data.len() as u64,
+            etag: etag(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data).as_ref()),
+            uploaded: now_millis(),
+            http_metadata: Default::default(),
+            custom_metadata: Default::default(),
+            file,
+        };
+        if let Some(old) = self.commit(bucket, &meta)? {
+            let _ = std::fs::remove_file(dir.join(old.file));
+        }
+        Ok(meta)
+    }
+
+    /// Reads a whole object (CLI and admin API).
+    pub fn get_bytes(&self, bucket: &str, key: &str) -> Result<Option<Vec<u8>>, BlobError> {
+        for _ in 0..3 {
+            let Some(meta) = self.head(bucket, key)? else { return Ok(None) };
+            match std::fs::read(self.bucket_dir(bucket).join(&meta.file)) {
+                Ok(b) => return Ok(Some(b)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(storage(e)),
+            }
+        }
+        Err(BlobError::Storage(format!("{key:?} kept changing; try again")))
+    }
+
+    /// Deletes keys and their files.
+    pub fn delete(&self, bucket: &str, keys: &[String]) -> Result<(), BlobError> {
+        for m in self.remove(bucket, keys)? {
+            let _ = std::fs::remove_file(self.bucket_dir(bucket).join(m.file));
+        }
+        Ok(())
     }
 
     /// Objects in key order after `cursor` under `prefix`; with a delimiter, keys that have it

@@ -136,3 +136,103 @@ fn via_admin(
         _ => Ok(()),
     }
 }
+
+/// Runs one `moat blob` operation: `get` writes the object to standard output, `put` reads
+/// FILE (or standard input for `-`), `list` prints keys under an optional prefix.
+pub fn blob(
+    config: &Config,
+    op: &str,
+    bucket: &str,
+    key: Option<&str>,
+    file: Option<&str>,
+) -> Result<(), CommandError> {
+    let usage = |m: String| CommandError(2, m);
+    let names: Vec<String> =
+        if config.file.blob.is_empty() { vec!["BUCKET".into()] } else { config.file.blob.keys().cloned().collect() };
+    if !names.iter().any(|n| n == bucket) {
+        return Err(usage(format!("no bucket {bucket:?} in the config (have: {})", names.join(", "))));
+    }
+    let need_key = || key.ok_or_else(|| usage(format!("blob {op}: missing KEY")));
+    let read_input = || -> Result<Vec<u8>, CommandError> {
+        match file {
+            None => Err(usage("blob put: missing FILE (or - to read standard input)".into())),
+            Some("-") => {
+                let mut buf = Vec::new();
+                std::io::stdin().read_to_end(&mut buf).map_err(|e| CommandError(1, e.to_string()))?;
+                Ok(buf)
+            }
+            Some(f) => std::fs::read(f).map_err(|e| CommandError(1, format!("cannot read {f}: {e}"))),
+        }
+    };
+    match crate::db::open(&config.data_dir) {
+        Ok(db) => {
+            let store = super::blob::BlobStore::new(db, &config.data_dir);
+            let fail = |e: super::blob::BlobError| CommandError(1, e.to_string());
+            match op {
+                "get" => match store.get_bytes(bucket, need_key()?).map_err(fail)? {
+                    Some(b) => write_out(&b),
+                    None => Err(CommandError(1, format!("no object {:?} in {bucket}", need_key()?))),
+                },
+                "put" => store.put_bytes(bucket, need_key()?, &read_input()?).map(|_| ()).map_err(fail),
+                "delete" => store.delete(bucket, &[need_key()?.to_string()]).map_err(fail),
+                "list" => {
+                    let mut cursor: Option<String> = None;
+                    loop {
+                        let l = store
+                            .list(bucket, key.unwrap_or(""), super::blob::MAX_LIST, cursor.as_deref(), None)
+                            .map_err(fail)?;
+                        for o in &l.objects {
+                            println!("{}", o.key);
+                        }
+                        if !l.truncated {
+                            return Ok(());
+                        }
+                        cursor = l.cursor;
+                    }
+                }
+                other => Err(usage(format!("blob: unknown operation {other:?}: use get, put, delete or list"))),
+            }
+        }
+        Err(crate::db::OpenError::InUse) => {
+            let enc = |s: &str| {
+                s.bytes()
+                    .map(|b| {
+                        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+                            (b as char).to_string()
+                        } else {
+                            format!("%{b:02X}")
+                        }
+                    })
+                    .collect::<String>()
+            };
+            let (method, path, body) = match op {
+                "get" => ("GET", format!("/v1/blob/{bucket}/{}", enc(need_key()?)), None),
+                "delete" => ("DELETE", format!("/v1/blob/{bucket}/{}", enc(need_key()?)), None),
+                "put" => ("PUT", format!("/v1/blob/{bucket}/{}", enc(need_key()?)), Some(read_input()?)),
+                "list" => ("GET", format!("/v1/blob/{bucket}/?prefix={}", enc(key.unwrap_or(""))), None),
+                other => return Err(usage(format!("blob: unknown operation {other:?}: use get, put, delete or list"))),
+            };
+            let (code, bytes) = crate::admin::client::call_bytes(&config.admin_socket, method, &path, body)
+                .map_err(|e| CommandError(1, e))?;
+            if code >= 400 {
+                let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+                return Err(CommandError(
+                    if code == 404 { 1 } else { 2 },
+                    v["error"].as_str().unwrap_or("failed").to_string(),
+                ));
+            }
+            match op {
+                "get" => write_out(&bytes),
+                "list" => {
+                    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+                    for o in v["objects"].as_array().into_iter().flatten() {
+                        println!("{}", o["key"].as_str().unwrap_or(""));
+                    }
+                    Ok(())
+                }
+                _ => Ok(()),
+            }
+        }
+        Err(e) => Err(CommandError(1, e.to_string())),
+    }
+}

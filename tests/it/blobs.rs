@@ -197,3 +197,36 @@ fn a_100_mib_blob_streams_without_buffering() {
     eprintln!("peak RSS grew by {grown} KiB for a 100 MiB upload and download");
     assert!(grown < 32 * 1024, "peak RSS grew by {grown} KiB");
 }
+
+#[test]
+fn blob_cli_works_with_and_without_a_running_moat() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "policy.lua", POLICY);
+    write(dir.path(), "in.txt", "from a file");
+    let data = dir.path().join("data");
+    let d = data.to_str().unwrap();
+    assert_eq!(moat_cmd(&["blob", "--data-dir", d, "put", "BUCKET", "cli/one.txt", "in.txt"], dir.path()).0, 0);
+    let (code, out, _) = moat_cmd(&["blob", "--data-dir", d, "get", "BUCKET", "cli/one.txt"], dir.path());
+    assert_eq!((code, out.as_str()), (0, "from a file"));
+    let mut cmd = Command::new(MOAT);
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--policy"])
+        .arg(dir.path().join("policy.lua"))
+        .arg("--data-dir")
+        .arg(&data);
+    let moat = Moat::spawn(cmd, tempfile::tempdir().unwrap());
+    // The policy reads what the CLI wrote (container "cli" sees the cli/ folder).
+    assert_eq!(r2(&moat, "cli:", "one.txt", &[]).body, "from a file");
+    // With moat running, the CLI goes through it.
+    write(dir.path(), "two.txt", "second");
+    assert_eq!(moat_cmd(&["blob", "--data-dir", d, "put", "BUCKET", "cli/two.txt", "two.txt"], dir.path()).0, 0);
+    assert_eq!(r2(&moat, "cli:", "two.txt", &[]).body, "second");
+    r2(&moat, "cli:", "three.txt", &["-X", "PUT", "--data-binary", "from lua"]);
+    let (_, out, _) = moat_cmd(&["blob", "--data-dir", d, "get", "BUCKET", "cli/three.txt"], dir.path());
+    assert_eq!(out, "from lua");
+    let (_, out, _) = moat_cmd(&["blob", "--data-dir", d, "list", "BUCKET", "cli/"], dir.path());
+    assert_eq!(out, "cli/one.txt\ncli/three.txt\ncli/two.txt\n");
+    assert_eq!(moat_cmd(&["blob", "--data-dir", d, "delete", "BUCKET", "cli/one.txt"], dir.path()).0, 0);
+    assert_eq!(r2(&moat, "cli:", "one.txt", &[]).status, 404);
+    let (code, _, _) = moat_cmd(&["blob", "--data-dir", d, "put", "BUCKET", "../evil", "two.txt"], dir.path());
+    assert_eq!(code, 2);
+}

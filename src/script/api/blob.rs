@@ -5,7 +5,6 @@ use std::io::SeekFrom;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Frame, SizeHint};
@@ -169,10 +168,6 @@ fn prepare_put(lua: &Lua, key: &str, value: Value, opts: Option<Table>) -> Resul
     Ok((body, http, custom))
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 async fn put(
     b: &LuaBucket,
     key: String,
@@ -183,10 +178,8 @@ async fn put(
     let io = |e: std::io::Error| mlua::Error::runtime(format!("blob put {key:?}: {e}"));
     let dir = b.store.bucket_dir(&b.bucket);
     tokio::fs::create_dir_all(&dir).await.map_err(io)?;
-    let unique = hex(&super::natives::random_bytes(8)?);
-    let key_id = hex(&aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, key.as_bytes()).as_ref()[..8]);
-    let file = format!("{key_id}-{unique}.obj");
-    let tmp = dir.join(format!(".tmp-{unique}"));
+    let (file, tmp) = crate::bindings::blob::new_file_names(&key);
+    let tmp = dir.join(tmp);
     let mut out = tokio::fs::File::create(&tmp).await.map_err(io)?;
     let mut hash = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     let mut size = 0u64;
@@ -211,8 +204,8 @@ async fn put(
     let meta = ObjectMeta {
         key,
         size,
-        etag: hex(&hash.finish().as_ref()[..16]),
-        uploaded: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+        etag: crate::bindings::blob::etag(hash.finish().as_ref()),
+        uploaded: crate::bindings::blob::now_millis(),
         http_metadata,
         custom_metadata,
         file,
