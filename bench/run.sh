@@ -37,6 +37,17 @@ outboundByHost = {
   end,
 }
 LUA
+cat > "$work/kv.lua" <<'LUA'
+-- A constant answer, and an answer read from KV (PUT seeds it).
+outboundByHost = {
+  ["const.test"] = function() return Response.new("hello, moat!\n") end,
+  ["my.kv"] = function(request, env)
+    local key = URL.new(request.url).pathname:sub(2)
+    if request.method == "PUT" then env.KV:put(key, request:text()) return Response.new("ok") end
+    return Response.new(env.KV:get(key))
+  end,
+}
+LUA
 cat > "$work/moat.toml" <<TOML
 data_dir = "$work/data"
 [[class]]
@@ -47,6 +58,10 @@ listen = "127.0.0.1:13128"
 name = "handler"
 policy = "$work/handler.lua"
 listen = "127.0.0.1:13129"
+[[class]]
+name = "kv"
+policy = "$work/kv.lua"
+listen = "127.0.0.1:13130"
 TOML
 RUST_LOG=warn,moat::reload=info MOAT_WORKERS=${MOAT_WORKERS:-} "$BIN/moat" serve --config "$work/moat.toml" > "$work/moat.out" 2> "$work/moat.log" &
 MOAT=$!
@@ -93,6 +108,16 @@ wait $saver
 q=$(echo "$quiet" | field rps); b=$(echo "$busy" | field rps)
 printf '%-26s %s\n' "handler, no reloads" "$quiet" "handler, 1 save/s" "$busy"
 echo "with reloads / without: $(awk -v b="$b" -v q="$q" 'BEGIN {printf "%.2f", b/q}')   (reloads seen: $(grep -c 'policy reloaded' "$work/moat.log" || true))"
+
+echo "== handler answering from KV vs a constant handler, ${SECS}s each, $ROUNDS rounds"
+curl -s --noproxy '' -x http://127.0.0.1:13130 -X PUT --data 'hello, moat!' http://my.kv/greeting > /dev/null
+: > "$work/const"; : > "$work/kvread"
+for r in $(seq "$ROUNDS"); do
+  run 127.0.0.1:13130 "http://const.test/" "$CONNS" "$SECS" >> "$work/const"
+  run 127.0.0.1:13130 "http://my.kv/greeting" "$CONNS" "$SECS" >> "$work/kvread"
+done
+c=$(median_rps "$work/const"); k=$(median_rps "$work/kvread")
+echo "constant handler median rps=$c   KV read median rps=$k   ratio=$(awk -v k="$k" -v c="$c" 'BEGIN {printf "%.2f", k/c}')"
 
 echo "== $IDLE idle keep-alive connections"
 run idle 127.0.0.1:13129 "http://$UP/" "$IDLE" 3 &

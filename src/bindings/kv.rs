@@ -57,9 +57,17 @@ pub struct Page {
     pub cursor: Option<String>,
 }
 
-/// Every KV namespace of this instance, in one database.
+/// Bytes of values the read cache may hold before it starts over.
+const CACHE_BUDGET: usize = 32 << 20;
+
+/// Every KV namespace of this instance, in one database, with a write-through read cache:
+/// a running moat is the only writer of its database (the CLI goes through it), so cached
+/// entries never go stale, and reads that hit never touch redb or the blocking pool.
 pub struct KvStore {
     db: Arc<redb::Database>,
+    /// table → key → entry (`None`: known to be absent).
+    cache: std::sync::RwLock<std::collections::HashMap<String, std::collections::HashMap<Vec<u8>, Option<Arc<Entry>>>>>,
+    cache_bytes: std::sync::atomic::AtomicUsize,
 }
 
 pub fn now_secs() -> u64 {
@@ -111,7 +119,25 @@ pub fn storage_table(container: &str) -> String {
 
 impl KvStore {
     pub fn new(db: Arc<redb::Database>) -> Self {
-        Self { db }
+        Self { db, cache: Default::default(), cache_bytes: Default::default() }
+    }
+
+    /// A cached answer for `get`: `Some(None)` means known absent; `None` means not cached.
+    pub fn cached(&self, ns: &str, key: &[u8]) -> Option<Option<Arc<Entry>>> {
+        let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
+        let hit = cache.get(ns)?.get(key)?.clone();
+        Some(hit.filter(|e| live(e, now_secs())))
+    }
+
+    fn remember(&self, ns: &str, key: &[u8], entry: Option<Arc<Entry>>) {
+        use std::sync::atomic::Ordering;
+        let size = key.len() + entry.as_ref().map_or(0, |e| e.value.len());
+        let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+        if self.cache_bytes.fetch_add(size, Ordering::Relaxed) + size > CACHE_BUDGET {
+            cache.clear();
+            self.cache_bytes.store(size, Ordering::Relaxed);
+        }
+        cache.entry(ns.to_string()).or_default().insert(key.to_vec(), entry);
     }
 
     pub fn validate_key(key: &[u8]) -> Result<(), KvError> {
@@ -133,8 +159,9 @@ impl KvStore {
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
             Err(e) => return Err(storage(e)),
         };
-        let Some(raw) = t.get(key).map_err(storage)? else { return Ok(None) };
-        Ok(decode(raw.value()).filter(|e| live(e, now_secs())))
+        let found = t.get(key).map_err(storage)?.and_then(|raw| decode(raw.value()));
+        self.remember(ns, key, found.clone().map(Arc::new));
+        Ok(found.filter(|e| live(e, now_secs())))
     }
 
     /// Stores `entry`; durable when this returns (redb commits with immediate durability).
@@ -149,14 +176,18 @@ impl KvStore {
         }
         let tx = self.db.begin_write().map_err(storage)?;
         tx.open_table(table(ns)).map_err(storage)?.insert(key, raw.as_slice()).map_err(storage)?;
-        tx.commit().map_err(storage)
+        tx.commit().map_err(storage)?;
+        self.remember(ns, key, Some(Arc::new(entry.clone())));
+        Ok(())
     }
 
     pub fn delete(&self, ns: &str, key: &[u8]) -> Result<(), KvError> {
         Self::validate_key(key)?;
         let tx = self.db.begin_write().map_err(storage)?;
         tx.open_table(table(ns)).map_err(storage)?.remove(key).map_err(storage)?;
-        tx.commit().map_err(storage)
+        tx.commit().map_err(storage)?;
+        self.remember(ns, key, None);
+        Ok(())
     }
 
     /// Keys in byte order, starting after `cursor`, limited to `prefix`.

@@ -65,7 +65,7 @@ impl UserData for LuaKv {
             let (kv, key, kind) = (this.clone(), key.as_bytes().to_vec(), value_type(&opts));
             async move {
                 let kind = kind?;
-                match blocking(move || kv.store.get(&kv.table, &key)).await? {
+                match read(kv, key).await? {
                     Some(e) => to_lua(&lua, &e.value, &kind),
                     None => Ok(Value::Nil),
                 }
@@ -75,7 +75,7 @@ impl UserData for LuaKv {
             let (kv, key, kind) = (this.clone(), key.as_bytes().to_vec(), value_type(&opts));
             async move {
                 let kind = kind?;
-                match blocking(move || kv.store.get(&kv.table, &key)).await? {
+                match read(kv, key).await? {
                     Some(e) => Ok((to_lua(&lua, &e.value, &kind)?, metadata_to_lua(&lua, &e.metadata)?)),
                     None => Ok((Value::Nil, Value::Nil)),
                 }
@@ -124,6 +124,15 @@ impl UserData for LuaKv {
             }
         });
     }
+}
+
+/// A read: from the cache when it knows the key, else from redb on the blocking pool.
+async fn read(kv: LuaKv, key: Vec<u8>) -> Result<Option<Arc<Entry>>> {
+    KvStore::validate_key(&key).map_err(lua_err)?;
+    if let Some(hit) = kv.store.cached(&kv.table, &key) {
+        return Ok(hit);
+    }
+    Ok(blocking(move || kv.store.get(&kv.table, &key)).await?.map(Arc::new))
 }
 
 fn put_entry(lua: &Lua, value: Value, opts: Option<Table>) -> Result<Entry> {
