@@ -57,6 +57,9 @@ pub struct Page {
     pub cursor: Option<String>,
 }
 
+/// One namespace's cached entries: key → entry (`None`: known to be absent).
+type TableCache = std::collections::HashMap<Vec<u8>, Option<Arc<Entry>>>;
+
 /// Bytes of values the read cache may hold before it starts over.
 const CACHE_BUDGET: usize = 32 << 20;
 
@@ -66,7 +69,7 @@ const CACHE_BUDGET: usize = 32 << 20;
 pub struct KvStore {
     db: Arc<redb::Database>,
     /// table → key → entry (`None`: known to be absent).
-    cache: std::sync::RwLock<std::collections::HashMap<String, std::collections::HashMap<Vec<u8>, Option<Arc<Entry>>>>>,
+    cache: std::sync::RwLock<std::collections::HashMap<String, TableCache>>,
     cache_bytes: std::sync::atomic::AtomicUsize,
 }
 
