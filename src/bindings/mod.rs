@@ -1,5 +1,4 @@
-//! `env` bindings (SPEC 6): secrets and vars. (KV namespaces and buckets come with the
-//! storage layer.)
+//! `env` bindings (SPEC 6): KV namespaces, blob buckets, secrets and vars.
 
 pub mod blob;
 pub mod cli;
@@ -20,8 +19,8 @@ pub const SECRET_ENV_PREFIX: &str = "MOAT_SECRET_";
 pub struct Bindings {
     /// `[vars]`: plain strings.
     pub vars: BTreeMap<String, String>,
-    /// Secret name → value. Never logged (see [`crate::log::redact`]).
-    secrets: BTreeMap<String, String>,
+    /// Secret name → value. Never logged (see [`crate::log::redact`]). Re-read at reload.
+    secrets: std::sync::Arc<std::sync::RwLock<BTreeMap<String, String>>>,
     /// KV binding names (`[kv]`, or `KV` when the config has no `[kv]`).
     pub kv_names: Vec<String>,
     /// The store behind KV bindings and `ctx.storage`, once the database is open.
@@ -35,25 +34,7 @@ pub struct Bindings {
 impl Bindings {
     /// Reads `[secrets]` (env or file), every `MOAT_SECRET_<NAME>` variable, and `[vars]`.
     pub fn load(config: &Config) -> std::result::Result<Self, String> {
-        let mut secrets = BTreeMap::new();
-        for (name, value) in std::env::vars() {
-            if let Some(n) = name.strip_prefix(SECRET_ENV_PREFIX).filter(|n| !n.is_empty()) {
-                secrets.insert(n.to_string(), value);
-            }
-        }
-        for (name, src) in &config.file.secrets {
-            let value = match (&src.env, &src.file) {
-                (Some(var), None) => {
-                    std::env::var(var).map_err(|_| format!("secrets.{name}: environment variable {var} is not set"))?
-                }
-                (None, Some(path)) => std::fs::read_to_string(path)
-                    .map_err(|e| format!("secrets.{name}: cannot read {}: {e}", path.display()))?
-                    .trim_end_matches(['\r', '\n'])
-                    .to_string(),
-                _ => return Err(format!("secrets.{name}: set exactly one of env, file")),
-            };
-            secrets.insert(name.clone(), value);
-        }
+        let secrets = read_secrets(config)?;
         crate::log::set_secrets(secrets.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
         let kv_names =
             if config.file.kv.is_empty() { vec!["KV".to_string()] } else { config.file.kv.keys().cloned().collect() };
@@ -67,6 +48,7 @@ impl Bindings {
                 return Err(format!("{section}.{name}: binding names are letters, digits and _"));
             }
         }
+        let secrets = std::sync::Arc::new(std::sync::RwLock::new(secrets));
         Ok(Self { vars: config.vars.clone(), secrets, kv_names, kv: None, blob_names, blob: None })
     }
 
@@ -78,9 +60,12 @@ impl Bindings {
         self.blob = Some(store);
     }
 
-    /// Names of the secrets (for `moat check`).
-    pub fn secret_names(&self) -> impl Iterator<Item = &str> {
-        self.secrets.keys().map(String::as_str)
+    /// Reads every secret again (at reload). On error the previous values stay.
+    pub fn refresh_secrets(&self, config: &Config) -> std::result::Result<(), String> {
+        let fresh = read_secrets(config)?;
+        crate::log::set_secrets(fresh.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+        *self.secrets.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        Ok(())
     }
 
     /// Builds the `env` table for one Lua state.
@@ -89,7 +74,7 @@ impl Bindings {
         for (k, v) in &self.vars {
             env.set(k.as_str(), v.as_str())?;
         }
-        for (k, v) in &self.secrets {
+        for (k, v) in self.secrets.read().unwrap_or_else(|e| e.into_inner()).iter() {
             env.set(k.as_str(), v.as_str())?;
         }
         if let Some(store) = &self.kv {
@@ -108,4 +93,28 @@ impl Bindings {
         }
         Ok(env)
     }
+}
+
+/// Every `MOAT_SECRET_<NAME>` variable, then `[secrets]` (env or file).
+fn read_secrets(config: &Config) -> std::result::Result<BTreeMap<String, String>, String> {
+    let mut secrets = BTreeMap::new();
+    for (name, value) in std::env::vars() {
+        if let Some(n) = name.strip_prefix(SECRET_ENV_PREFIX).filter(|n| !n.is_empty()) {
+            secrets.insert(n.to_string(), value);
+        }
+    }
+    for (name, src) in &config.file.secrets {
+        let value = match (&src.env, &src.file) {
+            (Some(var), None) => {
+                std::env::var(var).map_err(|_| format!("secrets.{name}: environment variable {var} is not set"))?
+            }
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|e| format!("secrets.{name}: cannot read {}: {e}", path.display()))?
+                .trim_end_matches(['\r', '\n'])
+                .to_string(),
+            _ => return Err(format!("secrets.{name}: set exactly one of env, file")),
+        };
+        secrets.insert(name.clone(), value);
+    }
+    Ok(secrets)
 }

@@ -243,6 +243,10 @@ impl Config {
         }
 
         let limits = file.limits.resolve().map_err(err)?;
+        let mut file = file;
+        for src in file.secrets.values_mut() {
+            src.file = src.file.as_deref().map(rel);
+        }
         let admin = flags.admin.clone().or_else(|| file.admin.as_ref().and_then(|a| a.listen.clone()));
         let admin_socket = match admin {
             None => data_dir.join("admin.sock"),

@@ -80,6 +80,11 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<mpsc::Sender<ReloadRequest>
 
 /// Loads class `i` again and logs the outcome.
 pub fn reload_class(shared: &Shared, i: usize) {
+    // Secrets are read "at start and at reload" (SPEC 6): a changed secret file takes effect
+    // with the next generation.
+    if let Err(e) = shared.bindings.refresh_secrets(&shared.config) {
+        tracing::error!(target: "moat::reload", "secrets not re-read, keeping the previous values: {e}");
+    }
     let class = &shared.classes[i];
     let label = crate::admin::metrics::Metrics::class_label(&class.config.name);
     match class.reload(&shared.config.limits) {

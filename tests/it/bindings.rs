@@ -38,6 +38,13 @@ outboundByHost = {
     if v == nil then return Response.new("missing", { status = 404 }) end
     return Response.new(v)
   end,
+  ["blob.test"] = function(request, env, ctx)
+    local key = URL.new(request.url).pathname:sub(2)
+    if request.method == "PUT" then env.BUCKET:put(key, request.body) return Response.new("ok") end
+    local obj = env.BUCKET:get(key)
+    if obj == nil then return Response.new("missing", { status = 404 }) end
+    return Response.new(obj.body)
+  end,
   ["notes.test"] = function(request, env, ctx)
     local key = URL.new(request.url).pathname:sub(2)
     if request.method == "PUT" then ctx.storage:put(key, request:text()) return Response.new("ok") end
@@ -156,29 +163,23 @@ fn acknowledged_kv_puts_survive_sigkill() {
     let moat = start();
     let pid = moat.pid();
     let proxy = moat.proxy_url();
-    // Writers acknowledge each put only after moat answered it.
-    let writers: Vec<_> = (0..3)
+    // Writers acknowledge each put only after moat answered it: even ones write KV, odd ones
+    // write blobs.
+    let writers: Vec<_> = (0..4)
         .map(|w| {
             let proxy = proxy.clone();
             std::thread::spawn(move || {
                 let mut acked = Vec::new();
                 for i in 0..10_000 {
                     let key = format!("w{w}-{i}");
+                    let (method, url) = if w % 2 == 0 {
+                        ("POST", format!("http://kv.test/{key}?op=put"))
+                    } else {
+                        ("PUT", format!("http://blob.test/{key}"))
+                    };
                     let out = Command::new("curl")
-                        .args([
-                            "-s",
-                            "-o",
-                            "/dev/null",
-                            "-w",
-                            "%{http_code}",
-                            "--max-time",
-                            "5",
-                            "--noproxy",
-                            "",
-                            "-x",
-                            &proxy,
-                        ])
-                        .args(["--data", &format!("value-{key}"), &format!("http://kv.test/{key}?op=put")])
+                        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", "--noproxy", ""])
+                        .args(["-x", &proxy, "-X", method, "--data", &format!("value-{key}"), &url])
                         .output()
                         .unwrap();
                     if String::from_utf8_lossy(&out.stdout) != "200" {
@@ -197,9 +198,13 @@ fn acknowledged_kv_puts_survive_sigkill() {
     drop(moat);
     let moat = start();
     for key in &acked {
-        let (code, body) = kv(&moat, key, &[]);
-        assert_eq!((code, body), (200, format!("value-{key}")), "acknowledged put {key} lost");
+        let writer: u32 = key[1..2].parse().unwrap();
+        let url = if writer % 2 == 0 { format!("http://kv.test/{key}") } else { format!("http://blob.test/{key}") };
+        let r = curl(&moat, &url, &[]);
+        assert_eq!((r.status, r.body), (200, format!("value-{key}")), "acknowledged put {key} lost");
     }
+    let writers_acked = acked.iter().map(|k| &k[..2]).collect::<std::collections::BTreeSet<_>>();
+    assert_eq!(writers_acked.len(), 4, "every writer got puts acknowledged: {writers_acked:?}");
 }
 
 #[test]
@@ -294,4 +299,68 @@ outboundByHost = {
     );
     let r = curl(&plain, "http://gh.test/", &["-H", &format!("x-port: {}", up.addr.port())]);
     assert!(r.body.contains(secret));
+}
+
+#[test]
+fn secrets_are_read_again_at_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "token.txt", "first-secret-value\n");
+    write(dir.path(), "moat.toml", "[secrets]\nTOKEN = { file = \"token.txt\" }\n");
+    write(
+        dir.path(),
+        "policy.lua",
+        r#"outboundByHost = { ["t.test"] = function(r, env) return Response.new(#env.TOKEN .. ":" .. env.TOKEN:sub(1, 5)) end }"#,
+    );
+    let mut cmd = Command::new(MOAT);
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(dir.path().join("moat.toml"))
+        .arg("--policy")
+        .arg(dir.path().join("policy.lua"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"));
+    let moat = Moat::spawn(cmd, tempfile::tempdir().unwrap());
+    assert_eq!(curl(&moat, "http://t.test/", &[]).body, "18:first");
+    write(dir.path(), "token.txt", "second-secret-value-longer\n");
+    assert!(Command::new("kill").args(["-HUP", &moat.pid().to_string()]).status().unwrap().success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        let body = curl(&moat, "http://t.test/", &[]).body;
+        if body == "26:secon" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {body}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(!moat.logs().contains("second-secret-value-longer"));
+}
+
+#[test]
+fn the_quickstart_scopes_files_per_container_and_injects_credentials() {
+    let up = Upstream::start();
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "moat.toml", &format!("[vars]\nDEMO_UPSTREAM = \"{}\"\n", up.addr));
+    let mut cmd = Command::new(MOAT);
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--config", "moat.toml", "--policy"])
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/quickstart.lua"))
+        .env("MOAT_SECRET_DEMO_TOKEN", "demo-token-123456")
+        .current_dir(dir.path());
+    let moat = Moat::spawn(cmd, dir);
+    let r = curl(
+        &moat,
+        "http://my.r2/notes/a.txt",
+        &["-U", "agent-1:", "-X", "PUT", "-H", "content-type: text/plain", "--data-binary", "file body"],
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = curl(&moat, "http://my.r2/notes/a.txt", &["-U", "agent-1:"]);
+    assert_eq!((r.status, r.body.as_str(), r.headers["content-type"].as_str()), (200, "file body", "text/plain"));
+    assert_eq!(curl(&moat, "http://my.r2/notes/a.txt", &["-U", "agent-2:"]).status, 404, "per-container folders");
+    let r = curl(&moat, "http://api.local/v1/things?x=1", &["-U", "agent-1:"]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let seen = up.last().unwrap();
+    assert_eq!(
+        (seen.uri.as_str(), seen.headers["authorization"].as_str()),
+        ("/v1/things?x=1", "Bearer demo-token-123456")
+    );
+    assert!(r.body.contains("Bearer [secret DEMO_TOKEN]"), "the echo is redacted: {}", r.body);
+    assert!(!moat.logs().contains("demo-token-123456"));
 }
