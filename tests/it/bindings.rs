@@ -172,7 +172,7 @@ fn acknowledged_kv_puts_survive_sigkill() {
                 let mut acked = Vec::new();
                 for i in 0..10_000 {
                     let key = format!("w{w}-{i}");
-                    let (method, url) = if w % 2 == 0 {
+                    let (method, url) = if w.is_multiple_of(2) {
                         ("POST", format!("http://kv.test/{key}?op=put"))
                     } else {
                         ("PUT", format!("http://blob.test/{key}"))
@@ -199,7 +199,8 @@ fn acknowledged_kv_puts_survive_sigkill() {
     let moat = start();
     for key in &acked {
         let writer: u32 = key[1..2].parse().unwrap();
-        let url = if writer % 2 == 0 { format!("http://kv.test/{key}") } else { format!("http://blob.test/{key}") };
+        let url =
+            if writer.is_multiple_of(2) { format!("http://kv.test/{key}") } else { format!("http://blob.test/{key}") };
         let r = curl(&moat, &url, &[]);
         assert_eq!((r.status, r.body), (200, format!("value-{key}")), "acknowledged put {key} lost");
     }
