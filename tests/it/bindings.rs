@@ -165,7 +165,7 @@ fn acknowledged_kv_puts_survive_sigkill() {
     let proxy = moat.proxy_url();
     // Writers acknowledge each put only after moat answered it: even ones write KV, odd ones
     // write blobs.
-    let writers: Vec<_> = (0..4)
+    let writers: Vec<_> = (0..4u32)
         .map(|w| {
             let proxy = proxy.clone();
             std::thread::spawn(move || {
