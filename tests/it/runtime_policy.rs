@@ -232,3 +232,92 @@ fn tcp_admin_needs_the_token_and_is_never_a_proxy_destination() {
     let r = curl(&moat, &url, &["-H", &format!("Authorization: Bearer {token}")]);
     assert_eq!((r.status, r.headers["moat-denied"].as_str()), (520, "blocked-address"));
 }
+
+/// The overrides of `id` as the admin API reports them.
+fn spec(s: &Path, id: &str) -> serde_json::Value {
+    let (code, body) = admin(s, "GET", &format!("/v1/containers/{id}"), None);
+    assert_eq!(code, 200);
+    serde_json::from_str::<serde_json::Value>(&body).unwrap()["overrides"].clone()
+}
+
+#[test]
+fn every_setter_through_the_cli_and_lua() {
+    use serde_json::json;
+    let policy = format!(
+        "{POLICY}\n{}",
+        r#"
+outboundByHost["drive.test"] = function(request, env, ctx)
+  -- Runs every setter on the container named by the path, in order; returns after each step.
+  local step = tonumber(URL.new(request.url).searchParams:get("step"))
+  local c = moat.container("lua-target")
+  local steps = {
+    function() c:setOutboundHandler("h1", { tag = "lua" }) end,
+    function() c:setOutboundByHost("a.test", "h2") end,
+    function() c:setOutboundByHosts({ ["x.test"] = "h1", ["*.test"] = { method = "h2", params = { p = 1 } } }) end,
+    function() c:removeOutboundByHost("x.test") end,
+    function() c:setAllowedHosts({ "a.test", "b.test" }) end,
+    function() c:allowHost("c.test") end,
+    function() c:removeAllowedHost("a.test") end,
+    function() c:setDeniedHosts({ "d.test" }) end,
+    function() c:denyHost("e.test") end,
+    function() c:removeDeniedHost("d.test") end,
+    function() c:removeOutboundHandler() end,
+    function() c:clearOverrides() end,
+  }
+  steps[step]()
+  return Response.new("step " .. step)
+end
+allowedHosts[#allowedHosts + 1] = "drive.test"
+"#
+    );
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "policy.lua", &policy);
+    let data = dir.path().join("data");
+    let mut cmd = Command::new(MOAT);
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--policy"])
+        .arg(dir.path().join("policy.lua"))
+        .arg("--data-dir")
+        .arg(&data);
+    let moat = Moat::spawn(cmd, tempfile::tempdir().unwrap());
+    let s = data.join("admin.sock");
+    // The same sequence of setters, with the state expected after each.
+    let expected = [
+        json!({"outboundHandler": {"method": "h1", "params": {"tag": "lua"}}}),
+        json!({"outboundHandler": {"method": "h1", "params": {"tag": "lua"}}, "outboundByHost": {"a.test": {"method": "h2"}}}),
+        json!({"outboundHandler": {"method": "h1", "params": {"tag": "lua"}}, "outboundByHost": {"x.test": {"method": "h1"}, "*.test": {"method": "h2", "params": {"p": 1}}}}),
+        json!({"outboundHandler": {"method": "h1", "params": {"tag": "lua"}}, "outboundByHost": {"*.test": {"method": "h2", "params": {"p": 1}}}}),
+        json!({"outboundHandler": {"method": "h1", "params": {"tag": "lua"}}, "outboundByHost": {"*.test": {"method": "h2", "params": {"p": 1}}}, "allowedHosts": ["a.test", "b.test"]}),
+        json!({"outboundHandler": {"method": "h1", "params": {"tag": "lua"}}, "outboundByHost": {"*.test": {"method": "h2", "params": {"p": 1}}}, "allowedHosts": ["a.test", "b.test", "c.test"]}),
+        json!({"outboundHandler": {"method": "h1", "params": {"tag": "lua"}}, "outboundByHost": {"*.test": {"method": "h2", "params": {"p": 1}}}, "allowedHosts": ["b.test", "c.test"]}),
+        json!({"outboundHandler": {"method": "h1", "params": {"tag": "lua"}}, "outboundByHost": {"*.test": {"method": "h2", "params": {"p": 1}}}, "allowedHosts": ["b.test", "c.test"], "deniedHosts": ["d.test"]}),
+        json!({"outboundHandler": {"method": "h1", "params": {"tag": "lua"}}, "outboundByHost": {"*.test": {"method": "h2", "params": {"p": 1}}}, "allowedHosts": ["b.test", "c.test"], "deniedHosts": ["d.test", "e.test"]}),
+        json!({"outboundHandler": {"method": "h1", "params": {"tag": "lua"}}, "outboundByHost": {"*.test": {"method": "h2", "params": {"p": 1}}}, "allowedHosts": ["b.test", "c.test"], "deniedHosts": ["e.test"]}),
+        json!({"outboundByHost": {"*.test": {"method": "h2", "params": {"p": 1}}}, "allowedHosts": ["b.test", "c.test"], "deniedHosts": ["e.test"]}),
+        json!({}),
+    ];
+    let d = data.to_str().unwrap();
+    let cli_steps: [&[&str]; 12] = [
+        &["setOutboundHandler", "h1", r#"{"tag":"lua"}"#],
+        &["setOutboundByHost", "a.test", "h2"],
+        &["setOutboundByHosts", r#"{"x.test":"h1","*.test":{"method":"h2","params":{"p":1}}}"#],
+        &["removeOutboundByHost", "x.test"],
+        &["setAllowedHosts", "a.test", "b.test"],
+        &["allowHost", "c.test"],
+        &["removeAllowedHost", "a.test"],
+        &["setDeniedHosts", "d.test"],
+        &["denyHost", "e.test"],
+        &["removeDeniedHost", "d.test"],
+        &["removeOutboundHandler"],
+        &["clearOverrides"],
+    ];
+    for (i, (args, want)) in cli_steps.iter().zip(&expected).enumerate() {
+        let mut full = vec!["policy", "--data-dir", d, "cli-target"];
+        full.extend_from_slice(args);
+        let (code, out, err) = moat_cmd(&full, dir.path());
+        assert_eq!(code, 0, "CLI step {i}: {out}{err}");
+        assert_eq!(&spec(&s, "cli-target"), want, "after CLI step {i} ({args:?})");
+        let r = curl(&moat, &format!("http://drive.test/?step={}", i + 1), &[]);
+        assert_eq!(r.status, 200, "Lua step {i}: {}", r.body);
+        assert_eq!(&spec(&s, "lua-target"), want, "after Lua step {i}");
+    }
+}
