@@ -83,12 +83,87 @@ pub enum LogFormat {
 }
 
 /// Installs the log subscriber: everything to stderr, `RUST_LOG` filters (default `info`).
-pub fn init(format: LogFormat) {
+///
+/// Lines are formatted on the thread that logs and written by a dedicated thread, which
+/// batches them into as few `write` calls as the load allows: one line per request must not
+/// cost every request a system call. The returned guard flushes what is left when dropped.
+pub fn init(format: LogFormat) -> LogGuard {
     use tracing_subscriber::EnvFilter;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(LOG_QUEUE);
+    let thread = std::thread::Builder::new()
+        .name("moat-log".into())
+        .spawn(move || {
+            use std::io::Write;
+            let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr());
+            while let Ok(line) = rx.recv() {
+                let _ = out.write_all(&line);
+                while let Ok(more) = rx.try_recv() {
+                    let _ = out.write_all(&more);
+                }
+                let _ = out.flush();
+            }
+        })
+        .ok();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(QueueWriter(tx));
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
         LogFormat::Human => builder.with_ansi(false).try_init(),
     };
+    LogGuard { thread }
+}
+
+/// Lines waiting for the log thread; when full, logging threads wait (back-pressure, never
+/// unbounded memory and never a dropped line).
+const LOG_QUEUE: usize = 16 * 1024;
+
+/// Keeps the log thread until the process ends (see [`init`]).
+pub struct LogGuard {
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        // Give the log thread a moment to drain: its sender lives in the global subscriber,
+        // so the channel never closes on its own.
+        if self.thread.take().is_some() {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+/// Hands each formatted event to the log thread.
+struct QueueWriter(std::sync::mpsc::SyncSender<Vec<u8>>);
+
+/// One event's bytes, sent when tracing drops the writer at the end of the event.
+struct EventBuffer {
+    buf: Vec<u8>,
+    tx: std::sync::mpsc::SyncSender<Vec<u8>>,
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for QueueWriter {
+    type Writer = EventBuffer;
+
+    fn make_writer(&'a self) -> EventBuffer {
+        EventBuffer { buf: Vec::with_capacity(256), tx: self.0.clone() }
+    }
+}
+
+impl std::io::Write for EventBuffer {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for EventBuffer {
+    fn drop(&mut self) {
+        if !self.buf.is_empty() {
+            let _ = self.tx.send(std::mem::take(&mut self.buf));
+        }
+    }
 }

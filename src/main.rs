@@ -137,7 +137,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve { cfg, listen, data_dir, resolve, admin, log_format } => {
-            moat::log::init(log_format);
+            let _log = moat::log::init(log_format);
             let flags = config::Overrides { config: cfg.config, policy: cfg.policy, listen, data_dir, resolve, admin };
             load_config(&flags).and_then(|c| {
                 if c.classes.is_empty() {
