@@ -64,6 +64,11 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream, class: usize, local: S
             }
             Ok(Ok(h)) => h,
         };
+        if head.method == http::Method::CONNECT {
+            // A tunnel takes over the connection (or ends it when refused).
+            super::connect::serve(&worker, class, head, reader, writer).await;
+            return;
+        }
         let started = Instant::now();
         let version = head.version;
         let is_head = head.method == http::Method::HEAD;

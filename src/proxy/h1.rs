@@ -64,6 +64,11 @@ impl<R: AsyncRead + Unpin> ConnReader<R> {
         Self { io, buf: BytesMut::with_capacity(8 * 1024) }
     }
 
+    /// The stream and the bytes already read from it but not consumed (a tunnel's first bytes).
+    pub fn into_parts(self) -> (R, BytesMut) {
+        (self.io, self.buf)
+    }
+
     /// Waits for the first byte of the next request (for the idle timeout). False on EOF.
     pub async fn wait_for_data(&mut self) -> std::io::Result<bool> {
         if !self.buf.is_empty() {

@@ -2,6 +2,7 @@
 
 pub mod answer;
 pub mod conn;
+pub mod connect;
 pub mod h1;
 pub mod overrides;
 pub mod redact;

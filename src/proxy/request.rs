@@ -223,7 +223,7 @@ fn redact_if(enabled: bool, resp: Response<Body>) -> Response<Body> {
 }
 
 /// The container id, checked against `[containers]` tokens when the config lists any.
-fn identify(shared: &super::state::Shared, headers: &http::HeaderMap) -> Result<ContainerId, AuthError> {
+pub(super) fn identify(shared: &super::state::Shared, headers: &http::HeaderMap) -> Result<ContainerId, AuthError> {
     let creds = match headers.get(http::header::PROXY_AUTHORIZATION) {
         Some(v) => Some(identity::parse_proxy_authorization(v.as_bytes())?),
         None => None,

@@ -159,6 +159,20 @@ impl Upstream {
     }
 
     async fn dial(&self, addrs: &[IpAddr], target: &Target) -> Result<Pooled, UpstreamError> {
+        let (stream, peer) = self.connect(addrs, target).await?;
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| UpstreamError::Connect(target.authority(), e.to_string()))?;
+        tokio::task::spawn_local(async move {
+            // Errors here surface on the request that was in flight.
+            let _ = conn.with_upgrades().await;
+        });
+        Ok(Pooled::new(sender, peer))
+    }
+
+    /// TCP to the first checked address that answers, within the connect timeout.
+    async fn connect(&self, addrs: &[IpAddr], target: &Target) -> Result<(TcpStream, SocketAddr), UpstreamError> {
         let deadline = Instant::now() + self.connect_timeout;
         let mut last_err = String::new();
         for &ip in addrs {
@@ -169,19 +183,23 @@ impl Upstream {
                 Ok(Err(e)) => last_err = format!("{peer}: {e}"),
                 Ok(Ok(stream)) => {
                     let _ = stream.set_nodelay(true);
-                    let (sender, conn) = hyper::client::conn::http1::Builder::new()
-                        .handshake(TokioIo::new(stream))
-                        .await
-                        .map_err(|e| UpstreamError::Connect(target.authority(), e.to_string()))?;
-                    tokio::task::spawn_local(async move {
-                        // Errors here surface on the request that was in flight.
-                        let _ = conn.with_upgrades().await;
-                    });
-                    return Ok(Pooled::new(sender, peer));
+                    return Ok((stream, peer));
                 }
             }
         }
         Err(UpstreamError::Connect(target.authority(), last_err))
+    }
+
+    /// The addresses a tunnel may dial: resolved and checked exactly as egress (SPEC 8.3),
+    /// before the tunnel is promised to the client.
+    pub async fn resolve_checked(&self, target: &Target, rules: DialRules<'_>) -> Result<Vec<IpAddr>, UpstreamError> {
+        let addrs = self.resolver.resolve(&target.host).await.map_err(UpstreamError::Dns)?;
+        self.check(&addrs, target, &rules)
+    }
+
+    /// A raw TCP connection to one of the checked addresses.
+    pub async fn connect_checked(&self, checked: &[IpAddr], target: &Target) -> Result<TcpStream, UpstreamError> {
+        Ok(self.connect(checked, target).await?.0)
     }
 }
 

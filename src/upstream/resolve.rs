@@ -29,6 +29,12 @@ impl Resolver {
         if let Some(ip) = self.static_hosts.get(name) {
             return Ok(vec![*ip]);
         }
+        // For closed test environments: static answers only, never a DNS packet.
+        if std::env::var_os("MOAT_NO_DNS").is_some_and(|v| v == "1") {
+            return Err(format!(
+                "could not resolve {name}: DNS is disabled (MOAT_NO_DNS=1) and no --resolve entry names it"
+            ));
+        }
         let dns = self
             .dns
             .get_or_init(|| async {

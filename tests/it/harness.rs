@@ -51,6 +51,8 @@ impl Moat {
     }
 
     pub fn spawn(mut cmd: Command, dir: tempfile::TempDir) -> Moat {
+        // Tests talk only to loopback: moat may answer names from --resolve, never from DNS.
+        cmd.env("MOAT_NO_DNS", "1");
         let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("start moat");
         let logs = Arc::new(Mutex::new(String::new()));
         let sink = logs.clone();
@@ -141,8 +143,10 @@ pub fn parse_response(text: &str) -> Option<CurlOut> {
     loop {
         let (head, body) = rest.split_once("\r\n\r\n")?;
         let mut lines = head.lines();
-        let status: u16 = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
-        if status == 100 {
+        let first = lines.next()?;
+        let status: u16 = first.split_whitespace().nth(1)?.parse().ok()?;
+        // Skip interim answers: 100 Continue, and the proxy's 200 to a CONNECT.
+        if status == 100 || first.to_ascii_lowercase().contains("connection established") {
             rest = body;
             continue;
         }

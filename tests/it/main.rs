@@ -12,3 +12,4 @@ mod lua_api;
 mod parsing;
 mod reload;
 mod runtime_policy;
+mod tunnel;

@@ -1,0 +1,233 @@
+//! CONNECT tunnels (SPEC 5.1, 4.3): decided before any upstream I/O, SNI bound to the CONNECT
+//! host, the upstream's own certificate end to end, raw-TCP rules.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::harness::*;
+
+/// A TLS upstream on loopback with a certificate for `tls.test` and 127.0.0.1, signed by a
+/// CA made here; answers every request with "hello over tls".
+struct TlsUpstream {
+    addr: SocketAddr,
+    ca_pem: PathBuf,
+    connections: Arc<AtomicUsize>,
+    _dir: tempfile::TempDir,
+}
+
+fn tls_upstream() -> TlsUpstream {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "moat test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap()).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["tls.test".to_string(), "127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca)
+        .unwrap();
+    let ca_pem = dir.path().join("ca.pem");
+    std::fs::write(&ca_pem, ca.pem()).unwrap();
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(Arc::new(
+        tokio_rustls::rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![leaf.der().clone()],
+        tokio_rustls::rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let count = connections.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((s, _)) = listener.accept().await else { continue };
+                count.fetch_add(1, Ordering::SeqCst);
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(s).await else { return };
+                    let mut buf = vec![0u8; 4096];
+                    let _ = tls.read(&mut buf).await;
+                    let body = "hello over tls";
+                    let _ = tls
+                        .write_all(
+                            format!(
+                                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                                body.len()
+                            )
+                            .as_bytes(),
+                        )
+                        .await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+    });
+    TlsUpstream { addr, ca_pem, connections, _dir: dir }
+}
+
+fn https(moat: &Moat, up: &TlsUpstream, host: &str) -> CurlOut {
+    curl(moat, &format!("https://{host}:{}/", up.addr.port()), &["--cacert", up.ca_pem.to_str().unwrap()])
+}
+
+#[test]
+fn an_allowed_tls_tunnel_shows_the_upstreams_own_certificate() {
+    let up = tls_upstream();
+    let moat = Moat::start_with(
+        r#"allowedHosts = { "tls.test", "127.0.0.1" }"#,
+        None,
+        &["--resolve", "tls.test=127.0.0.1"],
+        &[],
+    );
+    // curl verifies the upstream's certificate against the test CA: moat did not intercept.
+    let r = https(&moat, &up, "tls.test");
+    assert_eq!((r.status, r.body.as_str()), (200, "hello over tls"));
+    let r = https(&moat, &up, "127.0.0.1");
+    assert_eq!((r.status, r.body.as_str()), (200, "hello over tls"), "IP-literal CONNECT, no SNI");
+    let log = moat.wait_log("tls tunnel");
+    assert!(log.contains("method=\"CONNECT\"") && log.contains("host=\"tls.test\""), "{log}");
+}
+
+#[test]
+fn a_denied_tunnel_is_520_before_any_upstream_connection() {
+    let up = tls_upstream();
+    let moat = Moat::start_with(
+        r#"allowedHosts = { "other.test" } deniedHosts = { "127.0.0.1" }"#,
+        None,
+        &["--resolve", "tls.test=127.0.0.1"],
+        &[],
+    );
+    for (target, reason) in [("tls.test", "not-allowed"), ("127.0.0.1", "denied-host")] {
+        let resp =
+            raw(&moat, format!("CONNECT {target}:{} HTTP/1.1\r\nHost: {target}\r\n\r\n", up.addr.port()).as_bytes());
+        assert!(resp.starts_with("HTTP/1.1 520 "), "{resp}");
+        assert!(resp.contains(&format!("moat-denied: {reason}")), "{resp}");
+    }
+    // Allowed by the lists, but the address check refuses loopback: 520 before the tunnel.
+    let moat = Moat::start_with(r#"allowedHosts = { "tls.test" }"#, None, &["--resolve", "tls.test=127.0.0.1"], &[]);
+    let resp = raw(&moat, format!("CONNECT tls.test:{} HTTP/1.1\r\nHost: tls.test\r\n\r\n", up.addr.port()).as_bytes());
+    assert!(resp.starts_with("HTTP/1.1 520 ") && resp.contains("moat-denied: blocked-address"), "{resp}");
+    assert_eq!(up.connections.load(Ordering::SeqCst), 0);
+    // interceptHttps is not available yet: refused, never passed through unfiltered.
+    let moat = Moat::start(r#"interceptHttps = true"#);
+    let resp = raw(&moat, b"CONNECT tls.test:443 HTTP/1.1\r\nHost: tls.test:443\r\n\r\n");
+    assert!(resp.starts_with("HTTP/1.1 501 "), "{resp}");
+}
+
+/// CONNECT to `connect_host`, then a TLS handshake that names `sni`; true if it completed.
+fn handshake_through(moat: &Moat, up: &TlsUpstream, connect_host: &str, sni: &str) -> bool {
+    let mut s = TcpStream::connect(moat.addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    write!(s, "CONNECT {connect_host}:{} HTTP/1.1\r\nHost: {connect_host}\r\n\r\n", up.addr.port()).unwrap();
+    let mut head = [0u8; 39];
+    s.read_exact(&mut head).unwrap();
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    let pem = std::fs::read(&up.ca_pem).unwrap();
+    for cert in rustls_pemfile(&pem) {
+        roots.add(cert).unwrap();
+    }
+    let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(Arc::new(
+        tokio_rustls::rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
+    let mut conn = tokio_rustls::rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    while conn.is_handshaking() {
+        if conn.complete_io(&mut s).is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// The certificates of a PEM file.
+fn rustls_pemfile(pem: &[u8]) -> Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    tokio_rustls::rustls::pki_types::CertificateDer::pem_slice_iter(pem).map(|c| c.unwrap()).collect()
+}
+
+#[test]
+fn sni_must_be_the_connect_host() {
+    let up = tls_upstream();
+    let moat = Moat::start_with(
+        r#"allowedHosts = { "tls.test", "127.0.0.1" }"#,
+        None,
+        &["--resolve", "tls.test=127.0.0.1"],
+        &[],
+    );
+    assert!(handshake_through(&moat, &up, "tls.test", "tls.test"));
+    let before = up.connections.load(Ordering::SeqCst);
+    assert!(!handshake_through(&moat, &up, "tls.test", "evil.test"), "SNI ≠ CONNECT host must be closed");
+    assert_eq!(up.connections.load(Ordering::SeqCst), before, "and the upstream never contacted");
+    let log = moat.wait_log("is not the CONNECT host");
+    assert!(log.contains("evil.test"), "{log}");
+}
+
+/// A raw TCP echo server; counts connections.
+fn echo_server() -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let n = Arc::new(AtomicUsize::new(0));
+    let count = n.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            count.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let mut s = s;
+                let mut buf = [0u8; 1024];
+                while let Ok(k) = s.read(&mut buf) {
+                    if k == 0 || s.write_all(&buf[..k]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (addr, n)
+}
+
+/// CONNECT, then send raw bytes; returns what came back.
+fn raw_tunnel(moat: &Moat, target: SocketAddr) -> Vec<u8> {
+    let mut s = TcpStream::connect(moat.addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(3))).unwrap();
+    write!(s, "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").unwrap();
+    let mut head = [0u8; 39];
+    s.read_exact(&mut head).unwrap();
+    s.write_all(b"\x00\x01ping").unwrap();
+    let mut out = vec![0u8; 6];
+    match s.read_exact(&mut out) {
+        Ok(()) => out,
+        Err(_) => Vec::new(),
+    }
+}
+
+#[test]
+fn raw_tcp_tunnels_need_internet_or_a_port_entry() {
+    let (echo, count) = echo_server();
+    // The lists pass (IP entry, no port) but enableInternet is off: closed.
+    let moat = Moat::start(r#"enableInternet = false allowedHosts = { "127.0.0.1" }"#);
+    assert!(raw_tunnel(&moat, echo).is_empty());
+    assert_eq!(count.load(Ordering::SeqCst), 0);
+    // An allowedHosts entry that names the port opens it.
+    let moat = Moat::start(&format!(r#"enableInternet = false allowedHosts = {{ "127.0.0.1:{}" }}"#, echo.port()));
+    assert_eq!(raw_tunnel(&moat, echo), b"\x00\x01ping");
+    assert_eq!(count.load(Ordering::SeqCst), 1);
+}
