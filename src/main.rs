@@ -162,28 +162,12 @@ fn main() -> ExitCode {
         }
         Command::Policy { admin, class, id, setter, args } => admin_socket(admin)
             .and_then(|s| moat::admin::commands::policy(&s, &id, class.as_deref(), &setter, &args).map_err(failure)),
-        Command::Kv { admin, op, binding, key, value } => {
-            let o = config::Overrides {
-                config: admin.config,
-                data_dir: admin.data_dir,
-                admin: admin.admin,
-                ..Default::default()
-            };
-            load_config(&o).and_then(|c| {
-                moat::bindings::cli::kv(&c, &op, &binding, key.as_deref(), value.as_deref()).map_err(failure)
-            })
-        }
-        Command::Blob { admin, op, bucket, key, file } => {
-            let o = config::Overrides {
-                config: admin.config,
-                data_dir: admin.data_dir,
-                admin: admin.admin,
-                ..Default::default()
-            };
-            load_config(&o).and_then(|c| {
-                moat::bindings::cli::blob(&c, &op, &bucket, key.as_deref(), file.as_deref()).map_err(failure)
-            })
-        }
+        Command::Kv { admin, op, binding, key, value } => admin_config(admin).and_then(|c| {
+            moat::bindings::cli::kv(&c, &op, &binding, key.as_deref(), value.as_deref()).map_err(failure)
+        }),
+        Command::Blob { admin, op, bucket, key, file } => admin_config(admin).and_then(|c| {
+            moat::bindings::cli::blob(&c, &op, &bucket, key.as_deref(), file.as_deref()).map_err(failure)
+        }),
         Command::Init { dir } => moat::cli::init(&dir.unwrap_or_else(|| PathBuf::from("."))).map_err(Failure::Usage),
     };
     match result {
@@ -209,10 +193,18 @@ fn usage(msg: &str) -> Failure {
     Failure::Usage(msg.to_string())
 }
 
+/// The config of the instance the CLI talks to (its data folder and admin socket).
+fn admin_config(flags: AdminFlags) -> Result<Config, Failure> {
+    load_config(&config::Overrides {
+        config: flags.config,
+        data_dir: flags.data_dir,
+        admin: flags.admin,
+        ..Default::default()
+    })
+}
+
 fn admin_socket(flags: AdminFlags) -> Result<PathBuf, Failure> {
-    let o =
-        config::Overrides { config: flags.config, data_dir: flags.data_dir, admin: flags.admin, ..Default::default() };
-    Ok(load_config(&o)?.admin_socket)
+    Ok(admin_config(flags)?.admin_socket)
 }
 
 fn failure(e: moat::admin::commands::CommandError) -> Failure {

@@ -93,7 +93,7 @@ fn kv_route(
         other => error(StatusCode::INTERNAL_SERVER_ERROR, "store", other.to_string()),
     };
     match (method, rest) {
-        (&Method::GET, []) => {
+        (&Method::GET, [] | [""]) => {
             let limit = param("limit").and_then(|l| l.parse().ok()).unwrap_or(crate::bindings::kv::MAX_LIST);
             let prefix = param("prefix").unwrap_or_default();
             match store.list(&table, prefix.as_bytes(), limit, param("cursor").as_deref()) {

@@ -45,14 +45,14 @@ pub fn policy(socket: &Path, id: &str, class: Option<&str>, setter: &str, args: 
         Some(p) => json!({ "method": name, "params": p }),
         None => json!({ "method": name }),
     };
-    let base = format!("/v1/containers/{}", encode(id));
+    let base = format!("/v1/containers/{}", encode_path(id, false));
     let (method, path, body) = match setter {
         "show" => ("GET", base.clone(), None),
         "setOutboundHandler" => ("PUT", format!("{base}/outbound-handler"), Some(handler(arg(0, "NAME")?, params(1)?))),
         "removeOutboundHandler" => ("DELETE", format!("{base}/outbound-handler"), None),
         "setOutboundByHost" => (
             "PUT",
-            format!("{base}/outbound-by-host/{}", encode(&arg(0, "HOST")?)),
+            format!("{base}/outbound-by-host/{}", encode_path(&arg(0, "HOST")?, false)),
             Some(handler(arg(1, "NAME")?, params(2)?)),
         ),
         "setOutboundByHosts" => {
@@ -60,13 +60,17 @@ pub fn policy(socket: &Path, id: &str, class: Option<&str>, setter: &str, args: 
                 serde_json::from_str(&arg(0, "JSON map")?).map_err(|e| usage(&format!("setOutboundByHosts: {e}")))?;
             ("PUT", format!("{base}/outbound-by-hosts"), Some(map))
         }
-        "removeOutboundByHost" => ("DELETE", format!("{base}/outbound-by-host/{}", encode(&arg(0, "HOST")?)), None),
+        "removeOutboundByHost" => {
+            ("DELETE", format!("{base}/outbound-by-host/{}", encode_path(&arg(0, "HOST")?, false)), None)
+        }
         "setAllowedHosts" => ("PUT", format!("{base}/allowed-hosts"), Some(json!(args))),
         "setDeniedHosts" => ("PUT", format!("{base}/denied-hosts"), Some(json!(args))),
-        "allowHost" => ("POST", format!("{base}/allowed-hosts/{}", encode(&arg(0, "HOST")?)), None),
-        "denyHost" => ("POST", format!("{base}/denied-hosts/{}", encode(&arg(0, "HOST")?)), None),
-        "removeAllowedHost" => ("DELETE", format!("{base}/allowed-hosts/{}", encode(&arg(0, "HOST")?)), None),
-        "removeDeniedHost" => ("DELETE", format!("{base}/denied-hosts/{}", encode(&arg(0, "HOST")?)), None),
+        "allowHost" => ("POST", format!("{base}/allowed-hosts/{}", encode_path(&arg(0, "HOST")?, false)), None),
+        "denyHost" => ("POST", format!("{base}/denied-hosts/{}", encode_path(&arg(0, "HOST")?, false)), None),
+        "removeAllowedHost" => {
+            ("DELETE", format!("{base}/allowed-hosts/{}", encode_path(&arg(0, "HOST")?, false)), None)
+        }
+        "removeDeniedHost" => ("DELETE", format!("{base}/denied-hosts/{}", encode_path(&arg(0, "HOST")?, false)), None),
         "clearOverrides" => ("DELETE", format!("{base}/overrides"), None),
         other => {
             return Err(usage(&format!(
@@ -77,7 +81,7 @@ pub fn policy(socket: &Path, id: &str, class: Option<&str>, setter: &str, args: 
         }
     };
     let path = match class {
-        Some(c) => format!("{path}?class={}", encode(c)),
+        Some(c) => format!("{path}?class={}", encode_path(c, false)),
         None => path,
     };
     let (code, text) =
@@ -91,15 +95,12 @@ pub fn policy(socket: &Path, id: &str, class: Option<&str>, setter: &str, args: 
     Ok(())
 }
 
-/// Percent-encodes a path segment.
-fn encode(s: &str) -> String {
+/// Percent-encodes a path segment (or, with `keep_slash`, a path of segments).
+pub fn encode_path(s: &str, keep_slash: bool) -> String {
     s.bytes()
         .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~*:[]".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
+            let plain = b.is_ascii_alphanumeric() || b"-._~*:[]".contains(&b) || (keep_slash && b == b'/');
+            if plain { (b as char).to_string() } else { format!("%{b:02X}") }
         })
         .collect()
 }

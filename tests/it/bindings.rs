@@ -95,14 +95,7 @@ fn kv_calls_and_edge_cases() {
 fn storage_is_private_per_container_and_data_survives_restart() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "policy.lua", KV_POLICY);
-    let start = || {
-        let mut cmd = Command::new(MOAT);
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--policy"])
-            .arg(dir.path().join("policy.lua"))
-            .arg("--data-dir")
-            .arg(dir.path().join("data"));
-        Moat::spawn(cmd, tempfile::tempdir().unwrap())
-    };
+    let start = || Moat::serve_folder(dir.path());
     let moat = start();
     assert_eq!(curl(&moat, "http://notes.test/n", &["-U", "alice:", "-X", "PUT", "--data", "alice's"]).body, "ok");
     assert_eq!(curl(&moat, "http://notes.test/n", &["-U", "bob:"]).body, "none", "bob cannot read alice's storage");
@@ -152,14 +145,7 @@ fn the_readme_quickstart_answers_from_kv() {
 fn acknowledged_kv_puts_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "policy.lua", KV_POLICY);
-    let start = || {
-        let mut cmd = Command::new(MOAT);
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--policy"])
-            .arg(dir.path().join("policy.lua"))
-            .arg("--data-dir")
-            .arg(dir.path().join("data"));
-        Moat::spawn(cmd, tempfile::tempdir().unwrap())
-    };
+    let start = || Moat::serve_folder(dir.path());
     let moat = start();
     let pid = moat.pid();
     let proxy = moat.proxy_url();
@@ -222,12 +208,7 @@ fn kv_cli_works_with_and_without_a_running_moat() {
     assert_eq!(code, 2, "{err}");
 
     // With moat running, the same commands go through its admin API, on the same data.
-    let mut cmd = Command::new(MOAT);
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--policy"])
-        .arg(dir.path().join("policy.lua"))
-        .arg("--data-dir")
-        .arg(&data);
-    let moat = Moat::spawn(cmd, tempfile::tempdir().unwrap());
+    let moat = Moat::serve_folder(dir.path());
     assert_eq!(kv(&moat, "offline", &[]).1, "written without moat");
     assert_eq!(moat_cmd(&["kv", "--data-dir", d, "put", "KV", "online", "via admin"], dir.path()).0, 0);
     assert_eq!(kv(&moat, "online", &[]).1, "via admin", "the policy sees what the CLI wrote");

@@ -208,12 +208,7 @@ fn blob_cli_works_with_and_without_a_running_moat() {
     assert_eq!(moat_cmd(&["blob", "--data-dir", d, "put", "BUCKET", "cli/one.txt", "in.txt"], dir.path()).0, 0);
     let (code, out, _) = moat_cmd(&["blob", "--data-dir", d, "get", "BUCKET", "cli/one.txt"], dir.path());
     assert_eq!((code, out.as_str()), (0, "from a file"));
-    let mut cmd = Command::new(MOAT);
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--policy"])
-        .arg(dir.path().join("policy.lua"))
-        .arg("--data-dir")
-        .arg(&data);
-    let moat = Moat::spawn(cmd, tempfile::tempdir().unwrap());
+    let moat = Moat::serve_folder(dir.path());
     // The policy reads what the CLI wrote (container "cli" sees the cli/ folder).
     assert_eq!(r2(&moat, "cli:", "one.txt", &[]).body, "from a file");
     // With moat running, the CLI goes through it.

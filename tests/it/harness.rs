@@ -50,6 +50,17 @@ impl Moat {
         Self::spawn(cmd, dir)
     }
 
+    /// Serves `folder/policy.lua` with its data in `folder/data`, for tests that restart moat
+    /// on the same data or use the CLI beside it. The folder outlives the process.
+    pub fn serve_folder(folder: &Path) -> Moat {
+        let mut cmd = Command::new(MOAT);
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--policy"])
+            .arg(folder.join("policy.lua"))
+            .arg("--data-dir")
+            .arg(folder.join("data"));
+        Moat::spawn(cmd, tempfile::tempdir().unwrap())
+    }
+
     pub fn spawn(mut cmd: Command, dir: tempfile::TempDir) -> Moat {
         // Tests talk only to loopback: moat may answer names from --resolve, never from DNS.
         cmd.env("MOAT_NO_DNS", "1");

@@ -116,14 +116,7 @@ fn overrides_survive_a_restart_and_the_cli_sets_them() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "policy.lua", POLICY);
     let data = dir.path().join("data");
-    let start = || {
-        let mut cmd = Command::new(MOAT);
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--policy"])
-            .arg(dir.path().join("policy.lua"))
-            .arg("--data-dir")
-            .arg(&data);
-        Moat::spawn(cmd, tempfile::tempdir().unwrap())
-    };
+    let start = || Moat::serve_folder(dir.path());
     let data_s = data.to_str().unwrap();
     let moat = start();
     let (code, out, err) = moat_cmd(
@@ -273,12 +266,7 @@ allowedHosts[#allowedHosts + 1] = "drive.test"
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "policy.lua", &policy);
     let data = dir.path().join("data");
-    let mut cmd = Command::new(MOAT);
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--policy"])
-        .arg(dir.path().join("policy.lua"))
-        .arg("--data-dir")
-        .arg(&data);
-    let moat = Moat::spawn(cmd, tempfile::tempdir().unwrap());
+    let moat = Moat::serve_folder(dir.path());
     let s = data.join("admin.sock");
     // The same sequence of setters, with the state expected after each.
     let expected = [
