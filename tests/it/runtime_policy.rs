@@ -185,6 +185,13 @@ fn status_and_metrics_tell_what_happened() {
         v["classes"][0]["lastError"].as_str().unwrap().contains("policy.lua:1: allowedHosts must be a list"),
         "{body}"
     );
+    let data = moat.dir.path().join("data");
+    let (code, out, _) = moat_cmd(&["status", "--data-dir", data.to_str().unwrap()], moat.dir.path());
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("generation 1") && out.contains("last reload failed") && out.contains("policy.lua:1:"),
+        "{out}"
+    );
 
     let (code, text) = admin(&s, "GET", "/metrics", None);
     assert_eq!(code, 200);
