@@ -1,7 +1,6 @@
 //! One client connection on the explicit listener: read a request, decide, answer, repeat
 //! while the connection is kept alive.
 
-use std::net::SocketAddr;
 use std::pin::pin;
 use std::rc::Rc;
 use std::time::Instant;
@@ -9,20 +8,31 @@ use std::time::Instant;
 use http::StatusCode;
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::answer;
 use super::h1::{ConnReader, Framing, HeadError, write_response};
-use super::request::{Exchange, handle};
+use super::request::{Exchange, Tunnel, handle};
 use super::worker::Worker;
 use crate::body::{self, ChannelBody};
 
-pub async fn serve(worker: Rc<Worker>, stream: TcpStream, class: usize, local: SocketAddr) {
+pub async fn serve(worker: Rc<Worker>, stream: TcpStream, class: usize) {
     let _ = stream.set_nodelay(true);
     let _open = OpenConnection::new(&worker.shared.metrics.open_connections);
-    let limits = worker.shared.config.limits.clone();
     let (rd, wr) = stream.into_split();
-    let mut reader = ConnReader::new(rd);
-    let mut writer = BufWriter::with_capacity(16 * 1024, wr);
+    serve_requests(&worker, class, ConnReader::new(rd), BufWriter::with_capacity(16 * 1024, wr), None).await;
+}
+
+/// The request loop of a client connection, or of plain HTTP inside a CONNECT tunnel (then
+/// every request is for the tunnel's host, on behalf of the tunnel's container).
+pub async fn serve_requests(
+    worker: &Worker,
+    class: usize,
+    mut reader: ConnReader<OwnedReadHalf>,
+    mut writer: BufWriter<OwnedWriteHalf>,
+    tunnel: Option<Tunnel>,
+) {
+    let limits = worker.shared.config.limits.clone();
     let mut first = true;
     loop {
         // A new connection must start its request within the head timeout; a kept-alive one
@@ -64,9 +74,9 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream, class: usize, local: S
             }
             Ok(Ok(h)) => h,
         };
-        if head.method == http::Method::CONNECT {
+        if head.method == http::Method::CONNECT && tunnel.is_none() {
             // A tunnel takes over the connection (or ends it when refused).
-            super::connect::serve(&worker, class, head, reader, writer).await;
+            Box::pin(super::connect::serve(worker, class, head, reader, writer)).await;
             return;
         }
         let started = Instant::now();
@@ -98,7 +108,7 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream, class: usize, local: S
         let mut body_complete = tx.is_none();
         let mut body_failed = false;
         let exchange = {
-            let handling = pin!(handle(&worker, class, local, head, request_body));
+            let handling = pin!(handle(worker, class, head, request_body, tunnel.as_ref()));
             let mut handling = handling;
             match tx {
                 None => handling.await,

@@ -55,6 +55,9 @@ pub async fn serve(
             let rules = DialRules::Egress { allowed: plan.allowed.as_ref(), denied: plan.denied.as_ref() };
             match worker.upstream.resolve_checked(&plan.target, rules).await {
                 Ok(addrs) => plan.addrs = addrs,
+                // A name with no DNS answer may still be a virtual host that handlers answer
+                // inside a plain-HTTP tunnel; TLS or raw bytes to it are closed below.
+                Err(crate::upstream::UpstreamError::Dns(msg)) => plan.unresolved = Some(msg),
                 Err(e) => {
                     log.detail = e.to_string();
                     let resp = answer::upstream_failure(&e);
@@ -102,8 +105,12 @@ async fn refuse(
 /// A tunnel that passed the decision order.
 struct Plan {
     target: Target,
+    container: crate::identity::ContainerId,
+    class: usize,
     /// The checked addresses (filled in before the 200).
     addrs: Vec<std::net::IpAddr>,
+    /// Why the host could not be resolved, if it could not.
+    unresolved: Option<String>,
     enable_internet: bool,
     /// An `allowedHosts` entry names this host with this exact port (raw TCP rule).
     port_named: bool,
@@ -163,7 +170,10 @@ fn prepare(
     Ok(Plan {
         port_named: allowed.as_ref().is_some_and(|a| a.names_port(&host, port)),
         target: Target { https: false, host, port },
+        container,
+        class,
         addrs: Vec::new(),
+        unresolved: None,
         enable_internet: g.policy.enable_internet,
         allowed,
         denied,
@@ -207,8 +217,11 @@ async fn run_tunnel(
             log.detail = "tls tunnel (not intercepted)".into();
         }
         Inside::Http => {
-            log.decision = "error";
-            log.detail = "plain HTTP inside CONNECT is not supported by this version; send http:// requests to the proxy directly".into();
+            // Every request inside runs the full decision order, as on the listener.
+            log.detail = "plain http tunnel: each request is decided and logged on its own".into();
+            let tunnel = super::request::Tunnel { container: plan.container.clone(), target: plan.target.clone() };
+            let reader = ConnReader::from_parts(rd, first);
+            super::conn::serve_requests(worker, plan.class, reader, writer, Some(tunnel)).await;
             return;
         }
         Inside::Raw => {
@@ -219,6 +232,10 @@ async fn run_tunnel(
             }
             log.detail = "raw tcp tunnel".into();
         }
+    }
+    if let Some(why) = &plan.unresolved {
+        log.detail = format!("{}: {why}", log.detail);
+        return;
     }
     let mut upstream = match worker.upstream.connect_checked(&plan.addrs, &plan.target).await {
         Ok(s) => s,

@@ -64,6 +64,11 @@ impl<R: AsyncRead + Unpin> ConnReader<R> {
         Self { io, buf: BytesMut::with_capacity(8 * 1024) }
     }
 
+    /// A reader over `io` that starts with bytes already read from it.
+    pub fn from_parts(io: R, buf: BytesMut) -> Self {
+        Self { io, buf }
+    }
+
     /// The stream and the bytes already read from it but not consumed (a tunnel's first bytes).
     pub fn into_parts(self) -> (R, BytesMut) {
         (self.io, self.buf)

@@ -1,7 +1,6 @@
 //! One request on the explicit listener: identify, find the target, decide, then deny, run
 //! the handler, or egress (SPEC 4.3, 5.1, 8).
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::{HeaderValue, Request, Response, StatusCode};
@@ -83,7 +82,13 @@ impl LogLine {
 }
 
 /// Handles one request; never fails (every failure is an answer).
-pub async fn handle(worker: &Worker, class: usize, _local: SocketAddr, head: RequestHead, body: Body) -> Exchange {
+/// Plain HTTP inside a CONNECT tunnel: whose it is and where it goes.
+pub struct Tunnel {
+    pub container: ContainerId,
+    pub target: Target,
+}
+
+pub async fn handle(worker: &Worker, class: usize, head: RequestHead, body: Body, tunnel: Option<&Tunnel>) -> Exchange {
     let shared = &worker.shared;
     let class_shared = &shared.classes[class];
     let mut log = LogLine {
@@ -93,12 +98,19 @@ pub async fn handle(worker: &Worker, class: usize, _local: SocketAddr, head: Req
         scheme: "http",
         ..Default::default()
     };
-    let response = run(worker, class, head, body, &mut log).await;
+    let response = run(worker, class, head, body, tunnel, &mut log).await;
     log.status = response.status().as_u16();
     Exchange { response, log }
 }
 
-async fn run(worker: &Worker, class: usize, head: RequestHead, body: Body, log: &mut LogLine) -> Response<Body> {
+async fn run(
+    worker: &Worker,
+    class: usize,
+    head: RequestHead,
+    body: Body,
+    tunnel: Option<&Tunnel>,
+    log: &mut LogLine,
+) -> Response<Body> {
     let shared = &worker.shared;
     let fail = |log: &mut LogLine, status: StatusCode, msg: String| {
         log.decision = "error";
@@ -106,8 +118,12 @@ async fn run(worker: &Worker, class: usize, head: RequestHead, body: Body, log: 
         answer::text(status, format!("moat: {msg}"))
     };
 
-    // Who: the container id from Proxy-Authorization (SPEC 5.1).
-    let container = match identify(shared, &head.headers) {
+    // Who: the container id from Proxy-Authorization (SPEC 5.1), or the tunnel's.
+    let identified = match tunnel {
+        Some(t) => Ok(t.container.clone()),
+        None => identify(shared, &head.headers),
+    };
+    let container = match identified {
         Ok(id) => id,
         Err(e) => {
             log.decision = "error";
@@ -124,8 +140,13 @@ async fn run(worker: &Worker, class: usize, head: RequestHead, body: Body, log: 
             "CONNECT (HTTPS tunnels) is not supported by this version of moat".into(),
         );
     }
-    // Where: the absolute-form target; its authority wins over Host (SPEC 8.2).
-    let (target, path) = match parse_target(&head.target) {
+    // Where: the absolute-form target, whose authority wins over Host (SPEC 8.2); inside a
+    // tunnel, the tunnel's host (an absolute-form target must name that same authority).
+    let parsed = match tunnel {
+        Some(t) => tunnel_target(t, &head.target),
+        None => parse_target(&head.target),
+    };
+    let (target, path) = match parsed {
         Ok(t) => t,
         Err(msg) => return fail(log, StatusCode::BAD_REQUEST, msg),
     };
@@ -239,6 +260,18 @@ pub(super) fn identify(shared: &super::state::Shared, headers: &http::HeaderMap)
         }
         _ => Err(AuthError::WrongToken(creds.id.to_string())),
     }
+}
+
+/// The target of a request inside a tunnel: origin-form, or absolute-form for the same host.
+fn tunnel_target(t: &Tunnel, raw: &str) -> Result<(Target, String), String> {
+    if raw.starts_with('/') {
+        return Ok((t.target.clone(), raw.split('#').next().unwrap_or("/").to_string()));
+    }
+    let (target, path) = parse_target(raw)?;
+    if target.host != t.target.host || target.port != t.target.port {
+        return Err(format!("request for {} inside a tunnel to {}", target.authority(), t.target.authority()));
+    }
+    Ok((target, path))
 }
 
 /// Parses an absolute-form `http://authority/path?query` target (RFC 9112 §3.2.2) into the

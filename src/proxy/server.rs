@@ -127,7 +127,7 @@ async fn accept_loop(
         match listener.accept().await {
             Ok((stream, _peer)) => {
                 let Ok(stream) = stream.into_std() else { continue };
-                let _ = workers[next % workers.len()].send(Handoff { stream, class, local });
+                let _ = workers[next % workers.len()].send(Handoff { stream, class });
                 next = next.wrapping_add(1);
             }
             Err(e) => {

@@ -16,7 +16,6 @@ use crate::upstream::{Upstream, resolve::Resolver};
 pub struct Handoff {
     pub stream: std::net::TcpStream,
     pub class: usize,
-    pub local: std::net::SocketAddr,
 }
 
 /// One worker's state.
@@ -91,7 +90,7 @@ pub fn spawn(index: usize, shared: Arc<Shared>) -> std::io::Result<mpsc::Unbound
                 tokio::task::spawn_local(async move {
                     let _ = h.stream.set_nonblocking(true);
                     match tokio::net::TcpStream::from_std(h.stream) {
-                        Ok(stream) => super::conn::serve(worker, stream, h.class, h.local).await,
+                        Ok(stream) => super::conn::serve(worker, stream, h.class).await,
                         Err(e) => tracing::warn!("could not adopt connection: {e}"),
                     }
                 });

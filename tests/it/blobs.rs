@@ -160,7 +160,8 @@ fn peak_rss_kib(pid: u32) -> u64 {
 
 #[test]
 fn a_100_mib_blob_streams_without_buffering() {
-    let moat = Moat::start(POLICY);
+    // A generous wall clock: this moves 200 MiB through a handler on a shared 2-core machine.
+    let moat = Moat::start_with(POLICY, Some("[limits]\nhandler_timeout = \"300s\"\n"), &[], &[]);
     let file = moat.dir.path().join("big.bin");
     {
         use std::io::Write;

@@ -231,3 +231,34 @@ fn raw_tcp_tunnels_need_internet_or_a_port_entry() {
     assert_eq!(raw_tunnel(&moat, echo), b"\x00\x01ping");
     assert_eq!(count.load(Ordering::SeqCst), 1);
 }
+
+#[test]
+fn plain_http_inside_a_tunnel_runs_the_decision_order_per_request() {
+    let up = Upstream::start();
+    let port = up.addr.port();
+    let policy = r#"
+allowedHosts = { "api.test", "127.0.0.1" }
+outboundByHost = {
+  ["api.test"] = function(request, env, ctx)
+    return Response.new("handler saw " .. request.url .. " for " .. ctx.containerId)
+  end,
+}"#;
+    let moat = Moat::start(policy);
+    // curl -p: CONNECT first, then plain HTTP inside the tunnel.
+    let r = curl(&moat, &format!("http://api.test:{port}/inside?x=1"), &["-p", "-U", "agent-7:"]);
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, format!("handler saw http://api.test:{port}/inside?x=1 for agent-7").as_str())
+    );
+    // Egress inside a tunnel still goes through the address check (127.0.0.1 is listed).
+    let r = curl(&moat, &format!("http://127.0.0.1:{port}/echo"), &["-p"]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(up.last().unwrap().uri, "/echo");
+    // A request inside the tunnel for another host is refused.
+    let mut s = TcpStream::connect(moat.addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    write!(s, "CONNECT api.test:{port} HTTP/1.1\r\nHost: api.test\r\n\r\nGET http://other.test/ HTTP/1.1\r\nHost: other.test\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 200 Connection Established") && out.contains("HTTP/1.1 400 "), "{out}");
+}

@@ -147,7 +147,11 @@ fn put_entry(lua: &Lua, value: Value, opts: Option<Table>) -> Result<Entry> {
             if ttl.is_nan() || ttl < 1.0 {
                 return Err(mlua::Error::runtime("put: expirationTtl must be at least 1 second"));
             }
-            entry.expiration = Some(now_secs() + ttl as u64);
+            // Round up: an entry lives at least `expirationTtl` seconds, never less because
+            // the clock was near the end of a second.
+            let now =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+            entry.expiration = Some((now + ttl).ceil() as u64);
         }
         if let Some(at) = o.get::<Option<f64>>("expiration")? {
             if at <= now_secs() as f64 {
