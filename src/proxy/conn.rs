@@ -104,6 +104,7 @@ pub async fn serve_requests(
             }
         };
 
+        let body_before = reader.body_bytes();
         // Handle the request while feeding its body from the connection.
         let mut body_complete = tx.is_none();
         let mut body_failed = false;
@@ -140,6 +141,7 @@ pub async fn serve_requests(
             Err(_) => (false, 0),
         };
         log.bytes_down = down;
+        log.bytes_up = reader.body_bytes() - body_before;
         log.emit();
         log.record(&worker.shared.metrics);
         if !keep {

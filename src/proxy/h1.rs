@@ -57,16 +57,23 @@ pub enum HeadError {
 pub struct ConnReader<R> {
     io: R,
     buf: BytesMut,
+    /// Request-body bytes read so far (for the access log's bytes up).
+    body_bytes: u64,
 }
 
 impl<R: AsyncRead + Unpin> ConnReader<R> {
     pub fn new(io: R) -> Self {
-        Self { io, buf: BytesMut::with_capacity(8 * 1024) }
+        Self { io, buf: BytesMut::with_capacity(8 * 1024), body_bytes: 0 }
     }
 
     /// A reader over `io` that starts with bytes already read from it.
     pub fn from_parts(io: R, buf: BytesMut) -> Self {
-        Self { io, buf }
+        Self { io, buf, body_bytes: 0 }
+    }
+
+    /// Request-body bytes read from this connection so far.
+    pub fn body_bytes(&self) -> u64 {
+        self.body_bytes
     }
 
     /// The stream and the bytes already read from it but not consumed (a tunnel's first bytes).
@@ -174,6 +181,7 @@ impl<R: AsyncRead + Unpin> ConnReader<R> {
             return Err(BodyError::Truncated);
         }
         let n = self.buf.len().min(usize::try_from(max).unwrap_or(usize::MAX));
+        self.body_bytes += n as u64;
         Ok(self.buf.split_to(n).freeze())
     }
 

@@ -121,14 +121,15 @@ fn upstream_failures_are_502_with_a_reason() {
 fn access_log_has_one_line_per_request_without_query() {
     let up = Upstream::start();
     let moat = Moat::start_with(r#"allowedHosts = { "127.0.0.1" }"#, None, &["--log-format", "json"], &[]);
-    curl(&moat, &up.url("/path?token=SECRETQUERY"), &["-U", "c-7:"]);
+    curl(&moat, &up.url("/path?token=SECRETQUERY"), &["-U", "c-7:", "--data", "twelve bytes"]);
     let log = moat.wait_log("\"status\":200");
     let line = log.lines().find(|l| l.contains("moat::access")).expect("an access line");
     let v: serde_json::Value = serde_json::from_str(line).unwrap();
     assert_eq!(v["path"], "/path");
     assert_eq!(v["container"], "c-7");
     assert_eq!(v["decision"], "egress");
-    assert_eq!(v["method"], "GET");
+    assert_eq!(v["method"], "POST");
+    assert_eq!(v["bytes_up"], 12);
     assert_eq!(v["class"], "policy");
     assert_eq!(v["port"], up.addr.port());
     assert!(v["duration_ms"].as_f64().is_some());
