@@ -247,6 +247,9 @@ impl Config {
         for src in file.secrets.values_mut() {
             src.file = src.file.as_deref().map(rel);
         }
+        if let Some(tls) = file.tls.as_mut() {
+            tls.extra_ca = tls.extra_ca.iter().map(|p| rel(p)).collect();
+        }
         let admin = flags.admin.clone().or_else(|| file.admin.as_ref().and_then(|a| a.listen.clone()));
         let admin_socket = match admin {
             None => data_dir.join("admin.sock"),

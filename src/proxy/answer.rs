@@ -68,7 +68,9 @@ pub fn handler_failure_detail(f: &HandlerFailure) -> String {
 pub fn upstream_failure(e: &UpstreamError) -> Response<Body> {
     match e {
         UpstreamError::Blocked { .. } | UpstreamError::Loop(_) => denied(DenyReason::BlockedAddress),
-        UpstreamError::ConnectTimeout(_) => text(StatusCode::GATEWAY_TIMEOUT, format!("moat: {e}")),
+        UpstreamError::ConnectTimeout(_) | UpstreamError::TlsTimeout(_) => {
+            text(StatusCode::GATEWAY_TIMEOUT, format!("moat: {e}"))
+        }
         _ => text(StatusCode::BAD_GATEWAY, format!("moat: {e}")),
     }
 }

@@ -47,7 +47,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             }
         }
     })?;
-    let shared = Arc::new(Shared::new(config, bindings, overrides, own));
+    let extra_ca = config.file.tls.as_ref().map(|t| t.extra_ca.clone()).unwrap_or_default();
+    let upstream_tls = crate::upstream::tls::UpstreamTls::new(&extra_ca).map_err(anyhow::Error::msg)?;
+    let shared = Arc::new(Shared::new(config, bindings, overrides, upstream_tls, own));
 
     for i in 0..shared.classes.len() {
         super::reload::reload_class(&shared, i);

@@ -60,18 +60,27 @@ pub struct Shared {
     /// Every address moat listens on (loop prevention, SPEC 8.4).
     pub own_listeners: Arc<Vec<SocketAddr>>,
     pub dns_hosts: Arc<BTreeMap<String, IpAddr>>,
+    /// Upstream TLS (roots + `[tls] extra_ca`), shared by every worker.
+    pub upstream_tls: crate::upstream::tls::UpstreamTls,
     request_prefix: u32,
     request_counter: AtomicU64,
 }
 
 impl Shared {
-    pub fn new(config: Config, bindings: Bindings, overrides: OverrideStore, own_listeners: Vec<SocketAddr>) -> Self {
+    pub fn new(
+        config: Config,
+        bindings: Bindings,
+        overrides: OverrideStore,
+        upstream_tls: crate::upstream::tls::UpstreamTls,
+        own_listeners: Vec<SocketAddr>,
+    ) -> Self {
         let classes = config.classes.iter().cloned().map(ClassShared::new).collect();
         let prefix = crate::script::api::natives::random_bytes(4)
             .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
             .unwrap_or(0);
         Self {
             dns_hosts: Arc::new(config.dns_hosts.clone()),
+            upstream_tls,
             config,
             classes,
             bindings,

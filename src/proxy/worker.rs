@@ -79,6 +79,8 @@ pub fn spawn(index: usize, shared: Arc<Shared>) -> std::io::Result<mpsc::Unbound
             let upstream = Rc::new(Upstream::new(
                 Resolver::new(shared.dns_hosts.clone()),
                 shared.config.limits.connect_timeout,
+                shared.upstream_tls.clone(),
+                shared.config.limits.tls_handshake_timeout,
                 shared.own_listeners.clone(),
             ));
             let worker = Rc::new(Worker { shared: shared.clone(), upstream, runtimes: RefCell::new(HashMap::new()) });

@@ -4,6 +4,7 @@
 pub mod addr;
 mod pool;
 pub mod resolve;
+pub mod tls;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -60,8 +61,10 @@ pub enum UpstreamError {
     Connect(String, String),
     #[error("connect to {0} timed out")]
     ConnectTimeout(String),
-    #[error("https upstreams are not supported yet")]
-    NoTls,
+    #[error("TLS to {0} failed: {1}")]
+    Tls(String, String),
+    #[error("TLS handshake with {0} timed out")]
+    TlsTimeout(String),
     #[error("upstream {0}: {1}")]
     Protocol(String, String),
 }
@@ -71,12 +74,20 @@ pub struct Upstream {
     resolver: resolve::Resolver,
     pool: Pool,
     connect_timeout: Duration,
+    tls: tls::UpstreamTls,
+    tls_timeout: Duration,
     own_listeners: Arc<Vec<SocketAddr>>,
 }
 
 impl Upstream {
-    pub fn new(resolver: resolve::Resolver, connect_timeout: Duration, own_listeners: Arc<Vec<SocketAddr>>) -> Self {
-        Self { resolver, pool: Pool::default(), connect_timeout, own_listeners }
+    pub fn new(
+        resolver: resolve::Resolver,
+        connect_timeout: Duration,
+        tls: tls::UpstreamTls,
+        tls_timeout: Duration,
+        own_listeners: Arc<Vec<SocketAddr>>,
+    ) -> Self {
+        Self { resolver, pool: Pool::default(), connect_timeout, tls, tls_timeout, own_listeners }
     }
 
     /// moat's listeners, for loop checks before any I/O.
@@ -92,12 +103,9 @@ impl Upstream {
         target: &Target,
         rules: DialRules<'_>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        if target.https {
-            return Err(UpstreamError::NoTls);
-        }
         let addrs = self.resolver.resolve(&target.host).await.map_err(UpstreamError::Dns)?;
         let checked = self.check(&addrs, target, &rules)?;
-        let key = (target.host.to_string(), target.port);
+        let key = (target.host.to_string(), target.port, target.https);
         let mut req = req;
         if let Some(mut conn) = self.pool.checkout(&key, |peer| checked.contains(&peer.ip())) {
             match conn.sender.try_send_request(req).await {
@@ -160,14 +168,26 @@ impl Upstream {
 
     async fn dial(&self, addrs: &[IpAddr], target: &Target) -> Result<Pooled, UpstreamError> {
         let (stream, peer) = self.connect(addrs, target).await?;
-        let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| UpstreamError::Connect(target.authority(), e.to_string()))?;
-        tokio::task::spawn_local(async move {
-            // Errors here surface on the request that was in flight.
-            let _ = conn.with_upgrades().await;
-        });
+        let builder = hyper::client::conn::http1::Builder::new();
+        let failed = |e: hyper::Error| UpstreamError::Connect(target.authority(), e.to_string());
+        let sender = if target.https {
+            let tls = tokio::time::timeout(self.tls_timeout, self.tls.connect(&target.host, stream))
+                .await
+                .map_err(|_| UpstreamError::TlsTimeout(target.authority()))?
+                .map_err(|e| UpstreamError::Tls(target.authority(), e))?;
+            let (sender, conn) = builder.handshake(TokioIo::new(tls)).await.map_err(failed)?;
+            tokio::task::spawn_local(async move {
+                let _ = conn.with_upgrades().await;
+            });
+            sender
+        } else {
+            let (sender, conn) = builder.handshake(TokioIo::new(stream)).await.map_err(failed)?;
+            tokio::task::spawn_local(async move {
+                // Errors here surface on the request that was in flight.
+                let _ = conn.with_upgrades().await;
+            });
+            sender
+        };
         Ok(Pooled::new(sender, peer))
     }
 

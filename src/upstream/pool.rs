@@ -33,12 +33,12 @@ impl Pooled {
 
 #[derive(Default)]
 pub struct Pool {
-    idle: RefCell<HashMap<(String, u16), Vec<Pooled>>>,
+    idle: RefCell<HashMap<(String, u16, bool), Vec<Pooled>>>,
 }
 
 impl Pool {
     /// Takes a ready connection to `key` whose peer passes `ok`.
-    pub fn checkout(&self, key: &(String, u16), ok: impl Fn(SocketAddr) -> bool) -> Option<Pooled> {
+    pub fn checkout(&self, key: &(String, u16, bool), ok: impl Fn(SocketAddr) -> bool) -> Option<Pooled> {
         let mut map = self.idle.borrow_mut();
         let list = map.get_mut(key)?;
         let now = Instant::now();
@@ -49,7 +49,7 @@ impl Pool {
     }
 
     /// Returns a connection; it becomes usable again once its response body is finished.
-    pub fn put_back(&self, key: (String, u16), mut conn: Pooled) {
+    pub fn put_back(&self, key: (String, u16, bool), mut conn: Pooled) {
         if conn.sender.is_closed() {
             return;
         }

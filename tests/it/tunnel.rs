@@ -262,3 +262,23 @@ outboundByHost = {
     let _ = s.read_to_string(&mut out);
     assert!(out.starts_with("HTTP/1.1 200 Connection Established") && out.contains("HTTP/1.1 400 "), "{out}");
 }
+
+#[test]
+fn fetch_reaches_https_upstreams_verified_against_extra_ca() {
+    let up = tls_upstream();
+    let policy = format!(
+        r#"outboundByHost = {{ ["gh.local"] = function(request)
+  return fetch("https://tls.test:{}/api")
+end }}"#,
+        up.addr.port()
+    );
+    let toml = format!("[tls]\nextra_ca = [\"{}\"]\n", up.ca_pem.display());
+    let moat = Moat::start_with(&policy, Some(&toml), &["--resolve", "tls.test=127.0.0.1"], &[]);
+    let r = curl(&moat, "http://gh.local/", &[]);
+    assert_eq!((r.status, r.body.as_str()), (200, "hello over tls"));
+    // Without the CA the upstream's certificate is not trusted: 502 with the reason.
+    let untrusted = Moat::start_with(&policy, None, &["--resolve", "tls.test=127.0.0.1"], &[]);
+    let r = curl(&untrusted, "http://gh.local/", &[]);
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert!(r.body.contains("TLS to tls.test:") && r.body.contains("certificate"), "{}", r.body);
+}

@@ -1,0 +1,55 @@
+//! TLS to upstream servers: verified against Mozilla's roots (compiled in, so every machine
+//! trusts the same set) plus `[tls] extra_ca`.
+
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::policy::CanonicalHost;
+
+/// The client side of moat's upstream TLS.
+#[derive(Clone)]
+pub struct UpstreamTls {
+    connector: TlsConnector,
+}
+
+impl UpstreamTls {
+    /// Roots: webpki-roots and every certificate in the `extra_ca` PEM files.
+    pub fn new(extra_ca: &[std::path::PathBuf]) -> Result<Self, String> {
+        let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        for path in extra_ca {
+            let pem = std::fs::read(path).map_err(|e| format!("tls.extra_ca: cannot read {}: {e}", path.display()))?;
+            let mut n = 0;
+            for cert in CertificateDer::pem_slice_iter(&pem) {
+                let cert = cert.map_err(|e| format!("tls.extra_ca: {}: {e}", path.display()))?;
+                roots.add(cert).map_err(|e| format!("tls.extra_ca: {}: {e}", path.display()))?;
+                n += 1;
+            }
+            if n == 0 {
+                return Err(format!("tls.extra_ca: {} has no PEM certificate", path.display()));
+            }
+        }
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        // moat's upstream client speaks HTTP/1.1.
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Self { connector: TlsConnector::from(Arc::new(config)) })
+    }
+
+    /// The TLS handshake, verifying the certificate for `host`.
+    pub async fn connect(&self, host: &CanonicalHost, tcp: TcpStream) -> Result<TlsStream<TcpStream>, String> {
+        let name = match host {
+            CanonicalHost::Name(n) => ServerName::try_from(n.clone()).map_err(|e| e.to_string())?,
+            CanonicalHost::Ip(ip) => ServerName::IpAddress((*ip).into()),
+        };
+        self.connector.connect(name, tcp).await.map_err(|e| e.to_string())
+    }
+}
