@@ -81,6 +81,7 @@ pub async fn serve_requests(
         }
         let started = Instant::now();
         let version = head.version;
+        let client_upgrade = crate::upstream::is_upgrade(&head.headers);
         let is_head = head.method == http::Method::HEAD;
         let framing = head.framing;
         let client_keep_alive = head.keep_alive;
@@ -133,6 +134,14 @@ pub async fn serve_requests(
             }
         };
         let Exchange { response, mut log } = exchange;
+        if response.status() == http::StatusCode::SWITCHING_PROTOCOLS && client_upgrade && body_complete {
+            // The upstream agreed to switch protocols (WebSocket): relay the 101, then both
+            // directions byte for byte until either side closes.
+            relay_upgrade(response, reader, writer, &mut log, started).await;
+            log.emit();
+            log.record(&worker.shared.metrics);
+            return;
+        }
         let keep_alive = client_keep_alive && body_complete && !body_failed;
         let write = write_response(&mut writer, response, version, is_head, keep_alive).await;
         log.duration = started.elapsed();
@@ -149,6 +158,46 @@ pub async fn serve_requests(
             return;
         }
     }
+}
+
+/// Writes a `101 Switching Protocols` and bridges the client with the upgraded upstream.
+async fn relay_upgrade(
+    mut response: http::Response<crate::body::Body>,
+    reader: ConnReader<OwnedReadHalf>,
+    mut writer: BufWriter<OwnedWriteHalf>,
+    log: &mut super::request::LogLine,
+    started: Instant,
+) {
+    let on_upgrade = hyper::upgrade::on(&mut response);
+    let mut head = b"HTTP/1.1 101 Switching Protocols\r\n".to_vec();
+    for (name, value) in response.headers() {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    if writer.write_all(&head).await.is_err() || writer.flush().await.is_err() {
+        return;
+    }
+    let upgraded = match on_upgrade.await {
+        Ok(u) => u,
+        Err(e) => {
+            log.detail = format!("{} (upgrade failed: {e})", log.detail);
+            return;
+        }
+    };
+    let (rd, early) = reader.into_parts();
+    let Ok(mut client) = rd.reunite(writer.into_inner()) else { return };
+    let mut upstream = hyper_util::rt::TokioIo::new(upgraded);
+    if !early.is_empty() && upstream.write_all(&early).await.is_err() {
+        return;
+    }
+    if let Ok((up, down)) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        log.bytes_up += up + early.len() as u64;
+        log.bytes_down += down;
+    }
+    log.duration = started.elapsed();
 }
 
 /// Counts a client connection in `moat_open_connections` while it lives.

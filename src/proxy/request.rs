@@ -177,7 +177,7 @@ async fn run(
             log.detail = choice.label();
             // The request the handler sees: URI authority as Host, no proxy credentials.
             let mut headers = head.headers;
-            upstream::strip_hop_by_hop(&mut headers);
+            upstream::strip_hop_by_hop_keep_upgrade(&mut headers);
             if let Ok(v) = HeaderValue::from_str(&target.authority()) {
                 headers.insert(http::header::HOST, v);
             }
@@ -195,6 +195,10 @@ async fn run(
             let who = CallContext { request_id: &log.request_id, container_id: container.as_str(), class: &log.class };
             let limits = &shared.config.limits;
             match runtime.call(&choice, lua_req, who, limits).await {
+                Ok(mut resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                    upstream::strip_hop_by_hop_keep_upgrade(resp.headers_mut());
+                    resp
+                }
                 Ok(mut resp) => {
                     upstream::strip_hop_by_hop(resp.headers_mut());
                     redact_if(generation.policy.redact_secrets, resp)
@@ -223,6 +227,10 @@ async fn run(
             match worker.upstream.send(req, &target, rules).await {
                 Ok(resp) => {
                     let (mut parts, incoming) = resp.into_parts();
+                    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+                        upstream::strip_hop_by_hop_keep_upgrade(&mut parts.headers);
+                        return Response::from_parts(parts, crate::body::boxed(incoming));
+                    }
                     upstream::strip_hop_by_hop(&mut parts.headers);
                     redact_if(
                         generation.policy.redact_secrets,

@@ -260,6 +260,24 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Like [`strip_hop_by_hop`], but an upgrade (WebSocket) keeps its `Upgrade` header and a
+/// `Connection: upgrade`: those two are the one hop-by-hop pair that must travel end to end
+/// for the upgrade to happen (RFC 9110 §7.8).
+pub fn strip_hop_by_hop_keep_upgrade(headers: &mut HeaderMap) {
+    let upgrade = is_upgrade(headers).then(|| headers.get(http::header::UPGRADE).cloned()).flatten();
+    strip_hop_by_hop(headers);
+    if let Some(u) = upgrade {
+        headers.insert(http::header::UPGRADE, u);
+        headers.insert(http::header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// Does this message ask to switch protocols (`Connection: upgrade` + `Upgrade`)?
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(http::header::UPGRADE)
+        && crate::proxy::h1::connection_tokens(headers).iter().any(|t| t == "upgrade")
+}
+
 /// Turns a request into the form sent upstream: origin-form URI, `Host` = the evaluated
 /// authority (SPEC 8.2: the URI's authority wins), no hop-by-hop headers.
 pub fn to_upstream_request(mut req: Request<Body>, target: &Target) -> Request<Body> {
@@ -267,7 +285,7 @@ pub fn to_upstream_request(mut req: Request<Body>, target: &Target) -> Request<B
     *req.uri_mut() = path.parse::<Uri>().unwrap_or_else(|_| Uri::from_static("/"));
     *req.version_mut() = http::Version::HTTP_11;
     let headers = req.headers_mut();
-    strip_hop_by_hop(headers);
+    strip_hop_by_hop_keep_upgrade(headers);
     headers.remove(http::header::EXPECT);
     if let Ok(host) = HeaderValue::from_str(&target.authority()) {
         headers.insert(http::header::HOST, host);

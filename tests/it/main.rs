@@ -13,3 +13,4 @@ mod parsing;
 mod reload;
 mod runtime_policy;
 mod tunnel;
+mod websocket;

@@ -99,13 +99,18 @@ async fn fetch(lua: &Lua, upstream: &Upstream, req: LuaRequest) -> Result<LuaRes
 /// Wraps an upstream response for Lua, without its hop-by-hop headers.
 pub fn response_from_upstream(resp: http::Response<hyper::body::Incoming>, url: String) -> LuaResponse {
     let (mut parts, incoming) = resp.into_parts();
-    upstream::strip_hop_by_hop(&mut parts.headers);
+    if parts.status == http::StatusCode::SWITCHING_PROTOCOLS {
+        upstream::strip_hop_by_hop_keep_upgrade(&mut parts.headers);
+    } else {
+        upstream::strip_hop_by_hop(&mut parts.headers);
+    }
     LuaResponse {
         status: parts.status,
         status_text: String::new(),
         headers: LuaHeaders::new(parts.headers),
         body: SharedBody::new(BodySlot::Stream(body::boxed(incoming))),
         url,
+        extensions: std::cell::RefCell::new(parts.extensions),
     }
 }
 

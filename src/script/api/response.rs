@@ -16,6 +16,9 @@ pub struct LuaResponse {
     pub body: SharedBody,
     /// The URL it came from (`fetch`), else empty.
     pub url: String,
+    /// The upstream response's extensions (for a `101`, the pending protocol switch), moved
+    /// into the HTTP response when the handler returns this one.
+    pub extensions: std::cell::RefCell<http::Extensions>,
 }
 
 impl LuaResponse {
@@ -27,6 +30,7 @@ impl LuaResponse {
             headers: LuaHeaders::default(),
             body: body_from_lua(body)?,
             url: String::new(),
+            extensions: Default::default(),
         };
         if let Some(init) = init {
             if let Some(code) = init.get::<Option<u16>>("status")? {
@@ -52,6 +56,7 @@ impl LuaResponse {
         let mut resp = http::Response::new(body);
         *resp.status_mut() = self.status;
         *resp.headers_mut() = self.headers.snapshot();
+        *resp.extensions_mut() = self.extensions.take();
         Ok(resp)
     }
 }
@@ -99,6 +104,7 @@ pub fn install(lua: &Lua) -> Result<()> {
                 headers: LuaHeaders::new(headers),
                 body: SharedBody::new(BodySlot::Empty),
                 url: String::new(),
+                extensions: Default::default(),
             })
         })?,
     )?;
@@ -138,6 +144,7 @@ impl UserData for LuaResponse {
                     headers: LuaHeaders::new(headers),
                     body: SharedBody::new(BodySlot::Bytes(data)),
                     url,
+                    extensions: Default::default(),
                 })
             }
         });
