@@ -80,6 +80,11 @@ fn tls_upstream() -> TlsUpstream {
     TlsUpstream { addr, ca_pem, connections, _dir: dir }
 }
 
+/// moat serving `policy`, with `tls.test` resolving to loopback.
+fn tls_moat(policy: &str) -> Moat {
+    Moat::start_with(policy, None, &["--resolve", "tls.test=127.0.0.1"], &[])
+}
+
 fn https(moat: &Moat, up: &TlsUpstream, host: &str) -> CurlOut {
     curl(moat, &format!("https://{host}:{}/", up.addr.port()), &["--cacert", up.ca_pem.to_str().unwrap()])
 }
@@ -87,12 +92,7 @@ fn https(moat: &Moat, up: &TlsUpstream, host: &str) -> CurlOut {
 #[test]
 fn an_allowed_tls_tunnel_shows_the_upstreams_own_certificate() {
     let up = tls_upstream();
-    let moat = Moat::start_with(
-        r#"allowedHosts = { "tls.test", "127.0.0.1" }"#,
-        None,
-        &["--resolve", "tls.test=127.0.0.1"],
-        &[],
-    );
+    let moat = tls_moat(r#"allowedHosts = { "tls.test", "127.0.0.1" }"#);
     // curl verifies the upstream's certificate against the test CA: moat did not intercept.
     let r = https(&moat, &up, "tls.test");
     assert_eq!((r.status, r.body.as_str()), (200, "hello over tls"));
@@ -105,12 +105,7 @@ fn an_allowed_tls_tunnel_shows_the_upstreams_own_certificate() {
 #[test]
 fn a_denied_tunnel_is_520_before_any_upstream_connection() {
     let up = tls_upstream();
-    let moat = Moat::start_with(
-        r#"allowedHosts = { "other.test" } deniedHosts = { "127.0.0.1" }"#,
-        None,
-        &["--resolve", "tls.test=127.0.0.1"],
-        &[],
-    );
+    let moat = tls_moat(r#"allowedHosts = { "other.test" } deniedHosts = { "127.0.0.1" }"#);
     for (target, reason) in [("tls.test", "not-allowed"), ("127.0.0.1", "denied-host")] {
         let resp =
             raw(&moat, format!("CONNECT {target}:{} HTTP/1.1\r\nHost: {target}\r\n\r\n", up.addr.port()).as_bytes());
@@ -118,7 +113,7 @@ fn a_denied_tunnel_is_520_before_any_upstream_connection() {
         assert!(resp.contains(&format!("moat-denied: {reason}")), "{resp}");
     }
     // Allowed by the lists, but the address check refuses loopback: 520 before the tunnel.
-    let moat = Moat::start_with(r#"allowedHosts = { "tls.test" }"#, None, &["--resolve", "tls.test=127.0.0.1"], &[]);
+    let moat = tls_moat(r#"allowedHosts = { "tls.test" }"#);
     let resp = raw(&moat, format!("CONNECT tls.test:{} HTTP/1.1\r\nHost: tls.test\r\n\r\n", up.addr.port()).as_bytes());
     assert!(resp.starts_with("HTTP/1.1 520 ") && resp.contains("moat-denied: blocked-address"), "{resp}");
     assert_eq!(up.connections.load(Ordering::SeqCst), 0);
@@ -167,12 +162,7 @@ fn rustls_pemfile(pem: &[u8]) -> Vec<tokio_rustls::rustls::pki_types::Certificat
 #[test]
 fn sni_must_be_the_connect_host() {
     let up = tls_upstream();
-    let moat = Moat::start_with(
-        r#"allowedHosts = { "tls.test", "127.0.0.1" }"#,
-        None,
-        &["--resolve", "tls.test=127.0.0.1"],
-        &[],
-    );
+    let moat = tls_moat(r#"allowedHosts = { "tls.test", "127.0.0.1" }"#);
     assert!(handshake_through(&moat, &up, "tls.test", "tls.test"));
     let before = up.connections.load(Ordering::SeqCst);
     assert!(!handshake_through(&moat, &up, "tls.test", "evil.test"), "SNI ≠ CONNECT host must be closed");

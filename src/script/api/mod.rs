@@ -17,7 +17,7 @@ pub mod url;
 use std::rc::Rc;
 
 use bytes::Bytes;
-use mlua::{Lua, LuaSerdeExt, Result, UserData, UserDataMethods, Value};
+use mlua::{Lua, LuaSerdeExt, Result, UserData, UserDataFields, UserDataMethods, Value};
 
 use body::{BodyHandle, BodySlot, SharedBody};
 use headers::{LuaHeaders, headers_from_lua};
@@ -74,24 +74,28 @@ pub fn body_from_lua(v: Value) -> Result<SharedBody> {
     }
 }
 
+/// `.body` and `.bodyUsed` for anything with a body.
+pub fn add_body_fields<T: UserData + 'static, F: UserDataFields<T>>(f: &mut F, get: fn(&T) -> SharedBody) {
+    f.add_field_method_get("bodyUsed", move |_, this| Ok(get(this).is_used()));
+    f.add_field_method_get("body", move |_, this| {
+        let body = get(this);
+        Ok((!body.is_empty()).then(|| BodyHandle(body)))
+    });
+}
+
 /// `:text()`, `:json()`, `:bytes()` for anything with a body.
 pub fn add_body_methods<T: UserData + 'static, M: UserDataMethods<T>>(m: &mut M, get: fn(&T) -> SharedBody) {
-    m.add_async_method("text", move |lua, this, ()| {
-        let body = get(&this);
-        drop(this);
-        async move {
-            let data = body.read_all(body_limit(&lua)).await?;
-            lua.create_string(&data)
-        }
-    });
-    m.add_async_method("bytes", move |lua, this, ()| {
-        let body = get(&this);
-        drop(this);
-        async move {
-            let data = body.read_all(body_limit(&lua)).await?;
-            lua.create_string(&data)
-        }
-    });
+    // A Lua string holds text and binary alike, so `text` and `bytes` are the same call.
+    for name in ["text", "bytes"] {
+        m.add_async_method(name, move |lua, this, ()| {
+            let body = get(&this);
+            drop(this);
+            async move {
+                let data = body.read_all(body_limit(&lua)).await?;
+                lua.create_string(&data)
+            }
+        });
+    }
     m.add_async_method("json", move |lua, this, ()| {
         let body = get(&this);
         drop(this);

@@ -3,7 +3,7 @@
 use http::Method;
 use mlua::{Result, Table, UserData, UserDataFields, UserDataMethods, Value};
 
-use super::body::{BodyHandle, BodySlot, SharedBody};
+use super::body::{BodySlot, SharedBody};
 use super::headers::{LuaHeaders, headers_from_lua};
 use super::{add_body_methods, body_from_lua};
 
@@ -115,8 +115,7 @@ impl UserData for LuaRequest {
         f.add_field_method_get("redirect", |_, this| {
             Ok(if this.redirect == Redirect::Follow { "follow" } else { "manual" })
         });
-        f.add_field_method_get("bodyUsed", |_, this| Ok(this.body.is_used()));
-        f.add_field_method_get("body", |_, this| Ok((!this.body.is_empty()).then(|| BodyHandle(this.body.clone()))));
+        super::add_body_fields(f, |r: &Self| r.body.clone());
     }
 
     fn add_methods<M: UserDataMethods<Self>>(m: &mut M) {

@@ -3,7 +3,7 @@
 use http::StatusCode;
 use mlua::{Lua, Result, Table, UserData, UserDataFields, UserDataMethods, Value};
 
-use super::body::{BodyHandle, BodySlot, SharedBody};
+use super::body::{BodySlot, SharedBody};
 use super::headers::{LuaHeaders, headers_from_lua};
 use super::{add_body_methods, body_from_lua};
 use crate::body::Body;
@@ -125,8 +125,7 @@ impl UserData for LuaResponse {
         f.add_field_method_get("headers", |_, this| Ok(this.headers.clone()));
         f.add_field_method_get("url", |_, this| Ok(this.url.clone()));
         f.add_field_method_get("redirected", |_, _| Ok(false));
-        f.add_field_method_get("bodyUsed", |_, this| Ok(this.body.is_used()));
-        f.add_field_method_get("body", |_, this| Ok((!this.body.is_empty()).then(|| BodyHandle(this.body.clone()))));
+        super::add_body_fields(f, |r: &Self| r.body.clone());
     }
 
     fn add_methods<M: UserDataMethods<Self>>(m: &mut M) {
