@@ -36,4 +36,5 @@ pub mod log;
 pub mod policy;
 pub mod proxy;
 pub mod script;
+pub mod tls;
 pub mod upstream;

@@ -29,6 +29,7 @@ pub struct Metrics {
     pub reload_failures: Family<ClassLabel, Counter>,
     pub open_connections: Gauge,
     pub tls_leaf_cache_size: Gauge,
+    pub tls_leaves_generated: Counter,
 }
 
 impl Default for Metrics {
@@ -42,6 +43,7 @@ impl Default for Metrics {
         let reload_failures = Family::<ClassLabel, Counter>::default();
         let open_connections = Gauge::default();
         let tls_leaf_cache_size = Gauge::default();
+        let tls_leaves_generated = Counter::default();
         registry.register("moat_requests", "Requests by class, decision and status", requests.clone());
         registry.register("moat_request_duration_seconds", "Time from request head to response end", duration.clone());
         registry.register(
@@ -65,6 +67,11 @@ impl Default for Metrics {
             "Leaf certificates cached for TLS interception",
             tls_leaf_cache_size.clone(),
         );
+        registry.register(
+            "moat_tls_leaf_certificates_generated",
+            "Leaf certificates made for intercepted hosts (one per cache miss)",
+            tls_leaves_generated.clone(),
+        );
         Self {
             registry,
             requests,
@@ -74,6 +81,7 @@ impl Default for Metrics {
             reload_failures,
             open_connections,
             tls_leaf_cache_size,
+            tls_leaves_generated,
         }
     }
 }

@@ -158,6 +158,11 @@ pub struct Overrides {
 }
 
 impl Config {
+    /// `[tls] ca_dir`: where a persisted CA lives (None: an ephemeral CA per process).
+    pub fn ca_dir(&self) -> Option<&Path> {
+        self.file.tls.as_ref().and_then(|t| t.ca_dir.as_deref())
+    }
+
     /// Loads `--config F`, else `./moat.toml` if present, else the embedded defaults; then
     /// applies the flags. Relative paths in the file are relative to the file's folder.
     pub fn load(flags: &Overrides) -> Result<Self, ConfigError> {
@@ -249,6 +254,7 @@ impl Config {
         }
         if let Some(tls) = file.tls.as_mut() {
             tls.extra_ca = tls.extra_ca.iter().map(|p| rel(p)).collect();
+            tls.ca_dir = tls.ca_dir.as_deref().filter(|p| !p.as_os_str().is_empty()).map(rel);
         }
         let admin = flags.admin.clone().or_else(|| file.admin.as_ref().and_then(|a| a.listen.clone()));
         let admin_socket = match admin {

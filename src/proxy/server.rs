@@ -49,7 +49,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     })?;
     let extra_ca = config.file.tls.as_ref().map(|t| t.extra_ca.clone()).unwrap_or_default();
     let upstream_tls = crate::upstream::tls::UpstreamTls::new(&extra_ca).map_err(anyhow::Error::msg)?;
-    let shared = Arc::new(Shared::new(config, bindings, overrides, upstream_tls, own));
+    let metrics = crate::admin::metrics::Metrics::default();
+    let leaves = start_ca(&config, &metrics)?;
+    let shared = Arc::new(Shared::new(config, bindings, overrides, upstream_tls, leaves, metrics, own));
 
     for i in 0..shared.classes.len() {
         super::reload::reload_class(&shared, i);
@@ -97,6 +99,25 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         tasks.abort_all();
         anyhow::Ok(())
     })
+}
+
+/// Hosts whose leaf certificates stay cached (each ~2 KB); the oldest is dropped beyond that.
+const LEAF_CACHE_HOSTS: usize = 4096;
+
+/// moat's CA (persisted under `[tls] ca_dir`, else made now), its certificate written to
+/// `data_dir/ca.pem` for clients to trust, and the leaf cache on top of it.
+fn start_ca(config: &Config, metrics: &crate::admin::metrics::Metrics) -> anyhow::Result<crate::tls::LeafCache> {
+    let ca = match config.ca_dir() {
+        Some(dir) => crate::tls::Ca::load_or_create(dir),
+        None => crate::tls::Ca::ephemeral(),
+    }
+    .map_err(anyhow::Error::msg)?;
+    let path = config.data_dir.join(crate::tls::ca::CERT_FILE);
+    ca.write_cert(&path).map_err(|e| anyhow::anyhow!("cannot write the CA certificate to {}: {e}", path.display()))?;
+    let kind = if config.ca_dir().is_some() { "persisted" } else { "ephemeral" };
+    println!("moat: CA certificate ({kind}) {} SHA-256 {}", path.display(), ca.fingerprint());
+    crate::tls::LeafCache::new(ca, LEAF_CACHE_HOSTS, metrics.tls_leaf_cache_size.clone(), metrics.tls_leaves_generated.clone())
+        .map_err(anyhow::Error::msg)
 }
 
 /// The optional TCP admin listener (`[admin] tcp`), with its bearer token from `token_env`.

@@ -62,6 +62,8 @@ pub struct Shared {
     pub dns_hosts: Arc<BTreeMap<String, IpAddr>>,
     /// Upstream TLS (roots + `[tls] extra_ca`), shared by every worker.
     pub upstream_tls: crate::upstream::tls::UpstreamTls,
+    /// moat's CA and the leaf certificates of intercepted hosts.
+    pub leaves: crate::tls::LeafCache,
     request_prefix: u32,
     request_counter: AtomicU64,
 }
@@ -72,6 +74,8 @@ impl Shared {
         bindings: Bindings,
         overrides: OverrideStore,
         upstream_tls: crate::upstream::tls::UpstreamTls,
+        leaves: crate::tls::LeafCache,
+        metrics: crate::admin::metrics::Metrics,
         own_listeners: Vec<SocketAddr>,
     ) -> Self {
         let classes = config.classes.iter().cloned().map(ClassShared::new).collect();
@@ -81,11 +85,12 @@ impl Shared {
         Self {
             dns_hosts: Arc::new(config.dns_hosts.clone()),
             upstream_tls,
+            leaves,
             config,
             classes,
             bindings,
             overrides,
-            metrics: Default::default(),
+            metrics,
             started: std::time::Instant::now(),
             own_listeners: Arc::new(own_listeners),
             request_prefix: prefix,
