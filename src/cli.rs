@@ -108,3 +108,43 @@ pub fn init(dir: &Path) -> Result<(), String> {
     println!("next: moat check && moat serve   (then: curl -x http://127.0.0.1:3128 http://example.com/)");
     Ok(())
 }
+
+/// The CA certificate of the instance with this config: the persisted CA (made now when
+/// `[tls] ca_dir` is set and holds none yet), else the one the running instance wrote.
+fn ca_cert(config: &Config) -> Result<(std::path::PathBuf, String), String> {
+    if let Some(dir) = config.ca_dir() {
+        let ca = crate::tls::Ca::load_or_create(dir)?;
+        return Ok((absolute(&dir.join(crate::tls::ca::CERT_FILE)), ca.cert_pem.clone()));
+    }
+    let path = absolute(&crate::tls::ca::cert_path(config));
+    match std::fs::read_to_string(&path) {
+        Ok(pem) => Ok((path, pem)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(format!(
+            "no CA certificate at {}: start moat serve with this data folder first (its CA changes on every start unless [tls] ca_dir is set)",
+            path.display()
+        )),
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
+/// `moat ca path`.
+pub fn ca_path(config: &Config) -> Result<(), String> {
+    println!("{}", ca_cert(config)?.0.display());
+    Ok(())
+}
+
+/// `moat ca export [--out F]`.
+pub fn ca_export(config: &Config, out: Option<&Path>) -> Result<(), String> {
+    let (_, pem) = ca_cert(config)?;
+    match out {
+        Some(f) => std::fs::write(f, pem).map_err(|e| format!("cannot write {}: {e}", f.display())),
+        None => {
+            print!("{pem}");
+            Ok(())
+        }
+    }
+}
+
+fn absolute(p: &Path) -> std::path::PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}

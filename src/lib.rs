@@ -9,19 +9,23 @@
 //! - [`policy`]: pure decision logic: canonical hosts, host patterns, the decision order,
 //!   per-container override specs and their setters.
 //! - [`proxy`]: listeners, workers (one Lua state per class per thread), the strict HTTP/1.1
-//!   codec, one request's path, CONNECT tunnels, upgrades, hot reload, redaction, the
-//!   override store, and the one place failures become answers.
+//!   codec, one request's path, CONNECT tunnels, TLS interception (HTTP/1.1 and HTTP/2 to
+//!   the client), upgrades, hot reload, redaction, the override store, and the one place
+//!   failures become answers.
 //! - [`script`]: sandboxed Lua states, loading and validating generations, handler calls
 //!   with CPU/memory/wall-clock limits, and the Lua API (Request, Response, Headers, URL,
 //!   fetch, console, ctx, KV and bucket objects, `moat.container`).
-//! - [`upstream`]: moat's resolver, the dial-time address check, pooled HTTP/1.1 (and TLS)
-//!   connections.
+//! - [`upstream`]: moat's resolver, the dial-time address check, pooled HTTP/1.1 and
+//!   HTTP/2 connections (TLS verified against webpki roots plus `[tls] extra_ca`).
+//! - [`tls`]: moat's CA (ephemeral or persisted) and the cache of leaf certificates it signs
+//!   for intercepted hosts.
 //! - [`bindings`]: `env`: KV namespaces and `ctx.storage` (redb), blob buckets, secrets, vars;
 //!   and the `moat kv` / `moat blob` commands.
 //! - [`admin`]: the admin API (Unix socket, optional TCP), its CLI client, Prometheus metrics.
 //! - [`config`]: `moat.toml` and flags to a typed [`config::Config`]; [`identity`]: container
 //!   ids and proxy credentials; [`body`]: the streaming body type; [`db`]: the database file;
-//!   [`log`]: access log, batching log writer, secret redaction; [`cli`]: check, explain, init.
+//!   [`log`]: access log, batching log writer, secret redaction; [`cli`]: check, explain,
+//!   init, ca; [`rt`]: hyper's executor on worker threads.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
@@ -35,6 +39,7 @@ pub mod identity;
 pub mod log;
 pub mod policy;
 pub mod proxy;
+pub mod rt;
 pub mod script;
 pub mod tls;
 pub mod upstream;

@@ -126,10 +126,32 @@ enum Command {
         /// For put: the file to upload, or - for standard input.
         file: Option<String>,
     },
+    /// Where moat's CA certificate is, for clients that must trust intercepted HTTPS.
+    Ca {
+        #[command(subcommand)]
+        action: CaAction,
+    },
     /// Write a starter policy.lua and moat.toml.
     Init {
         /// Folder to write into (default: the current folder).
         dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaAction {
+    /// Print the path of the CA certificate (PEM).
+    Path {
+        #[command(flatten)]
+        admin: AdminFlags,
+    },
+    /// Write the CA certificate (PEM) to --out, or to standard output.
+    Export {
+        #[command(flatten)]
+        admin: AdminFlags,
+        /// File to write.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -168,6 +190,12 @@ fn main() -> ExitCode {
         Command::Blob { admin, op, bucket, key, file } => admin_config(admin).and_then(|c| {
             moat::bindings::cli::blob(&c, &op, &bucket, key.as_deref(), file.as_deref()).map_err(failure)
         }),
+        Command::Ca { action: CaAction::Path { admin } } => {
+            admin_config(admin).and_then(|c| moat::cli::ca_path(&c).map_err(Failure::Runtime))
+        }
+        Command::Ca { action: CaAction::Export { admin, out } } => {
+            admin_config(admin).and_then(|c| moat::cli::ca_export(&c, out.as_deref()).map_err(Failure::Runtime))
+        }
         Command::Init { dir } => moat::cli::init(&dir.unwrap_or_else(|| PathBuf::from("."))).map_err(Failure::Usage),
     };
     match result {

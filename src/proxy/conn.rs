@@ -6,12 +6,11 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use http::StatusCode;
-use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::answer;
-use super::h1::{ConnReader, Framing, HeadError, write_response};
+use super::h1::{ConnReader, Framing, HeadError, RequestHead, write_response};
 use super::request::{Exchange, Tunnel, handle};
 use super::worker::Worker;
 use crate::body::{self, ChannelBody};
@@ -20,18 +19,35 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream, class: usize) {
     let _ = stream.set_nodelay(true);
     let _open = OpenConnection::new(&worker.shared.metrics.open_connections);
     let (rd, wr) = stream.into_split();
-    serve_requests(&worker, class, ConnReader::new(rd), BufWriter::with_capacity(16 * 1024, wr), None).await;
+    let reader = ConnReader::new(rd);
+    let writer = BufWriter::with_capacity(16 * 1024, wr);
+    if let Some(Connect { head, reader, writer }) = serve_requests(&worker, class, reader, writer, None).await {
+        // A tunnel takes over the connection (or ends it when refused).
+        super::connect::serve(&worker, class, head, reader, writer).await;
+    }
 }
 
-/// The request loop of a client connection, or of plain HTTP inside a CONNECT tunnel (then
-/// every request is for the tunnel's host, on behalf of the tunnel's container).
-pub async fn serve_requests(
+/// A CONNECT request read on the listener: the connection now belongs to the tunnel.
+pub struct Connect<R, W> {
+    pub head: RequestHead,
+    pub reader: ConnReader<R>,
+    pub writer: BufWriter<W>,
+}
+
+/// The request loop of a client connection, or of HTTP inside a CONNECT tunnel (then every
+/// request is for the tunnel's host, on behalf of the tunnel's container). Returns the
+/// connection when a CONNECT outside a tunnel asks to take it over.
+pub async fn serve_requests<R, W>(
     worker: &Worker,
     class: usize,
-    mut reader: ConnReader<OwnedReadHalf>,
-    mut writer: BufWriter<OwnedWriteHalf>,
+    mut reader: ConnReader<R>,
+    mut writer: BufWriter<W>,
     tunnel: Option<Tunnel>,
-) {
+) -> Option<Connect<R, W>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let limits = worker.shared.config.limits.clone();
     let mut first = true;
     loop {
@@ -40,7 +56,7 @@ pub async fn serve_requests(
         let wait = if first { limits.request_head_timeout } else { limits.idle_timeout };
         match tokio::time::timeout(wait, reader.wait_for_data()).await {
             Ok(Ok(true)) => {}
-            _ => return,
+            _ => return None,
         }
         first = false;
         let head = match tokio::time::timeout(limits.request_head_timeout, reader.read_head(limits.request_head_bytes))
@@ -55,14 +71,14 @@ pub async fn serve_requests(
                     ),
                 )
                 .await;
-                return;
+                return None;
             }
-            Ok(Err(HeadError::Closed | HeadError::Io(_))) => return,
+            Ok(Err(HeadError::Closed | HeadError::Io(_))) => return None,
             Ok(Err(HeadError::TooLarge(n))) => {
                 let msg = format!("moat: request head larger than {n} bytes (limits.request_head_bytes)");
                 let _ =
                     reply_and_close(&mut writer, answer::text(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, msg)).await;
-                return;
+                return None;
             }
             Ok(Err(HeadError::Bad(why))) => {
                 let _ = reply_and_close(
@@ -70,14 +86,12 @@ pub async fn serve_requests(
                     answer::text(StatusCode::BAD_REQUEST, format!("moat: bad request: {why}")),
                 )
                 .await;
-                return;
+                return None;
             }
             Ok(Ok(h)) => h,
         };
         if head.method == http::Method::CONNECT && tunnel.is_none() {
-            // A tunnel takes over the connection (or ends it when refused).
-            Box::pin(super::connect::serve(worker, class, head, reader, writer)).await;
-            return;
+            return Some(Connect { head, reader, writer });
         }
         let started = Instant::now();
         let version = head.version;
@@ -91,7 +105,7 @@ pub async fn serve_requests(
         if send_continue
             && (writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() || writer.flush().await.is_err())
         {
-            return;
+            return None;
         }
         let (tx, request_body) = match framing {
             Framing::None => (None, body::empty()),
@@ -140,7 +154,7 @@ pub async fn serve_requests(
             relay_upgrade(response, reader, writer, &mut log, started).await;
             log.emit();
             log.record(&worker.shared.metrics);
-            return;
+            return None;
         }
         let keep_alive = client_keep_alive && body_complete && !body_failed;
         let write = write_response(&mut writer, response, version, is_head, keep_alive).await;
@@ -155,16 +169,16 @@ pub async fn serve_requests(
         log.record(&worker.shared.metrics);
         if !keep {
             let _ = writer.shutdown().await;
-            return;
+            return None;
         }
     }
 }
 
 /// Writes a `101 Switching Protocols` and bridges the client with the upgraded upstream.
-async fn relay_upgrade(
+async fn relay_upgrade<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     mut response: http::Response<crate::body::Body>,
-    reader: ConnReader<OwnedReadHalf>,
-    mut writer: BufWriter<OwnedWriteHalf>,
+    reader: ConnReader<R>,
+    mut writer: BufWriter<W>,
     log: &mut super::request::LogLine,
     started: Instant,
 ) {
@@ -188,16 +202,52 @@ async fn relay_upgrade(
         }
     };
     let (rd, early) = reader.into_parts();
-    let Ok(mut client) = rd.reunite(writer.into_inner()) else { return };
     let mut upstream = hyper_util::rt::TokioIo::new(upgraded);
     if !early.is_empty() && upstream.write_all(&early).await.is_err() {
         return;
     }
-    if let Ok((up, down)) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        log.bytes_up += up + early.len() as u64;
-        log.bytes_down += down;
-    }
+    let (up, down) = splice(rd, writer.into_inner(), upstream).await;
+    log.bytes_up += up + early.len() as u64;
+    log.bytes_down += down;
     log.duration = started.elapsed();
+}
+
+/// Copies both directions between a client (as read and write halves) and an upstream
+/// stream until both ends have finished; each side's end is passed on as a shutdown.
+/// Returns (bytes up, bytes down).
+pub async fn splice<R, W, U>(mut client_rd: R, mut client_wr: W, upstream: U) -> (u64, u64)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut up_rd, mut up_wr) = tokio::io::split(upstream);
+    let up = pin!(async {
+        let r = tokio::io::copy(&mut client_rd, &mut up_wr).await;
+        let _ = up_wr.shutdown().await;
+        r
+    });
+    let down = pin!(async {
+        let r = tokio::io::copy(&mut up_rd, &mut client_wr).await;
+        let _ = client_wr.shutdown().await;
+        r
+    });
+    let (mut up, mut down) = (up, down);
+    let (mut sent, mut received) = (None, None);
+    // Both directions run until each ends; an error on either (a reset) ends the whole splice.
+    while sent.is_none() || received.is_none() {
+        tokio::select! {
+            r = &mut up, if sent.is_none() => match r {
+                Ok(n) => sent = Some(n),
+                Err(_) => break,
+            },
+            r = &mut down, if received.is_none() => match r {
+                Ok(n) => received = Some(n),
+                Err(_) => break,
+            },
+        }
+    }
+    (sent.unwrap_or(0), received.unwrap_or(0))
 }
 
 /// Counts a client connection in `moat_open_connections` while it lives.

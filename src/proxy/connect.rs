@@ -4,6 +4,7 @@
 //! byte for byte to the checked upstream address. Other bytes: a raw TCP tunnel, allowed only
 //! when `enableInternet` is on or an `allowedHosts` entry names the port.
 
+use std::rc::Rc;
 use std::time::Instant;
 
 use bytes::BytesMut;
@@ -16,7 +17,7 @@ use super::h1::{ConnReader, RequestHead, write_response};
 use super::request::{LogLine, identify};
 use super::worker::Worker;
 use crate::policy::decide::{effective_allowed, effective_denied};
-use crate::policy::{CanonicalHost, Decision, decide_tunnel, host::split_authority};
+use crate::policy::{CanonicalHost, Decision, decide, decide_tunnel, host::split_authority};
 use crate::upstream::{DialRules, Target};
 
 /// Most bytes read while waiting for a complete ClientHello.
@@ -34,7 +35,7 @@ enum Inside {
 
 /// Serves a CONNECT request; the client connection ends with it.
 pub async fn serve(
-    worker: &Worker,
+    worker: &Rc<Worker>,
     class: usize,
     head: RequestHead,
     reader: ConnReader<OwnedReadHalf>,
@@ -105,6 +106,8 @@ async fn refuse(
 /// A tunnel that passed the decision order.
 struct Plan {
     target: Target,
+    /// `interceptHttps`: TLS inside is terminated with moat's leaf and each request decided.
+    intercept: bool,
     container: crate::identity::ContainerId,
     class: usize,
     /// The checked addresses (filled in before the 200).
@@ -150,26 +153,28 @@ fn prepare(
     let g = &runtime.generation;
     log.generation = g.number;
     let overrides = shared.overrides.get(container.as_str(), g);
-    let verdict = decide_tunnel(&host, port, &g.policy, overrides.as_deref());
+    // Intercepted TLS runs each request through the whole order, so a host that a handler
+    // answers opens a tunnel; otherwise only steps 1, 2, 7, 8, 9 can apply (SPEC 4.3).
+    let verdict = if g.policy.intercept_https {
+        decide(&host, port, &g.policy, overrides.as_deref())
+    } else {
+        decide_tunnel(&host, port, &g.policy, overrides.as_deref())
+    };
     if let Decision::Deny(reason) = verdict.decision {
         log.decision = "deny";
         log.detail = reason.to_string();
         return Err(Box::new(answer::denied(reason)));
     }
-    if g.policy.intercept_https {
-        log.decision = "error";
-        log.detail = "interceptHttps is not supported by this version".into();
-        return Err(Box::new(answer::text(
-            StatusCode::NOT_IMPLEMENTED,
-            "moat: interceptHttps = true is not supported by this version of moat; HTTPS is refused rather than passed without the policy's handlers",
-        )));
-    }
     let allowed = effective_allowed(&g.policy, overrides.as_deref()).cloned();
     let denied = effective_denied(&g.policy, overrides.as_deref()).cloned();
-    log.decision = "egress";
+    log.decision = match verdict.decision {
+        Decision::Handler(_) => "handler",
+        _ => "egress",
+    };
     Ok(Plan {
         port_named: allowed.as_ref().is_some_and(|a| a.names_port(&host, port)),
         target: Target { https: false, host, port },
+        intercept: g.policy.intercept_https,
         container,
         class,
         addrs: Vec::new(),
@@ -181,7 +186,7 @@ fn prepare(
 }
 
 async fn run_tunnel(
-    worker: &Worker,
+    worker: &Rc<Worker>,
     plan: Plan,
     reader: ConnReader<OwnedReadHalf>,
     writer: BufWriter<OwnedWriteHalf>,
@@ -214,6 +219,15 @@ async fn run_tunnel(
                 log.detail = format!("TLS server name {sni:?} is not the CONNECT host {}", plan.target.host);
                 return;
             }
+            if plan.intercept {
+                let tunnel = super::request::Tunnel {
+                    container: plan.container.clone(),
+                    target: Target { https: true, ..plan.target.clone() },
+                };
+                let Ok(tcp) = rd.reunite(writer.into_inner()) else { return };
+                super::intercept::serve(worker, plan.class, tunnel, tcp, first, log).await;
+                return;
+            }
             log.detail = "tls tunnel (not intercepted)".into();
         }
         Inside::Http => {
@@ -221,7 +235,8 @@ async fn run_tunnel(
             log.detail = "plain http tunnel: each request is decided and logged on its own".into();
             let tunnel = super::request::Tunnel { container: plan.container.clone(), target: plan.target.clone() };
             let reader = ConnReader::from_parts(rd, first);
-            super::conn::serve_requests(worker, plan.class, reader, writer, Some(tunnel)).await;
+            // Inside a tunnel a CONNECT is answered as a request, so nothing comes back here.
+            let _ = super::conn::serve_requests(worker, plan.class, reader, writer, Some(tunnel)).await;
             return;
         }
         Inside::Raw => {

@@ -4,6 +4,7 @@ pub mod answer;
 pub mod conn;
 pub mod connect;
 pub mod h1;
+pub mod intercept;
 pub mod overrides;
 pub mod redact;
 pub mod reload;

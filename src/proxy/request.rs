@@ -81,13 +81,14 @@ impl LogLine {
     }
 }
 
-/// Handles one request; never fails (every failure is an answer).
-/// Plain HTTP inside a CONNECT tunnel: whose it is and where it goes.
+/// HTTP inside a CONNECT tunnel (plain, or intercepted TLS when `target.https`): whose it is
+/// and where it goes.
 pub struct Tunnel {
     pub container: ContainerId,
     pub target: Target,
 }
 
+/// Handles one request; never fails (every failure is an answer).
 pub async fn handle(worker: &Worker, class: usize, head: RequestHead, body: Body, tunnel: Option<&Tunnel>) -> Exchange {
     let shared = &worker.shared;
     let class_shared = &shared.classes[class];
@@ -95,7 +96,7 @@ pub async fn handle(worker: &Worker, class: usize, head: RequestHead, body: Body
         request_id: shared.next_request_id(),
         class: class_shared.config.name.clone(),
         method: head.method.to_string(),
-        scheme: "http",
+        scheme: if tunnel.is_some_and(|t| t.target.https) { "https" } else { "http" },
         ..Default::default()
     };
     let response = run(worker, class, head, body, tunnel, &mut log).await;
@@ -144,7 +145,13 @@ async fn run(
     // tunnel, the tunnel's host (an absolute-form target must name that same authority).
     let parsed = match tunnel {
         Some(t) => tunnel_target(t, &head.target),
-        None => parse_target(&head.target),
+        None => parse_target(&head.target).and_then(|(t, path)| {
+            if t.https {
+                Err("https:// URLs go through CONNECT; set HTTPS_PROXY to this proxy".into())
+            } else {
+                Ok((t, path))
+            }
+        }),
     };
     let (target, path) = match parsed {
         Ok(t) => t,
@@ -183,7 +190,7 @@ async fn run(
             }
             let lua_req = LuaRequest {
                 method: head.method,
-                url: format!("http://{}{}", target.authority(), path),
+                url: format!("{}://{}{}", target.scheme(), target.authority(), path),
                 headers: LuaHeaders::new(headers),
                 body: SharedBody::new(if http_body::Body::is_end_stream(&body) {
                     BodySlot::Empty
@@ -276,20 +283,20 @@ fn tunnel_target(t: &Tunnel, raw: &str) -> Result<(Target, String), String> {
         return Ok((t.target.clone(), raw.split('#').next().unwrap_or("/").to_string()));
     }
     let (target, path) = parse_target(raw)?;
-    if target.host != t.target.host || target.port != t.target.port {
+    if target.host != t.target.host || target.port != t.target.port || target.https != t.target.https {
         return Err(format!("request for {} inside a tunnel to {}", target.authority(), t.target.authority()));
     }
     Ok((target, path))
 }
 
-/// Parses an absolute-form `http://authority/path?query` target (RFC 9112 §3.2.2) into the
-/// canonical target and the origin-form path.
+/// Parses an absolute-form `http[s]://authority/path?query` target (RFC 9112 §3.2.2) into
+/// the canonical target and the origin-form path.
 fn parse_target(raw: &str) -> Result<(Target, String), String> {
     let lower = raw.get(..8).map(str::to_ascii_lowercase).unwrap_or_default();
-    let rest = if lower.starts_with("http://") {
-        &raw[7..]
+    let (https, rest) = if lower.starts_with("http://") {
+        (false, &raw[7..])
     } else if lower.starts_with("https://") {
-        return Err("https:// URLs go through CONNECT; set HTTPS_PROXY to this proxy".into());
+        (true, &raw[8..])
     } else {
         return Err(
             "moat is a proxy: send absolute-form requests (e.g. curl -x http://127.0.0.1:3128 http://host/)".into()
@@ -307,5 +314,6 @@ fn parse_target(raw: &str) -> Result<(Target, String), String> {
     } else {
         path.to_string()
     };
-    Ok((Target { https: false, host, port: port.unwrap_or(80) }, path))
+    let default_port = if https { 443 } else { 80 };
+    Ok((Target { https, host, port: port.unwrap_or(default_port) }, path))
 }

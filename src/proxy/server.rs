@@ -116,8 +116,13 @@ fn start_ca(config: &Config, metrics: &crate::admin::metrics::Metrics) -> anyhow
     ca.write_cert(&path).map_err(|e| anyhow::anyhow!("cannot write the CA certificate to {}: {e}", path.display()))?;
     let kind = if config.ca_dir().is_some() { "persisted" } else { "ephemeral" };
     println!("moat: CA certificate ({kind}) {} SHA-256 {}", path.display(), ca.fingerprint());
-    crate::tls::LeafCache::new(ca, LEAF_CACHE_HOSTS, metrics.tls_leaf_cache_size.clone(), metrics.tls_leaves_generated.clone())
-        .map_err(anyhow::Error::msg)
+    crate::tls::LeafCache::new(
+        ca,
+        LEAF_CACHE_HOSTS,
+        metrics.tls_leaf_cache_size.clone(),
+        metrics.tls_leaves_generated.clone(),
+    )
+    .map_err(anyhow::Error::msg)
 }
 
 /// The optional TCP admin listener (`[admin] tcp`), with its bearer token from `token_env`.

@@ -6,9 +6,7 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-};
+use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
@@ -113,7 +111,9 @@ pub fn cert_path(config: &crate::config::Config) -> PathBuf {
 }
 
 fn short_id() -> String {
-    crate::script::api::natives::random_bytes(4).map(|b| b.iter().map(|x| format!("{x:02x}")).collect()).unwrap_or_default()
+    crate::script::api::natives::random_bytes(4)
+        .map(|b| b.iter().map(|x| format!("{x:02x}")).collect())
+        .unwrap_or_default()
 }
 
 /// Writes a file only its owner can read, without a moment where it is readable by others.

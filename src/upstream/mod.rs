@@ -1,5 +1,5 @@
 //! Talking to upstream servers: resolve, check every address (SPEC 8.3), dial the checked
-//! address, and send over pooled HTTP/1.1 connections.
+//! address, and send over pooled HTTP/1.1 or HTTP/2 connections.
 
 pub mod addr;
 mod pool;
@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use crate::body::Body;
 use crate::policy::{CanonicalHost, HostList};
 use addr::{AddressRules, Refusal};
-use pool::{Pool, Pooled};
+use pool::{Pool, Pooled, Shared2};
 
 /// Where a request goes: the canonical host and the port that was evaluated (SPEC 8.2).
 #[derive(Clone, Debug)]
@@ -29,6 +29,10 @@ pub struct Target {
 }
 
 impl Target {
+    pub fn scheme(&self) -> &'static str {
+        if self.https { "https" } else { "http" }
+    }
+
     /// `host[:port]` as it belongs in a Host header (default port omitted).
     pub fn authority(&self) -> String {
         let default = if self.https { 443 } else { 80 };
@@ -96,7 +100,8 @@ impl Upstream {
     }
 
     /// Sends `req` (origin-form URI, Host set) to `target`, dialling only addresses that pass
-    /// `rules`.
+    /// `rules`. TLS upstreams get HTTP/2 when they offer it (except for upgrades), whatever
+    /// the client spoke.
     pub async fn send(
         &self,
         req: Request<Body>,
@@ -106,28 +111,43 @@ impl Upstream {
         let addrs = self.resolver.resolve(&target.host).await.map_err(UpstreamError::Dns)?;
         let checked = self.check(&addrs, target, &rules)?;
         let key = (target.host.to_string(), target.port, target.https);
+        let h2_ok = target.https && !is_upgrade(req.headers());
+        let protocol = |e: hyper::Error| UpstreamError::Protocol(target.authority(), describe_hyper_error(&e));
         let mut req = req;
+        if h2_ok && let Some(mut conn) = self.pool.h2(&key, |peer| checked.contains(&peer.ip())) {
+            match conn.sender.try_send_request(for_h2(req, target)).await {
+                Ok(resp) => return Ok(resp),
+                // The connection went away before the request was sent: retry on a new one.
+                Err(mut e) => match e.take_message() {
+                    Some(back) => req = back,
+                    None => return Err(protocol(e.into_error())),
+                },
+            }
+        }
         if let Some(mut conn) = self.pool.checkout(&key, |peer| checked.contains(&peer.ip())) {
             match conn.sender.try_send_request(req).await {
                 Ok(resp) => {
                     self.pool.put_back(key, conn);
                     return Ok(resp);
                 }
-                // The pooled connection closed before the request went out: retry on a new one.
                 Err(mut e) => match e.take_message() {
                     Some(back) => req = back,
-                    None => return Err(UpstreamError::Protocol(target.authority(), e.into_error().to_string())),
+                    None => return Err(protocol(e.into_error())),
                 },
             }
         }
-        let mut conn = self.dial(&checked, target).await?;
-        let resp = conn
-            .sender
-            .send_request(req)
-            .await
-            .map_err(|e| UpstreamError::Protocol(target.authority(), describe_hyper_error(&e)))?;
-        self.pool.put_back(key, conn);
-        Ok(resp)
+        match self.dial(&checked, target, h2_ok).await? {
+            Dialed::H1(mut conn) => {
+                let resp = conn.sender.send_request(req).await.map_err(protocol)?;
+                self.pool.put_back(key, conn);
+                Ok(resp)
+            }
+            Dialed::H2(conn) => {
+                let mut sender = conn.sender.clone();
+                self.pool.add_h2(key, conn);
+                sender.send_request(for_h2(req, target)).await.map_err(protocol)
+            }
+        }
     }
 
     fn check(&self, addrs: &[IpAddr], target: &Target, rules: &DialRules<'_>) -> Result<Vec<IpAddr>, UpstreamError> {
@@ -166,29 +186,29 @@ impl Upstream {
         Err(UpstreamError::Blocked { host: target.host.to_string(), why })
     }
 
-    async fn dial(&self, addrs: &[IpAddr], target: &Target) -> Result<Pooled, UpstreamError> {
+    /// A new connection: TLS when the target is https (HTTP/2 if `h2` and the server picks
+    /// it), else HTTP/1.1 over TCP.
+    async fn dial(&self, addrs: &[IpAddr], target: &Target, h2: bool) -> Result<Dialed, UpstreamError> {
         let (stream, peer) = self.connect(addrs, target).await?;
-        let builder = hyper::client::conn::http1::Builder::new();
         let failed = |e: hyper::Error| UpstreamError::Connect(target.authority(), e.to_string());
-        let sender = if target.https {
-            let tls = tokio::time::timeout(self.tls_timeout, self.tls.connect(&target.host, stream))
+        if !target.https {
+            return Ok(Dialed::H1(Pooled::new(handshake_h1(TokioIo::new(stream)).await.map_err(failed)?, peer)));
+        }
+        let tls = tokio::time::timeout(self.tls_timeout, self.tls.connect(&target.host, stream, h2))
+            .await
+            .map_err(|_| UpstreamError::TlsTimeout(target.authority()))?
+            .map_err(|e| UpstreamError::Tls(target.authority(), e))?;
+        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            let (sender, conn) = hyper::client::conn::http2::Builder::new(crate::rt::LocalExec)
+                .handshake(TokioIo::new(tls))
                 .await
-                .map_err(|_| UpstreamError::TlsTimeout(target.authority()))?
-                .map_err(|e| UpstreamError::Tls(target.authority(), e))?;
-            let (sender, conn) = builder.handshake(TokioIo::new(tls)).await.map_err(failed)?;
+                .map_err(failed)?;
             tokio::task::spawn_local(async move {
-                let _ = conn.with_upgrades().await;
+                let _ = conn.await;
             });
-            sender
-        } else {
-            let (sender, conn) = builder.handshake(TokioIo::new(stream)).await.map_err(failed)?;
-            tokio::task::spawn_local(async move {
-                // Errors here surface on the request that was in flight.
-                let _ = conn.with_upgrades().await;
-            });
-            sender
-        };
-        Ok(Pooled::new(sender, peer))
+            return Ok(Dialed::H2(Shared2 { sender, peer }));
+        }
+        Ok(Dialed::H1(Pooled::new(handshake_h1(TokioIo::new(tls)).await.map_err(failed)?, peer)))
     }
 
     /// TCP to the first checked address that answers, within the connect timeout.
@@ -221,6 +241,37 @@ impl Upstream {
     pub async fn connect_checked(&self, checked: &[IpAddr], target: &Target) -> Result<TcpStream, UpstreamError> {
         Ok(self.connect(checked, target).await?.0)
     }
+}
+
+/// A freshly dialled connection.
+enum Dialed {
+    H1(Pooled),
+    H2(Shared2),
+}
+
+/// HTTP/1.1 over `io`, its connection driven on the worker (with upgrades, for WebSocket).
+async fn handshake_h1<T>(io: T) -> Result<hyper::client::conn::http1::SendRequest<Body>, hyper::Error>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::Builder::new().handshake(io).await?;
+    tokio::task::spawn_local(async move {
+        // Errors here surface on the request that was in flight.
+        let _ = conn.with_upgrades().await;
+    });
+    Ok(sender)
+}
+
+/// An origin-form HTTP/1.1 request as HTTP/2 wants it: the authority in the URI (sent as
+/// `:authority`), no Host header (RFC 9113 §8.3.1).
+fn for_h2(mut req: Request<Body>, target: &Target) -> Request<Body> {
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    if let Ok(uri) = format!("https://{}{}", target.authority(), path).parse::<Uri>() {
+        *req.uri_mut() = uri;
+    }
+    *req.version_mut() = http::Version::HTTP_2;
+    req.headers_mut().remove(http::header::HOST);
+    req
 }
 
 fn describe_hyper_error(e: &hyper::Error) -> String {

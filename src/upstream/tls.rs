@@ -14,7 +14,10 @@ use crate::policy::CanonicalHost;
 /// The client side of moat's upstream TLS.
 #[derive(Clone)]
 pub struct UpstreamTls {
-    connector: TlsConnector,
+    /// Offers h2 and http/1.1: the server picks.
+    any: TlsConnector,
+    /// Offers http/1.1 only: for upgrades (WebSocket), which HTTP/2 cannot carry.
+    h1_only: TlsConnector,
 }
 
 impl UpstreamTls {
@@ -39,17 +42,24 @@ impl UpstreamTls {
             .map_err(|e| e.to_string())?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        // moat's upstream client speaks HTTP/1.1.
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Self { connector: TlsConnector::from(Arc::new(config)) })
+        let mut h1 = config.clone();
+        h1.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Self { any: TlsConnector::from(Arc::new(config)), h1_only: TlsConnector::from(Arc::new(h1)) })
     }
 
-    /// The TLS handshake, verifying the certificate for `host`.
-    pub async fn connect(&self, host: &CanonicalHost, tcp: TcpStream) -> Result<TlsStream<TcpStream>, String> {
+    /// The TLS handshake, verifying the certificate for `host`; `h2` offers HTTP/2 too.
+    pub async fn connect(
+        &self,
+        host: &CanonicalHost,
+        tcp: TcpStream,
+        h2: bool,
+    ) -> Result<TlsStream<TcpStream>, String> {
         let name = match host {
             CanonicalHost::Name(n) => ServerName::try_from(n.clone()).map_err(|e| e.to_string())?,
             CanonicalHost::Ip(ip) => ServerName::IpAddress((*ip).into()),
         };
-        self.connector.connect(name, tcp).await.map_err(|e| e.to_string())
+        let connector = if h2 { &self.any } else { &self.h1_only };
+        connector.connect(name, tcp).await.map_err(|e| e.to_string())
     }
 }

@@ -24,6 +24,7 @@ pub struct Moat {
     child: Child,
     pub addr: SocketAddr,
     logs: Arc<Mutex<String>>,
+    stdout: Arc<Mutex<String>>,
     #[allow(dead_code)] // owns the temp folder for as long as moat runs
     pub dir: tempfile::TempDir,
 }
@@ -76,6 +77,7 @@ impl Moat {
             }
         });
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let printed = Arc::new(Mutex::new(String::new()));
         let mut line = String::new();
         let deadline = Instant::now() + Duration::from_secs(20);
         let addr = loop {
@@ -84,12 +86,20 @@ impl Moat {
                 std::thread::sleep(Duration::from_millis(100));
                 panic!("moat did not start; logs:\n{}", logs.lock().unwrap());
             }
+            printed.lock().unwrap().push_str(&line);
             if let Some(rest) = line.strip_prefix("moat: listening on ") {
                 break rest.split_whitespace().next().unwrap().parse().unwrap();
             }
         };
-        std::thread::spawn(move || for _ in stdout.lines() {});
-        Moat { child, addr, logs, dir }
+        let sink = printed.clone();
+        std::thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        Moat { child, addr, logs, stdout: printed, dir }
     }
 
     pub fn pid(&self) -> u32 {
@@ -98,6 +108,11 @@ impl Moat {
 
     pub fn proxy_url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Everything moat wrote to stdout so far (startup lines: listeners, CA).
+    pub fn stdout_text(&self) -> String {
+        self.stdout.lock().unwrap().clone()
     }
 
     /// Everything moat wrote to stderr so far.
@@ -184,6 +199,8 @@ pub fn raw(moat: &Moat, bytes: &[u8]) -> String {
 #[derive(Clone, Debug)]
 pub struct Seen {
     pub method: String,
+    /// "HTTP/1.1" or "HTTP/2.0".
+    pub version: String,
     pub uri: String,
     pub headers: BTreeMap<String, String>,
     pub body: String,
@@ -202,6 +219,16 @@ impl Upstream {
     }
 
     pub fn start_on(bind: &str) -> Upstream {
+        Self::serve(bind, None)
+    }
+
+    /// The same echo server over TLS with a certificate from `ca` for `tls.test` and
+    /// 127.0.0.1; ALPN offers h2 and http/1.1 and both are served.
+    pub fn start_tls(ca: &TestCa) -> Upstream {
+        Self::serve("127.0.0.1:0", Some(tokio_rustls::TlsAcceptor::from(ca.server_config(&["tls.test", "127.0.0.1"]))))
+    }
+
+    fn serve(bind: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
         let listener = std::net::TcpListener::bind(bind).unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
@@ -216,12 +243,27 @@ impl Upstream {
                     let Ok((stream, _)) = listener.accept().await else { continue };
                     c.fetch_add(1, Ordering::SeqCst);
                     let s = s.clone();
+                    let tls = tls.clone();
                     tokio::spawn(async move {
                         let svc = service_fn(move |req| echo(req, s.clone()));
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), svc)
-                            .with_upgrades()
-                            .await;
+                        let Some(acceptor) = tls else {
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(TokioIo::new(stream), svc)
+                                .with_upgrades()
+                                .await;
+                            return;
+                        };
+                        let Ok(tls) = acceptor.accept(stream).await else { return };
+                        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                                .serve_connection(TokioIo::new(tls), svc)
+                                .await;
+                        } else {
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(TokioIo::new(tls), svc)
+                                .with_upgrades()
+                                .await;
+                        }
                     });
                 }
             });
@@ -251,6 +293,7 @@ async fn echo(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Result<Res
     }
     let record = Seen {
         method: parts.method.to_string(),
+        version: format!("{:?}", parts.version),
         uri: parts.uri.to_string(),
         headers,
         body: String::from_utf8_lossy(&body).into_owned(),
@@ -296,4 +339,58 @@ pub fn moat_cmd(args: &[&str], cwd: &Path) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// A certificate authority made by a test, its certificate in a PEM file (for `[tls]
+/// extra_ca` and `curl --cacert`).
+pub struct TestCa {
+    pub pem: PathBuf,
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        let dir = tempfile::tempdir().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, "moat test CA");
+        let issuer = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
+        let pem = dir.path().join("test-ca.pem");
+        std::fs::write(&pem, issuer.pem()).unwrap();
+        TestCa { pem, issuer, _dir: dir }
+    }
+
+    /// A server configuration with a leaf for `names`, ALPN h2 and http/1.1.
+    pub fn server_config(&self, names: &[&str]) -> Arc<tokio_rustls::rustls::ServerConfig> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let leaf = rcgen::CertificateParams::new(names).unwrap().signed_by(&key, &self.issuer).unwrap();
+        let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(Arc::new(
+            tokio_rustls::rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            tokio_rustls::rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Arc::new(config)
+    }
+}
+
+/// Calls the admin API with curl over the Unix socket: (status, body).
+pub fn admin(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "-o", "-", "-w", "\n%{http_code}", "--unix-socket"]).arg(socket).args(["-X", method]);
+    if let Some(b) = body {
+        cmd.args(["-H", "content-type: application/json", "--data-binary", b]);
+    }
+    let out = cmd.arg(format!("http://moat{path}")).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.parse().unwrap(), body.to_string())
 }

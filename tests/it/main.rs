@@ -7,6 +7,7 @@ mod blobs;
 mod cli;
 mod decision;
 mod egress;
+mod intercept;
 mod limits;
 mod lua_api;
 mod parsing;

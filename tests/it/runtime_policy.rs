@@ -24,19 +24,6 @@ outboundHandlers = {
 function outbound() return Response.new("class-catch-all") end
 "#;
 
-/// Calls the admin API with curl over the Unix socket: (status, body).
-fn admin(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "-o", "-", "-w", "\n%{http_code}", "--unix-socket"]).arg(socket).args(["-X", method]);
-    if let Some(b) = body {
-        cmd.args(["-H", "content-type: application/json", "--data-binary", b]);
-    }
-    let out = cmd.arg(format!("http://moat{path}")).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap();
-    (code.parse().unwrap(), body.to_string())
-}
-
 fn get(moat: &Moat, id: &str, host: &str) -> (u16, String) {
     let r = curl(moat, &format!("http://{host}/"), &["-U", &format!("{id}:")]);
     (r.status, r.body)

@@ -8,7 +8,7 @@ use std::net::{SocketAddr, TcpStream};
 use crate::harness::*;
 
 /// An upstream that answers an upgrade with 101 and then echoes every byte.
-fn upgrade_echo() -> SocketAddr {
+pub fn upgrade_echo() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -44,9 +44,15 @@ fn upgrade_echo() -> SocketAddr {
 /// Sends an upgrade request for `url` through moat, then "ping" frames; returns the 101 head
 /// and what was echoed.
 fn upgrade_through(moat: &Moat, url: &str, host: &str) -> (String, String) {
-    let mut s = TcpStream::connect(moat.addr).unwrap();
+    let s = TcpStream::connect(moat.addr).unwrap();
     s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
-    write!(s, "GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: x\r\n\r\n").unwrap();
+    upgrade_on(s, url, host)
+}
+
+/// The same on a stream that is already set up (a tunnel): `target` is the request-target.
+pub fn upgrade_on(mut s: impl Read + Write, target: &str, host: &str) -> (String, String) {
+    write!(s, "GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: x\r\n\r\n").unwrap();
+    s.flush().unwrap();
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -62,6 +68,7 @@ fn upgrade_through(moat: &Moat, url: &str, host: &str) -> (String, String) {
     let mut echoed = Vec::new();
     for msg in [&b"ping-1"[..], b"ping-2"] {
         s.write_all(msg).unwrap();
+        s.flush().unwrap();
         let mut buf = vec![0u8; msg.len()];
         s.read_exact(&mut buf).unwrap();
         echoed.extend_from_slice(&buf);

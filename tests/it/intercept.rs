@@ -1,0 +1,256 @@
+//! TLS interception (`interceptHttps = true`, SPEC 5.1): moat's leaf for the CONNECT host,
+//! handlers that see `https://` requests, HTTP/1.1 and HTTP/2 to the client, TLS upstream
+//! verified against `[tls] extra_ca`, the leaf cache, and `moat ca`.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_rustls::rustls;
+
+use crate::harness::*;
+
+/// A policy that intercepts, injects a credential for `tls.test` and lets 127.0.0.1 egress.
+const POLICY: &str = r#"
+interceptHttps = true
+allowedHosts = { "127.0.0.1", "tls.test" }
+outboundByHost = {
+  ["tls.test"] = function(request)
+    request.headers:set("authorization", "Bearer injected")
+    return fetch(request)
+  end,
+}
+"#;
+
+/// moat with `tls.test` on loopback and the test CA trusted upstream.
+fn intercepting_moat(policy: &str, ca: &TestCa) -> Moat {
+    let toml = format!("[tls]\nextra_ca = [\"{}\"]\n", ca.pem.display());
+    Moat::start_with(policy, Some(&toml), &["--resolve", "tls.test=127.0.0.1"], &[])
+}
+
+/// The CA certificate the running moat wrote for clients.
+fn moat_ca(moat: &Moat) -> String {
+    moat.dir.path().join("data/ca.pem").to_str().unwrap().to_string()
+}
+
+#[test]
+fn an_intercepted_request_runs_the_handler_over_http1_and_http2() {
+    let ca = TestCa::new();
+    let up = Upstream::start_tls(&ca);
+    let moat = intercepting_moat(POLICY, &ca);
+    let url = format!("https://tls.test:{}/echo?q=1", up.addr.port());
+    // curl trusts only moat's CA: the handshake succeeding means it verified moat's leaf.
+    for (flag, logged) in [("--http1.1", "intercepted, http/1.1"), ("--http2", "intercepted, h2")] {
+        let r = curl(&moat, &url, &["--cacert", &moat_ca(&moat), flag]);
+        assert_eq!(r.status, 200, "{flag}: {}", r.body);
+        let seen = up.last().unwrap();
+        assert_eq!(seen.headers["authorization"], "Bearer injected", "{flag}");
+        assert!(seen.uri.ends_with("/echo?q=1"), "{}", seen.uri);
+        // moat negotiates with the upstream on its own: this one offers h2.
+        assert_eq!(seen.version, "HTTP/2.0", "{flag}");
+        assert!(moat.wait_log(logged).contains(logged), "{flag}");
+    }
+    // Each request inside is logged with its own decision, as https.
+    let log = moat.logs();
+    assert!(
+        log.lines().any(|l| l.contains("scheme=\"https\"")
+            && l.contains("decision=\"handler\"")
+            && l.contains("path=\"/echo\"")),
+        "{log}"
+    );
+    // Without moat's CA the client refuses moat's leaf: nothing is sent upstream.
+    let before = up.count();
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--noproxy", "", "-x", &moat.proxy_url(), &url])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("certificate"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(up.count(), before);
+}
+
+#[test]
+fn an_ip_host_gets_an_ip_san_and_egress_verifies_the_upstream() {
+    let ca = TestCa::new();
+    let up = Upstream::start_tls(&ca);
+    let moat = intercepting_moat(POLICY, &ca);
+    let url = format!("https://127.0.0.1:{}/plain", up.addr.port());
+    let r = curl(&moat, &url, &["--cacert", &moat_ca(&moat)]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(up.last().unwrap().uri, url, "HTTP/2 upstream: the full URI is :scheme + :authority + :path");
+    // rustls checks an IP server name against IP SANs only (never the subject's CN).
+    let mut tls = tls_through(&moat, "127.0.0.1", up.addr.port(), b"http/1.1");
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock).expect("moat's leaf has an IP SAN for 127.0.0.1");
+    }
+    // An upstream whose certificate moat does not trust: 502 with the reason, for this
+    // request only.
+    let untrusting = Moat::start_with(POLICY, None, &["--resolve", "tls.test=127.0.0.1"], &[]);
+    let r = curl(&untrusting, &url, &["--cacert", &moat_ca(&untrusting)]);
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert!(r.body.contains("TLS to 127.0.0.1:") && r.body.contains("certificate"), "{}", r.body);
+}
+
+/// A TLS client through a CONNECT tunnel, trusting only moat's CA.
+fn tls_through(
+    moat: &Moat,
+    host: &str,
+    port: u16,
+    alpn: &[u8],
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    let mut tcp = TcpStream::connect(moat.addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(tcp, "CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n").unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(tcp.read(&mut b).unwrap(), 1, "moat closed: {}", String::from_utf8_lossy(&head));
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(moat_ca(moat)).unwrap();
+    use rustls::pki_types::pem::PemObject;
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+#[test]
+fn concurrent_first_requests_for_a_host_make_one_certificate() {
+    let ca = TestCa::new();
+    let up = Upstream::start_tls(&ca);
+    let moat = intercepting_moat(POLICY, &ca);
+    let port = up.addr.port();
+    let generated = |moat: &Moat| -> u64 {
+        let (_, text) = admin(&moat.dir.path().join("data/admin.sock"), "GET", "/metrics", None);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("moat_tls_leaf_certificates_generated_total "))
+            .unwrap_or_else(|| panic!("{text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert_eq!(generated(&moat), 0);
+    // Eight clients connect at once and all complete their handshake for the same new host.
+    let barrier = Arc::new(std::sync::Barrier::new(8));
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let mut tls = tls_through(&moat, "tls.test", port, b"http/1.1");
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                while tls.conn.is_handshaking() {
+                    tls.conn.complete_io(&mut tls.sock).unwrap();
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert_eq!(generated(&moat), 1, "one certificate for eight concurrent first handshakes");
+    // Another host gets its own; a known host reuses its certificate.
+    let r = curl(&moat, &format!("https://127.0.0.1:{port}/"), &["--cacert", &moat_ca(&moat)]);
+    assert_eq!(r.status, 200);
+    let r = curl(&moat, &format!("https://tls.test:{port}/"), &["--cacert", &moat_ca(&moat)]);
+    assert_eq!(r.status, 200);
+    assert_eq!(generated(&moat), 2);
+}
+
+#[test]
+fn websockets_are_relayed_inside_plain_and_intercepted_tunnels() {
+    let echo = crate::websocket::upgrade_echo();
+    let policy = format!(
+        r#"
+interceptHttps = true
+outboundByHost = {{
+  ["ws.test"] = function(request)
+    return fetch(Request.new("http://{echo}/socket", request))
+  end,
+}}"#
+    );
+    let moat = Moat::start(&policy);
+    // TLS inside the tunnel, terminated by moat: the handler's fetch relays the upgrade.
+    let tls = tls_through(&moat, "ws.test", 443, b"http/1.1");
+    let (head, echoed) = crate::websocket::upgrade_on(tls, "/chat", "ws.test");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(echoed, "ping-1ping-2");
+    // Plain HTTP inside a tunnel: the same, without TLS.
+    let mut tcp = TcpStream::connect(moat.addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(tcp, "CONNECT ws.test:80 HTTP/1.1\r\nHost: ws.test:80\r\n\r\n").unwrap();
+    let mut ok = [0u8; 39];
+    tcp.read_exact(&mut ok).unwrap();
+    assert!(ok.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&ok));
+    let (head, echoed) = crate::websocket::upgrade_on(tcp, "/chat", "ws.test");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(echoed, "ping-1ping-2");
+}
+
+#[test]
+fn moat_ca_path_and_export_and_a_persisted_ca_survives_restarts() {
+    let folder = tempfile::tempdir().unwrap();
+    let dir = folder.path();
+    write(dir, "policy.lua", "interceptHttps = true\nallowedHosts = { \"127.0.0.1\" }\n");
+    write(
+        dir,
+        "moat.toml",
+        "data_dir = \"data\"\n[[class]]\npolicy = \"policy.lua\"\nlisten = \"127.0.0.1:0\"\n[tls]\nca_dir = \"ca\"\n",
+    );
+    // No CA yet, ephemeral config: a one-line error saying what to do.
+    let empty = tempfile::tempdir().unwrap();
+    let (code, _, err) = moat_cmd(&["ca", "path", "--data-dir", "elsewhere"], empty.path());
+    assert_eq!(code, 1);
+    assert!(err.starts_with("moat: no CA certificate at") && err.contains("start moat serve"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+
+    let start = || {
+        let mut cmd = std::process::Command::new(MOAT);
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--config", "moat.toml"]).current_dir(dir);
+        Moat::spawn(cmd, tempfile::tempdir().unwrap())
+    };
+    let fingerprint = |out: &str| -> String {
+        let line =
+            out.lines().find(|l| l.starts_with("moat: CA certificate (persisted)")).unwrap_or_else(|| panic!("{out}"));
+        line.rsplit(' ').next().unwrap().to_string()
+    };
+    let first = start();
+    let (code, path, _) = moat_cmd(&["ca", "path"], dir);
+    assert_eq!(code, 0);
+    assert_eq!(path.trim(), dir.join("ca/ca.pem").to_str().unwrap());
+    let (code, _, err) = moat_cmd(&["ca", "export", "--out", "exported.pem"], dir);
+    assert_eq!(code, 0, "{err}");
+    let exported = std::fs::read_to_string(dir.join("exported.pem")).unwrap();
+    assert_eq!(exported, std::fs::read_to_string(dir.join("data/ca.pem")).unwrap(), "the running instance's CA");
+    assert!(exported.starts_with("-----BEGIN CERTIFICATE-----"));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.join("ca/ca-key.pem")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let stdout_first = first.stdout_text();
+    drop(first);
+    // A restart reuses the same CA: same fingerprint, and a client trusting the exported
+    // certificate still verifies the new process's leaves.
+    let second = start();
+    assert_eq!(fingerprint(&stdout_first), fingerprint(&second.stdout_text()));
+    let up = Upstream::start();
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--noproxy", "", "-x", &second.proxy_url()])
+        .args(["--cacert", dir.join("exported.pem").to_str().unwrap()])
+        .arg(format!("https://127.0.0.1:{}/", up.addr.port()))
+        .output()
+        .unwrap();
+    // The upstream speaks plain HTTP, so moat's TLS upstream fails: 502 proves the client
+    // accepted moat's leaf and got an answer from inside the tunnel.
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "502", "{}", String::from_utf8_lossy(&out.stderr));
+}
