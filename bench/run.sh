@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # moat benchmark: direct vs through moat, on loopback only, bounded in time.
-#   bash bench/run.sh            (SECONDS=10 CONNS=32 by default)
+#   bash bench/run.sh            (SECS=10 CONNS=32 by default; ONLY=https runs the HTTPS part)
 # Prints requests/s, p50/p99 latency, the ratio of each path to direct, the p99 added at a
-# fixed 2,000 req/s, and moat's RSS (with 1,000 idle keep-alive connections, and peak).
+# fixed 2,000 req/s, moat's RSS (with 1,000 idle keep-alive connections, and peak), and for
+# HTTPS: intercepted handler vs direct TLS, and the cost of a new host's first request.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${SECS:-10}
@@ -19,8 +20,10 @@ trap cleanup EXIT
 ulimit -n 65536 2>/dev/null || true
 
 UP=127.0.0.1:18080
-"$BIN/examples/bench-upstream" "$UP" > "$work/up.log" 2>&1 &
+TLSUP=127.0.0.1:18443
+"$BIN/examples/bench-upstream" "$UP" "$TLSUP" "$work/up-ca.pem" > "$work/up.log" 2>&1 &
 pids+=($!)
+for _ in $(seq 50); do [ -s "$work/up-ca.pem" ] && break; sleep 0.1; done
 
 cat > "$work/egress.lua" <<'LUA'
 -- Egress only: an allowed host, no handler.
@@ -48,8 +51,28 @@ outboundByHost = {
   end,
 }
 LUA
+cat > "$work/intercept.lua" <<'LUA'
+-- HTTPS interception: the same header-injecting handler for the TLS upstream, and a local
+-- answer for any *.bench host (for the first-request measurement).
+interceptHttps = true
+allowedHosts = { "127.0.0.1", "*.bench" }
+outboundByHost = {
+  ["127.0.0.1"] = function(request, env, ctx)
+    local r = Request.new(request)
+    r.headers:set("x-moat-container", ctx.containerId)
+    return fetch(r)
+  end,
+  ["*.bench"] = function() return Response.new("hello, moat!\n") end,
+}
+LUA
 cat > "$work/moat.toml" <<TOML
 data_dir = "$work/data"
+[tls]
+extra_ca = ["$work/up-ca.pem"]
+[[class]]
+name = "intercept"
+policy = "$work/intercept.lua"
+listen = "127.0.0.1:13131"
 [[class]]
 name = "egress"
 policy = "$work/egress.lua"
@@ -63,7 +86,8 @@ name = "kv"
 policy = "$work/kv.lua"
 listen = "127.0.0.1:13130"
 TOML
-RUST_LOG=warn,moat::reload=info MOAT_WORKERS=${MOAT_WORKERS:-} "$BIN/moat" serve --config "$work/moat.toml" > "$work/moat.out" 2> "$work/moat.log" &
+# MOAT_NO_DNS: every name here is answered by a handler; nothing may leave loopback.
+MOAT_NO_DNS=1 RUST_LOG=warn,moat::reload=info MOAT_WORKERS=${MOAT_WORKERS:-} "$BIN/moat" serve --config "$work/moat.toml" > "$work/moat.out" 2> "$work/moat.log" &
 MOAT=$!
 pids+=($MOAT)
 sleep 1
@@ -72,6 +96,31 @@ run() { "$BIN/examples/bench-load" "$@"; }
 field() { sed -n "s/.*$1=\([0-9.]*\).*/\1/p"; }
 
 ROUNDS=${ROUNDS:-3}
+median() { sort -t= -k4 -n "$1" | awk '{a[NR]=$0} END {print a[int((NR+1)/2)]}'; }
+median_rps() { field rps < "$1" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+https_part() {
+  echo "== HTTPS, $CONNS keep-alive connections, ${SECS}s per run, $ROUNDS rounds: direct TLS to the"
+  echo "   upstream vs through moat intercepting, with the header-injecting handler's fetch"
+  : > "$work/tlsdirect"; : > "$work/tlsmoat"
+  for r in $(seq "$ROUNDS"); do
+    run --tls "$work/up-ca.pem" "$TLSUP" "https://$TLSUP/" "$CONNS" "$SECS" >> "$work/tlsdirect"
+    run --tls "$work/data/ca.pem" --connect 127.0.0.1:13131 "https://$TLSUP/" "$CONNS" "$SECS" >> "$work/tlsmoat"
+  done
+  local d m
+  d=$(median_rps "$work/tlsdirect"); m=$(median_rps "$work/tlsmoat")
+  printf '%-22s median rps=%-7s runs: %s\n' "direct TLS" "$d" "$(field rps < "$work/tlsdirect" | tr '\n' ' ')"
+  printf '%-22s median rps=%-7s runs: %s\n' "moat intercepting" "$m" "$(field rps < "$work/tlsmoat" | tr '\n' ' ')"
+  echo "intercepted / direct TLS: $(awk -v m="$m" -v d="$d" 'BEGIN {printf "%.2f", m/d}')"
+  echo "== first request (CONNECT + TLS handshake + GET) for a new host vs a cached host, 201 rounds"
+  run first-request 127.0.0.1:13131 "$work/data/ca.pem" 201
+  echo "leaf certificates generated: $(curl -s --unix-socket "$work/data/admin.sock" http://moat/metrics | awk '/^moat_tls_leaf_certificates_generated_total/ {print $2}')"
+}
+if [ "${ONLY:-}" = https ]; then
+  https_part
+  exit 0
+fi
+
 echo "== closed loop: $CONNS keep-alive connections, ${SECS}s per run, $ROUNDS rounds of direct/egress/handler"
 echo "   (runs alternate so that machine noise hits every path alike; the median run is reported)"
 : > "$work/direct"; : > "$work/egress"; : > "$work/handler"
@@ -80,8 +129,6 @@ for r in $(seq "$ROUNDS"); do
   run 127.0.0.1:13128 "http://$UP/" "$CONNS" "$SECS" >> "$work/egress"
   run 127.0.0.1:13129 "http://$UP/" "$CONNS" "$SECS" >> "$work/handler"
 done
-median() { sort -t= -k4 -n "$1" | awk '{a[NR]=$0} END {print a[int((NR+1)/2)]}'; }
-median_rps() { field rps < "$1" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 d=$(median_rps "$work/direct")
 for path in direct egress handler; do
   m=$(median_rps "$work/$path")
@@ -118,6 +165,8 @@ for r in $(seq "$ROUNDS"); do
 done
 c=$(median_rps "$work/const"); k=$(median_rps "$work/kvread")
 echo "constant handler median rps=$c   KV read median rps=$k   ratio=$(awk -v k="$k" -v c="$c" 'BEGIN {printf "%.2f", k/c}')"
+
+https_part
 
 echo "== $IDLE idle keep-alive connections"
 run idle 127.0.0.1:13129 "http://$UP/" "$IDLE" 3 &
