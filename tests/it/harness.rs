@@ -225,7 +225,8 @@ impl Upstream {
     /// The same echo server over TLS with a certificate from `ca` for `tls.test` and
     /// 127.0.0.1; ALPN offers h2 and http/1.1 and both are served.
     pub fn start_tls(ca: &TestCa) -> Upstream {
-        Self::serve("127.0.0.1:0", Some(tokio_rustls::TlsAcceptor::from(ca.server_config(&["tls.test", "127.0.0.1"]))))
+        let config = ca.server_config(&["tls.test", "127.0.0.1"], &[b"h2", b"http/1.1"]);
+        Self::serve("127.0.0.1:0", Some(tokio_rustls::TlsAcceptor::from(config)))
     }
 
     fn serve(bind: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
@@ -361,8 +362,8 @@ impl TestCa {
         TestCa { pem, issuer, _dir: dir }
     }
 
-    /// A server configuration with a leaf for `names`, ALPN h2 and http/1.1.
-    pub fn server_config(&self, names: &[&str]) -> Arc<tokio_rustls::rustls::ServerConfig> {
+    /// A server configuration with a leaf for `names`, offering `alpn`.
+    pub fn server_config(&self, names: &[&str], alpn: &[&[u8]]) -> Arc<tokio_rustls::rustls::ServerConfig> {
         let key = rcgen::KeyPair::generate().unwrap();
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         let leaf = rcgen::CertificateParams::new(names).unwrap().signed_by(&key, &self.issuer).unwrap();
@@ -377,7 +378,7 @@ impl TestCa {
             tokio_rustls::rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
         )
         .unwrap();
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Arc::new(config)
     }
 }

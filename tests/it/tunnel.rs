@@ -17,34 +17,13 @@ struct TlsUpstream {
     addr: SocketAddr,
     ca_pem: PathBuf,
     connections: Arc<AtomicUsize>,
-    _dir: tempfile::TempDir,
+    _ca: TestCa,
 }
 
 fn tls_upstream() -> TlsUpstream {
-    let dir = tempfile::tempdir().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "moat test CA");
-    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap()).unwrap();
-    let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["tls.test".to_string(), "127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&leaf_key, &ca)
-        .unwrap();
-    let ca_pem = dir.path().join("ca.pem");
-    std::fs::write(&ca_pem, ca.pem()).unwrap();
-    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(Arc::new(
-        tokio_rustls::rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(
-        vec![leaf.der().clone()],
-        tokio_rustls::rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
-    )
-    .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let ca = TestCa::new();
+    let config = ca.server_config(&["tls.test", "127.0.0.1"], &[]);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
@@ -77,7 +56,7 @@ fn tls_upstream() -> TlsUpstream {
             }
         });
     });
-    TlsUpstream { addr, ca_pem, connections, _dir: dir }
+    TlsUpstream { addr, ca_pem: ca.pem.clone(), connections, _ca: ca }
 }
 
 /// moat serving `policy`, with `tls.test` resolving to loopback.
