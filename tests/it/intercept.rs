@@ -99,6 +99,17 @@ fn tls_through(
     port: u16,
     alpn: &[u8],
 ) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    tls_through_named(moat, host, port, host, alpn)
+}
+
+/// The same with a TLS server name (SNI) that may differ from the CONNECT host.
+fn tls_through_named(
+    moat: &Moat,
+    host: &str,
+    port: u16,
+    sni: &str,
+    alpn: &[u8],
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
     let mut tcp = TcpStream::connect(moat.addr).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(tcp, "CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n").unwrap();
@@ -122,9 +133,28 @@ fn tls_through(
             .with_root_certificates(roots)
             .with_no_client_auth();
     config.alpn_protocols = vec![alpn.to_vec()];
-    let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
     let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
     rustls::StreamOwned::new(conn, tcp)
+}
+
+#[test]
+fn an_intercepted_tunnel_still_needs_the_sni_to_be_the_connect_host() {
+    let ca = TestCa::new();
+    let up = Upstream::start_tls(&ca);
+    let moat = intercepting_moat(POLICY, &ca);
+    let mut tls = tls_through_named(&moat, "tls.test", up.addr.port(), "other.test", b"http/1.1");
+    let mut failed = false;
+    while tls.conn.is_handshaking() {
+        if tls.conn.complete_io(&mut tls.sock).is_err() {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed, "moat must not answer a TLS server name other than the CONNECT host");
+    let log = moat.wait_log("is not the CONNECT host");
+    assert!(log.contains("other.test") && log.contains("is not the CONNECT host tls.test"), "{log}");
+    assert_eq!(up.count(), 0);
 }
 
 #[test]
