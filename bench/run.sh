@@ -11,7 +11,7 @@ CONNS=${CONNS:-32}
 RATE=${RATE:-2000}
 IDLE=${IDLE:-1000}
 
-cargo build --release --quiet --bin moat --example bench-upstream --example bench-load
+cargo build --release --quiet --bin moat --example bench-upstream --example bench-load --example bench-relay
 BIN=target/release
 work=$(mktemp -d)
 pids=()
@@ -24,6 +24,10 @@ TLSUP=127.0.0.1:18443
 "$BIN/examples/bench-upstream" "$UP" "$TLSUP" "$work/up-ca.pem" > "$work/up.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 50); do [ -s "$work/up-ca.pem" ] && break; sleep 0.1; done
+# The ceiling for any proxy here: a relay that only copies bytes (no parsing, no policy).
+RELAY=127.0.0.1:18090
+"$BIN/examples/bench-relay" "$RELAY" "$UP" > /dev/null 2>&1 &
+pids+=($!)
 
 cat > "$work/egress.lua" <<'LUA'
 -- Egress only: an allowed host, no handler.
@@ -121,20 +125,22 @@ if [ "${ONLY:-}" = https ]; then
   exit 0
 fi
 
-echo "== closed loop: $CONNS keep-alive connections, ${SECS}s per run, $ROUNDS rounds of direct/egress/handler"
-echo "   (runs alternate so that machine noise hits every path alike; the median run is reported)"
-: > "$work/direct"; : > "$work/egress"; : > "$work/handler"
+echo "== closed loop: $CONNS keep-alive connections, ${SECS}s per run, $ROUNDS rounds of direct/relay/egress/handler"
+echo "   (runs alternate so that machine noise hits every path alike; the median run is reported;"
+echo "   relay = a proxy that only copies bytes: the most any proxy can reach on this machine)"
+: > "$work/direct"; : > "$work/relay"; : > "$work/egress"; : > "$work/handler"
 for r in $(seq "$ROUNDS"); do
   run "$UP" "http://$UP/" "$CONNS" "$SECS" >> "$work/direct"
+  run "$RELAY" "http://$UP/" "$CONNS" "$SECS" >> "$work/relay"
   run 127.0.0.1:13128 "http://$UP/" "$CONNS" "$SECS" >> "$work/egress"
   run 127.0.0.1:13129 "http://$UP/" "$CONNS" "$SECS" >> "$work/handler"
 done
-d=$(median_rps "$work/direct")
-for path in direct egress handler; do
+d=$(median_rps "$work/direct"); c=$(median_rps "$work/relay")
+for path in direct relay egress handler; do
   m=$(median_rps "$work/$path")
-  printf '%-9s median rps=%-7s ratio=%.2f   runs: %s\n' "$path" "$m" "$(awk -v m="$m" -v d="$d" 'BEGIN {print m/d}')" "$(field rps < "$work/$path" | tr '\n' ' ')"
+  printf '%-9s median rps=%-7s ratio=%.2f  of relay=%.2f   runs: %s\n' "$path" "$m" "$(awk -v m="$m" -v d="$d" 'BEGIN {print m/d}')" "$(awk -v m="$m" -v c="$c" 'BEGIN {print m/c}')" "$(field rps < "$work/$path" | tr '\n' ' ')"
 done
-for path in direct egress handler; do
+for path in direct relay egress handler; do
   printf '%-9s latency of the median run: %s\n' "$path" "$(grep "rps=$(median_rps "$work/$path")" "$work/$path" | head -1 | sed 's/.*\(p50_us.*\)/\1/')"
 done
 
@@ -166,12 +172,13 @@ done
 c=$(median_rps "$work/const"); k=$(median_rps "$work/kvread")
 echo "constant handler median rps=$c   KV read median rps=$k   ratio=$(awk -v k="$k" -v c="$c" 'BEGIN {printf "%.2f", k/c}')"
 
-https_part
-
 echo "== $IDLE idle keep-alive connections"
 run idle 127.0.0.1:13129 "http://$UP/" "$IDLE" 3 &
 idler=$!
 sleep 2
 echo "moat RSS with $IDLE idle connections: $(awk '/VmRSS/ {print $2, $3}' /proc/$MOAT/status)"
 wait $idler
+echo "moat peak RSS (plain HTTP parts): $(awk '/VmHWM/ {print $2, $3}' /proc/$MOAT/status)"
+
+https_part
 echo "moat peak RSS (whole run): $(awk '/VmHWM/ {print $2, $3}' /proc/$MOAT/status)"
