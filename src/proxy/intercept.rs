@@ -2,6 +2,7 @@
 //! a leaf for the CONNECT host signed by its CA, then every request inside runs the full
 //! decision order as `https://host[:port]/…`, over HTTP/1.1 or HTTP/2 as the client chose.
 
+use std::cell::Cell;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -93,20 +94,75 @@ where
         .max_header_list_size(u32::try_from(limits.request_head_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(Some(limits.idle_timeout / 2))
         .keep_alive_timeout(limits.idle_timeout / 2);
+    let activity = Rc::new(Activity { open: Cell::new(0), last: Cell::new(Instant::now()) });
     let service = {
         let worker = worker.clone();
+        let activity = activity.clone();
         hyper::service::service_fn(move |req: Request<Incoming>| {
             let worker = worker.clone();
             let tunnel = tunnel.clone();
-            async move { Ok::<_, Infallible>(h2_request(&worker, class, &tunnel, req).await) }
+            let stream = OpenStream::new(activity.clone());
+            async move { Ok::<_, Infallible>(h2_request(&worker, class, &tunnel, req, stream).await) }
         })
     };
-    let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+    let conn = builder.serve_connection(TokioIo::new(tls), service);
+    let mut conn = std::pin::pin!(conn);
+    // HTTP/2 has no idle timeout of its own: a connection with no open stream for
+    // limits.idle_timeout is told to go away (GOAWAY), like an idle HTTP/1.1 connection.
+    let idle = limits.idle_timeout;
+    loop {
+        let deadline = activity.last.get() + idle;
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            () = tokio::time::sleep_until(deadline.into()) => {
+                if activity.open.get() == 0 && activity.last.get().elapsed() >= idle {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.as_mut().await;
+                    return;
+                }
+                if activity.open.get() > 0 {
+                    // Streams are open: look again after another idle period.
+                    activity.last.set(Instant::now());
+                }
+            }
+        }
+    }
+}
+
+/// Streams open on an HTTP/2 connection and when one last started or ended.
+struct Activity {
+    open: Cell<usize>,
+    last: Cell<Instant>,
+}
+
+/// One open stream, counted in [`Activity`] from its request until its response body is
+/// done or dropped (a stream the client resets mid-handler drops this too).
+struct OpenStream(Rc<Activity>);
+
+impl OpenStream {
+    fn new(activity: Rc<Activity>) -> Self {
+        activity.open.set(activity.open.get() + 1);
+        activity.last.set(Instant::now());
+        Self(activity)
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.open.set(self.0.open.get().saturating_sub(1));
+        self.0.last.set(Instant::now());
+    }
 }
 
 /// One HTTP/2 stream: the same `handle` as HTTP/1.1, with the pseudo-headers turned into the
 /// origin-form target and a check that `:authority` is the tunnel's host.
-async fn h2_request(worker: &Worker, class: usize, tunnel: &Tunnel, req: Request<Incoming>) -> Response<LoggedBody> {
+async fn h2_request(
+    worker: &Worker,
+    class: usize,
+    tunnel: &Tunnel,
+    req: Request<Incoming>,
+    stream: OpenStream,
+) -> Response<LoggedBody> {
     let started = Instant::now();
     let (parts, incoming) = req.into_parts();
     let shared = worker.shared.clone();
@@ -129,7 +185,7 @@ async fn h2_request(worker: &Worker, class: usize, tunnel: &Tunnel, req: Request
             ..Default::default()
         };
         let resp = answer::text(StatusCode::MISDIRECTED_REQUEST, msg);
-        return logged(resp, log, Arc::new(AtomicU64::new(0)), started, shared);
+        return logged(resp, log, Arc::new(AtomicU64::new(0)), started, shared, stream);
     }
     let mut headers = parts.headers;
     join_cookies(&mut headers);
@@ -154,7 +210,7 @@ async fn h2_request(worker: &Worker, class: usize, tunnel: &Tunnel, req: Request
     }
     // Connection-specific headers have no place in HTTP/2 (RFC 9113 §8.2.2).
     crate::upstream::strip_hop_by_hop(response.headers_mut());
-    logged(response, log, up, started, shared)
+    logged(response, log, up, started, shared, stream)
 }
 
 fn logged(
@@ -163,9 +219,17 @@ fn logged(
     up: Arc<AtomicU64>,
     started: Instant,
     shared: Arc<Shared>,
+    stream: OpenStream,
 ) -> Response<LoggedBody> {
     let count = Arc::new(AtomicU64::new(0));
-    resp.map(|inner| LoggedBody { inner: Counted { inner, count }, up, log: Some(log), started, shared })
+    resp.map(|inner| LoggedBody {
+        inner: Counted { inner, count },
+        up,
+        log: Some(log),
+        started,
+        shared,
+        _stream: stream,
+    })
 }
 
 /// Does an `:authority` name the tunnel's host and port?
@@ -224,6 +288,8 @@ struct LoggedBody {
     log: Option<LogLine>,
     started: Instant,
     shared: Arc<Shared>,
+    /// The stream is open until this body is dropped.
+    _stream: OpenStream,
 }
 
 impl http_body::Body for LoggedBody {

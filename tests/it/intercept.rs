@@ -158,6 +158,32 @@ fn an_intercepted_tunnel_still_needs_the_sni_to_be_the_connect_host() {
 }
 
 #[test]
+fn an_idle_intercepted_http2_connection_is_sent_away() {
+    let toml = "[limits]\nidle_timeout = \"1s\"\n";
+    let moat = Moat::start_with("interceptHttps = true\nallowedHosts = { \"idle.test\" }", Some(toml), &[], &[]);
+    let mut tls = tls_through(&moat, "idle.test", 443, b"h2");
+    // The client preface and an empty SETTINGS frame, then nothing.
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").unwrap();
+    let mut got = Vec::new();
+    let started = std::time::Instant::now();
+    let ended = tls.read_to_end(&mut got);
+    // Sent away for being idle (not at once, for a protocol error).
+    assert!(started.elapsed() >= Duration::from_millis(900), "closed after {:?}", started.elapsed());
+    // Ended by moat (close_notify, or EOF), not by the test's 10 s read timeout.
+    if let Err(e) = &ended {
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e}");
+    }
+    let mut frames = Vec::new();
+    let mut rest = &got[..];
+    while rest.len() >= 9 {
+        let len = u32::from_be_bytes([0, rest[0], rest[1], rest[2]]) as usize;
+        frames.push(rest[3]);
+        rest = &rest[(9 + len).min(rest.len())..];
+    }
+    assert!(frames.contains(&0x7), "a GOAWAY frame before the close: frame types {frames:?}");
+}
+
+#[test]
 fn concurrent_first_requests_for_a_host_make_one_certificate() {
     let ca = TestCa::new();
     let up = Upstream::start_tls(&ca);
