@@ -20,10 +20,11 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream, class: usize) {
     let _open = OpenConnection::new(&worker.shared.metrics.open_connections);
     let (rd, wr) = stream.into_split();
     let reader = ConnReader::new(rd);
-    let writer = BufWriter::with_capacity(16 * 1024, wr);
+    let writer = BufWriter::with_capacity(super::WRITE_BUFFER, wr);
     if let Some(Connect { head, reader, writer }) = serve_requests(&worker, class, reader, writer, None).await {
-        // A tunnel takes over the connection (or ends it when refused).
-        super::connect::serve(&worker, class, head, reader, writer).await;
+        // A tunnel takes over the connection (or ends it when refused). Boxed: a tunnel's
+        // state (TLS, HTTP/2) is large, and inline it would grow every connection's task.
+        Box::pin(super::connect::serve(&worker, class, head, reader, writer)).await;
     }
 }
 
@@ -124,8 +125,9 @@ where
         let mut body_complete = tx.is_none();
         let mut body_failed = false;
         let exchange = {
-            let handling = pin!(handle(worker, class, head, request_body, tunnel.as_ref()));
-            let mut handling = handling;
+            // Boxed per request: the handling state (handler call, upstream send) is several
+            // KiB, and inline it would be held by every idle keep-alive connection's task.
+            let mut handling = Box::pin(handle(worker, class, head, request_body, tunnel.as_ref()));
             match tx {
                 None => handling.await,
                 Some(tx) => {

@@ -76,7 +76,7 @@ pub async fn serve(
     } else {
         let (rd, wr) = tokio::io::split(tls);
         let reader = ConnReader::new(rd);
-        let writer = BufWriter::with_capacity(16 * 1024, wr);
+        let writer = BufWriter::with_capacity(super::WRITE_BUFFER, wr);
         // Inside a tunnel a CONNECT is answered as a request, so nothing comes back here.
         let _ = super::conn::serve_requests(worker, class, reader, writer, Some(tunnel)).await;
     }

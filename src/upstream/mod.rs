@@ -136,7 +136,9 @@ impl Upstream {
                 },
             }
         }
-        match self.dial(&checked, target, h2_ok).await? {
+        // Boxed: dialling (TLS, HTTP/2 handshake) has large state that would otherwise be
+        // part of every request's future, and so of every idle connection's task.
+        match Box::pin(self.dial(&checked, target, h2_ok)).await? {
             Dialed::H1(mut conn) => {
                 let resp = conn.sender.send_request(req).await.map_err(protocol)?;
                 self.pool.put_back(key, conn);
