@@ -1,5 +1,6 @@
 //! TLS to upstream servers: verified against Mozilla's roots (compiled in, so every machine
-//! trusts the same set) plus `[tls] extra_ca`.
+//! trusts at least that set), the system's trust store (where a machine's own CAs are), and
+//! `[tls] extra_ca`.
 
 use std::sync::Arc;
 
@@ -21,9 +22,18 @@ pub struct UpstreamTls {
 }
 
 impl UpstreamTls {
-    /// Roots: webpki-roots and every certificate in the `extra_ca` PEM files.
+    /// Roots: webpki-roots, the system store, and every certificate in the `extra_ca` PEM
+    /// files.
     pub fn new(extra_ca: &[std::path::PathBuf]) -> Result<Self, String> {
         let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        // The system store (honours SSL_CERT_FILE / SSL_CERT_DIR). Unreadable or missing
+        // stores are not fatal: the compiled-in roots remain; certificates the store holds
+        // that webpki cannot parse are skipped, as browsers do.
+        let system = rustls_native_certs::load_native_certs();
+        let (added, _skipped) = roots.add_parsable_certificates(system.certs);
+        if added == 0 && !system.errors.is_empty() {
+            tracing::debug!("no system trust store: {:?}", system.errors.first());
+        }
         for path in extra_ca {
             let pem = std::fs::read(path).map_err(|e| format!("tls.extra_ca: cannot read {}: {e}", path.display()))?;
             let mut n = 0;

@@ -14,8 +14,9 @@ use crate::harness::*;
 /// A policy that intercepts, injects a credential for `tls.test` and lets 127.0.0.1 egress.
 const POLICY: &str = r#"
 interceptHttps = true
-allowedHosts = { "127.0.0.1", "tls.test" }
+allowedHosts = { "127.0.0.1", "tls.test", "url.test" }
 outboundByHost = {
+  ["url.test"] = function(request) return Response.new(request.url) end,
   ["tls.test"] = function(request)
     request.headers:set("authorization", "Bearer injected")
     return fetch(request)
@@ -50,6 +51,13 @@ fn an_intercepted_request_runs_the_handler_over_http1_and_http2() {
         // moat negotiates with the upstream on its own: this one offers h2.
         assert_eq!(seen.version, "HTTP/2.0", "{flag}");
         assert!(moat.wait_log(logged).contains(logged), "{flag}");
+    }
+    // The handler sees the https:// URL, with the port only when it is not 443.
+    for (url, seen) in
+        [("https://url.test:8443/p?q=1", "https://url.test:8443/p?q=1"), ("https://url.test/x", "https://url.test/x")]
+    {
+        let r = curl(&moat, url, &["--cacert", &moat_ca(&moat)]);
+        assert_eq!((r.status, r.body.as_str()), (200, seen));
     }
     // Each request inside is logged with its own decision, as https.
     let log = moat.logs();
