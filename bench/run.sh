@@ -55,19 +55,12 @@ outboundByHost = {
   end,
 }
 LUA
-cat > "$work/intercept.lua" <<'LUA'
--- HTTPS interception: the same header-injecting handler for the TLS upstream, and a local
--- answer for any *.bench host (for the first-request measurement).
+# HTTPS interception: the same header-injecting handler (for the TLS upstream), and a local
+# answer for any *.bench host (for the first-request measurement).
+{ cat "$work/handler.lua"; cat <<'LUA'; } > "$work/intercept.lua"
 interceptHttps = true
 allowedHosts = { "127.0.0.1", "*.bench" }
-outboundByHost = {
-  ["127.0.0.1"] = function(request, env, ctx)
-    local r = Request.new(request)
-    r.headers:set("x-moat-container", ctx.containerId)
-    return fetch(r)
-  end,
-  ["*.bench"] = function() return Response.new("hello, moat!\n") end,
-}
+outboundByHost["*.bench"] = function() return Response.new("hello, moat!\n") end
 LUA
 cat > "$work/moat.toml" <<TOML
 data_dir = "$work/data"
