@@ -4,6 +4,10 @@
 
 enableInternet = false          -- nothing leaves unless something below lets it
 
+-- HTTPS: true lets the handlers below see https:// requests too; clients must then trust
+-- moat's CA (`moat ca path`, docs/https.md). false: HTTPS hosts are decided by the lists only.
+interceptHttps = false
+
 allowedHosts = {               -- a host must be listed here before any handler can run for it
   "hello.moat",
   "example.com",
