@@ -22,21 +22,26 @@ pub fn default_socket(data_dir: &Path) -> PathBuf {
     data_dir.join("admin.sock")
 }
 
-/// Binds the socket (replacing a stale one) and serves until the runtime stops.
-pub async fn serve(shared: Arc<Shared>, path: PathBuf) -> std::io::Result<()> {
+/// Binds the admin socket (replacing a stale one), mode 0600.
+pub async fn bind(path: &Path) -> std::io::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
     if path.exists() {
         // Another moat still answering on it? Then do not steal its socket.
-        if tokio::net::UnixStream::connect(&path).await.is_ok() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
             return Err(std::io::Error::other(format!("{} is in use by another moat", path.display())));
         }
-        std::fs::remove_file(&path)?;
+        std::fs::remove_file(path)?;
     }
-    let listener = UnixListener::bind(&path)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     tracing::info!("admin API on unix:{}", path.display());
+    Ok(listener)
+}
+
+/// Serves the admin API on a socket from [`bind`].
+pub async fn serve(shared: Arc<Shared>, listener: UnixListener) -> std::io::Result<()> {
     loop {
         let (stream, _) = listener.accept().await?;
         tokio::spawn(serve_connection(TokioIo::new(stream), shared.clone(), None));

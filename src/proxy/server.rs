@@ -69,6 +69,20 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
         let mut tasks = tokio::task::JoinSet::new();
+        // The admin socket exists before "listening on" is printed: whoever waits for that
+        // line (scripts, tests) can use the CLI at once.
+        let admin = shared.config.admin_socket.clone();
+        match crate::admin::server::bind(&admin).await {
+            Ok(listener) => {
+                let admin_shared = shared.clone();
+                tasks.spawn(async move {
+                    if let Err(e) = crate::admin::server::serve(admin_shared, listener).await {
+                        tracing::error!("admin API on unix:{} stopped: {e}", admin.display());
+                    }
+                });
+            }
+            Err(e) => tracing::error!("admin API on unix:{} not started: {e}", admin.display()),
+        }
         for (class, std_listener) in listeners {
             let listener = TcpListener::from_std(std_listener)?;
             let addr = listener.local_addr()?;
@@ -85,13 +99,6 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 }
             });
         }
-        let admin = shared.config.admin_socket.clone();
-        let admin_shared = shared.clone();
-        tasks.spawn(async move {
-            if let Err(e) = crate::admin::server::serve(admin_shared, admin.clone()).await {
-                tracing::error!("admin API on unix:{} stopped: {e}", admin.display());
-            }
-        });
         use std::io::Write;
         let _ = std::io::stdout().flush();
         wait_for_shutdown(reloads).await;
