@@ -1,8 +1,10 @@
 //! `CONNECT host:port` on the explicit listener (SPEC 5.1, 4.3 last paragraph): the tunnel's
-//! target runs decision steps 1, 2, 7, 8, 9 before any upstream I/O; then the first bytes say
-//! what flows inside. TLS: its SNI must be the CONNECT host, and the ClientHello is replayed
-//! byte for byte to the checked upstream address. Other bytes: a raw TCP tunnel, allowed only
-//! when `enableInternet` is on or an `allowedHosts` entry names the port.
+//! target runs decision steps 1, 2, 7, 8, 9 (the whole order when the policy intercepts)
+//! before any upstream I/O; then the first bytes say what flows inside. TLS: its SNI must be
+//! the CONNECT host; then either moat terminates it ([`super::intercept`]) or the ClientHello
+//! is replayed byte for byte to the checked upstream address. Plain HTTP: each request is
+//! decided on its own. Other bytes: a raw TCP tunnel, allowed only when `enableInternet` is on
+//! or an `allowedHosts` entry names the port.
 
 use std::rc::Rc;
 use std::time::Instant;
