@@ -3,7 +3,7 @@
 //! reused across restarts.
 
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
@@ -54,6 +54,16 @@ impl Ca {
             })
         };
         let (cert_pem, key_pem) = (read(cert_path)?, read(key_path)?);
+        // Whoever reads this key can impersonate any site to clients that trust the CA.
+        if let Ok(meta) = std::fs::metadata(key_path)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            return Err(format!(
+                "tls.ca_dir: {} can be read by other users (mode {:o}); run chmod 600 on it",
+                key_path.display(),
+                meta.permissions().mode() & 0o777
+            ));
+        }
         let key = KeyPair::from_pem(&key_pem).map_err(|e| format!("tls.ca_dir: {}: {e}", key_path.display()))?;
         let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
             .map_err(|e| format!("tls.ca_dir: {}: {e}", cert_path.display()))?;

@@ -303,6 +303,12 @@ fn moat_ca_path_and_export_and_a_persisted_ca_survives_restarts() {
     assert_eq!(mode, 0o600);
     let stdout_first = first.stdout_text();
     drop(first);
+    // A key file others can read is refused at start, with what to do.
+    std::fs::set_permissions(dir.join("ca/ca-key.pem"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, _, err) = moat_cmd(&["ca", "path"], dir);
+    assert_eq!(code, 1);
+    assert!(err.contains("can be read by other users (mode 644); run chmod 600"), "{err}");
+    std::fs::set_permissions(dir.join("ca/ca-key.pem"), std::fs::Permissions::from_mode(0o600)).unwrap();
     // A restart reuses the same CA: same fingerprint, and a client trusting the exported
     // certificate still verifies the new process's leaves.
     let second = start();
