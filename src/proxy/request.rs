@@ -96,7 +96,7 @@ pub async fn handle(worker: &Worker, class: usize, head: RequestHead, body: Body
         request_id: shared.next_request_id(),
         class: class_shared.config.name.clone(),
         method: head.method.to_string(),
-        scheme: if tunnel.is_some_and(|t| t.target.https) { "https" } else { "http" },
+        scheme: tunnel.map_or("http", |t| t.target.scheme()),
         ..Default::default()
     };
     let response = run(worker, class, head, body, tunnel, &mut log).await;

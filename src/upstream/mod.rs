@@ -117,11 +117,7 @@ impl Upstream {
         if h2_ok && let Some(mut conn) = self.pool.h2(&key, |peer| checked.contains(&peer.ip())) {
             match conn.sender.try_send_request(for_h2(req, target)).await {
                 Ok(resp) => return Ok(resp),
-                // The connection went away before the request was sent: retry on a new one.
-                Err(mut e) => match e.take_message() {
-                    Some(back) => req = back,
-                    None => return Err(protocol(e.into_error())),
-                },
+                Err(e) => req = unsent(e).map_err(protocol)?,
             }
         }
         if let Some(mut conn) = self.pool.checkout(&key, |peer| checked.contains(&peer.ip())) {
@@ -130,10 +126,7 @@ impl Upstream {
                     self.pool.put_back(key, conn);
                     return Ok(resp);
                 }
-                Err(mut e) => match e.take_message() {
-                    Some(back) => req = back,
-                    None => return Err(protocol(e.into_error())),
-                },
+                Err(e) => req = unsent(e).map_err(protocol)?,
             }
         }
         // Boxed: dialling (TLS, HTTP/2 handshake) has large state that would otherwise be
@@ -243,6 +236,12 @@ impl Upstream {
     pub async fn connect_checked(&self, checked: &[IpAddr], target: &Target) -> Result<TcpStream, UpstreamError> {
         Ok(self.connect(checked, target).await?.0)
     }
+}
+
+/// A pooled connection that failed a request: the request back when it never went out (the
+/// connection had closed), to be retried on another connection; else the error.
+fn unsent(mut e: hyper::client::conn::TrySendError<Request<Body>>) -> Result<Request<Body>, hyper::Error> {
+    e.take_message().ok_or_else(|| e.into_error())
 }
 
 /// A freshly dialled connection.
