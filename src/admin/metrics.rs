@@ -1,5 +1,9 @@
 //! Prometheus metrics (SPEC 11), encoded by the prometheus-client crate.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -21,6 +25,8 @@ pub struct ClassLabel {
 
 /// Every metric moat exports. Shared by all threads (the types are atomic).
 pub struct Metrics {
+    /// Tells instances apart in the per-thread counter cache.
+    id: u64,
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
     pub duration: Histogram,
@@ -72,7 +78,9 @@ impl Default for Metrics {
             "Leaf certificates made for intercepted hosts (one per cache miss)",
             tls_leaves_generated.clone(),
         );
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             registry,
             requests,
             duration,
@@ -96,5 +104,48 @@ impl Metrics {
 
     pub fn class_label(class: &str) -> ClassLabel {
         ClassLabel { class: class.to_string() }
+    }
+
+    /// Counts one request. The counter for a label set is looked up once per thread and then
+    /// kept: the family's lookup builds owned labels and takes a lock, on every request.
+    pub fn count_request(&self, class: &str, decision: &'static str, status: u16) {
+        /// metrics id → class → (decision, status) → counter.
+        type Cache = HashMap<u64, HashMap<String, HashMap<(&'static str, u16), Counter>>>;
+        thread_local! {
+            static CACHE: RefCell<Cache> = RefCell::new(HashMap::new());
+        }
+        CACHE.with(|cache| {
+            let mut cache = cache.borrow_mut();
+            let by_name = cache.entry(self.id).or_default();
+            if !by_name.contains_key(class) {
+                by_name.insert(class.to_string(), HashMap::new());
+            }
+            let by_class = by_name.get_mut(class).expect("inserted above");
+            by_class
+                .entry((decision, status))
+                .or_insert_with(|| {
+                    let labels = RequestLabels { class: class.to_string(), decision: decision.to_string(), status };
+                    self.requests.get_or_create(&labels).clone()
+                })
+                .inc();
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Metrics;
+
+    #[test]
+    fn request_counts_stay_with_their_own_metrics() {
+        let (a, b) = (Metrics::default(), Metrics::default());
+        a.count_request("web", "egress", 200);
+        a.count_request("web", "egress", 200);
+        b.count_request("web", "egress", 200);
+        a.count_request("web", "deny", 520);
+        assert!(a.encode().contains(r#"moat_requests_total{class="web",decision="egress",status="200"} 2"#));
+        assert!(a.encode().contains(r#"moat_requests_total{class="web",decision="deny",status="520"} 1"#));
+        assert!(b.encode().contains(r#"moat_requests_total{class="web",decision="egress",status="200"} 1"#));
+        assert!(!b.encode().contains("deny"));
     }
 }

@@ -67,11 +67,19 @@ impl CanonicalHost {
 
     /// The host as it goes into a URL or a Host header (IPv6 bracketed).
     pub fn to_url_host(&self) -> String {
-        match self {
-            Self::Name(n) => n.clone(),
-            Self::Ip(IpAddr::V4(v4)) => v4.to_string(),
-            Self::Ip(IpAddr::V6(v6)) => format!("[{v6}]"),
-        }
+        let mut out = String::new();
+        self.push_url_host(&mut out);
+        out
+    }
+
+    /// Appends the host as it appears in a URL (IPv6 in brackets).
+    pub fn push_url_host(&self, out: &mut String) {
+        use std::fmt::Write;
+        let _ = match self {
+            Self::Name(n) => out.write_str(n),
+            Self::Ip(IpAddr::V4(v4)) => write!(out, "{v4}"),
+            Self::Ip(IpAddr::V6(v6)) => write!(out, "[{v6}]"),
+        };
     }
 
     /// The IP address, when the host is a literal.

@@ -48,12 +48,7 @@ pub struct LogLine {
 impl LogLine {
     /// Counts the request in the metrics.
     pub fn record(&self, m: &crate::admin::metrics::Metrics) {
-        let labels = crate::admin::metrics::RequestLabels {
-            class: self.class.clone(),
-            decision: self.decision.to_string(),
-            status: self.status,
-        };
-        m.requests.get_or_create(&labels).inc();
+        m.count_request(&self.class, self.decision, self.status);
         m.duration.observe(self.duration.as_secs_f64());
         if self.handler_failed {
             m.handler_errors.get_or_create(&crate::admin::metrics::Metrics::class_label(&self.class)).inc();

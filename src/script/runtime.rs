@@ -117,18 +117,15 @@ impl ClassRuntime {
 
         let lua_err = |e: mlua::Error| HandlerFailure::Error(e.to_string());
         let req = self.lua.create_userdata(request).map_err(lua_err)?;
+        let scope = Scope::new(who.request_id.into(), who.container_id.into(), who.class.into(), limits.lua_cpu);
         let ctx = self
             .lua
             .create_userdata(LuaCtx {
-                container_id: who.container_id.to_string(),
-                class: who.class.to_string(),
-                request_id: who.request_id.to_string(),
+                scope: scope.clone(),
                 params: choice.params().cloned(),
                 storage: self.kv.clone(),
             })
             .map_err(lua_err)?;
-
-        let scope = Scope::new(who.request_id.into(), who.container_id.into(), who.class.into(), limits.lua_cpu);
         let call = func.call_async::<Value>((req, self.env.clone(), ctx));
         let outcome = tokio::time::timeout(limits.handler_timeout, Scoped::new(scope.clone(), call)).await;
         let result = match outcome {

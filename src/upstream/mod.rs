@@ -35,12 +35,13 @@ impl Target {
 
     /// `host[:port]` as it belongs in a Host header (default port omitted).
     pub fn authority(&self) -> String {
-        let default = if self.https { 443 } else { 80 };
-        if self.port == default {
-            self.host.to_url_host()
-        } else {
-            format!("{}:{}", self.host.to_url_host(), self.port)
+        use std::fmt::Write;
+        let mut out = String::with_capacity(48);
+        self.host.push_url_host(&mut out);
+        if self.port != if self.https { 443 } else { 80 } {
+            let _ = write!(out, ":{}", self.port);
         }
+        out
     }
 }
 
@@ -333,13 +334,15 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 /// Turns a request into the form sent upstream: origin-form URI, `Host` = the evaluated
 /// authority (SPEC 8.2: the URI's authority wins), no hop-by-hop headers.
 pub fn to_upstream_request(mut req: Request<Body>, target: &Target) -> Request<Body> {
-    let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
-    *req.uri_mut() = path.parse::<Uri>().unwrap_or_else(|_| Uri::from_static("/"));
+    if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+        *req.uri_mut() = path.parse::<Uri>().unwrap_or_else(|_| Uri::from_static("/"));
+    }
     *req.version_mut() = http::Version::HTTP_11;
     let headers = req.headers_mut();
     strip_hop_by_hop_keep_upgrade(headers);
     headers.remove(http::header::EXPECT);
-    if let Ok(host) = HeaderValue::from_str(&target.authority()) {
+    if let Ok(host) = HeaderValue::from_maybe_shared(bytes::Bytes::from(target.authority())) {
         headers.insert(http::header::HOST, host);
     }
     req

@@ -42,16 +42,21 @@ pub fn install(lua: &Lua, upstream: Option<Rc<Upstream>>) -> Result<()> {
 }
 
 async fn fetch(lua: &Lua, upstream: &Upstream, req: LuaRequest) -> Result<LuaResponse> {
-    let mut method = req.method.clone();
-    let mut url = url::Url::parse(&req.url).map_err(mlua::Error::external)?;
-    let mut headers = req.headers.snapshot();
+    let LuaRequest { method, url, headers, body: req_body, redirect } = req;
+    let mut method = method;
+    let mut url = url::Url::parse(&url).map_err(mlua::Error::external)?;
+    let mut headers = headers.into_map();
     // A streamed body can be sent once; bytes already in memory can be replayed on redirect.
-    let replayable = req.body.peek_bytes();
-    let mut body = Some(req.body.take()?);
+    let replayable = req_body.peek_bytes();
+    let mut body = Some(req_body.take()?);
     for hop in 0..=MAX_REDIRECTS {
         let target = target_of(&url)?;
-        let mut builder = http::Request::builder().method(method.clone()).uri(url.as_str());
-        *builder.headers_mut().expect("fresh builder") = headers.clone();
+        let may_follow = redirect == Redirect::Follow && hop < MAX_REDIRECTS;
+        // The headers are needed again only if a redirect can be followed.
+        let hop_headers = if may_follow { headers.clone() } else { std::mem::take(&mut headers) };
+        let origin_form = &url[url::Position::BeforePath..url::Position::AfterQuery];
+        let mut builder = http::Request::builder().method(method.clone()).uri(origin_form);
+        *builder.headers_mut().expect("fresh builder") = hop_headers;
         let this_body = match body.take() {
             Some(b) => b,
             None => match &replayable {
@@ -69,8 +74,7 @@ async fn fetch(lua: &Lua, upstream: &Upstream, req: LuaRequest) -> Result<LuaRes
             .map_err(|source| mlua::Error::external(FetchError { url: url.to_string(), source }))?;
         let status = resp.status();
         let location = resp.headers().get(http::header::LOCATION).and_then(|l| l.to_str().ok()).map(str::to_string);
-        let follow = req.redirect == Redirect::Follow && status.is_redirection() && hop < MAX_REDIRECTS;
-        if let (true, Some(loc)) = (follow, location) {
+        if let (true, true, Some(loc)) = (may_follow, status.is_redirection(), location) {
             let next = url
                 .join(&loc)
                 .map_err(|e| mlua::Error::runtime(format!("fetch: bad redirect Location {loc:?}: {e}")))?;

@@ -20,6 +20,11 @@ impl LuaHeaders {
     pub fn snapshot(&self) -> HeaderMap {
         self.0.borrow().clone()
     }
+
+    /// The map itself when nothing else shares it (a Request made for `fetch`), else a copy.
+    pub fn into_map(self) -> HeaderMap {
+        Rc::try_unwrap(self.0).map_or_else(|shared| shared.borrow().clone(), RefCell::into_inner)
+    }
 }
 
 pub fn header_name(name: &str) -> Result<HeaderName> {

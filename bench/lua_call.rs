@@ -1,0 +1,127 @@
+//! Benchmark of one handler call inside a worker, without the client side: builds a class
+//! runtime as a worker does and calls its handler in a loop, printing the mean time per
+//! call. Steadier than the end-to-end figures (no other process shares the measurement), so
+//! it shows what a change to the Lua glue is worth.
+//!
+//! bench-lua-call local N          a handler that copies the request, sets a header and
+//!                                 answers with Response.new (no I/O)
+//! bench-lua-call fetch N UPSTREAM the bench handler: the same, then fetch() to UPSTREAM
+//!                                 (host:port of a running bench-upstream)
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use moat::config::Limits;
+use moat::policy::HandlerChoice;
+use moat::script::api::body::{BodySlot, SharedBody};
+use moat::script::api::headers::LuaHeaders;
+use moat::script::api::request::{LuaRequest, Redirect};
+use moat::script::{CallContext, ClassRuntime};
+use moat::upstream::{Upstream, resolve::Resolver, tls::UpstreamTls};
+
+// The same allocator as the moat binary: allocation is a good part of a handler call.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+struct NoSink;
+impl moat::script::api::container::OverrideSink for NoSink {
+    fn apply(&self, _: &str, _: moat::policy::overrides::Setter) -> Result<(), String> {
+        Err("not in this benchmark".into())
+    }
+}
+
+/// CPU time this thread has used (the scheduler's own account, in ns).
+fn thread_cpu_ns() -> u64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+    stat.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mode = args.first().map_or("local", String::as_str).to_string();
+    let n: u32 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(200_000);
+    let upstream_addr = args.get(2).cloned().unwrap_or_else(|| "127.0.0.1:18080".into());
+    let answer = if mode == "fetch" { "fetch(r)" } else { "Response.new(\"hello, moat!\\n\")" };
+    let dir = std::env::temp_dir().join(format!("moat-bench-lua-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("policy.lua");
+    std::fs::write(
+        &policy,
+        format!(
+            "allowedHosts = {{ \"127.0.0.1\" }}\noutboundByHost = {{\n  [\"127.0.0.1\"] = function(request, env, ctx)\n    local r = Request.new(request)\n    r.headers:set(\"x-moat-container\", ctx.containerId)\n    return {answer}\n  end,\n}}\n"
+        ),
+    )
+    .unwrap();
+    let limits = Limits::default();
+    let generation = Arc::new(moat::script::load_generation("bench", &policy, 1, &limits).unwrap());
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let upstream = Rc::new(Upstream::new(
+            Resolver::new(Default::default()),
+            limits.connect_timeout,
+            UpstreamTls::new(&[]).unwrap(),
+            limits.tls_handshake_timeout,
+            Arc::new(Vec::new()),
+        ));
+        let runtime = ClassRuntime::build(generation, upstream, Rc::new(NoSink), &limits, &Default::default()).unwrap();
+        let choice = HandlerChoice::ClassByHost { key: "127.0.0.1".into() };
+        let url = format!("http://{upstream_addr}/");
+        let runtime = Rc::new(runtime);
+        // One call: a fresh request, as the proxy makes for each client request.
+        let call = {
+            let (runtime, choice, limits) = (runtime.clone(), Rc::new(choice), Rc::new(limits));
+            move || {
+                let (runtime, choice, limits) = (runtime.clone(), choice.clone(), limits.clone());
+                let mut headers = http::HeaderMap::new();
+                headers.insert(http::header::HOST, upstream_addr.parse().unwrap());
+                headers.insert(http::header::USER_AGENT, http::HeaderValue::from_static("moat-bench"));
+                let request = LuaRequest {
+                    method: http::Method::GET,
+                    url: url.clone(),
+                    headers: LuaHeaders::new(headers),
+                    body: SharedBody::new(BodySlot::Empty),
+                    redirect: Redirect::Manual,
+                };
+                async move {
+                    let who = CallContext { request_id: "0123456789abcdef", container_id: "default", class: "bench" };
+                    let resp =
+                        runtime.call(&choice, request, who, &limits).await.map_err(|_| "handler failed").unwrap();
+                    http_body_util::BodyExt::collect(resp.into_body()).await.unwrap();
+                }
+            }
+        };
+        // Calls in flight at once: 32 with fetch (as the end-to-end benchmark's connections,
+        // so that upstream round trips overlap), 1 without.
+        let conc: u32 = if mode == "fetch" { 32 } else { 1 };
+        let run = |count: u32| {
+            let tasks: Vec<_> = (0..conc)
+                .map(|_| {
+                    let call = call.clone();
+                    tokio::task::spawn_local(async move {
+                        for _ in 0..count / conc {
+                            call().await;
+                        }
+                    })
+                })
+                .collect();
+            async move {
+                for t in tasks {
+                    t.await.unwrap();
+                }
+            }
+        };
+        run(n / 10).await;
+        let (start, cpu_start) = (Instant::now(), thread_cpu_ns());
+        run(n).await;
+        let wall = start.elapsed().as_nanos() as f64 / f64::from(n);
+        let cpu = (thread_cpu_ns() - cpu_start) as f64 / f64::from(n);
+        println!(
+            "{mode}: {n} calls, {cpu:.0} ns CPU ({wall:.0} ns wall) per call, Lua memory {} KiB",
+            runtime.used_memory() / 1024
+        );
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
