@@ -188,14 +188,24 @@ async fn load(dial: Dial, req: Vec<u8>, conns: usize, secs: u64, rate: Option<f6
     let pct =
         |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0);
     println!(
-        "requests={} errors={} rps={:.0} p50_us={} p99_us={} max_us={}",
+        "requests={} errors={} rps={:.0} p50_us={} p99_us={} max_us={} loadgen_cpu_us={:.2}",
         all.len(),
         errors,
         all.len() as f64 / elapsed,
         pct(0.50),
         pct(0.99),
-        all.last().copied().unwrap_or(0)
+        all.last().copied().unwrap_or(0),
+        cpu_seconds(std::process::id()) * 1e6 / all.len().max(1) as f64,
     );
+}
+
+/// CPU time (user + system) a process has used so far, from /proc (10 ms resolution).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime is the 12th, stime the 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest.split_whitespace().map(|v| v.parse().unwrap_or(0.0)).collect();
+    (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / 100.0
 }
 
 async fn idle(addr: &str, url: &str, conns: usize, secs: u64) {

@@ -6,7 +6,9 @@
 //! bench-lua-call local N          a handler that copies the request, sets a header and
 //!                                 answers with Response.new (no I/O)
 //! bench-lua-call fetch N UPSTREAM the bench handler: the same, then fetch() to UPSTREAM
-//!                                 (host:port of a running bench-upstream)
+//!                                 (127.0.0.1:port of a running bench-upstream)
+//! bench-lua-call send N UPSTREAM  no Lua: the same request sent upstream as egress sends
+//!                                 it (what `fetch` costs beyond the Lua call)
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -18,7 +20,8 @@ use moat::script::api::body::{BodySlot, SharedBody};
 use moat::script::api::headers::LuaHeaders;
 use moat::script::api::request::{LuaRequest, Redirect};
 use moat::script::{CallContext, ClassRuntime};
-use moat::upstream::{Upstream, resolve::Resolver, tls::UpstreamTls};
+use moat::policy::CanonicalHost;
+use moat::upstream::{DialRules, Target, Upstream, resolve::Resolver, tls::UpstreamTls};
 
 // The same allocator as the moat binary: allocation is a good part of a handler call.
 #[global_allocator]
@@ -42,6 +45,7 @@ fn main() {
     let mode = args.first().map_or("local", String::as_str).to_string();
     let n: u32 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(200_000);
     let upstream_addr = args.get(2).cloned().unwrap_or_else(|| "127.0.0.1:18080".into());
+    let upstream_port: u16 = upstream_addr.rsplit(':').next().and_then(|p| p.parse().ok()).expect("UPSTREAM is 127.0.0.1:PORT");
     let answer = if mode == "fetch" { "fetch(r)" } else { "Response.new(\"hello, moat!\\n\")" };
     let dir = std::env::temp_dir().join(format!("moat-bench-lua-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -66,15 +70,19 @@ fn main() {
             limits.tls_handshake_timeout,
             Arc::new(Vec::new()),
         ));
-        let runtime = ClassRuntime::build(generation, upstream, Rc::new(NoSink), &limits, &Default::default()).unwrap();
+        let runtime =
+            ClassRuntime::build(generation, upstream.clone(), Rc::new(NoSink), &limits, &Default::default()).unwrap();
+        let target = Target { https: false, host: CanonicalHost::parse("127.0.0.1").unwrap(), port: upstream_port };
         let choice = HandlerChoice::ClassByHost { key: "127.0.0.1".into() };
         let url = format!("http://{upstream_addr}/");
         let runtime = Rc::new(runtime);
         // One call: a fresh request, as the proxy makes for each client request.
         let call = {
-            let (runtime, choice, limits) = (runtime.clone(), Rc::new(choice), Rc::new(limits));
+            let (runtime, choice, limits, target) = (runtime.clone(), Rc::new(choice), Rc::new(limits), Rc::new(target));
+            let (upstream, send_only) = (upstream.clone(), mode == "send");
             move || {
-                let (runtime, choice, limits) = (runtime.clone(), choice.clone(), limits.clone());
+                let (runtime, choice, limits, target) = (runtime.clone(), choice.clone(), limits.clone(), target.clone());
+                let upstream = upstream.clone();
                 let mut headers = http::HeaderMap::new();
                 headers.insert(http::header::HOST, upstream_addr.parse().unwrap());
                 headers.insert(http::header::USER_AGENT, http::HeaderValue::from_static("moat-bench"));
@@ -86,6 +94,15 @@ fn main() {
                     redirect: Redirect::Manual,
                 };
                 async move {
+                    if send_only {
+                        let mut req = http::Request::new(moat::body::empty());
+                        *req.uri_mut() = http::Uri::from_static("/");
+                        *req.headers_mut() = request.headers.snapshot();
+                        let req = moat::upstream::to_upstream_request(req, &target);
+                        let resp = upstream.send(req, &target, DialRules::Trusted).await.unwrap();
+                        http_body_util::BodyExt::collect(resp.into_body()).await.unwrap();
+                        return;
+                    }
                     let who = CallContext { request_id: "0123456789abcdef", container_id: "default", class: "bench" };
                     let resp =
                         runtime.call(&choice, request, who, &limits).await.map_err(|_| "handler failed").unwrap();
@@ -95,7 +112,7 @@ fn main() {
         };
         // Calls in flight at once: 32 with fetch (as the end-to-end benchmark's connections,
         // so that upstream round trips overlap), 1 without.
-        let conc: u32 = if mode == "fetch" { 32 } else { 1 };
+        let conc: u32 = if mode == "local" { 1 } else { 32 };
         let run = |count: u32| {
             let tasks: Vec<_> = (0..conc)
                 .map(|_| {

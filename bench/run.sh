@@ -22,12 +22,14 @@ ulimit -n 65536 2>/dev/null || true
 UP=127.0.0.1:18080
 TLSUP=127.0.0.1:18443
 "$BIN/examples/bench-upstream" "$UP" "$TLSUP" "$work/up-ca.pem" > "$work/up.log" 2>&1 &
-pids+=($!)
+UPSTREAM=$!
+pids+=($UPSTREAM)
 for _ in $(seq 50); do [ -s "$work/up-ca.pem" ] && break; sleep 0.1; done
 # The ceiling for any proxy here: a relay that only copies bytes (no parsing, no policy).
 RELAY=127.0.0.1:18090
 "$BIN/examples/bench-relay" "$RELAY" "$UP" > /dev/null 2>&1 &
-pids+=($!)
+RELAYPID=$!
+pids+=($RELAYPID)
 
 cat > "$work/egress.lua" <<'LUA'
 -- Egress only: an allowed host, no handler.
@@ -90,6 +92,18 @@ pids+=($MOAT)
 sleep 1
 
 run() { "$BIN/examples/bench-load" "$@"; }
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# A closed-loop run that also reports the CPU each process used per request (µs): the load
+# generator's own figure, the upstream's and the proxy's (PROXY_PID; none for direct).
+run_cpu() {
+  local proxy=$1; shift
+  local u0 p0 line n
+  u0=$(ticks "$UPSTREAM"); p0=$([ "$proxy" = - ] && echo 0 || ticks "$proxy")
+  line=$(run "$@")
+  n=$(echo "$line" | field requests)
+  awk -v l="$line" -v n="$n" -v u=$(( $(ticks "$UPSTREAM") - u0 )) -v p=$(( $([ "$proxy" = - ] && echo 0 || ticks "$proxy") - p0 )) \
+    'BEGIN {printf "%s upstream_cpu_us=%.2f proxy_cpu_us=%.2f\n", l, u * 10000 / n, p * 10000 / n}'
+}
 field() { sed -n "s/.*$1=\([0-9.]*\).*/\1/p"; }
 
 ROUNDS=${ROUNDS:-3}
@@ -123,10 +137,10 @@ echo "   (runs alternate so that machine noise hits every path alike; the median
 echo "   relay = a proxy that only copies bytes: the most any proxy can reach on this machine)"
 : > "$work/direct"; : > "$work/relay"; : > "$work/egress"; : > "$work/handler"
 for r in $(seq "$ROUNDS"); do
-  run "$UP" "http://$UP/" "$CONNS" "$SECS" >> "$work/direct"
-  run "$RELAY" "http://$UP/" "$CONNS" "$SECS" >> "$work/relay"
-  run 127.0.0.1:13128 "http://$UP/" "$CONNS" "$SECS" >> "$work/egress"
-  run 127.0.0.1:13129 "http://$UP/" "$CONNS" "$SECS" >> "$work/handler"
+  run_cpu - "$UP" "http://$UP/" "$CONNS" "$SECS" >> "$work/direct"
+  run_cpu "$RELAYPID" "$RELAY" "http://$UP/" "$CONNS" "$SECS" >> "$work/relay"
+  run_cpu "$MOAT" 127.0.0.1:13128 "http://$UP/" "$CONNS" "$SECS" >> "$work/egress"
+  run_cpu "$MOAT" 127.0.0.1:13129 "http://$UP/" "$CONNS" "$SECS" >> "$work/handler"
 done
 d=$(median_rps "$work/direct"); c=$(median_rps "$work/relay")
 for path in direct relay egress handler; do
@@ -134,7 +148,13 @@ for path in direct relay egress handler; do
   printf '%-9s median rps=%-7s ratio=%.2f  of relay=%.2f   runs: %s\n' "$path" "$m" "$(awk -v m="$m" -v d="$d" 'BEGIN {print m/d}')" "$(awk -v m="$m" -v c="$c" 'BEGIN {print m/c}')" "$(field rps < "$work/$path" | tr '\n' ' ')"
 done
 for path in direct relay egress handler; do
-  printf '%-9s latency of the median run: %s\n' "$path" "$(grep "rps=$(median_rps "$work/$path")" "$work/$path" | head -1 | sed 's/.*\(p50_us.*\)/\1/')"
+  printf '%-9s latency of the median run: %s\n' "$path" "$(grep "rps=$(median_rps "$work/$path")" "$work/$path" | head -1 | sed 's/.*\(p50_us=[0-9]* p99_us=[0-9]*\).*/\1/')"
+done
+echo "CPU per request (µs, median run; a proxy handles two connections per request, so a pure"
+echo "relay costs about what the load generator and the upstream cost together):"
+for path in direct relay egress handler; do
+  line=$(grep "rps=$(median_rps "$work/$path")" "$work/$path" | head -1)
+  printf '%-9s load generator %-6s upstream %-6s proxy %s\n' "$path" "$(echo "$line" | field loadgen_cpu_us)" "$(echo "$line" | field upstream_cpu_us)" "$(echo "$line" | field proxy_cpu_us)"
 done
 
 echo "== open loop at $RATE req/s, $CONNS connections, ${SECS}s"
