@@ -15,12 +15,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use moat::config::Limits;
+use moat::policy::CanonicalHost;
 use moat::policy::HandlerChoice;
 use moat::script::api::body::{BodySlot, SharedBody};
 use moat::script::api::headers::LuaHeaders;
 use moat::script::api::request::{LuaRequest, Redirect};
 use moat::script::{CallContext, ClassRuntime};
-use moat::policy::CanonicalHost;
 use moat::upstream::{DialRules, Target, Upstream, resolve::Resolver, tls::UpstreamTls};
 
 // The same allocator as the moat binary: allocation is a good part of a handler call.
@@ -45,7 +45,8 @@ fn main() {
     let mode = args.first().map_or("local", String::as_str).to_string();
     let n: u32 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(200_000);
     let upstream_addr = args.get(2).cloned().unwrap_or_else(|| "127.0.0.1:18080".into());
-    let upstream_port: u16 = upstream_addr.rsplit(':').next().and_then(|p| p.parse().ok()).expect("UPSTREAM is 127.0.0.1:PORT");
+    let upstream_port: u16 =
+        upstream_addr.rsplit(':').next().and_then(|p| p.parse().ok()).expect("UPSTREAM is 127.0.0.1:PORT");
     let answer = if mode == "fetch" { "fetch(r)" } else { "Response.new(\"hello, moat!\\n\")" };
     let dir = std::env::temp_dir().join(format!("moat-bench-lua-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -78,10 +79,12 @@ fn main() {
         let runtime = Rc::new(runtime);
         // One call: a fresh request, as the proxy makes for each client request.
         let call = {
-            let (runtime, choice, limits, target) = (runtime.clone(), Rc::new(choice), Rc::new(limits), Rc::new(target));
+            let (runtime, choice, limits, target) =
+                (runtime.clone(), Rc::new(choice), Rc::new(limits), Rc::new(target));
             let (upstream, send_only) = (upstream.clone(), mode == "send");
             move || {
-                let (runtime, choice, limits, target) = (runtime.clone(), choice.clone(), limits.clone(), target.clone());
+                let (runtime, choice, limits, target) =
+                    (runtime.clone(), choice.clone(), limits.clone(), target.clone());
                 let upstream = upstream.clone();
                 let mut headers = http::HeaderMap::new();
                 headers.insert(http::header::HOST, upstream_addr.parse().unwrap());
