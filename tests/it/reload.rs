@@ -52,7 +52,7 @@ fn every_save_style_takes_effect() {
     std::fs::write(&policy, version_policy("v4")).unwrap();
     let t = wait_for(&moat, "v4", RELOAD_BOUND);
     eprintln!("delete + create: {t:?}");
-    let log = moat.logs();
+    let log = moat.wait_log("generation=4");
     assert!(log.contains("policy reloaded") && log.contains("generation=4"), "{log}");
 }
 
