@@ -157,6 +157,30 @@ for path in direct relay egress handler; do
   printf '%-9s load generator %-6s upstream %-6s proxy %s\n' "$path" "$(echo "$line" | field loadgen_cpu_us)" "$(echo "$line" | field upstream_cpu_us)" "$(echo "$line" | field proxy_cpu_us)"
 done
 
+echo "== egress with the access log on (moat's default; the runs above have it off), ${SECS}s, $ROUNDS rounds"
+# A second instance: the log level is per process. Its log goes to a file, as in production.
+cat > "$work/logged.toml" <<TOML
+data_dir = "$work/data-logged"
+[[class]]
+name = "egress"
+policy = "$work/egress.lua"
+listen = "127.0.0.1:13138"
+TOML
+MOAT_NO_DNS=1 RUST_LOG=info "$BIN/moat" serve --config "$work/logged.toml" > /dev/null 2> "$work/logged.log" &
+LOGGED=$!
+pids+=($LOGGED)
+sleep 1
+: > "$work/logged"
+for r in $(seq "$ROUNDS"); do
+  run_cpu "$LOGGED" 127.0.0.1:13138 "http://$UP/" "$CONNS" "$SECS" >> "$work/logged"
+done
+kill "$LOGGED" 2>/dev/null || true
+l=$(median_rps "$work/logged")
+line=$(grep "rps=$l" "$work/logged" | head -1)
+printf 'egress, access log on  median rps=%-7s ratio=%.2f  proxy CPU per request %s µs   (%s lines logged)\n' "$l" \
+  "$(awk -v m="$l" -v d="$d" 'BEGIN {print m/d}')" "$(echo "$line" | field proxy_cpu_us)" "$(grep -c 'access' "$work/logged.log" || true)"
+rm -f "$work/logged.log"
+
 echo "== open loop at $RATE req/s, $CONNS connections, ${SECS}s"
 rd=$(run "$UP" "http://$UP/" "$CONNS" "$SECS" "$RATE")
 re=$(run 127.0.0.1:13128 "http://$UP/" "$CONNS" "$SECS" "$RATE")
