@@ -42,8 +42,7 @@ pub fn install(lua: &Lua, upstream: Option<Rc<Upstream>>) -> Result<()> {
 }
 
 async fn fetch(lua: &Lua, upstream: &Upstream, req: LuaRequest) -> Result<LuaResponse> {
-    let LuaRequest { method, url, headers, body: req_body, redirect } = req;
-    let mut method = method;
+    let LuaRequest { mut method, url, headers, body: req_body, redirect } = req;
     let mut url = url::Url::parse(&url).map_err(mlua::Error::external)?;
     let mut headers = headers.into_map();
     // A streamed body can be sent once; bytes already in memory can be replayed on redirect.
