@@ -163,7 +163,7 @@ async fn run(
         log.detail = "policy not loaded".into();
         return answer::not_loaded();
     };
-    let generation = runtime.generation.clone();
+    let generation = &runtime.generation;
     log.generation = generation.number;
     let overrides = shared.overrides.get(container.as_str(), &generation);
     let verdict = decide(&target.host, target.port, &generation.policy, overrides.as_deref());
