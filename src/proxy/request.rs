@@ -165,7 +165,7 @@ async fn run(
     };
     let generation = &runtime.generation;
     log.generation = generation.number;
-    let overrides = shared.overrides.get(container.as_str(), &generation);
+    let overrides = shared.overrides.get(container.as_str(), generation);
     let verdict = decide(&target.host, target.port, &generation.policy, overrides.as_deref());
 
     match verdict.decision {
