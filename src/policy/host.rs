@@ -65,13 +65,6 @@ impl CanonicalHost {
         }
     }
 
-    /// The host as it goes into a URL or a Host header (IPv6 bracketed).
-    pub fn to_url_host(&self) -> String {
-        let mut out = String::new();
-        self.push_url_host(&mut out);
-        out
-    }
-
     /// Appends the host as it appears in a URL (IPv6 in brackets).
     pub fn push_url_host(&self, out: &mut String) {
         use std::fmt::Write;
@@ -185,7 +178,9 @@ mod tests {
         assert_eq!(canon("[::ffff:127.0.0.1]"), "127.0.0.1");
         assert_eq!(canon("::ffff:7f00:1"), "127.0.0.1");
         assert_eq!(canon("[0:0:0:0:0:0:0:1]"), "::1");
-        assert_eq!(CanonicalHost::parse("[::1]").unwrap().to_url_host(), "[::1]");
+        let mut url_host = String::new();
+        CanonicalHost::parse("[::1]").unwrap().push_url_host(&mut url_host);
+        assert_eq!(url_host, "[::1]");
     }
 
     #[test]
