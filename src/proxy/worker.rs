@@ -5,6 +5,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 
@@ -69,6 +70,25 @@ impl crate::script::api::container::OverrideSink for StoreSink {
     }
 }
 
+/// How often a worker's timer driver wakes even when idle (see [`keep_timer_wake_near`]).
+const TIMER_HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// Keeps a timer due within [`TIMER_HEARTBEAT`] on this worker at all times.
+///
+/// Every request arms timers (idle, request head, handler); tokio's timer driver writes its
+/// eventfd (a syscall, and an extra wake of the event loop) whenever a new timer is due before
+/// the driver's next planned wake, and when no timer was pending at all that is *every* new
+/// timer. Under load that was one `write` per five requests. With this heartbeat the planned
+/// wake is always at most a second away, so only timers shorter than that (small configured
+/// limits) still need the eventfd. Costs one wake per second per worker.
+async fn keep_timer_wake_near() {
+    let mut beat = tokio::time::interval(TIMER_HEARTBEAT);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        beat.tick().await;
+    }
+}
+
 /// Starts a worker thread; connections arrive on the returned sender.
 pub fn spawn(index: usize, shared: Arc<Shared>) -> std::io::Result<mpsc::UnboundedSender<Handoff>> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Handoff>();
@@ -87,6 +107,7 @@ pub fn spawn(index: usize, shared: Arc<Shared>) -> std::io::Result<mpsc::Unbound
             for class in 0..shared.classes.len() {
                 let _ = worker.runtime(class);
             }
+            tokio::task::spawn_local(keep_timer_wake_near());
             while let Some(h) = rx.recv().await {
                 let worker = worker.clone();
                 tokio::task::spawn_local(async move {
