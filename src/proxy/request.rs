@@ -180,12 +180,13 @@ async fn run(
             // The request the handler sees: URI authority as Host, no proxy credentials.
             let mut headers = head.headers;
             upstream::strip_hop_by_hop_keep_upgrade(&mut headers);
-            if let Ok(v) = HeaderValue::from_str(&target.authority()) {
+            let authority = target.authority();
+            if let Ok(v) = HeaderValue::from_str(&authority) {
                 headers.insert(http::header::HOST, v);
             }
             let lua_req = LuaRequest {
                 method: head.method,
-                url: format!("{}://{}{}", target.scheme(), target.authority(), path),
+                url: format!("{}://{authority}{path}", target.scheme()),
                 headers: LuaHeaders::new(headers),
                 body: SharedBody::new(if http_body::Body::is_end_stream(&body) {
                     BodySlot::Empty

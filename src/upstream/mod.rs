@@ -111,7 +111,7 @@ impl Upstream {
     ) -> Result<Response<Incoming>, UpstreamError> {
         let addrs = self.resolver.resolve(&target.host).await.map_err(UpstreamError::Dns)?;
         let checked = self.check(&addrs, target, &rules)?;
-        let key = (target.host.to_string(), target.port, target.https);
+        let key = (target.host.clone(), target.port, target.https);
         let h2_ok = target.https && !is_upgrade(req.headers());
         let protocol = |e: hyper::Error| UpstreamError::Protocol(target.authority(), describe_hyper_error(&e));
         let mut req = req;

@@ -21,7 +21,8 @@ const MAX_PER_KEY: usize = 128;
 /// Most HTTP/2 connections kept per key (each carries many streams).
 const MAX_H2_PER_KEY: usize = 4;
 
-pub type Key = (String, u16, bool);
+/// (host, port, tls).
+pub type Key = (crate::policy::CanonicalHost, u16, bool);
 
 /// A pooled HTTP/1.1 connection.
 pub struct Pooled {
