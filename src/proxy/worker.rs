@@ -70,10 +70,13 @@ impl crate::script::api::container::OverrideSink for StoreSink {
     }
 }
 
-/// How often a worker's timer driver wakes even when idle (see [`keep_timer_wake_near`]).
+/// How often a worker's timer driver wakes even when idle (see [`heartbeat`]).
 const TIMER_HEARTBEAT: Duration = Duration::from_secs(1);
+/// Every how many heartbeats idle upstream connections are swept.
+const SWEEP_EVERY: u64 = 15;
 
-/// Keeps a timer due within [`TIMER_HEARTBEAT`] on this worker at all times.
+/// A worker's housekeeping tick: sweeps idle upstream connections every [`SWEEP_EVERY`]
+/// beats, and keeps a timer due within [`TIMER_HEARTBEAT`] on this worker at all times.
 ///
 /// Every request arms timers (idle, request head, handler); tokio's timer driver writes its
 /// eventfd (a syscall, and an extra wake of the event loop) whenever a new timer is due before
@@ -81,11 +84,14 @@ const TIMER_HEARTBEAT: Duration = Duration::from_secs(1);
 /// timer. Under load that was one `write` per five requests. With this heartbeat the planned
 /// wake is always at most a second away, so only timers shorter than that (small configured
 /// limits) still need the eventfd. Costs one wake per second per worker.
-async fn keep_timer_wake_near() {
+async fn heartbeat(upstream: Rc<Upstream>) {
     let mut beat = tokio::time::interval(TIMER_HEARTBEAT);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    for n in 1u64.. {
         beat.tick().await;
+        if n % SWEEP_EVERY == 0 {
+            upstream.sweep_idle();
+        }
     }
 }
 
@@ -107,7 +113,7 @@ pub fn spawn(index: usize, shared: Arc<Shared>) -> std::io::Result<mpsc::Unbound
             for class in 0..shared.classes.len() {
                 let _ = worker.runtime(class);
             }
-            tokio::task::spawn_local(keep_timer_wake_near());
+            tokio::task::spawn_local(heartbeat(worker.upstream.clone()));
             while let Some(h) = rx.recv().await {
                 let worker = worker.clone();
                 tokio::task::spawn_local(async move {

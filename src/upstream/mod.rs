@@ -100,6 +100,11 @@ impl Upstream {
         &self.own_listeners
     }
 
+    /// Closes pooled connections unused for the pool's keep time (called periodically).
+    pub fn sweep_idle(&self) {
+        self.pool.sweep(std::time::Instant::now());
+    }
+
     /// Sends `req` (origin-form URI, Host set) to `target`, dialling only addresses that pass
     /// `rules`. TLS upstreams get HTTP/2 when they offer it (except for upgrades), whatever
     /// the client spoke.

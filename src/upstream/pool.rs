@@ -44,10 +44,16 @@ pub struct Shared2 {
     pub peer: SocketAddr,
 }
 
+/// An HTTP/2 connection in the pool, with when a request last took it.
+struct PooledH2 {
+    conn: Shared2,
+    last_used: Instant,
+}
+
 #[derive(Default)]
 pub struct Pool {
     idle: RefCell<HashMap<Key, Vec<Pooled>>>,
-    h2: RefCell<HashMap<Key, Vec<Shared2>>>,
+    h2: RefCell<HashMap<Key, Vec<PooledH2>>>,
 }
 
 impl Pool {
@@ -80,17 +86,86 @@ impl Pool {
     pub fn h2(&self, key: &Key, ok: impl Fn(SocketAddr) -> bool) -> Option<Shared2> {
         let mut map = self.h2.borrow_mut();
         let list = map.get_mut(key)?;
-        list.retain(|c| !c.sender.is_closed());
-        list.iter().find(|c| ok(c.peer)).cloned()
+        list.retain(|c| !c.conn.sender.is_closed());
+        let entry = list.iter_mut().find(|c| ok(c.conn.peer))?;
+        entry.last_used = Instant::now();
+        Some(entry.conn.clone())
     }
 
     /// Keeps a new HTTP/2 connection for later requests.
     pub fn add_h2(&self, key: Key, conn: Shared2) {
         let mut map = self.h2.borrow_mut();
         let list = map.entry(key).or_default();
-        list.retain(|c| !c.sender.is_closed());
+        list.retain(|c| !c.conn.sender.is_closed());
         if list.len() < MAX_H2_PER_KEY {
-            list.push(conn);
+            list.push(PooledH2 { conn, last_used: Instant::now() });
         }
+    }
+
+    /// Closes connections that sat unused for [`IDLE_KEEP`] at `now` and forgets closed ones.
+    /// Checkouts do this only for the key they look up; this reaches hosts no request names
+    /// any more, whose sockets would otherwise stay open until the server closes them. An
+    /// HTTP/2 connection with requests in flight stays open until they end (they hold it).
+    pub fn sweep(&self, now: Instant) {
+        let fresh = |last_used: Instant| now.saturating_duration_since(last_used) < IDLE_KEEP;
+        let mut idle = self.idle.borrow_mut();
+        idle.retain(|_, list| {
+            list.retain(|p| !p.sender.is_closed() && fresh(p.last_used));
+            !list.is_empty()
+        });
+        let mut h2 = self.h2.borrow_mut();
+        h2.retain(|_, list| {
+            list.retain(|c| !c.conn.sender.is_closed() && fresh(c.last_used));
+            !list.is_empty()
+        });
+    }
+
+    /// Connections held: (HTTP/1.1 idle, HTTP/2).
+    #[cfg(test)]
+    pub fn held(&self) -> (usize, usize) {
+        (self.idle.borrow().values().map(Vec::len).sum(), self.h2.borrow().values().map(Vec::len).sum())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::CanonicalHost;
+
+    /// A real kept-alive HTTP/1.1 client connection to a loopback listener that never answers.
+    async fn connection() -> (Pooled, tokio::net::TcpListener) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = listener.local_addr().unwrap();
+        let stream = tokio::net::TcpStream::connect(peer).await.unwrap();
+        let io = hyper_util::rt::TokioIo::new(stream);
+        let (sender, conn) = http1::Builder::new().handshake::<_, Body>(io).await.unwrap();
+        tokio::task::spawn_local(conn);
+        (Pooled::new(sender, peer), listener)
+    }
+
+    #[test]
+    fn sweep_closes_only_connections_idle_past_the_keep_time() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        tokio::task::LocalSet::new().block_on(&rt, async {
+            let pool = Pool::default();
+            let (a, la) = connection().await;
+            let (b, _lb) = connection().await;
+            let key = |port| (CanonicalHost::parse("127.0.0.1").unwrap(), port, false);
+            pool.put_back(key(1), a);
+            pool.put_back(key(2), b);
+            assert_eq!(pool.held(), (2, 0));
+
+            pool.sweep(Instant::now() + IDLE_KEEP / 2);
+            assert_eq!(pool.held(), (2, 0), "connections used within the keep time stay");
+
+            pool.sweep(Instant::now() + IDLE_KEEP + Duration::from_secs(1));
+            assert_eq!(pool.held(), (0, 0), "idle connections of every key are closed");
+            assert!(pool.idle.borrow().is_empty(), "keys without connections are forgotten");
+            // The socket itself is closed: the server end reads end-of-stream.
+            use tokio::io::AsyncReadExt;
+            let (mut server_end, _) = la.accept().await.unwrap();
+            let read = tokio::time::timeout(Duration::from_secs(5), server_end.read(&mut [0u8; 16])).await;
+            assert_eq!(read.expect("socket not closed").unwrap(), 0);
+        });
     }
 }
