@@ -102,7 +102,7 @@ impl<R: AsyncRead + Unpin> ConnReader<R> {
                 if end > limit {
                     return Err(HeadError::TooLarge(limit));
                 }
-                let head = self.buf.split_to(end);
+                let head = self.buf.split_to(end).freeze();
                 return parse_head(&head);
             }
             if self.buf.len() > limit {
@@ -234,7 +234,8 @@ fn find_head_end(buf: &[u8], scanned: &mut usize) -> Result<Option<usize>, HeadE
     Ok(None)
 }
 
-fn parse_head(head: &[u8]) -> Result<RequestHead, HeadError> {
+/// Parses a complete head. Header values are slices of `head` (no copy per header).
+fn parse_head(head: &Bytes) -> Result<RequestHead, HeadError> {
     for (i, &b) in head.iter().enumerate() {
         let control = (b < 0x20 && b != b'\t' && b != b'\r' && b != b'\n') || b == 0x7f;
         if control {
@@ -263,7 +264,8 @@ fn parse_head(head: &[u8]) -> Result<RequestHead, HeadError> {
     let mut headers = HeaderMap::with_capacity(req.headers.len());
     for h in req.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| HeadError::Bad("bad header name"))?;
-        let value = HeaderValue::from_bytes(h.value).map_err(|_| HeadError::Bad("bad header value"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice_ref(h.value))
+            .map_err(|_| HeadError::Bad("bad header value"))?;
         headers.append(name, value);
     }
     let framing = framing(&headers, version)?;
