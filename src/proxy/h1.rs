@@ -264,8 +264,8 @@ fn parse_head(head: &Bytes) -> Result<RequestHead, HeadError> {
     let mut headers = HeaderMap::with_capacity(req.headers.len());
     for h in req.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| HeadError::Bad("bad header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice_ref(h.value))
-            .map_err(|_| HeadError::Bad("bad header value"))?;
+        let value =
+            HeaderValue::from_maybe_shared(head.slice_ref(h.value)).map_err(|_| HeadError::Bad("bad header value"))?;
         headers.append(name, value);
     }
     let framing = framing(&headers, version)?;

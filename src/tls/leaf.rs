@@ -4,6 +4,7 @@
 //! for it (a leaf takes ~0.1 ms, so waiting on a worker thread is cheaper than a handoff).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -29,13 +30,34 @@ type Made = Result<Arc<ServerConfig>, String>;
 struct Slot {
     made_at: Instant,
     config: OnceLock<Made>,
+    /// Used since eviction last passed over it (the "second chance" bit of CLOCK).
+    referenced: AtomicBool,
 }
 
+/// The cached hosts. Eviction is CLOCK (second chance), an O(1) approximation of LRU: a hit
+/// only sets its slot's bit; when the cache is full the oldest host is evicted unless it was
+/// used since the last pass, in which case it moves to the back with its bit cleared. Hosts
+/// in use stay cached however many one-off hosts pass through.
 #[derive(Default)]
 struct Entries {
     by_host: HashMap<String, Arc<Slot>>,
-    /// Insertion order, for evicting the oldest host when the cache is full.
+    /// The eviction queue, oldest first.
     order: VecDeque<String>,
+}
+
+impl Entries {
+    /// Evicts hosts until at most `keep` remain.
+    fn keep_at_most(&mut self, keep: usize) {
+        while self.by_host.len() > keep {
+            let Some(oldest) = self.order.pop_front() else { break };
+            match self.by_host.get(&oldest) {
+                Some(slot) if slot.referenced.swap(false, Ordering::Relaxed) => self.order.push_back(oldest),
+                _ => {
+                    self.by_host.remove(&oldest);
+                }
+            }
+        }
+    }
 }
 
 /// Per-host TLS server configs for interception.
@@ -80,15 +102,24 @@ impl LeafCache {
         let slot = {
             let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
             match entries.by_host.get(&key) {
-                Some(slot) if slot.made_at.elapsed() < REFRESH_AFTER => slot.clone(),
+                Some(slot) if slot.made_at.elapsed() < REFRESH_AFTER => {
+                    slot.referenced.store(true, Ordering::Relaxed);
+                    slot.clone()
+                }
                 _ => {
-                    let slot = Arc::new(Slot { made_at: Instant::now(), config: OnceLock::new() });
-                    if entries.by_host.insert(key.clone(), slot.clone()).is_none() {
+                    let slot = Arc::new(Slot {
+                        made_at: Instant::now(),
+                        config: OnceLock::new(),
+                        referenced: AtomicBool::new(false),
+                    });
+                    if entries.by_host.contains_key(&key) {
+                        // A stale leaf being renewed keeps its place in the queue.
+                        entries.by_host.insert(key, slot.clone());
+                    } else {
+                        // Room first, so that the newcomer cannot be the one evicted.
+                        entries.keep_at_most(self.capacity - 1);
+                        entries.by_host.insert(key.clone(), slot.clone());
                         entries.order.push_back(key);
-                    }
-                    while entries.by_host.len() > self.capacity {
-                        let Some(oldest) = entries.order.pop_front() else { break };
-                        entries.by_host.remove(&oldest);
                     }
                     self.size.set(entries.by_host.len() as i64);
                     slot
@@ -154,16 +185,30 @@ mod tests {
     }
 
     #[test]
-    fn the_cache_is_bounded_and_evicts_the_oldest_host() {
+    fn the_cache_is_bounded_and_keeps_the_hosts_in_use() {
         let cache = cache(2);
-        for h in ["a.test", "b.test", "c.test"] {
-            cache.server_config(&CanonicalHost::parse(h).unwrap()).unwrap();
-        }
+        let get = |h: &str| cache.server_config(&CanonicalHost::parse(h).unwrap()).unwrap();
+        get("a.test");
+        get("b.test");
+        // a is in use, b is not: a newcomer evicts b, not the older a.
+        get("a.test");
+        get("c.test");
         assert_eq!(cache.size.get(), 2);
-        // b and c are cached; a was evicted and is made again.
-        cache.server_config(&CanonicalHost::parse("c.test").unwrap()).unwrap();
         assert_eq!(cache.generated(), 3);
-        cache.server_config(&CanonicalHost::parse("a.test").unwrap()).unwrap();
-        assert_eq!(cache.generated(), 4);
+        get("a.test");
+        get("c.test");
+        assert_eq!(cache.generated(), 3, "a and c are still cached");
+        get("b.test");
+        assert_eq!(cache.generated(), 4, "b was evicted and is made again");
+        assert_eq!(cache.size.get(), 2);
+
+        // A stream of one-off hosts does not push out a host used between them.
+        for i in 0..10 {
+            get("a.test");
+            get(&format!("once-{i}.test"));
+        }
+        let made = cache.generated();
+        get("a.test");
+        assert_eq!(cache.generated(), made, "a stayed cached");
     }
 }
