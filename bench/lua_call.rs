@@ -9,6 +9,8 @@
 //!                                 (127.0.0.1:port of a running bench-upstream)
 //! bench-lua-call send N UPSTREAM  no Lua: the same request sent upstream as egress sends
 //!                                 it (what `fetch` costs beyond the Lua call)
+//! bench-lua-call raw N UPSTREAM   no moat: 32 sockets writing the same request and reading
+//!                                 the answer with httparse (the floor for `send`)
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -63,6 +65,10 @@ fn main() {
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let local = tokio::task::LocalSet::new();
+    if mode == "raw" {
+        local.block_on(&rt, raw_floor(n, &upstream_addr));
+        return;
+    }
     local.block_on(&rt, async move {
         let upstream = Rc::new(Upstream::new(
             Resolver::new(Default::default()),
@@ -144,4 +150,57 @@ fn main() {
         );
     });
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `raw`: the floor for `send`: 32 connections, each writing the same request and reading
+/// the response with nothing but httparse (no pool, no policy, no hyper).
+async fn raw_floor(n: u32, upstream_addr: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let req = format!("GET / HTTP/1.1\r\nhost: {upstream_addr}\r\nuser-agent: moat-bench\r\n\r\n");
+    let run = |count: u32| {
+        let tasks: Vec<_> = (0..32)
+            .map(|_| {
+                let (req, addr) = (req.clone(), upstream_addr.to_string());
+                tokio::task::spawn_local(async move {
+                    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+                    s.set_nodelay(true).unwrap();
+                    let mut buf = Vec::with_capacity(4096);
+                    for _ in 0..count / 32 {
+                        s.write_all(req.as_bytes()).await.unwrap();
+                        buf.clear();
+                        loop {
+                            let mut chunk = [0u8; 4096];
+                            let k = s.read(&mut chunk).await.unwrap();
+                            assert!(k > 0);
+                            buf.extend_from_slice(&chunk[..k]);
+                            let mut h = [httparse::EMPTY_HEADER; 32];
+                            let mut r = httparse::Response::new(&mut h);
+                            if let Ok(httparse::Status::Complete(end)) = r.parse(&buf) {
+                                let len: usize = r
+                                    .headers
+                                    .iter()
+                                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                                    .and_then(|h| std::str::from_utf8(h.value).ok()?.parse().ok())
+                                    .unwrap_or(0);
+                                if buf.len() >= end + len {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        async move {
+            for t in tasks {
+                t.await.unwrap();
+            }
+        }
+    };
+    run(n / 10).await;
+    let (start, cpu_start) = (Instant::now(), thread_cpu_ns());
+    run(n).await;
+    let wall = start.elapsed().as_nanos() as f64 / f64::from(n);
+    let cpu = (thread_cpu_ns() - cpu_start) as f64 / f64::from(n);
+    println!("raw: {n} calls, {cpu:.0} ns CPU ({wall:.0} ns wall) per call");
 }
