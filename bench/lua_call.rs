@@ -133,17 +133,9 @@ fn main() {
                     })
                 })
                 .collect();
-            async move {
-                for t in tasks {
-                    t.await.unwrap();
-                }
-            }
+            join(tasks)
         };
-        run(n / 10).await;
-        let (start, cpu_start) = (Instant::now(), thread_cpu_ns());
-        run(n).await;
-        let wall = start.elapsed().as_nanos() as f64 / f64::from(n);
-        let cpu = (thread_cpu_ns() - cpu_start) as f64 / f64::from(n);
+        let (cpu, wall) = measure(n, run).await;
         println!(
             "{mode}: {n} calls, {cpu:.0} ns CPU ({wall:.0} ns wall) per call, Lua memory {} KiB",
             runtime.used_memory() / 1024
@@ -191,16 +183,24 @@ async fn raw_floor(n: u32, upstream_addr: &str) {
                 })
             })
             .collect();
-        async move {
-            for t in tasks {
-                t.await.unwrap();
-            }
-        }
+        join(tasks)
     };
+    let (cpu, wall) = measure(n, run).await;
+    println!("raw: {n} calls, {cpu:.0} ns CPU ({wall:.0} ns wall) per call");
+}
+
+async fn join(tasks: Vec<tokio::task::JoinHandle<()>>) {
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// Warms up with `run(n / 10)`, then times `run(n)`: (CPU ns, wall ns) per call.
+async fn measure<F: std::future::Future<Output = ()>>(n: u32, run: impl Fn(u32) -> F) -> (f64, f64) {
     run(n / 10).await;
     let (start, cpu_start) = (Instant::now(), thread_cpu_ns());
     run(n).await;
     let wall = start.elapsed().as_nanos() as f64 / f64::from(n);
     let cpu = (thread_cpu_ns() - cpu_start) as f64 / f64::from(n);
-    println!("raw: {n} calls, {cpu:.0} ns CPU ({wall:.0} ns wall) per call");
+    (cpu, wall)
 }
