@@ -112,7 +112,8 @@ fn main() {
                         http_body_util::BodyExt::collect(resp.into_body()).await.unwrap();
                         return;
                     }
-                    let who = CallContext { request_id: "0123456789abcdef", container_id: "default", class: "bench" };
+                    let who =
+                        CallContext { request_id: "0123456789abcdef", container_id: "default", class: "bench".into() };
                     let resp =
                         runtime.call(&choice, request, who, &limits).await.map_err(|_| "handler failed").unwrap();
                     http_body_util::BodyExt::collect(resp.into_body()).await.unwrap();

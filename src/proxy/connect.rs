@@ -47,8 +47,8 @@ pub async fn serve(
     let started = Instant::now();
     let mut log = LogLine {
         request_id: shared.next_request_id(),
-        class: shared.classes[class].config.name.clone(),
-        method: "CONNECT".into(),
+        class: shared.classes[class].name.clone(),
+        method: http::Method::CONNECT,
         scheme: "tunnel",
         ..Default::default()
     };

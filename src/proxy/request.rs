@@ -1,6 +1,7 @@
 //! One request on the explicit listener: identify, find the target, decide, then deny, run
 //! the handler, or egress (SPEC 4.3, 5.1, 8).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderValue, Request, Response, StatusCode};
@@ -28,9 +29,9 @@ pub struct Exchange {
 pub struct LogLine {
     pub request_id: String,
     pub container: String,
-    pub class: String,
+    pub class: Arc<str>,
     pub generation: u64,
-    pub method: String,
+    pub method: http::Method,
     pub scheme: &'static str,
     pub host: String,
     pub port: u16,
@@ -61,7 +62,7 @@ impl LogLine {
             container: &self.container,
             class: &self.class,
             generation: self.generation,
-            method: &self.method,
+            method: self.method.as_str(),
             scheme: self.scheme,
             host: &self.host,
             port: self.port,
@@ -89,8 +90,8 @@ pub async fn handle(worker: &Worker, class: usize, head: RequestHead, body: Body
     let class_shared = &shared.classes[class];
     let mut log = LogLine {
         request_id: shared.next_request_id(),
-        class: class_shared.config.name.clone(),
-        method: head.method.to_string(),
+        class: class_shared.name.clone(),
+        method: head.method.clone(),
         scheme: tunnel.map_or("http", |t| t.target.scheme()),
         ..Default::default()
     };
@@ -195,7 +196,8 @@ async fn run(
                 }),
                 redirect: Redirect::Manual,
             };
-            let who = CallContext { request_id: &log.request_id, container_id: container.as_str(), class: &log.class };
+            let who =
+                CallContext { request_id: &log.request_id, container_id: container.as_str(), class: log.class.clone() };
             let limits = &shared.config.limits;
             match runtime.call(&choice, lua_req, who, limits).await {
                 Ok(mut resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {

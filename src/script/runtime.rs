@@ -34,7 +34,7 @@ pub struct ClassRuntime {
 pub struct CallContext<'a> {
     pub request_id: &'a str,
     pub container_id: &'a str,
-    pub class: &'a str,
+    pub class: std::sync::Arc<str>,
 }
 
 /// Why a handler produced no response; each maps to one answer (SPEC 9).
@@ -117,7 +117,7 @@ impl ClassRuntime {
 
         let lua_err = |e: mlua::Error| HandlerFailure::Error(e.to_string());
         let req = self.lua.create_userdata(request).map_err(lua_err)?;
-        let scope = Scope::new(who.request_id.into(), who.container_id.into(), who.class.into(), limits.lua_cpu);
+        let scope = Scope::new(who.request_id.into(), who.container_id.into(), who.class, limits.lua_cpu);
         let ctx = self
             .lua
             .create_userdata(LuaCtx {

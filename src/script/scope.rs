@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 pub struct Scope {
     pub request_id: String,
     pub container_id: String,
-    pub class: String,
+    pub class: std::sync::Arc<str>,
     /// CPU allowed to this call.
     budget: Duration,
     /// CPU used by finished polls.
@@ -30,7 +30,7 @@ pub struct Scope {
 }
 
 impl Scope {
-    pub fn new(request_id: String, container_id: String, class: String, budget: Duration) -> Rc<Self> {
+    pub fn new(request_id: String, container_id: String, class: std::sync::Arc<str>, budget: Duration) -> Rc<Self> {
         Rc::new(Self {
             request_id,
             container_id,

@@ -18,7 +18,7 @@ fn emit(lua: &Lua, level: &str, args: &MultiValue) -> Result<()> {
     let text = crate::log::redact(&text);
     let s = scope::current();
     let (req, container, class) = match &s {
-        Some(s) => (s.request_id.as_str(), s.container_id.as_str(), s.class.as_str()),
+        Some(s) => (s.request_id.as_str(), s.container_id.as_str(), &*s.class),
         None => ("-", "-", "-"),
     };
     match level {

@@ -20,7 +20,7 @@ pub struct LuaCtx {
 impl UserData for LuaCtx {
     fn add_fields<F: UserDataFields<Self>>(f: &mut F) {
         f.add_field_method_get("containerId", |lua, this| lua.create_string(&this.scope.container_id));
-        f.add_field_method_get("className", |lua, this| lua.create_string(&this.scope.class));
+        f.add_field_method_get("className", |lua, this| lua.create_string(this.scope.class.as_bytes()));
         f.add_field_method_get("requestId", |lua, this| lua.create_string(&this.scope.request_id));
         f.add_field_method_get("storage", |_, this| {
             let store = this.storage.clone().ok_or_else(|| mlua::Error::runtime("ctx.storage is not available"))?;
