@@ -5,6 +5,8 @@
 //!
 //! bench-lua-call local N          a handler that copies the request, sets a header and
 //!                                 answers with Response.new (no I/O)
+//! bench-lua-call loop N           the same with Lua-heavy work before the answer (2,000
+//!                                 loop iterations, 100 strings joined)
 //! bench-lua-call fetch N UPSTREAM the bench handler: the same, then fetch() to UPSTREAM
 //!                                 (127.0.0.1:port of a running bench-upstream)
 //! bench-lua-call send N UPSTREAM  no Lua: the same request sent upstream as egress sends
@@ -49,7 +51,14 @@ fn main() {
     let upstream_addr = args.get(2).cloned().unwrap_or_else(|| "127.0.0.1:18080".into());
     let upstream_port: u16 =
         upstream_addr.rsplit(':').next().and_then(|p| p.parse().ok()).expect("UPSTREAM is 127.0.0.1:PORT");
-    let answer = if mode == "fetch" { "fetch(r)" } else { "Response.new(\"hello, moat!\\n\")" };
+    let answer = match mode.as_str() {
+        "fetch" => "fetch(r)",
+        // Lua-heavy: 2,000 loop iterations of arithmetic and 100 strings joined.
+        "loop" => {
+            "(function() local x = 0; for i = 1, 2000 do x = x + (i * 3) % 7 end; local t = {}; for i = 1, 100 do t[#t + 1] = tostring(i + x) end; return Response.new(table.concat(t, \",\")) end)()"
+        }
+        _ => "Response.new(\"hello, moat!\\n\")",
+    };
     let dir = std::env::temp_dir().join(format!("moat-bench-lua-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let policy = dir.join("policy.lua");
@@ -122,7 +131,7 @@ fn main() {
         };
         // Calls in flight at once: 32 with fetch (as the end-to-end benchmark's connections,
         // so that upstream round trips overlap), 1 without.
-        let conc: u32 = if mode == "local" { 1 } else { 32 };
+        let conc: u32 = if mode == "local" || mode == "loop" { 1 } else { 32 };
         let run = |count: u32| {
             let tasks: Vec<_> = (0..conc)
                 .map(|_| {
