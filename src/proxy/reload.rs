@@ -18,6 +18,9 @@ use super::state::Shared;
 
 /// Quiet time after the last change before reloading: editors write a file in several steps.
 const DEBOUNCE: Duration = Duration::from_millis(100);
+/// Longest wait after the first change, however often policy files keep changing (SPEC 7.1
+/// wants a save live within a second).
+const DEBOUNCE_MAX: Duration = Duration::from_millis(500);
 
 /// What the reload thread is asked to do.
 pub enum ReloadRequest {
@@ -31,10 +34,13 @@ pub enum ReloadRequest {
 pub fn start(shared: Arc<Shared>) -> std::io::Result<mpsc::Sender<ReloadRequest>> {
     let (tx, rx) = mpsc::channel::<ReloadRequest>();
     let events = tx.clone();
+    let policies: Vec<PathBuf> = shared.classes.iter().map(|c| absolute(&c.config.policy)).collect();
     let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         // Opening or reading a file is not a change (and moat's own reads would otherwise
-        // trigger reloads of their own).
-        if let Some(event) = res.ok().filter(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
+        // trigger reloads of their own). Only policies and Lua modules matter: a log file or
+        // an agent's scratch files in the same folder must not keep the reload thread busy.
+        let Some(event) = res.ok().filter(|e| !matches!(e.kind, notify::EventKind::Access(_))) else { return };
+        if event.paths.iter().any(|p| p.extension().is_some_and(|e| e == "lua") || policies.contains(p)) {
             let _ = events.send(ReloadRequest::Changed(event.paths));
         }
     });
@@ -57,8 +63,13 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<mpsc::Sender<ReloadRequest>
                 ReloadRequest::Changed(p) => p,
                 ReloadRequest::All => Vec::new(),
             };
+            let give_up = std::time::Instant::now() + DEBOUNCE_MAX;
             loop {
-                match rx.recv_timeout(DEBOUNCE) {
+                let quiet = DEBOUNCE.min(give_up.saturating_duration_since(std::time::Instant::now()));
+                if quiet.is_zero() {
+                    break;
+                }
+                match rx.recv_timeout(quiet) {
                     Ok(ReloadRequest::Changed(p)) => changed.extend(p),
                     Ok(ReloadRequest::All) => all = true,
                     Err(RecvTimeoutError::Timeout) => break,

@@ -191,3 +191,38 @@ fn a_reload_does_not_trigger_another() {
     let log = moat.logs();
     assert_eq!(log.matches("policy reloaded").count(), 1, "{log}");
 }
+
+#[test]
+fn a_save_is_seen_while_another_file_in_the_folder_keeps_changing() {
+    // A log file, a build, an agent's scratch files: the policy folder is rarely quiet. Writes
+    // to other files must neither hold back a policy reload nor trigger one.
+    let moat = Moat::start(&version_policy("v1"));
+    let dir = moat.dir.path().to_path_buf();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, log, scratch) = (stop.clone(), dir.join("agent.log"), dir.join("scratch.lua"));
+        std::thread::spawn(move || {
+            let mut f = std::fs::File::create(&log).unwrap();
+            // Bounded: at most 20 s of a log line and a rewritten Lua file (one no policy
+            // requires) every 5 ms.
+            for i in 0..4000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                writeln!(f, "working").unwrap();
+                f.flush().unwrap();
+                std::fs::write(&scratch, format!("return {i}\n")).unwrap();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(dir.join("policy.lua"), version_policy("v2")).unwrap();
+    let t = wait_for(&moat, "v2", RELOAD_BOUND);
+    eprintln!("reload while another file changes: {t:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    let logs = moat.logs();
+    assert_eq!(logs.matches("policy reloaded").count(), 1, "only the policy save reloads:\n{logs}");
+}
