@@ -2,6 +2,8 @@
 
 use std::sync::RwLock;
 
+mod access;
+
 /// Secret values known to this process, with their names, longest first.
 static SECRETS: RwLock<Vec<(String, String)>> = RwLock::new(Vec::new());
 
@@ -52,32 +54,26 @@ pub struct AccessRecord<'a> {
 }
 
 /// Writes one access-log line through the log stream (human or JSON, per `--log-format`).
+///
+/// Under moat's own subscriber (see [`init`]) the line is formatted here, byte for byte what
+/// tracing's formatter writes (tested in `access`), and handed to the log thread directly:
+/// tracing's generic field visitor cost ~1.2 µs per request, a tenth of an egress request.
 pub fn access(r: &AccessRecord<'_>) {
     // Redaction scans the text: skip it when the access log is filtered out.
     if !tracing::enabled!(target: "moat::access", tracing::Level::INFO) {
         return;
     }
     let detail = redact(r.detail);
-    tracing::info!(
-        target: "moat::access",
-        request_id = r.request_id,
-        container = r.container,
-        class = r.class,
-        generation = r.generation,
-        method = r.method,
-        scheme = r.scheme,
-        host = r.host,
-        port = r.port,
-        path = r.path,
-        decision = r.decision,
-        detail = detail.as_str(),
-        status = r.status,
-        bytes_up = r.bytes_up,
-        bytes_down = r.bytes_down,
-        duration_ms = (r.duration.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
-        "access"
-    );
+    match ACCESS_SINK.get() {
+        Some((format, tx)) => {
+            let _ = tx.send(access::line(*format, std::time::SystemTime::now(), r, &detail));
+        }
+        None => access::via_tracing(r, &detail),
+    }
 }
+
+/// The log thread's queue and the format, for access lines formatted by moat itself.
+static ACCESS_SINK: std::sync::OnceLock<(LogFormat, std::sync::mpsc::SyncSender<Vec<u8>>)> = std::sync::OnceLock::new();
 
 /// Output format of the log stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -113,6 +109,7 @@ pub fn init(format: LogFormat) -> LogGuard {
             }
         })
         .ok();
+    let _ = ACCESS_SINK.set((format, tx.clone()));
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(QueueWriter(tx));
     let _ = match format {
