@@ -197,7 +197,7 @@ fn status(shared: &Shared) -> Value {
         .map(|c| {
             let g = c.current();
             json!({
-                "name": c.config.name,
+                "name": &*c.config.name,
                 "policy": c.config.policy.display().to_string(),
                 "listen": c.config.listen.to_string(),
                 "generation": g.as_ref().map(|g| g.number),
@@ -275,7 +275,7 @@ fn apply(shared: &Shared, id: &str, setter: Setter, query: Option<&str>) -> Answ
     }
     let wanted = query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("class=")));
     let class = match (wanted, shared.classes.len()) {
-        (Some(name), _) => shared.classes.iter().find(|c| c.config.name == name),
+        (Some(name), _) => shared.classes.iter().find(|c| &*c.config.name == name),
         (None, 1) => shared.classes.first(),
         (None, _) => {
             return error(StatusCode::BAD_REQUEST, "class_required", "several classes are served: add ?class=NAME");

@@ -46,8 +46,9 @@ pub struct Config {
 /// One class: a policy script served on one listener.
 #[derive(Clone, Debug)]
 pub struct ClassConfig {
-    /// `ctx.className`: the config's name, else the policy's file stem.
-    pub name: String,
+    /// `ctx.className`: the config's name, else the policy's file stem. Shared (not copied) by
+    /// every request's log line and handler scope.
+    pub name: std::sync::Arc<str>,
     pub policy: PathBuf,
     pub listen: SocketAddr,
 }
@@ -192,7 +193,7 @@ impl Config {
         if let Some(policy) = &flags.policy {
             let listen = flags.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
             classes.push(ClassConfig {
-                name: stem(policy),
+                name: stem(policy).into(),
                 policy: policy.clone(),
                 listen: parse_listen(listen).map_err(|m| ConfigError(format!("--listen: {m}")))?,
             });
@@ -204,7 +205,7 @@ impl Config {
                     (_, _, None) => DEFAULT_LISTEN,
                 };
                 classes.push(ClassConfig {
-                    name: c.name.clone().unwrap_or_else(|| stem(&c.policy)),
+                    name: c.name.clone().unwrap_or_else(|| stem(&c.policy)).into(),
                     policy: rel(&c.policy),
                     listen: parse_listen(listen).map_err(|m| err(format!("class[{i}].listen: {m}")))?,
                 });
@@ -329,7 +330,7 @@ mod tests {
             parse_file("[[class]]\npolicy = \"p/agent.lua\"\nlisten = \"127.0.0.1:4000\"\n", Path::new("c/moat.toml"))
                 .unwrap();
         let c = Config::build(f, "c".into(), None, &Overrides::default()).unwrap();
-        assert_eq!(c.classes[0].name, "agent");
+        assert_eq!(&*c.classes[0].name, "agent");
         assert_eq!(c.classes[0].policy, Path::new("c/p/agent.lua"));
         assert_eq!(c.classes[0].listen.port(), 4000);
         let bad = parse_file("[limits]\nidle_timeout = \"soon\"\n", Path::new("m.toml")).unwrap();

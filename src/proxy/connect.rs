@@ -47,7 +47,7 @@ pub async fn serve(
     let started = Instant::now();
     let mut log = LogLine {
         request_id: shared.next_request_id(),
-        class: shared.classes[class].name.clone(),
+        class: shared.classes[class].config.name.clone(),
         method: http::Method::CONNECT,
         scheme: "tunnel",
         ..Default::default()

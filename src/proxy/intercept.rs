@@ -174,7 +174,7 @@ async fn h2_request(
         let log = LogLine {
             request_id: shared.next_request_id(),
             container: tunnel.container.to_string(),
-            class: shared.classes[class].name.clone(),
+            class: shared.classes[class].config.name.clone(),
             method: parts.method.clone(),
             scheme: "https",
             host: tunnel.target.host.to_string(),

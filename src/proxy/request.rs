@@ -90,7 +90,7 @@ pub async fn handle(worker: &Worker, class: usize, head: RequestHead, body: Body
     let class_shared = &shared.classes[class];
     let mut log = LogLine {
         request_id: shared.next_request_id(),
-        class: class_shared.name.clone(),
+        class: class_shared.config.name.clone(),
         method: head.method.clone(),
         scheme: tunnel.map_or("http", |t| t.target.scheme()),
         ..Default::default()

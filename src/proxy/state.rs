@@ -13,8 +13,6 @@ use crate::script::{Generation, LoadError, load_generation};
 /// One class: its script's current generation, or the error that kept it from loading.
 pub struct ClassShared {
     pub config: ClassConfig,
-    /// `config.name`, shared by every request's log line and handler scope without a copy.
-    pub name: Arc<str>,
     /// The generation new requests use; `None` until a first load succeeds (→ 503).
     current: RwLock<Option<Arc<Generation>>>,
     /// The last load error, if the last load failed.
@@ -24,13 +22,7 @@ pub struct ClassShared {
 
 impl ClassShared {
     pub fn new(config: ClassConfig) -> Self {
-        Self {
-            name: Arc::from(config.name.as_str()),
-            config,
-            current: RwLock::new(None),
-            last_error: RwLock::new(None),
-            next_number: AtomicU64::new(1),
-        }
+        Self { config, current: RwLock::new(None), last_error: RwLock::new(None), next_number: AtomicU64::new(1) }
     }
 
     pub fn current(&self) -> Option<Arc<Generation>> {
