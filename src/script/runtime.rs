@@ -17,7 +17,7 @@ use crate::bindings::Bindings;
 use crate::body::Body;
 use crate::config::Limits;
 use crate::policy::HandlerChoice;
-use crate::upstream::{Upstream, UpstreamError};
+use crate::upstream::Upstream;
 
 /// One worker's running copy of a generation.
 pub struct ClassRuntime {
@@ -159,7 +159,7 @@ impl ClassRuntime {
                 mlua::Error::ExternalError(ext) => {
                     if let Some(fe) = ext.downcast_ref::<FetchError>() {
                         let arc: Arc<FetchError> =
-                            Arc::new(FetchError { url: fe.url.clone(), source: clone_upstream_error(&fe.source) });
+                            Arc::new(FetchError { url: fe.url.clone(), source: fe.source.clone() });
                         return HandlerFailure::Upstream(e.to_string(), arc);
                     }
                     break;
@@ -177,13 +177,5 @@ impl ClassRuntime {
     /// Memory used by this state (for metrics and tests).
     pub fn used_memory(&self) -> usize {
         self.lua.used_memory()
-    }
-}
-
-fn clone_upstream_error(e: &UpstreamError) -> UpstreamError {
-    match e {
-        UpstreamError::ConnectTimeout(a) => UpstreamError::ConnectTimeout(a.clone()),
-        UpstreamError::Dns(m) => UpstreamError::Dns(m.clone()),
-        other => UpstreamError::Protocol(String::new(), other.to_string()),
     }
 }

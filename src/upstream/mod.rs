@@ -54,7 +54,7 @@ pub enum DialRules<'a> {
 }
 
 /// Why an upstream request failed; each maps to one answer (SPEC 9).
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("{0}")]
     Dns(String),

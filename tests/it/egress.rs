@@ -40,6 +40,25 @@ fn ip_entry_opens_loopback_but_denied_cidr_and_moat_itself_stay_closed() {
 }
 
 #[test]
+fn a_handler_fetch_to_moat_itself_is_refused_like_egress() {
+    let moat = Moat::start(
+        r#"outboundByHost = { ["self.test"] = function(request)
+             return fetch("http://127.0.0.1:" .. URL.new(request.url).pathname:sub(2) .. "/")
+           end }"#,
+    );
+    let r = curl(&moat, &format!("http://self.test/{}", moat.addr.port()), &[]);
+    assert_eq!(
+        (r.status, r.headers.get("moat-denied").map(String::as_str)),
+        (520, Some("blocked-address")),
+        "{}",
+        r.body
+    );
+    let needle = format!("127.0.0.1:{} is moat itself", moat.addr.port());
+    let log = moat.wait_log(&needle);
+    assert!(log.contains(&needle), "{log}");
+}
+
+#[test]
 fn proxy_credentials_and_hop_by_hop_headers_are_stripped_and_uri_wins() {
     let up = Upstream::start();
     let port = up.addr.port();
