@@ -62,7 +62,14 @@ impl http_body::Body for ChannelBody {
                 Poll::Ready(Some(Ok(Frame::data(data))))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(None) => match self.remaining {
+                // The feeder stopped short of the Content-Length: never a clean end.
+                Some(left) if left > 0 => {
+                    self.remaining = Some(0);
+                    Poll::Ready(Some(Err(format!("request body ended {left} bytes before its Content-Length").into())))
+                }
+                _ => Poll::Ready(None),
+            },
             Poll::Pending => Poll::Pending,
         }
     }

@@ -123,7 +123,7 @@ where
         let body_before = reader.body_bytes();
         // Handle the request while feeding its body from the connection.
         let mut body_complete = tx.is_none();
-        let mut body_failed = false;
+        let mut body_error = None;
         let exchange = {
             // Boxed per request: the handling state (handler call, upstream send) is several
             // KiB, and inline it would be held by every idle keep-alive connection's task.
@@ -141,7 +141,7 @@ where
                                 pumping = false;
                                 match r {
                                     Ok(done) => body_complete = done,
-                                    Err(_) => body_failed = true,
+                                    Err(e) => body_error = Some(e),
                                 }
                             }
                         }
@@ -149,7 +149,14 @@ where
                 }
             }
         };
-        let Exchange { response, mut log } = exchange;
+        let Exchange { mut response, mut log } = exchange;
+        if let Some(e) = &body_error {
+            // A malformed or cut-off body is the client's error, whatever the handler or the
+            // upstream made of the failed stream (SPEC 8.6: 400 and the connection closed).
+            response = answer::text(StatusCode::BAD_REQUEST, format!("moat: {e}"));
+            log.status = StatusCode::BAD_REQUEST.as_u16();
+            log.detail = e.to_string();
+        }
         if response.status() == http::StatusCode::SWITCHING_PROTOCOLS && client_upgrade && body_complete {
             // The upstream agreed to switch protocols (WebSocket): relay the 101, then both
             // directions byte for byte until either side closes.
@@ -158,7 +165,7 @@ where
             log.record(&worker.shared.metrics);
             return None;
         }
-        let keep_alive = client_keep_alive && body_complete && !body_failed;
+        let keep_alive = client_keep_alive && body_complete && body_error.is_none();
         let write = write_response(&mut writer, response, version, is_head, keep_alive).await;
         log.duration = started.elapsed();
         let (keep, down) = match write {

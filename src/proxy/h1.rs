@@ -126,6 +126,20 @@ impl<R: AsyncRead + Unpin> ConnReader<R> {
         framing: Framing,
         tx: mpsc::Sender<Result<Bytes, BoxError>>,
     ) -> Result<bool, BodyError> {
+        let pumped = self.pump_framed(framing, &tx).await;
+        if let Err(e) = &pumped {
+            // The reader must see a failed stream, never a clean end: a truncated or malformed
+            // body would otherwise reach a handler, or go upstream, as a complete shorter one.
+            let _ = tx.send(Err(e.to_string().into())).await;
+        }
+        pumped
+    }
+
+    async fn pump_framed(
+        &mut self,
+        framing: Framing,
+        tx: &mpsc::Sender<Result<Bytes, BoxError>>,
+    ) -> Result<bool, BodyError> {
         match framing {
             Framing::None => Ok(true),
             Framing::Length(mut left) => {
@@ -142,7 +156,7 @@ impl<R: AsyncRead + Unpin> ConnReader<R> {
         }
     }
 
-    async fn pump_chunked(&mut self, tx: mpsc::Sender<Result<Bytes, BoxError>>) -> Result<bool, BodyError> {
+    async fn pump_chunked(&mut self, tx: &mpsc::Sender<Result<Bytes, BoxError>>) -> Result<bool, BodyError> {
         loop {
             let line = self.read_line(MAX_CHUNK_LINE).await?;
             let size_text = line.split(|&b| b == b';').next().unwrap_or_default();
@@ -269,6 +283,7 @@ fn parse_head(head: &Bytes) -> Result<RequestHead, HeadError> {
         headers.append(name, value);
     }
     let framing = framing(&headers, version)?;
+    normalize_content_length(&mut headers, framing);
     if headers.get_all(http::header::HOST).iter().count() > 1 {
         return Err(HeadError::Bad("more than one Host header"));
     }
@@ -307,6 +322,23 @@ fn framing(headers: &HeaderMap, version: Version) -> Result<Framing, HeadError> 
         Some(0) | None => Framing::None,
         Some(n) => Framing::Length(n),
     })
+}
+
+/// An accepted Content-Length that is a list (`5, 5`), repeated or zero-padded goes upstream as
+/// the one decimal moat framed the body with, so no server can read it another way.
+fn normalize_content_length(headers: &mut HeaderMap, framing: Framing) {
+    let n = match framing {
+        Framing::Length(n) => n,
+        Framing::None if headers.contains_key(http::header::CONTENT_LENGTH) => 0,
+        _ => return,
+    };
+    let canonical = n.to_string();
+    let mut values = headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let single_and_canonical =
+        values.next().is_some_and(|v| v.as_bytes() == canonical.as_bytes()) && values.next().is_none();
+    if !single_and_canonical {
+        headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(n));
+    }
 }
 
 fn wants_keep_alive(headers: &HeaderMap, version: Version) -> bool {
@@ -456,8 +488,10 @@ mod tests {
         assert_eq!(h.target, "http://a.test/x");
         assert_eq!(h.framing, Framing::None);
         assert!(h.keep_alive);
-        let h = head(b"POST http://a.test/ HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n").await.unwrap();
+        let h =
+            head(b"POST http://a.test/ HTTP/1.1\r\nContent-Length: 5, 5\r\ncontent-length: 05\r\n\r\n").await.unwrap();
         assert_eq!(h.framing, Framing::Length(5));
+        assert_eq!(h.headers.get_all("content-length").iter().collect::<Vec<_>>(), ["5"], "forwarded as one value");
         let h = head(b"POST http://a.test/ HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n").await.unwrap();
         assert_eq!(h.framing, Framing::Chunked);
     }

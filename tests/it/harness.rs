@@ -204,6 +204,8 @@ pub struct Seen {
     pub uri: String,
     pub headers: BTreeMap<String, String>,
     pub body: String,
+    /// The body arrived whole (framing completed); false when the stream failed mid-way.
+    pub body_complete: bool,
 }
 
 /// A real HTTP/1.1 server on loopback that echoes what it receives.
@@ -287,7 +289,9 @@ impl Upstream {
 
 async fn echo(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = body.collect().await.map(|b| b.to_bytes());
+    let body_complete = body.is_ok();
+    let body = body.unwrap_or_default();
     let mut headers = BTreeMap::new();
     for (k, v) in &parts.headers {
         headers.insert(k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned());
@@ -298,6 +302,7 @@ async fn echo(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Result<Res
         uri: parts.uri.to_string(),
         headers,
         body: String::from_utf8_lossy(&body).into_owned(),
+        body_complete,
     };
     seen.lock().unwrap().push(record.clone());
     let path = parts.uri.path();

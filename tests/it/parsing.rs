@@ -38,6 +38,48 @@ fn smuggling_forms_are_400_and_never_reach_upstream() {
 }
 
 #[test]
+fn a_malformed_or_cut_off_body_is_400_and_never_passed_on_as_complete() {
+    let up = Upstream::start();
+    let moat = Moat::start(
+        r#"allowedHosts = { "127.0.0.1", "echo.test" }
+           outboundByHost = { ["echo.test"] = function(request) return Response.new("got " .. request:text()) end }"#,
+    );
+    let a = up.addr;
+    for host in [a.to_string(), "echo.test".into()] {
+        // A good chunk, then a chunk size that is not hex.
+        let bad = format!(
+            "POST http://{host}/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\nmore\r\n0\r\n\r\n"
+        );
+        let resp = raw(&moat, bad.as_bytes());
+        assert!(resp.starts_with("HTTP/1.1 400 ") && resp.contains("invalid chunk size"), "{host}: {resp}");
+        assert!(resp.contains("connection: close"), "{host}: {resp}");
+        // The client stops sending in the middle of a chunked body (half-close).
+        let cut = format!("POST http://{host}/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n");
+        let resp = raw_half_closed(&moat, cut.as_bytes());
+        assert!(resp.starts_with("HTTP/1.1 400 ") && resp.contains("in the middle of the body"), "{host}: {resp}");
+        // The same with Content-Length framing.
+        let cut = format!("POST http://{host}/ HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc");
+        let resp = raw_half_closed(&moat, cut.as_bytes());
+        assert!(resp.starts_with("HTTP/1.1 400 ") && resp.contains("in the middle of the body"), "{host}: {resp}");
+    }
+    // The upstream may have seen the start of a request, but never a complete one.
+    let seen = up.seen.lock().unwrap().clone();
+    assert!(seen.iter().all(|s| !s.body_complete), "{seen:?}");
+}
+
+/// Like [`raw`], but shuts down the sending side after `bytes`, as a client that gave up.
+fn raw_half_closed(moat: &Moat, bytes: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(moat.addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    s.write_all(bytes).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
 fn oversized_head_is_431() {
     let moat = Moat::start_with(open_policy(), Some("[limits]\nrequest_head_bytes = \"8KiB\"\n"), &[], &[]);
     let req = format!("GET http://127.0.0.1:9/ HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(10_000));
