@@ -166,13 +166,13 @@ where
             return None;
         }
         let keep_alive = client_keep_alive && body_complete && body_error.is_none();
-        let write = write_response(&mut writer, response, version, is_head, keep_alive).await;
+        let written = write_response(&mut writer, response, version, is_head, keep_alive).await;
         log.duration = started.elapsed();
-        let (keep, down) = match write {
-            Ok((n, keep)) => (keep, n),
-            Err(_) => (false, 0),
-        };
-        log.bytes_down = down;
+        log.bytes_down = written.bytes;
+        let keep = written.outcome.unwrap_or_else(|e| {
+            log.add_failure("response", &e);
+            false
+        });
         log.bytes_up = reader.body_bytes() - body_before;
         log.emit();
         log.record(&worker.shared.metrics);
@@ -206,7 +206,7 @@ async fn relay_upgrade<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     let upgraded = match on_upgrade.await {
         Ok(u) => u,
         Err(e) => {
-            log.detail = format!("{} (upgrade failed: {e})", log.detail);
+            log.add_failure("upgrade", &e);
             return;
         }
     };
@@ -283,7 +283,7 @@ async fn reply_and_close<W: tokio::io::AsyncWrite + Unpin>(
     w: &mut W,
     resp: http::Response<crate::body::Body>,
 ) -> Result<(), crate::body::BoxError> {
-    write_response(w, resp, http::Version::HTTP_11, false, false).await?;
+    write_response(w, resp, http::Version::HTTP_11, false, false).await.outcome?;
     w.shutdown().await?;
     Ok(())
 }

@@ -98,7 +98,10 @@ async fn refuse(
 ) {
     log.status = resp.status().as_u16();
     let written = write_response(&mut writer, resp, http::Version::HTTP_11, false, false).await;
-    log.bytes_down = written.map(|(n, _)| n).unwrap_or(0);
+    log.bytes_down = written.bytes;
+    if let Err(e) = written.outcome {
+        log.add_failure("response", &e);
+    }
     log.duration = started.elapsed();
     log.emit();
     log.record(&shared.metrics);

@@ -391,15 +391,36 @@ enum OutFraming {
     NoBody,
 }
 
-/// Writes one response. Returns the body bytes written and whether the connection may be
-/// reused. `head_request`: the request was HEAD, so no body is sent.
+/// What writing one response did.
+pub struct Written {
+    /// Body bytes sent to the client, also when the write failed part-way.
+    pub bytes: u64,
+    /// Whether the connection may carry another request, or why the response failed part-way
+    /// (the body stream broke, the client went away); the connection must then be closed.
+    pub outcome: Result<bool, BoxError>,
+}
+
+/// Writes one response. `head_request`: the request was HEAD, so no body is sent.
 pub async fn write_response<W: AsyncWrite + Unpin>(
     out: &mut W,
     response: http::Response<Body>,
     version: Version,
     head_request: bool,
+    keep_alive: bool,
+) -> Written {
+    let mut bytes = 0;
+    let outcome = write_response_counted(out, response, version, head_request, keep_alive, &mut bytes).await;
+    Written { bytes, outcome }
+}
+
+async fn write_response_counted<W: AsyncWrite + Unpin>(
+    out: &mut W,
+    response: http::Response<Body>,
+    version: Version,
+    head_request: bool,
     mut keep_alive: bool,
-) -> Result<(u64, bool), BoxError> {
+    written: &mut u64,
+) -> Result<bool, BoxError> {
     let (parts, mut body) = response.into_parts();
     let status = parts.status;
     let no_body = head_request || status.is_informational() || status == 204 || status == 304;
@@ -442,14 +463,18 @@ pub async fn write_response<W: AsyncWrite + Unpin>(
     head.extend_from_slice(if keep_alive { b"connection: keep-alive\r\n\r\n" } else { b"connection: close\r\n\r\n" });
     out.write_all(&head).await?;
 
-    let mut written = 0u64;
     if !matches!(framing, OutFraming::NoBody) {
         while let Some(frame) = body.frame().await {
             let Ok(data) = frame?.into_data() else { continue };
             if data.is_empty() {
                 continue;
             }
-            written += data.len() as u64;
+            // The announced Content-Length is a promise to the client: a body that would run
+            // past it (or, below, stop short of it) would desynchronise the connection.
+            if exact.is_some_and(|n| *written + data.len() as u64 > n) {
+                return Err("response body is longer than its Content-Length".into());
+            }
+            *written += data.len() as u64;
             if let OutFraming::Chunked = framing {
                 out.write_all(format!("{:x}\r\n", data.len()).as_bytes()).await?;
                 out.write_all(&data).await?;
@@ -461,9 +486,14 @@ pub async fn write_response<W: AsyncWrite + Unpin>(
         if let OutFraming::Chunked = framing {
             out.write_all(b"0\r\n\r\n").await?;
         }
+        if let OutFraming::Length = framing
+            && exact != Some(*written)
+        {
+            return Err("response body ended before its Content-Length".into());
+        }
     }
     out.flush().await?;
-    Ok((written, keep_alive))
+    Ok(keep_alive)
 }
 
 /// The reason phrase; 520 is moat's (and Cloudflare's) "origin is disallowed" answer.

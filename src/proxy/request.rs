@@ -47,6 +47,14 @@ pub struct LogLine {
 }
 
 impl LogLine {
+    /// Adds what went wrong after the decision (a broken response body, a failed upgrade) to
+    /// the detail, so the log line says why the client got less than the status promised.
+    pub fn add_failure(&mut self, what: &str, e: &dyn std::fmt::Display) {
+        use std::fmt::Write as _;
+        let sep = if self.detail.is_empty() { "" } else { " " };
+        let _ = write!(self.detail, "{sep}({what} failed: {e})");
+    }
+
     /// Counts the request in the metrics.
     pub fn record(&self, m: &crate::admin::metrics::Metrics) {
         m.count_request(&self.class, self.decision, self.status);

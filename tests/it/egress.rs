@@ -154,3 +154,30 @@ fn access_log_has_one_line_per_request_without_query() {
     assert!(v["duration_ms"].as_f64().is_some());
     assert!(!log.contains("SECRETQUERY"));
 }
+
+#[test]
+fn an_upstream_body_cut_short_closes_the_client_connection_and_is_logged() {
+    // An upstream that promises 10 bytes, sends 2 and closes.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for mut c in listener.incoming().flatten().take(4) {
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf);
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok");
+        }
+    });
+    let moat = Moat::start(
+        r#"allowedHosts = { "127.0.0.1" } outboundByHost = { ["next.test"] = function() return Response.new("next") end }"#,
+    );
+    // A second request pipelined behind: its answer must never be read as the missing 8 bytes.
+    let resp = raw(
+        &moat,
+        format!("GET http://127.0.0.1:{port}/cut HTTP/1.1\r\n\r\nGET http://next.test/ HTTP/1.1\r\n\r\n").as_bytes(),
+    );
+    assert!(resp.starts_with("HTTP/1.1 200 ") && resp.ends_with("\r\n\r\nok"), "{resp:?}");
+    let log = moat.wait_log("(response failed:");
+    let line = log.lines().find(|l| l.contains("path=\"/cut\"")).unwrap_or_default();
+    assert!(line.contains("(response failed:") && line.contains("bytes_down=2"), "{log}");
+}
