@@ -197,6 +197,7 @@ async fn h2_request(
         framing: Framing::None,
         keep_alive: true,
     };
+    let is_head = head.method == http::Method::HEAD;
     let up = Arc::new(AtomicU64::new(0));
     let body = crate::body::boxed(Counted { inner: incoming, count: up.clone() });
     let Exchange { response, mut log } = handle(worker, class, head, body, Some(tunnel)).await;
@@ -210,6 +211,15 @@ async fn h2_request(
     }
     // Connection-specific headers have no place in HTTP/2 (RFC 9113 §8.2.2).
     crate::upstream::strip_hop_by_hop(response.headers_mut());
+    if !is_head {
+        // The length comes from the body: a handler's own `content-length` that disagrees
+        // with its body would make the stream a protocol error. (A HEAD answer keeps the
+        // length of the representation it describes.)
+        match http_body::Body::size_hint(response.body()).exact() {
+            Some(n) => response.headers_mut().insert(http::header::CONTENT_LENGTH, n.into()),
+            None => response.headers_mut().remove(http::header::CONTENT_LENGTH),
+        };
+    }
     logged(response, log, up, started, shared, stream)
 }
 

@@ -342,16 +342,31 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 }
 
 /// Turns a request into the form sent upstream: origin-form URI, `Host` = the evaluated
-/// authority (SPEC 8.2: the URI's authority wins), no hop-by-hop headers.
+/// authority (SPEC 8.2: the URI's authority wins), no hop-by-hop headers, and framing that
+/// comes from the body itself.
 pub fn to_upstream_request(mut req: Request<Body>, target: &Target) -> Request<Body> {
     if req.uri().scheme().is_some() || req.uri().authority().is_some() {
         let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
         *req.uri_mut() = path.parse::<Uri>().unwrap_or_else(|_| Uri::from_static("/"));
     }
     *req.version_mut() = http::Version::HTTP_11;
+    let exact = http_body::Body::size_hint(req.body()).exact();
+    let sends_body = !matches!(*req.method(), http::Method::GET | http::Method::HEAD);
     let headers = req.headers_mut();
     strip_hop_by_hop_keep_upgrade(headers);
     headers.remove(http::header::EXPECT);
+    // A Content-Length is never taken from the headers: a handler that swaps the body of a
+    // copied request (or sets the header itself) would otherwise announce a length the body
+    // does not have, and the upstream connection would hang or read the rest as a new request.
+    // hyper chunks a body of unknown length.
+    match exact {
+        Some(n) if n > 0 || sends_body || headers.contains_key(http::header::CONTENT_LENGTH) => {
+            headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        _ => {
+            headers.remove(http::header::CONTENT_LENGTH);
+        }
+    }
     if let Ok(host) = HeaderValue::from_maybe_shared(bytes::Bytes::from(target.authority())) {
         headers.insert(http::header::HOST, host);
     }

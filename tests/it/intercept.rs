@@ -14,9 +14,13 @@ use crate::harness::*;
 /// A policy that intercepts, injects a credential for `tls.test` and lets 127.0.0.1 egress.
 const POLICY: &str = r#"
 interceptHttps = true
-allowedHosts = { "127.0.0.1", "tls.test", "url.test" }
+allowedHosts = { "127.0.0.1", "tls.test", "url.test", "length.test" }
 outboundByHost = {
   ["url.test"] = function(request) return Response.new(request.url) end,
+  -- Framing headers a handler sets are not what the client gets: the body decides.
+  ["length.test"] = function(request)
+    return Response.new("abc", { headers = { ["content-length"] = "10", ["transfer-encoding"] = "chunked" } })
+  end,
   ["tls.test"] = function(request)
     request.headers:set("authorization", "Bearer injected")
     return fetch(request)
@@ -58,6 +62,10 @@ fn an_intercepted_request_runs_the_handler_over_http1_and_http2() {
     {
         let r = curl(&moat, url, &["--cacert", &moat_ca(&moat)]);
         assert_eq!((r.status, r.body.as_str()), (200, seen));
+    }
+    for flag in ["--http1.1", "--http2"] {
+        let r = curl(&moat, "https://length.test/", &["--cacert", &moat_ca(&moat), flag]);
+        assert_eq!((r.status, r.body.as_str(), r.headers["content-length"].as_str()), (200, "abc", "3"), "{flag}");
     }
     // Each request inside is logged with its own decision, as https.
     let log = moat.logs();

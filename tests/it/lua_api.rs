@@ -170,3 +170,37 @@ fn every_api_type_is_observable() {
     let r = curl(&moat, "http://sandbox.test/", &[]);
     assert_eq!(r.body, "nil nil nil nodump nil number");
 }
+
+#[test]
+fn an_upstream_request_is_framed_by_its_body_not_by_copied_headers() {
+    let up = Upstream::start();
+    let policy = format!(
+        r#"local UP = "http://127.0.0.1:{}"
+outboundByHost = {{
+  -- The classic credential-and-rewrite recipe: copy the container's request, swap the body.
+  ["swap.test"] = function(request)
+    return fetch(UP .. "/swap", Request.new(request, {{ body = "a longer body than before" }}))
+  end,
+  -- A handler that sets framing headers itself.
+  ["lie.test"] = function(request)
+    return fetch(UP .. "/lie", {{ method = "POST", body = "abc", headers = {{ ["content-length"] = "1", ["transfer-encoding"] = "chunked" }} }})
+  end,
+}}"#,
+        up.addr.port()
+    );
+    let moat = Moat::start(&policy);
+    for _ in 0..2 {
+        // Twice: the second request reuses the pooled upstream connection, which a wrong
+        // length would have left hanging or desynchronised.
+        let r = curl(&moat, "http://swap.test/", &["-d", "short"]);
+        assert_eq!(r.status, 200, "{}", r.body);
+        let seen = up.last().unwrap();
+        assert_eq!((seen.body.as_str(), seen.headers["content-length"].as_str()), ("a longer body than before", "25"));
+        let r = curl(&moat, "http://lie.test/", &[]);
+        assert_eq!(r.status, 200, "{}", r.body);
+        let seen = up.last().unwrap();
+        assert_eq!((seen.body.as_str(), seen.headers.get("content-length").map(String::as_str)), ("abc", Some("3")));
+        assert!(!seen.headers.contains_key("transfer-encoding"));
+    }
+    assert_eq!(up.count(), 4);
+}
