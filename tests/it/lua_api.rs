@@ -73,6 +73,7 @@ outboundByHost = {{
     local out = {{
       json.encode(json.decode('{{"a":[1,2,3]}}')),
       b64.encode("hi?"), b64.decode("aGk/"), b64.urlEncode("hi?"),
+      b64.decode("aGk") .. b64.decode("aGk=") .. b64.urlDecode("aGk_") .. b64.urlDecode("aGk="),
       hex.encode("\1\255"), hex.decode("4142"),
       hex.encode(crypto.sha256("abc")),
       hex.encode(crypto.hmac_sha256("key", "The quick brown fox jumps over the lazy dog")),
@@ -157,6 +158,7 @@ fn every_api_type_is_observable() {
             "aGk/",
             "hi?",
             "aGk_",
+            "hihihi?hi",
             "01ff",
             "AB",
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",

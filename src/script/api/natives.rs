@@ -2,7 +2,9 @@
 
 use aws_lc_rs::{digest, hmac, rand::SecureRandom};
 use base64::Engine;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::alphabet;
+use base64::engine::DecodePaddingMode;
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD, URL_SAFE_NO_PAD};
 use mlua::{Lua, LuaSerdeExt, Result, Table, Value};
 
 /// JSON text of a Lua value; an empty table encodes as `[]` only via `json.array`.
@@ -16,6 +18,13 @@ pub fn json_decode(lua: &Lua, text: &[u8]) -> Result<Value> {
         serde_json::from_slice(text).map_err(|e| mlua::Error::runtime(format!("invalid JSON: {e}")))?;
     lua.to_value(&v)
 }
+
+/// Decoders accept text with or without `=` padding, as `atob` and most tools do: tokens and
+/// keys are often copied without it. Encoders stay canonical.
+const LENIENT: GeneralPurposeConfig =
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
+const STANDARD_DECODE: GeneralPurpose = GeneralPurpose::new(&alphabet::STANDARD, LENIENT);
+const URL_SAFE_DECODE: GeneralPurpose = GeneralPurpose::new(&alphabet::URL_SAFE, LENIENT);
 
 fn b64_decode(engine: &impl Engine, s: &[u8]) -> Result<Vec<u8>> {
     engine.decode(s).map_err(|e| mlua::Error::runtime(format!("invalid base64: {e}")))
@@ -31,16 +40,12 @@ pub fn table(lua: &Lua) -> Result<Table> {
     t.set("b64_encode", lua.create_function(|_, s: mlua::LuaString| Ok(STANDARD.encode(s.as_bytes())))?)?;
     t.set(
         "b64_decode",
-        lua.create_function(|lua, s: mlua::LuaString| lua.create_string(b64_decode(&STANDARD, &s.as_bytes())?))?,
+        lua.create_function(|lua, s: mlua::LuaString| lua.create_string(b64_decode(&STANDARD_DECODE, &s.as_bytes())?))?,
     )?;
     t.set("b64url_encode", lua.create_function(|_, s: mlua::LuaString| Ok(URL_SAFE_NO_PAD.encode(s.as_bytes())))?)?;
     t.set(
         "b64url_decode",
-        lua.create_function(|lua, s: mlua::LuaString| {
-            let raw = s.as_bytes();
-            let trimmed: Vec<u8> = raw.iter().copied().filter(|&b| b != b'=').collect();
-            lua.create_string(b64_decode(&URL_SAFE_NO_PAD, &trimmed)?)
-        })?,
+        lua.create_function(|lua, s: mlua::LuaString| lua.create_string(b64_decode(&URL_SAFE_DECODE, &s.as_bytes())?))?,
     )?;
     t.set(
         "hex_encode",
