@@ -88,7 +88,8 @@ outboundByHost = {{
     local bin = string.dump and "dump" or "nodump"
     local ok = pcall(load, "\27Lua")
     local f = load("\27LuaS")
-    return Response.new(table.concat({{ tostring(io), tostring(os.execute), tostring(debug), bin, tostring(f), type(os.time()) }}, " "))
+    local forbidden = pcall(Request.new, "http://a.test/", {{ method = "connect" }}) or pcall(Request.new, "http://a.test/", {{ method = "TRACE" }})
+    return Response.new(table.concat({{ tostring(io), tostring(os.execute), tostring(debug), bin, tostring(f), type(os.time()), tostring(forbidden) }}, " "))
   end,
 }}
 "#
@@ -170,7 +171,7 @@ fn every_api_type_is_observable() {
     );
 
     let r = curl(&moat, "http://sandbox.test/", &[]);
-    assert_eq!(r.body, "nil nil nil nodump nil number");
+    assert_eq!(r.body, "nil nil nil nodump nil number false");
 }
 
 #[test]

@@ -77,6 +77,11 @@ impl LuaRequest {
         if let Some(m) = init.get::<Option<String>>("method")? {
             self.method = Method::from_bytes(m.to_ascii_uppercase().as_bytes())
                 .map_err(|_| mlua::Error::runtime(format!("invalid method {m:?}")))?;
+            // The Fetch standard's forbidden methods: CONNECT opens tunnels (not a request a
+            // handler can make), TRACE/TRACK echo requests back, credentials included.
+            if matches!(self.method.as_str(), "CONNECT" | "TRACE" | "TRACK") {
+                return Err(mlua::Error::runtime(format!("method {} is not allowed in a Request", self.method)));
+            }
         }
         let headers: Value = init.get("headers")?;
         if !headers.is_nil() {
