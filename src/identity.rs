@@ -52,6 +52,8 @@ pub enum AuthError {
     BadId(#[from] InvalidContainerId),
     #[error("this proxy requires a container id and token (http://ID:TOKEN@host:port)")]
     Missing,
+    #[error("send one Proxy-Authorization header, not several")]
+    Repeated,
     #[error("wrong or missing token for container {0}")]
     WrongToken(String),
 }

@@ -266,9 +266,12 @@ fn redact_if(enabled: bool, resp: Response<Body>) -> Response<Body> {
 
 /// The container id, checked against `[containers]` tokens when the config lists any.
 pub(super) fn identify(shared: &super::state::Shared, headers: &http::HeaderMap) -> Result<ContainerId, AuthError> {
-    let creds = match headers.get(http::header::PROXY_AUTHORIZATION) {
-        Some(v) => Some(identity::parse_proxy_authorization(v.as_bytes())?),
-        None => None,
+    let mut given = headers.get_all(http::header::PROXY_AUTHORIZATION).iter();
+    let creds = match (given.next(), given.next()) {
+        (Some(v), None) => Some(identity::parse_proxy_authorization(v.as_bytes())?),
+        (None, _) => None,
+        // Two identities in one request: refuse rather than pick one.
+        (Some(_), Some(_)) => return Err(AuthError::Repeated),
     };
     let auth = &shared.config.containers;
     if auth.is_empty() {

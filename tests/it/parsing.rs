@@ -123,6 +123,9 @@ fn container_identity_and_407() {
         assert_eq!(r.status, 407, "{creds:?}");
         assert_eq!(r.headers["proxy-authenticate"], "Basic realm=\"moat\"");
     }
+    // Two credentials in one request are refused, not picked from.
+    let two = "GET http://who.test/ HTTP/1.1\r\nProxy-Authorization: Basic YWdlbnQtMTpzM2NyZXQ=\r\nProxy-Authorization: Basic YWdlbnQtMjo=\r\nConnection: close\r\n\r\n";
+    assert!(raw(&moat, two.as_bytes()).starts_with("HTTP/1.1 407 "));
     assert!(!moat.logs().contains("s3cret"));
     // Without [containers], the user name is the id and no token is needed; none → "default".
     let open = Moat::start(policy);
