@@ -310,6 +310,10 @@ async fn echo(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Result<Res
     let out: Bytes = if path == "/redirect" {
         resp = resp.status(302).header("location", "/echo?redirected=1");
         Bytes::new()
+    } else if path == "/goto" {
+        // Redirects to whatever URL the query holds (another origin, for tests).
+        resp = resp.status(302).header("location", parts.uri.query().unwrap_or("/"));
+        Bytes::new()
     } else if let Some(n) = path.strip_prefix("/bytes/") {
         Bytes::from(vec![b'x'; n.parse().unwrap_or(0)])
     } else if path == "/reflect-secret" {

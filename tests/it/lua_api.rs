@@ -207,3 +207,31 @@ outboundByHost = {{
     }
     assert_eq!(up.count(), 4);
 }
+
+#[test]
+fn a_redirect_to_another_origin_does_not_carry_injected_secrets() {
+    let (a, b) = (Upstream::start(), Upstream::start());
+    let policy = format!(
+        r#"outboundByHost = {{ ["inject.test"] = function(request, env)
+  local to = URL.new(request.url).search:sub(2)
+  return fetch("http://127.0.0.1:{}/goto?" .. to, {{ headers = {{
+    ["x-api-key"] = env.API_KEY, ["x-plain"] = "kept", authorization = "Bearer " .. env.API_KEY }} }})
+end }}"#,
+        a.addr.port()
+    );
+    let moat = Moat::start_with(&policy, None, &[], &[("MOAT_SECRET_API_KEY", "key-0123456789")]);
+    // Same origin: the injected headers follow.
+    let r = curl(&moat, &format!("http://inject.test/?{}", a.url("/same")), &[]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let seen = a.last().unwrap();
+    assert_eq!((seen.uri.as_str(), seen.headers["x-api-key"].as_str()), ("/same", "key-0123456789"));
+    // Another origin: no header that carries the secret is sent there; others are.
+    let r = curl(&moat, &format!("http://inject.test/?{}", b.url("/other")), &[]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let seen = b.last().unwrap();
+    assert_eq!((seen.uri.as_str(), seen.headers["x-plain"].as_str()), ("/other", "kept"));
+    assert!(!seen.headers.contains_key("x-api-key") && !seen.headers.contains_key("authorization"), "{seen:?}");
+    let log = moat.wait_log("is not sent on the redirect");
+    assert!(log.contains("header x-api-key carries a secret"), "{log}");
+    assert!(!log.contains("key-0123456789"), "{log}");
+}

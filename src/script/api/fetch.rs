@@ -89,6 +89,7 @@ async fn fetch(lua: &Lua, upstream: &Upstream, req: LuaRequest) -> Result<LuaRes
             if next.origin() != url.origin() {
                 headers.remove(http::header::AUTHORIZATION);
                 headers.remove(http::header::COOKIE);
+                drop_secret_headers(&mut headers, &next);
             }
             url = next;
             continue;
@@ -97,6 +98,28 @@ async fn fetch(lua: &Lua, upstream: &Upstream, req: LuaRequest) -> Result<LuaRes
     }
     let _ = lua;
     Err(mlua::Error::runtime(format!("fetch: more than {MAX_REDIRECTS} redirects")))
+}
+
+/// On a redirect to another origin, removes every header that carries a secret value, not
+/// only `Authorization`: an injected `x-api-key` (or any header a recipe uses) must not follow
+/// a redirect to a host the policy never chose.
+fn drop_secret_headers(headers: &mut http::HeaderMap, next: &url::Url) {
+    let secrets = crate::log::secrets();
+    let carries_secret = |v: &http::HeaderValue| {
+        let v = v.as_bytes();
+        secrets.iter().any(|(_, s)| {
+            s.len() >= crate::proxy::redact::MIN_REDACTED_LEN && v.windows(s.len()).any(|w| w == s.as_bytes())
+        })
+    };
+    let names: Vec<http::HeaderName> =
+        headers.keys().filter(|name| headers.get_all(*name).iter().any(carries_secret)).cloned().collect();
+    for name in names {
+        headers.remove(&name);
+        tracing::warn!(
+            "fetch: header {name} carries a secret and is not sent on the redirect to {}",
+            next.origin().ascii_serialization()
+        );
+    }
 }
 
 /// Wraps an upstream response for Lua, without its hop-by-hop headers.
