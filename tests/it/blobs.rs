@@ -145,6 +145,24 @@ fn overwrite_is_atomic_under_a_concurrent_reader() {
     assert!(reads > 0);
 }
 
+#[test]
+fn an_upload_the_client_cuts_off_is_not_stored() {
+    use std::io::{Read, Write};
+    let moat = Moat::start(POLICY);
+    assert_eq!(r2(&moat, "c:", "obj", &["-X", "PUT", "--data-binary", "whole"]).status, 200);
+    // A streamed put whose client stops 90 bytes short of its Content-Length.
+    let mut s = std::net::TcpStream::connect(moat.addr).unwrap();
+    s.write_all(
+        b"PUT http://my.r2/obj HTTP/1.1\r\nProxy-Authorization: Basic Yzo=\r\nContent-Length: 100\r\n\r\n0123456789",
+    )
+    .unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert_eq!(r2(&moat, "c:", "obj", &[]).body, "whole", "the old object stays");
+}
+
 fn peak_rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
