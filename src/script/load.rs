@@ -194,6 +194,7 @@ fn extract_policy(lua: &Lua, path: &Path, source: &str) -> Result<ClassPolicy, L
         }
     };
 
+    reject_misspelt_settings(&g, path, source)?;
     let mut by_host = Vec::new();
     for (key, _) in functions("outboundByHost")? {
         let p = HostPattern::parse(&key).map_err(|e| fail("outboundByHost", format!("outboundByHost: {e}")))?;
@@ -215,4 +216,93 @@ fn extract_policy(lua: &Lua, path: &Path, source: &str) -> Result<ClassPolicy, L
         has_outbound,
         handler_names,
     })
+}
+
+/// The globals a policy configures its class with (SPEC 2).
+const SETTINGS: [&str; 8] = [
+    "enableInternet",
+    "interceptHttps",
+    "redactSecrets",
+    "allowedHosts",
+    "deniedHosts",
+    "outboundByHost",
+    "outboundHandlers",
+    "outbound",
+];
+
+/// A global that is almost a setting's name (`deniedhosts`, `denyHosts`, `outboundByHosts`) is
+/// refused: Lua would accept it silently, and a policy that believes it denies hosts but does
+/// not is the one mistake a user cannot see from the outside.
+fn reject_misspelt_settings(g: &mlua::Table, path: &Path, source: &str) -> Result<(), LoadError> {
+    for pair in g.pairs::<Value, Value>() {
+        let Ok((Value::String(name), _)) = pair else { continue };
+        let name = name.to_string_lossy();
+        if SETTINGS.contains(&name.as_str()) {
+            continue;
+        }
+        if let Some(meant) = SETTINGS.iter().find(|s| looks_like(&name, s)) {
+            return Err(LoadError {
+                file: path.to_path_buf(),
+                line: assignment_line(source, &name),
+                message: format!(
+                    "global {name} is not a policy setting; did you mean {meant}? (names are case-sensitive; make a helper `local` to keep its name)"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Names users reach for that are further than two edits from the setting they mean.
+const ALIASES: [(&str, &str); 3] =
+    [("denyhosts", "deniedHosts"), ("blockedhosts", "deniedHosts"), ("blockhosts", "deniedHosts")];
+
+/// Same letters in another case, at most two edits away, or a known alias.
+fn looks_like(name: &str, setting: &str) -> bool {
+    let (a, b) = (name.to_ascii_lowercase(), setting.to_ascii_lowercase());
+    a == b
+        || ALIASES.contains(&(a.as_str(), setting))
+        || (name.len() >= 6 && edit_distance(a.as_bytes(), b.as_bytes()) <= 2)
+}
+
+/// Levenshtein distance (insert, delete, substitute), two rows.
+fn edit_distance(a: &[u8], b: &[u8]) -> usize {
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    let mut cur = vec![0; b.len() + 1];
+    for (i, &ca) in a.iter().enumerate() {
+        cur[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        std::mem::swap(&mut prev, &mut cur);
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn misspelt_settings_are_recognised_and_helpers_are_not() {
+        for typo in [
+            "deniedhosts",
+            "denyHosts",
+            "allowHosts",
+            "allowedHost",
+            "outboundByHosts",
+            "outboundHandler",
+            "interceptHTTPS",
+            "outbounds",
+            "enableinternet",
+        ] {
+            assert!(SETTINGS.iter().any(|s| looks_like(typo, s)), "{typo}");
+        }
+        for helper in
+            ["inbound", "json", "helpers", "allowedHostsFor", "UPSTREAM", "outboundByHostFor", "config", "secrets"]
+        {
+            assert!(!SETTINGS.iter().any(|s| looks_like(helper, s)), "{helper}");
+        }
+        assert_eq!(edit_distance(b"kitten", b"sitting"), 3);
+    }
 }

@@ -33,6 +33,11 @@ fn check_prints_a_summary_and_fails_with_file_line() {
         ),
         ("pattern.lua", "deniedHosts = { \"a b\" }\n", "pattern.lua:1: deniedHosts: invalid host pattern"),
         ("runtime.lua", "local x = nil\nlocal y = x.field\n", "runtime.lua:2: attempt to index"),
+        (
+            "typo.lua",
+            "allowedHosts = { \"a.test\" }\ndeniedhosts = { \"b.test\" }\n",
+            "typo.lua:2: global deniedhosts is not a policy setting; did you mean deniedHosts?",
+        ),
     ];
     for (file, text, want) in broken {
         write(dir.path(), file, text);
