@@ -47,10 +47,17 @@ impl HostPattern {
         if text.bytes().any(|b| b <= b' ' || b == 0x7f) {
             return Err(err("contains spaces or control characters"));
         }
+        // A URL pasted in place of a host: say what to write instead of "bad port".
+        if text.contains("://") {
+            return Err(err("a pattern is a host, not a URL: drop the scheme and path"));
+        }
         let (host, port) = split_pattern_port(text).ok_or_else(|| err("bad port"))?;
         let kind = if let Ok(net) = host.parse::<IpNet>() {
             PatternKind::Cidr(canonical_net(net))
-        } else if host.contains('/') {
+        } else if let Some((before, _)) = host.split_once('/') {
+            if before.parse::<std::net::IpAddr>().is_err() {
+                return Err(err("a pattern is a host, not a URL: drop the path"));
+            }
             return Err(err("bad CIDR"));
         } else if host.contains('*') {
             PatternKind::Glob(Glob::new(&canonical_glob_text(host).ok_or_else(|| err("bad glob"))?))
@@ -272,6 +279,11 @@ mod tests {
         for bad in ["", "a b", "[::1", "a.com:0", "a.com:x", "10.0.0.0/33", "a/b", "a..b", "*.ex!ample.com"] {
             assert!(HostPattern::parse(bad).is_err(), "{bad:?}");
         }
+        // A pasted URL is told apart from a bad port or CIDR.
+        for url in ["https://api.github.com", "api.github.com/", "api.github.com/v1/x"] {
+            assert!(HostPattern::parse(url).unwrap_err().why.contains("not a URL"), "{url}");
+        }
+        assert_eq!(HostPattern::parse("10.0.0.0/33").unwrap_err().why, "bad CIDR");
     }
 
     #[test]
