@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
 
 use super::answer;
-use super::h1::{ConnReader, Framing, HeadError, RequestHead, write_response};
+use super::h1::{BodyError, ConnReader, Framing, HeadError, RequestHead, WriteOptions, write_response};
 use super::request::{Exchange, Tunnel, handle};
 use super::worker::Worker;
 use crate::body::{self, ChannelBody};
@@ -131,7 +131,7 @@ where
             match tx {
                 None => handling.await,
                 Some(tx) => {
-                    let mut pump = pin!(reader.pump_body(framing, tx));
+                    let mut pump = pin!(reader.pump_body(framing, tx, limits.idle_timeout));
                     let mut pumping = true;
                     loop {
                         tokio::select! {
@@ -153,8 +153,10 @@ where
         if let Some(e) = &body_error {
             // A malformed or cut-off body is the client's error, whatever the handler or the
             // upstream made of the failed stream (SPEC 8.6: 400 and the connection closed).
-            response = answer::text(StatusCode::BAD_REQUEST, format!("moat: {e}"));
-            log.status = StatusCode::BAD_REQUEST.as_u16();
+            let status =
+                if matches!(e, BodyError::Stalled(_)) { StatusCode::REQUEST_TIMEOUT } else { StatusCode::BAD_REQUEST };
+            response = answer::text(status, format!("moat: {e}"));
+            log.status = status.as_u16();
             log.detail = e.to_string();
         }
         if response.status() == http::StatusCode::SWITCHING_PROTOCOLS && client_upgrade && body_complete {
@@ -166,7 +168,8 @@ where
             return None;
         }
         let keep_alive = client_keep_alive && body_complete && body_error.is_none();
-        let written = write_response(&mut writer, response, version, is_head, keep_alive).await;
+        let options = WriteOptions { version, head_request: is_head, keep_alive, stall: limits.idle_timeout };
+        let written = write_response(&mut writer, response, options).await;
         log.duration = started.elapsed();
         log.bytes_down = written.bytes;
         let keep = written.outcome.unwrap_or_else(|e| {
@@ -283,7 +286,7 @@ async fn reply_and_close<W: tokio::io::AsyncWrite + Unpin>(
     w: &mut W,
     resp: http::Response<crate::body::Body>,
 ) -> Result<(), crate::body::BoxError> {
-    write_response(w, resp, http::Version::HTTP_11, false, false).await.outcome?;
+    write_response(w, resp, WriteOptions::closing()).await.outcome?;
     w.shutdown().await?;
     Ok(())
 }

@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::answer;
-use super::h1::{ConnReader, RequestHead, write_response};
+use super::h1::{ConnReader, RequestHead, WriteOptions, write_response};
 use super::request::{LogLine, identify};
 use super::worker::Worker;
 use crate::policy::decide::{effective_allowed, effective_denied};
@@ -97,7 +97,7 @@ async fn refuse(
     started: Instant,
 ) {
     log.status = resp.status().as_u16();
-    let written = write_response(&mut writer, resp, http::Version::HTTP_11, false, false).await;
+    let written = write_response(&mut writer, resp, WriteOptions::closing()).await;
     log.bytes_down = written.bytes;
     if let Err(e) = written.outcome {
         log.add_failure("response", &e);

@@ -5,6 +5,8 @@
 //! ends, Content-Length together with Transfer-Encoding, obfuscated Transfer-Encoding, NUL or
 //! control bytes, obs-fold. The upstream side uses hyper's client.
 
+use std::time::Duration;
+
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Version};
 use http_body_util::BodyExt;
@@ -59,16 +61,18 @@ pub struct ConnReader<R> {
     buf: BytesMut,
     /// Request-body bytes read so far (for the access log's bytes up).
     body_bytes: u64,
+    /// Longest wait for the next body bytes (`limits.idle_timeout`), while a body is pumped.
+    body_stall: Option<Duration>,
 }
 
 impl<R: AsyncRead + Unpin> ConnReader<R> {
     pub fn new(io: R) -> Self {
-        Self { io, buf: BytesMut::with_capacity(8 * 1024), body_bytes: 0 }
+        Self { io, buf: BytesMut::with_capacity(8 * 1024), body_bytes: 0, body_stall: None }
     }
 
     /// A reader over `io` that starts with bytes already read from it.
     pub fn from_parts(io: R, buf: BytesMut) -> Self {
-        Self { io, buf, body_bytes: 0 }
+        Self { io, buf, body_bytes: 0, body_stall: None }
     }
 
     /// Request-body bytes read from this connection so far.
@@ -121,12 +125,16 @@ impl<R: AsyncRead + Unpin> ConnReader<R> {
     /// Feeds the request body into `tx` until it ends. Returns `Ok(true)` when the body was
     /// read to its end (the connection can carry another request), `Ok(false)` when the
     /// receiver went away first (the rest is unread, so the connection must close).
+    /// A body that sends nothing for `stall` fails with [`BodyError::Stalled`].
     pub async fn pump_body(
         &mut self,
         framing: Framing,
         tx: mpsc::Sender<Result<Bytes, BoxError>>,
+        stall: Duration,
     ) -> Result<bool, BodyError> {
+        self.body_stall = Some(stall);
         let pumped = self.pump_framed(framing, &tx).await;
+        self.body_stall = None;
         if let Err(e) = &pumped {
             // The reader must see a failed stream, never a clean end: a truncated or malformed
             // body would otherwise reach a handler, or go upstream, as a complete shorter one.
@@ -191,12 +199,23 @@ impl<R: AsyncRead + Unpin> ConnReader<R> {
 
     /// Up to `max` body bytes: what is buffered, else one read.
     async fn next_bytes(&mut self, max: u64) -> Result<Bytes, BodyError> {
-        if self.buf.is_empty() && self.io.read_buf(&mut self.buf).await? == 0 {
+        if self.buf.is_empty() && self.read_body_bytes().await? == 0 {
             return Err(BodyError::Truncated);
         }
         let n = self.buf.len().min(usize::try_from(max).unwrap_or(usize::MAX));
         self.body_bytes += n as u64;
         Ok(self.buf.split_to(n).freeze())
+    }
+
+    /// One read of body bytes into the buffer, bounded by the stall limit.
+    async fn read_body_bytes(&mut self) -> Result<usize, BodyError> {
+        match self.body_stall {
+            None => Ok(self.io.read_buf(&mut self.buf).await?),
+            Some(limit) => match tokio::time::timeout(limit, self.io.read_buf(&mut self.buf)).await {
+                Ok(read) => Ok(read?),
+                Err(_) => Err(BodyError::Stalled(limit)),
+            },
+        }
     }
 
     /// One CRLF-terminated line (without the CRLF), at most `max` bytes long.
@@ -212,7 +231,7 @@ impl<R: AsyncRead + Unpin> ConnReader<R> {
             if self.buf.len() > max + 2 {
                 return Err(BodyError::Bad("chunk line too long"));
             }
-            if self.io.read_buf(&mut self.buf).await? == 0 {
+            if self.read_body_bytes().await? == 0 {
                 return Err(BodyError::Truncated);
             }
         }
@@ -226,6 +245,8 @@ pub enum BodyError {
     Truncated,
     #[error("bad request body: {0}")]
     Bad(&'static str),
+    #[error("the client sent no body bytes for {0:?} (limits.idle_timeout)")]
+    Stalled(Duration),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -400,27 +421,43 @@ pub struct Written {
     pub outcome: Result<bool, BoxError>,
 }
 
-/// Writes one response. `head_request`: the request was HEAD, so no body is sent.
+/// How one response is written.
+#[derive(Clone, Copy)]
+pub struct WriteOptions {
+    pub version: Version,
+    /// The request was HEAD, so no body is sent.
+    pub head_request: bool,
+    pub keep_alive: bool,
+    /// Longest wait for the next body bytes (`limits.idle_timeout`): a body that stalls
+    /// longer is cut off and the connection closed.
+    pub stall: Duration,
+}
+
+impl WriteOptions {
+    /// A one-off answer on a connection that closes after it.
+    pub fn closing() -> Self {
+        Self { version: Version::HTTP_11, head_request: false, keep_alive: false, stall: Duration::from_secs(90) }
+    }
+}
+
+/// Writes one response.
 pub async fn write_response<W: AsyncWrite + Unpin>(
     out: &mut W,
     response: http::Response<Body>,
-    version: Version,
-    head_request: bool,
-    keep_alive: bool,
+    options: WriteOptions,
 ) -> Written {
     let mut bytes = 0;
-    let outcome = write_response_counted(out, response, version, head_request, keep_alive, &mut bytes).await;
+    let outcome = write_response_counted(out, response, options, &mut bytes).await;
     Written { bytes, outcome }
 }
 
 async fn write_response_counted<W: AsyncWrite + Unpin>(
     out: &mut W,
     response: http::Response<Body>,
-    version: Version,
-    head_request: bool,
-    mut keep_alive: bool,
+    options: WriteOptions,
     written: &mut u64,
 ) -> Result<bool, BoxError> {
+    let WriteOptions { version, head_request, mut keep_alive, stall } = options;
     let (parts, mut body) = response.into_parts();
     let status = parts.status;
     let no_body = head_request || status.is_informational() || status == 204 || status == 304;
@@ -464,7 +501,14 @@ async fn write_response_counted<W: AsyncWrite + Unpin>(
     out.write_all(&head).await?;
 
     if !matches!(framing, OutFraming::NoBody) {
-        while let Some(frame) = body.frame().await {
+        loop {
+            let frame = match tokio::time::timeout(stall, body.frame()).await {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(_) => {
+                    return Err(format!("the response body sent nothing for {stall:?} (limits.idle_timeout)").into());
+                }
+            };
             let Ok(data) = frame?.into_data() else { continue };
             if data.is_empty() {
                 continue;
@@ -555,7 +599,7 @@ mod tests {
     async fn chunked_body() {
         let mut r = ConnReader::new(&b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\nNEXT"[..]);
         let (tx, mut rx) = mpsc::channel(8);
-        assert!(r.pump_body(Framing::Chunked, tx).await.unwrap());
+        assert!(r.pump_body(Framing::Chunked, tx, Duration::from_secs(5)).await.unwrap());
         let mut got = Vec::new();
         while let Some(Ok(b)) = rx.recv().await {
             got.extend_from_slice(&b);

@@ -1,6 +1,7 @@
 //! Egress (SPEC 8.1–8.4, 8.6): the address check, header hygiene, one authority, errors.
 
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use crate::harness::*;
 
@@ -180,4 +181,39 @@ fn an_upstream_body_cut_short_closes_the_client_connection_and_is_logged() {
     let log = moat.wait_log("(response failed:");
     let line = log.lines().find(|l| l.contains("path=\"/cut\"")).unwrap_or_default();
     assert!(line.contains("(response failed:") && line.contains("bytes_down=2"), "{log}");
+}
+
+#[test]
+fn a_body_that_stalls_for_the_idle_timeout_is_cut_off_in_either_direction() {
+    use std::io::{Read, Write};
+    let up = Upstream::start();
+    // An upstream that sends half of its body and then nothing, keeping the connection open.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let stalling = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for mut c in listener.incoming().flatten().take(2) {
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf);
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf.");
+            held.push(c);
+        }
+        std::thread::sleep(Duration::from_secs(10));
+    });
+    let moat =
+        Moat::start_with(r#"allowedHosts = { "127.0.0.1" }"#, Some("[limits]\nidle_timeout = \"1s\"\n"), &[], &[]);
+    // A client that sends 3 of its 10 body bytes and then nothing: 408, closed.
+    let mut s = std::net::TcpStream::connect(moat.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(format!("POST {} HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc", up.url("/slow-client")).as_bytes())
+        .unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 408 ") && answer.contains("limits.idle_timeout"), "{answer}");
+    assert!(up.seen.lock().unwrap().iter().all(|r| !r.body_complete), "never a complete request upstream");
+    // An upstream body that stops: the client gets what came, then the connection closes.
+    let resp = raw(&moat, format!("GET http://127.0.0.1:{stalling}/slow-upstream HTTP/1.1\r\n\r\n").as_bytes());
+    assert!(resp.starts_with("HTTP/1.1 200 ") && resp.ends_with("half."), "{resp:?}");
+    let log = moat.wait_log("(response failed: the response body sent nothing for 1s");
+    assert!(log.contains("(response failed: the response body sent nothing for 1s"), "{log}");
 }
