@@ -1,7 +1,9 @@
 //! The one body type that flows through moat: a boxed, streaming HTTP body.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
@@ -108,4 +110,88 @@ pub enum CollectError {
     TooLarge(usize),
     #[error("body stream failed: {0}")]
     Stream(String),
+}
+
+/// Fails a body that keeps its reader waiting for `limit` (`limits.idle_timeout`). Only time
+/// spent waiting on the body counts, not time the reader took before asking again.
+pub struct StallLimit<B> {
+    inner: B,
+    limit: Duration,
+    /// Armed when a poll finds no data; reset by every frame.
+    timer: Pin<Box<tokio::time::Sleep>>,
+    waiting: bool,
+    /// Who went quiet, for the error ("the client", "the response body").
+    who: &'static str,
+}
+
+impl<B> StallLimit<B> {
+    pub fn new(inner: B, limit: Duration, who: &'static str) -> Self {
+        Self { inner, limit, timer: Box::pin(tokio::time::sleep(limit)), waiting: false, who }
+    }
+}
+
+impl<B> http_body::Body for StallLimit<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.waiting = false;
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                if !this.waiting {
+                    this.waiting = true;
+                    let deadline = tokio::time::Instant::now() + this.limit;
+                    this.timer.as_mut().reset(deadline);
+                }
+                match this.timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        let (who, limit) = (this.who, this.limit);
+                        Poll::Ready(Some(Err(format!("{who} sent nothing for {limit:?} (limits.idle_timeout)").into())))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stalled_body_fails_but_a_slow_reader_does_not() {
+        let limit = Duration::from_millis(100);
+        // Nothing ever arrives: the read fails after the limit, naming who went quiet.
+        let (_quiet, body) = ChannelBody::new(None);
+        let mut stalled = StallLimit::new(body, limit, "the client");
+        let err = stalled.frame().await.unwrap().unwrap_err();
+        assert!(err.to_string().starts_with("the client sent nothing for 100ms"), "{err}");
+        // Data is always there when asked for, however long the reader pauses between reads.
+        let (tx, body) = ChannelBody::new(None);
+        tx.send(Ok(Bytes::from_static(b"a"))).await.unwrap();
+        tx.send(Ok(Bytes::from_static(b"b"))).await.unwrap();
+        drop(tx);
+        let mut slow = StallLimit::new(body, limit, "the client");
+        assert!(slow.frame().await.unwrap().is_ok());
+        tokio::time::sleep(limit * 3).await;
+        assert!(slow.frame().await.unwrap().is_ok());
+        assert!(slow.frame().await.is_none());
+    }
 }

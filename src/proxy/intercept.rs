@@ -24,7 +24,7 @@ use super::h1::{ConnReader, Framing, RequestHead};
 use super::request::{Exchange, LogLine, Tunnel, handle};
 use super::state::Shared;
 use super::worker::Worker;
-use crate::body::{Body, BoxError};
+use crate::body::{Body, BoxError, StallLimit};
 use crate::policy::CanonicalHost;
 
 /// Most concurrent HTTP/2 streams per intercepted connection.
@@ -199,6 +199,8 @@ async fn h2_request(
     };
     let is_head = head.method == http::Method::HEAD;
     let up = Arc::new(AtomicU64::new(0));
+    let idle = worker.shared.config.limits.idle_timeout;
+    let incoming = StallLimit::new(incoming, idle, "the client");
     let body = crate::body::boxed(Counted { inner: incoming, count: up.clone() });
     let Exchange { response, mut log } = handle(worker, class, head, body, Some(tunnel)).await;
     let mut response = response;
@@ -232,8 +234,9 @@ fn logged(
     stream: OpenStream,
 ) -> Response<LoggedBody> {
     let count = Arc::new(AtomicU64::new(0));
+    let idle = shared.config.limits.idle_timeout;
     resp.map(|inner| LoggedBody {
-        inner: Counted { inner, count },
+        inner: Counted { inner: crate::body::boxed(StallLimit::new(inner, idle, "the response body")), count },
         up,
         log: Some(log),
         started,

@@ -332,3 +332,34 @@ fn moat_ca_path_and_export_and_a_persisted_ca_survives_restarts() {
     // accepted moat's leaf and got an answer from inside the tunnel.
     assert_eq!(String::from_utf8_lossy(&out.stdout), "502", "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn an_http2_response_body_that_stalls_is_cut_off_after_the_idle_timeout() {
+    // A plain-HTTP upstream that sends half of its body and then nothing.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for mut c in listener.incoming().flatten().take(1) {
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf);
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf.");
+            held.push(c);
+            std::thread::sleep(Duration::from_secs(20));
+        }
+    });
+    let policy = format!(
+        r#"interceptHttps = true
+outboundByHost = {{ ["stall.test"] = function() return fetch("http://127.0.0.1:{port}/") end }}"#
+    );
+    let moat = Moat::start_with(&policy, Some("[limits]\nidle_timeout = \"1s\"\n"), &[], &[]);
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--http2", "--max-time", "15", "--noproxy", "", "-x", &moat.proxy_url()])
+        .args(["--cacert", &moat_ca(&moat), "https://stall.test/"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the stream must fail, not end as complete");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "half.");
+    assert!(started.elapsed() < Duration::from_secs(10), "cut off by the 1 s limit, not curl's 15 s");
+}
