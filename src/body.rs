@@ -117,8 +117,9 @@ pub enum CollectError {
 pub struct StallLimit<B> {
     inner: B,
     limit: Duration,
-    /// Armed when a poll finds no data; reset by every frame.
-    timer: Pin<Box<tokio::time::Sleep>>,
+    /// Armed when a poll finds no data, disarmed by the next frame; made on first need, so
+    /// a body that is always ready (most small responses) never touches the timer wheel.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
     waiting: bool,
     /// Who went quiet, for the error ("the client", "the response body").
     who: &'static str,
@@ -126,7 +127,7 @@ pub struct StallLimit<B> {
 
 impl<B> StallLimit<B> {
     pub fn new(inner: B, limit: Duration, who: &'static str) -> Self {
-        Self { inner, limit, timer: Box::pin(tokio::time::sleep(limit)), waiting: false, who }
+        Self { inner, limit, timer: None, waiting: false, who }
     }
 }
 
@@ -146,12 +147,13 @@ where
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
             Poll::Pending => {
+                let deadline = tokio::time::Instant::now() + this.limit;
+                let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
                 if !this.waiting {
                     this.waiting = true;
-                    let deadline = tokio::time::Instant::now() + this.limit;
-                    this.timer.as_mut().reset(deadline);
+                    timer.as_mut().reset(deadline);
                 }
-                match this.timer.as_mut().poll(cx) {
+                match timer.as_mut().poll(cx) {
                     Poll::Ready(()) => {
                         let (who, limit) = (this.who, this.limit);
                         Poll::Ready(Some(Err(format!("{who} sent nothing for {limit:?} (limits.idle_timeout)").into())))

@@ -458,7 +458,7 @@ async fn write_response_counted<W: AsyncWrite + Unpin>(
     written: &mut u64,
 ) -> Result<bool, BoxError> {
     let WriteOptions { version, head_request, mut keep_alive, stall } = options;
-    let (parts, mut body) = response.into_parts();
+    let (parts, body) = response.into_parts();
     let status = parts.status;
     let no_body = head_request || status.is_informational() || status == 204 || status == 304;
     let exact = http_body::Body::size_hint(&body).exact();
@@ -501,14 +501,8 @@ async fn write_response_counted<W: AsyncWrite + Unpin>(
     out.write_all(&head).await?;
 
     if !matches!(framing, OutFraming::NoBody) {
-        loop {
-            let frame = match tokio::time::timeout(stall, body.frame()).await {
-                Ok(Some(frame)) => frame,
-                Ok(None) => break,
-                Err(_) => {
-                    return Err(format!("the response body sent nothing for {stall:?} (limits.idle_timeout)").into());
-                }
-            };
+        let mut body = crate::body::StallLimit::new(body, stall, "the response body");
+        while let Some(frame) = body.frame().await {
             let Ok(data) = frame?.into_data() else { continue };
             if data.is_empty() {
                 continue;
