@@ -50,7 +50,11 @@ pub fn route(shared: &Shared, method: &Method, path: &str, query: Option<&str>, 
             json_answer(StatusCode::OK, json!({ "containers": shared.overrides.containers() }))
         }
         (&Method::GET, ["v1", "containers", id]) => match crate::identity::ContainerId::parse(id) {
-            Ok(_) => json_answer(StatusCode::OK, json!({ "id": id, "overrides": shared.overrides.spec(id) })),
+            Ok(_) => {
+                let spec = shared.overrides.spec(id);
+                let effective = effective_policy(shared, &spec);
+                json_answer(StatusCode::OK, json!({ "id": id, "overrides": spec, "effective": effective }))
+            }
             Err(e) => error(StatusCode::BAD_REQUEST, "bad_container_id", e.to_string()),
         },
         (_, ["v1", "kv", binding, rest @ ..]) => kv_route(shared, method, binding, rest, query, body),
@@ -210,6 +214,61 @@ fn status(shared: &Shared) -> Value {
         "uptimeSeconds": shared.started.elapsed().as_secs(),
         "classes": classes,
     })
+}
+
+/// What the decision order uses for a container with `spec`, per class (a container id may
+/// reach any class's listener): its overrides where set, else the class's current script.
+/// `outboundByHost` lists the per-host handlers in the order the decision order tries them
+/// (the container's, step 3, before the class's, step 4).
+fn effective_policy(shared: &Shared, spec: &crate::policy::overrides::OverrideSpec) -> Value {
+    let handler = |h: &crate::policy::overrides::HandlerSpec| match &h.params {
+        Some(p) => json!({ "handler": format!("outboundHandlers.{}", h.method), "params": p }),
+        None => json!({ "handler": format!("outboundHandlers.{}", h.method) }),
+    };
+    let mut out = serde_json::Map::new();
+    for class in shared.classes.iter() {
+        let Some(g) = class.current() else {
+            out.insert(class.config.name.to_string(), json!({ "generation": null, "error": "policy not loaded" }));
+            continue;
+        };
+        let p = &g.policy;
+        let list = |over: &Option<Vec<String>>, class_list: &Option<crate::policy::HostList>| match (over, class_list) {
+            (Some(l), _) => json!(l),
+            (None, Some(l)) => json!(l.patterns().iter().map(|p| p.as_str()).collect::<Vec<_>>()),
+            (None, None) => Value::Null,
+        };
+        let mut by_host: Vec<Value> = spec
+            .outbound_by_host
+            .iter()
+            .map(|(host, h)| {
+                let mut v = handler(h);
+                v["host"] = json!(host);
+                v["from"] = json!("container");
+                v
+            })
+            .collect();
+        by_host.extend(p.by_host.iter().map(|(k, _)| {
+            json!({ "host": k.as_str(), "handler": format!("outboundByHost[\"{}\"]", k.as_str()), "from": "class" })
+        }));
+        let outbound = match (&spec.outbound_handler, p.has_outbound) {
+            (Some(h), _) => handler(h),
+            (None, true) => json!({ "handler": "outbound" }),
+            (None, false) => Value::Null,
+        };
+        out.insert(
+            class.config.name.to_string(),
+            json!({
+                "generation": g.number,
+                "enableInternet": p.enable_internet,
+                "interceptHttps": p.intercept_https,
+                "allowedHosts": list(&spec.allowed_hosts, &p.allowed),
+                "deniedHosts": list(&spec.denied_hosts, &p.denied),
+                "outboundByHost": by_host,
+                "outbound": outbound,
+            }),
+        );
+    }
+    Value::Object(out)
 }
 
 /// Maps a REST call to a setter (SPEC 7.3 paths).

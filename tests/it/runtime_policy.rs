@@ -93,7 +93,25 @@ fn every_setter_through_the_admin_api_follows_the_decision_order() {
     let (_, body) = admin(&s, "GET", c, None);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["overrides"]["allowedHosts"], serde_json::json!([]));
+    // The effective policy: the container's lists and per-host handlers where set, in the
+    // order the decision order tries them, else the class's.
+    let e = &v["effective"]["policy"];
+    assert_eq!(e["allowedHosts"], serde_json::json!([]));
+    assert_eq!(e["deniedHosts"], serde_json::json!([]));
+    assert_eq!(
+        e["outboundByHost"][0],
+        serde_json::json!({"host": "a.test", "handler": "outboundHandlers.h2", "from": "container"})
+    );
+    assert_eq!(e["outboundByHost"][1]["handler"], "outboundByHost[\"a.test\"]");
+    assert_eq!(e["outbound"], serde_json::json!({"handler": "outbound"}));
+    assert_eq!((e["generation"].as_u64(), e["enableInternet"].as_bool()), (Some(1), Some(true)));
     assert_eq!(admin(&s, "DELETE", &format!("{c}/overrides"), None).0, 200);
+    let (_, body) = admin(&s, "GET", c, None);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["effective"]["policy"]["allowedHosts"],
+        serde_json::json!(["a.test", "x.test", "lua.test", "err.test"])
+    );
     assert_eq!(get(&moat, "c1", "a.test"), (200, "class-a".into()));
     assert_eq!(admin(&s, "GET", "/v1/nothing", None).0, 404);
 }
