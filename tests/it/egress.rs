@@ -159,16 +159,7 @@ fn access_log_has_one_line_per_request_without_query() {
 #[test]
 fn an_upstream_body_cut_short_closes_the_client_connection_and_is_logged() {
     // An upstream that promises 10 bytes, sends 2 and closes.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        use std::io::{Read, Write};
-        for mut c in listener.incoming().flatten().take(4) {
-            let mut buf = [0u8; 4096];
-            let _ = c.read(&mut buf);
-            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok");
-        }
-    });
+    let port = raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok", false);
     let moat = Moat::start(
         r#"allowedHosts = { "127.0.0.1" } outboundByHost = { ["next.test"] = function() return Response.new("next") end }"#,
     );
@@ -188,18 +179,7 @@ fn a_body_that_stalls_for_the_idle_timeout_is_cut_off_in_either_direction() {
     use std::io::{Read, Write};
     let up = Upstream::start();
     // An upstream that sends half of its body and then nothing, keeping the connection open.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let stalling = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for mut c in listener.incoming().flatten().take(2) {
-            let mut buf = [0u8; 4096];
-            let _ = c.read(&mut buf);
-            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf.");
-            held.push(c);
-        }
-        std::thread::sleep(Duration::from_secs(10));
-    });
+    let stalling = raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf.", true);
     let moat =
         Moat::start_with(r#"allowedHosts = { "127.0.0.1" }"#, Some("[limits]\nidle_timeout = \"1s\"\n"), &[], &[]);
     // A client that sends 3 of its 10 body bytes and then nothing: 408, closed.

@@ -195,6 +195,26 @@ pub fn raw(moat: &Moat, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// A misbehaving upstream on loopback: to every connection it reads one request and writes
+/// `answer` as it is; then it closes, or with `hold` keeps the connection open without a
+/// further byte (a stalled body). Returns its port.
+pub fn raw_upstream(answer: &'static [u8], hold: bool) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for mut c in listener.incoming().flatten() {
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf);
+            let _ = c.write_all(answer);
+            if hold {
+                held.push(c);
+            }
+        }
+    });
+    port
+}
+
 /// What the upstream saw of one request.
 #[derive(Clone, Debug)]
 pub struct Seen {

@@ -336,18 +336,7 @@ fn moat_ca_path_and_export_and_a_persisted_ca_survives_restarts() {
 #[test]
 fn an_http2_response_body_that_stalls_is_cut_off_after_the_idle_timeout() {
     // A plain-HTTP upstream that sends half of its body and then nothing.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for mut c in listener.incoming().flatten().take(1) {
-            let mut buf = [0u8; 4096];
-            let _ = c.read(&mut buf);
-            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf.");
-            held.push(c);
-            std::thread::sleep(Duration::from_secs(20));
-        }
-    });
+    let port = raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf.", true);
     let policy = format!(
         r#"interceptHttps = true
 outboundByHost = {{ ["stall.test"] = function() return fetch("http://127.0.0.1:{port}/") end }}"#
