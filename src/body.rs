@@ -112,7 +112,7 @@ pub enum CollectError {
     Stream(String),
 }
 
-/// Fails a body that keeps its reader waiting for `limit` (`limits.idle_timeout`). Only time
+/// Fails a body that keeps its reader waiting for `limit` (`limits.body_idle_timeout`). Only time
 /// spent waiting on the body counts, not time the reader took before asking again.
 pub struct StallLimit<B> {
     inner: B,
@@ -156,7 +156,9 @@ where
                 match timer.as_mut().poll(cx) {
                     Poll::Ready(()) => {
                         let (who, limit) = (this.who, this.limit);
-                        Poll::Ready(Some(Err(format!("{who} sent nothing for {limit:?} (limits.idle_timeout)").into())))
+                        Poll::Ready(Some(Err(
+                            format!("{who} sent nothing for {limit:?} (limits.body_idle_timeout)").into()
+                        )))
                     }
                     Poll::Pending => Poll::Pending,
                 }

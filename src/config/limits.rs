@@ -15,6 +15,9 @@ pub struct Limits {
     pub tls_handshake_timeout: Duration,
     /// A kept-alive client connection with no request in flight is closed after this.
     pub idle_timeout: Duration,
+    /// A request or response body that sends nothing for this long is cut off. Long, because
+    /// streams legitimately pause (a model thinking before its first token).
+    pub body_idle_timeout: Duration,
     /// Upstream TCP connect (→ 504).
     pub connect_timeout: Duration,
     /// Wall clock of one handler call, fetches included (→ 504).
@@ -34,6 +37,7 @@ impl Default for Limits {
             request_head_timeout: Duration::from_secs(10),
             tls_handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(90),
+            body_idle_timeout: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(10),
             handler_timeout: Duration::from_secs(30),
             lua_memory: 64 * 1024 * 1024,
@@ -51,6 +55,7 @@ pub struct LimitsFile {
     request_head_timeout: Option<String>,
     tls_handshake_timeout: Option<String>,
     idle_timeout: Option<String>,
+    body_idle_timeout: Option<String>,
     connect_timeout: Option<String>,
     handler_timeout: Option<String>,
     lua_memory: Option<SizeValue>,
@@ -94,6 +99,7 @@ impl LimitsFile {
         dur("request_head_timeout", &self.request_head_timeout, &mut l.request_head_timeout)?;
         dur("tls_handshake_timeout", &self.tls_handshake_timeout, &mut l.tls_handshake_timeout)?;
         dur("idle_timeout", &self.idle_timeout, &mut l.idle_timeout)?;
+        dur("body_idle_timeout", &self.body_idle_timeout, &mut l.body_idle_timeout)?;
         dur("connect_timeout", &self.connect_timeout, &mut l.connect_timeout)?;
         dur("handler_timeout", &self.handler_timeout, &mut l.handler_timeout)?;
         size("lua_memory", &self.lua_memory, &mut l.lua_memory)?;

@@ -131,7 +131,7 @@ where
             match tx {
                 None => handling.await,
                 Some(tx) => {
-                    let mut pump = pin!(reader.pump_body(framing, tx, limits.idle_timeout));
+                    let mut pump = pin!(reader.pump_body(framing, tx, limits.body_idle_timeout));
                     let mut pumping = true;
                     loop {
                         tokio::select! {
@@ -168,7 +168,7 @@ where
             return None;
         }
         let keep_alive = client_keep_alive && body_complete && body_error.is_none();
-        let options = WriteOptions { version, head_request: is_head, keep_alive, stall: limits.idle_timeout };
+        let options = WriteOptions { version, head_request: is_head, keep_alive, stall: limits.body_idle_timeout };
         let written = write_response(&mut writer, response, options).await;
         log.duration = started.elapsed();
         log.bytes_down = written.bytes;

@@ -61,7 +61,7 @@ pub struct ConnReader<R> {
     buf: BytesMut,
     /// Request-body bytes read so far (for the access log's bytes up).
     body_bytes: u64,
-    /// Longest wait for the next body bytes (`limits.idle_timeout`), while a body is pumped.
+    /// Longest wait for the next body bytes (`limits.body_idle_timeout`), while a body is pumped.
     body_stall: Option<Duration>,
 }
 
@@ -245,7 +245,7 @@ pub enum BodyError {
     Truncated,
     #[error("bad request body: {0}")]
     Bad(&'static str),
-    #[error("the client sent no body bytes for {0:?} (limits.idle_timeout)")]
+    #[error("the client sent no body bytes for {0:?} (limits.body_idle_timeout)")]
     Stalled(Duration),
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -428,7 +428,7 @@ pub struct WriteOptions {
     /// The request was HEAD, so no body is sent.
     pub head_request: bool,
     pub keep_alive: bool,
-    /// Longest wait for the next body bytes (`limits.idle_timeout`): a body that stalls
+    /// Longest wait for the next body bytes (`limits.body_idle_timeout`): a body that stalls
     /// longer is cut off and the connection closed.
     pub stall: Duration,
 }
@@ -436,7 +436,7 @@ pub struct WriteOptions {
 impl WriteOptions {
     /// A one-off answer on a connection that closes after it.
     pub fn closing() -> Self {
-        Self { version: Version::HTTP_11, head_request: false, keep_alive: false, stall: Duration::from_secs(90) }
+        Self { version: Version::HTTP_11, head_request: false, keep_alive: false, stall: Duration::from_secs(300) }
     }
 }
 

@@ -199,7 +199,7 @@ async fn h2_request(
     };
     let is_head = head.method == http::Method::HEAD;
     let up = Arc::new(AtomicU64::new(0));
-    let idle = worker.shared.config.limits.idle_timeout;
+    let idle = worker.shared.config.limits.body_idle_timeout;
     let incoming = StallLimit::new(incoming, idle, "the client");
     let body = crate::body::boxed(Counted { inner: incoming, count: up.clone() });
     let Exchange { response, mut log } = handle(worker, class, head, body, Some(tunnel)).await;
@@ -234,7 +234,7 @@ fn logged(
     stream: OpenStream,
 ) -> Response<LoggedBody> {
     let count = Arc::new(AtomicU64::new(0));
-    let idle = shared.config.limits.idle_timeout;
+    let idle = shared.config.limits.body_idle_timeout;
     resp.map(|inner| LoggedBody {
         inner: Counted { inner: crate::body::boxed(StallLimit::new(inner, idle, "the response body")), count },
         up,

@@ -175,13 +175,13 @@ fn an_upstream_body_cut_short_closes_the_client_connection_and_is_logged() {
 }
 
 #[test]
-fn a_body_that_stalls_for_the_idle_timeout_is_cut_off_in_either_direction() {
+fn a_body_that_stalls_for_the_body_idle_timeout_is_cut_off_in_either_direction() {
     use std::io::{Read, Write};
     let up = Upstream::start();
     // An upstream that sends half of its body and then nothing, keeping the connection open.
     let stalling = raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf.", true);
     let moat =
-        Moat::start_with(r#"allowedHosts = { "127.0.0.1" }"#, Some("[limits]\nidle_timeout = \"1s\"\n"), &[], &[]);
+        Moat::start_with(r#"allowedHosts = { "127.0.0.1" }"#, Some("[limits]\nbody_idle_timeout = \"1s\"\n"), &[], &[]);
     // A client that sends 3 of its 10 body bytes and then nothing: 408, closed.
     let mut s = std::net::TcpStream::connect(moat.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -189,7 +189,7 @@ fn a_body_that_stalls_for_the_idle_timeout_is_cut_off_in_either_direction() {
         .unwrap();
     let mut answer = String::new();
     let _ = s.read_to_string(&mut answer);
-    assert!(answer.starts_with("HTTP/1.1 408 ") && answer.contains("limits.idle_timeout"), "{answer}");
+    assert!(answer.starts_with("HTTP/1.1 408 ") && answer.contains("limits.body_idle_timeout"), "{answer}");
     assert!(up.seen.lock().unwrap().iter().all(|r| !r.body_complete), "never a complete request upstream");
     // An upstream body that stops: the client gets what came, then the connection closes.
     let resp = raw(&moat, format!("GET http://127.0.0.1:{stalling}/slow-upstream HTTP/1.1\r\n\r\n").as_bytes());

@@ -334,14 +334,14 @@ fn moat_ca_path_and_export_and_a_persisted_ca_survives_restarts() {
 }
 
 #[test]
-fn an_http2_response_body_that_stalls_is_cut_off_after_the_idle_timeout() {
+fn an_http2_response_body_that_stalls_is_cut_off_after_the_body_idle_timeout() {
     // A plain-HTTP upstream that sends half of its body and then nothing.
     let port = raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf.", true);
     let policy = format!(
         r#"interceptHttps = true
 outboundByHost = {{ ["stall.test"] = function() return fetch("http://127.0.0.1:{port}/") end }}"#
     );
-    let moat = Moat::start_with(&policy, Some("[limits]\nidle_timeout = \"1s\"\n"), &[], &[]);
+    let moat = Moat::start_with(&policy, Some("[limits]\nbody_idle_timeout = \"1s\"\n"), &[], &[]);
     let started = std::time::Instant::now();
     let out = std::process::Command::new("curl")
         .args(["-sS", "--http2", "--max-time", "15", "--noproxy", "", "-x", &moat.proxy_url()])
