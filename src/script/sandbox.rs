@@ -23,6 +23,7 @@ const STDLIB: &[(&str, &str, &str)] = &[
     ("moat.base64", "stdlib/moat/base64.lua", include_str!("../../stdlib/moat/base64.lua")),
     ("moat.hex", "stdlib/moat/hex.lua", include_str!("../../stdlib/moat/hex.lua")),
     ("moat.crypto", "stdlib/moat/crypto.lua", include_str!("../../stdlib/moat/crypto.lua")),
+    ("moat.auth", "stdlib/moat/auth.lua", include_str!("../../stdlib/moat/auth.lua")),
 ];
 
 /// Names of the bundled modules (for `moat check`).

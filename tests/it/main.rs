@@ -2,6 +2,7 @@
 
 mod harness;
 
+mod auth;
 mod bindings;
 mod blobs;
 mod cli;
