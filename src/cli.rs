@@ -5,6 +5,7 @@ use std::path::Path;
 
 use crate::config::Config;
 use crate::identity::ContainerId;
+use crate::policy::overrides::OverrideSpec;
 use crate::policy::{CanonicalHost, Decision, decide, host::split_authority};
 use crate::script::{Generation, load_generation};
 
@@ -54,6 +55,15 @@ pub fn explain(config: &Config, id: Option<&str>, method: &str, url: &str) -> Re
     let id = ContainerId::parse(id.unwrap_or("default")).map_err(|e| format!("--id: {e}"))?;
     let gens = load_all(config)?;
     let g = gens.first().ok_or("no class")?;
+    // `CONNECT host:port`, as a client sends it: explained as the https URL of that authority.
+    let shown = url;
+    let connect_url;
+    let url = if method.eq_ignore_ascii_case("CONNECT") && !url.contains("://") {
+        connect_url = format!("https://{url}/");
+        connect_url.as_str()
+    } else {
+        url
+    };
     let parsed = url::Url::parse(url).map_err(|e| format!("{url:?} is not an absolute URL: {e}"))?;
     let (https, default_port) = match parsed.scheme() {
         "http" => (false, 80),
@@ -66,9 +76,22 @@ pub fn explain(config: &Config, id: Option<&str>, method: &str, url: &str) -> Re
     let (host, port) = split_authority(authority).map_err(|e| e.to_string())?;
     let host = CanonicalHost::parse(host).map_err(|e| e.to_string())?;
     let port = port.unwrap_or(default_port);
-    let v = decide(&host, port, &g.policy, None);
-    println!("{} {url}", method.to_ascii_uppercase());
-    println!("  container: {id} (class {}, no runtime overrides)", g.class);
+    let spec = stored_overrides(config, &id)?;
+    let (overrides, dropped) = spec.compile(&g.policy);
+    let inst = (!spec.is_empty()).then_some(&overrides);
+    let v = decide(&host, port, &g.policy, inst);
+    println!("{} {shown}", method.to_ascii_uppercase());
+    match inst {
+        None => println!("  container: {id} (class {}, no runtime overrides)", g.class),
+        Some(_) => println!(
+            "  container: {id} (class {}, runtime overrides: {})",
+            g.class,
+            serde_json::to_string(&spec).unwrap_or_default()
+        ),
+    }
+    for name in dropped {
+        println!("  note: override names handler {name:?}, which the policy no longer has; it is ignored");
+    }
     println!("  canonical host: {host}, port {port}");
     println!("  {}", v.explain());
     let outcome = match &v.decision {
@@ -78,7 +101,7 @@ pub fn explain(config: &Config, id: Option<&str>, method: &str, url: &str) -> Re
     };
     println!("  decision: {outcome}");
     if https && !g.policy.intercept_https {
-        let t = crate::policy::decide_tunnel(&host, port, &g.policy, None);
+        let t = crate::policy::decide_tunnel(&host, port, &g.policy, inst);
         let tunnel = match t.decision {
             Decision::Deny(r) => format!("refused ({r})"),
             _ => "allowed (spliced, not intercepted)".into(),
@@ -86,6 +109,29 @@ pub fn explain(config: &Config, id: Option<&str>, method: &str, url: &str) -> Re
         println!("  note: interceptHttps is false, so handlers do not run for https; the CONNECT tunnel is {tunnel}");
     }
     Ok(())
+}
+
+/// The overrides `id` has: asked of the running moat when it holds the database, else read
+/// from the database; none when there is no database yet (nothing was ever set).
+fn stored_overrides(config: &Config, id: &ContainerId) -> Result<OverrideSpec, String> {
+    if !config.data_dir.join("moat.redb").exists() {
+        return Ok(OverrideSpec::default());
+    }
+    match crate::db::open(&config.data_dir) {
+        Ok(db) => Ok(crate::proxy::overrides::OverrideStore::open(db, &config.data_dir)
+            .map_err(|e| e.to_string())?
+            .spec(id.as_str())),
+        Err(crate::db::OpenError::InUse) => {
+            let path = format!("/v1/containers/{id}");
+            let (code, body) = crate::admin::client::call(&config.admin_socket, "GET", &path, None)?;
+            if code != 200 {
+                return Err(format!("the running moat answered {code} for {path}: {body}"));
+            }
+            let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("admin API: {e}"))?;
+            serde_json::from_value(v["overrides"].clone()).map_err(|e| format!("admin API: {e}"))
+        }
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 const INIT_POLICY: &str = include_str!("../scripts/init-policy.lua");

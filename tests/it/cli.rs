@@ -105,3 +105,36 @@ fn config_errors_name_key_and_file_and_exit_2() {
     let (code, _, err) = moat_cmd(&["check", "--policy", "nope.lua"], dir.path());
     assert_eq!((code, err.lines().count()), (2, 1), "{err}");
 }
+
+#[test]
+fn explain_reads_a_containers_overrides_from_the_running_moat_or_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "policy.lua", POLICY);
+    write(dir.path(), "moat.toml", "data_dir = \"data\"\n");
+    let explain = |args: &[&str]| {
+        let mut all = vec!["explain", "--policy", "policy.lua"];
+        all.extend_from_slice(args);
+        moat_cmd(&all, dir.path())
+    };
+    let moat = Moat::serve_folder(dir.path());
+    let (code, _, err) = moat_cmd(
+        &["policy", "--data-dir", "data", "agent-1", "setOutboundByHost", "hello.moat", "readOnly"],
+        dir.path(),
+    );
+    assert_eq!(code, 0, "{err}");
+    // The running moat holds the database: explain asks it.
+    let (code, out, err) = explain(&["--id", "agent-1", "GET", "http://hello.moat/x"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("step 3: container override") && out.contains("outboundHandlers.readOnly"), "{out}");
+    let (_, out, _) = explain(&["GET", "http://hello.moat/x"]);
+    assert!(out.contains("no runtime overrides") && out.contains("step 4"), "other containers: {out}");
+    drop(moat);
+    // Stopped: explain reads the database itself.
+    let (code, out, err) = explain(&["--id", "agent-1", "GET", "http://hello.moat/x"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("step 3: container override"), "{out}");
+    // CONNECT takes host:port, as a client sends it.
+    let (code, out, err) = explain(&["CONNECT", "registry.npmjs.org:443"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("CONNECT registry.npmjs.org:443") && out.contains("tunnel is allowed"), "{out}");
+}
