@@ -93,7 +93,10 @@ fn hex(b: &[u8]) -> String {
 /// leaves the bucket (`..` segments, absolute paths). Data files are never named after keys,
 /// so this is defence in depth and keeps keys portable to R2.
 pub fn validate_key(key: &str) -> Result<(), BlobError> {
-    let bad = |why: &str| Err(BlobError::Invalid(format!("invalid object key {key:?}: {why}")));
+    // A key of any length may be refused; the message quotes at most its start.
+    let shown: String = key.chars().take(80).collect();
+    let more = if shown.len() < key.len() { "…" } else { "" };
+    let bad = |why: &str| Err(BlobError::Invalid(format!("invalid object key {shown:?}{more}: {why}")));
     if key.is_empty() {
         return bad("empty");
     }

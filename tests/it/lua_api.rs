@@ -71,7 +71,7 @@ outboundByHost = {{
   ["stdlib.test"] = function()
     local b64, hex, crypto = require("moat.base64"), require("moat.hex"), require("moat.crypto")
     local out = {{
-      json.encode(json.decode('{{"a":[1,2,3]}}')),
+      json.encode(json.decode('{{"a":[1,2,3]}}')) .. json.encode({{ 6 / 2, 0.5, -0.0, 2^53, 1e300 }}),
       b64.encode("hi?"), b64.decode("aGk/"), b64.urlEncode("hi?"),
       b64.decode("aGk") .. b64.decode("aGk=") .. b64.urlDecode("aGk_") .. b64.urlDecode("aGk="),
       hex.encode("\1\255"), hex.decode("4142"),
@@ -155,7 +155,7 @@ fn every_api_type_is_observable() {
     assert_eq!(
         lines,
         [
-            r#"{"a":[1,2,3]}"#,
+            r#"{"a":[1,2,3]}[3,0.5,0,9007199254740992,1e+300]"#,
             "aGk/",
             "hi?",
             "aGk_",

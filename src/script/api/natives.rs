@@ -9,8 +9,27 @@ use mlua::{Lua, LuaSerdeExt, Result, Table, Value};
 
 /// JSON text of a Lua value; an empty table encodes as `[]` only via `json.array`.
 pub fn json_encode(lua: &Lua, value: Value) -> Result<String> {
-    let v: serde_json::Value = lua.from_value(value)?;
+    let mut v: serde_json::Value = lua.from_value(value)?;
+    integral_floats_as_integers(&mut v);
     serde_json::to_string(&v).map_err(mlua::Error::external)
+}
+
+/// Lua 5.4 keeps `6 / 2` as the float 3.0; JSON (and `JSON.stringify`) writes it as `3`, not
+/// `3.0`. Whole floats that fit an i64 exactly are written as integers.
+fn integral_floats_as_integers(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Number(n) => {
+            if let Some(f) = n.as_f64().filter(|_| n.is_f64())
+                && f.fract() == 0.0
+                && f.abs() <= 9.007_199_254_740_992e15
+            {
+                *n = serde_json::Number::from(f as i64);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(integral_floats_as_integers),
+        serde_json::Value::Object(map) => map.values_mut().for_each(integral_floats_as_integers),
+        _ => {}
+    }
 }
 
 pub fn json_decode(lua: &Lua, text: &[u8]) -> Result<Value> {
