@@ -189,14 +189,19 @@ printf '%-26s %s\n' "direct @${RATE}" "$rd" "moat egress @${RATE}" "$re" "moat h
 p99d=$(echo "$rd" | field p99_us)
 echo "p99 added: egress $(( $(echo "$re" | field p99_us) - p99d )) us, handler $(( $(echo "$rh" | field p99_us) - p99d )) us"
 
-echo "== handler path while the policy is saved once a second (hot reload), ${SECS}s each"
-quiet=$(run 127.0.0.1:13129 "http://$UP/" "$CONNS" "$SECS")
-( for i in $(seq "$SECS"); do sleep 1; sed -i "1s/.*/-- saved $i/" "$work/handler.lua"; done ) &
-saver=$!
-busy=$(run 127.0.0.1:13129 "http://$UP/" "$CONNS" "$SECS")
-wait $saver
-q=$(echo "$quiet" | field rps); b=$(echo "$busy" | field rps)
-printf '%-26s %s\n' "handler, no reloads" "$quiet" "handler, 1 save/s" "$busy"
+echo "== handler path while the policy is saved once a second (hot reload), ${SECS}s each, $ROUNDS rounds"
+echo "   (quiet and saving runs alternate, so that the machine's drift hits both alike)"
+: > "$work/quiet"; : > "$work/busy"
+for r in $(seq "$ROUNDS"); do
+  run 127.0.0.1:13129 "http://$UP/" "$CONNS" "$SECS" >> "$work/quiet"
+  ( for i in $(seq "$SECS"); do sleep 1; sed -i "1s/.*/-- saved $r.$i/" "$work/handler.lua"; done ) &
+  saver=$!
+  run 127.0.0.1:13129 "http://$UP/" "$CONNS" "$SECS" >> "$work/busy"
+  wait $saver
+done
+q=$(median_rps "$work/quiet"); b=$(median_rps "$work/busy")
+printf '%-26s median rps=%-7s runs: %s\n' "handler, no reloads" "$q" "$(field rps < "$work/quiet" | tr '\n' ' ')" \
+  "handler, 1 save/s" "$b" "$(field rps < "$work/busy" | tr '\n' ' ')"
 echo "with reloads / without: $(awk -v b="$b" -v q="$q" 'BEGIN {printf "%.2f", b/q}')   (reloads seen: $(grep -c 'policy reloaded' "$work/moat.log" || true))"
 
 echo "== handler answering from KV vs a constant handler, ${SECS}s each, $ROUNDS rounds"
