@@ -121,36 +121,33 @@ where
         };
 
         let body_before = reader.body_bytes();
-        // Handle the request while feeding its body from the connection.
-        let mut body_complete = tx.is_none();
-        let mut body_error = None;
+        // The body is fed from the connection while the request is handled *and* while the
+        // response is written: a handler may stream the request body into its response
+        // (`Response.new(request.body)`), or an upstream may answer before reading it all.
+        // Boxed, only for requests with a body, so that it can outlive the handling phase.
+        let mut pumping = tx.is_some();
+        let mut pump = tx.map(|tx| Box::pin(reader.pump_body(framing, tx, limits.body_idle_timeout)));
+        let mut body = Pumped { complete: !pumping, error: None };
         let exchange = {
             // Boxed per request: the handling state (handler call, upstream send) is several
             // KiB, and inline it would be held by every idle keep-alive connection's task.
             let mut handling = Box::pin(handle(worker, class, head, request_body, tunnel.as_ref()));
-            match tx {
+            match pump.as_mut() {
                 None => handling.await,
-                Some(tx) => {
-                    let mut pump = pin!(reader.pump_body(framing, tx, limits.body_idle_timeout));
-                    let mut pumping = true;
-                    loop {
-                        tokio::select! {
-                            biased;
-                            ex = &mut handling => break ex,
-                            r = &mut pump, if pumping => {
-                                pumping = false;
-                                match r {
-                                    Ok(done) => body_complete = done,
-                                    Err(e) => body_error = Some(e),
-                                }
-                            }
+                Some(p) => loop {
+                    tokio::select! {
+                        biased;
+                        ex = &mut handling => break ex,
+                        r = &mut *p, if pumping => {
+                            pumping = false;
+                            body.record(r);
                         }
                     }
-                }
+                },
             }
         };
         let Exchange { mut response, mut log } = exchange;
-        if let Some(e) = &body_error {
+        if let Some(e) = &body.error {
             // A malformed or cut-off body is the client's error, whatever the handler or the
             // upstream made of the failed stream (SPEC 8.6: 400 and the connection closed).
             let status =
@@ -159,17 +156,37 @@ where
             log.status = status.as_u16();
             log.detail = e.to_string();
         }
-        if response.status() == http::StatusCode::SWITCHING_PROTOCOLS && client_upgrade && body_complete {
+        if response.status() == http::StatusCode::SWITCHING_PROTOCOLS && client_upgrade && body.complete {
             // The upstream agreed to switch protocols (WebSocket): relay the 101, then both
             // directions byte for byte until either side closes.
+            drop(pump);
             relay_upgrade(response, reader, writer, &mut log, started).await;
             log.emit();
             log.record(&worker.shared.metrics);
             return None;
         }
-        let keep_alive = client_keep_alive && body_complete && body_error.is_none();
+        // Whether the body will have been read to its end is not known yet when it is still
+        // being pumped: such a response closes the connection.
+        let keep_alive = client_keep_alive && body.complete && body.error.is_none();
         let options = WriteOptions { version, head_request: is_head, keep_alive, stall: limits.body_idle_timeout };
-        let written = write_response(&mut writer, response, options).await;
+        let written = {
+            let mut write = pin!(write_response(&mut writer, response, options));
+            match pump.as_mut() {
+                Some(p) if pumping => loop {
+                    tokio::select! {
+                        biased;
+                        w = &mut write => break w,
+                        r = &mut *p, if pumping => {
+                            pumping = false;
+                            body.record(r);
+                        }
+                    }
+                },
+                _ => write.await,
+            }
+        };
+        // Whatever is left of a body nobody reads is not read: the connection closes.
+        drop(pump);
         log.duration = started.elapsed();
         log.bytes_down = written.bytes;
         let keep = written.outcome.unwrap_or_else(|e| {
@@ -182,6 +199,22 @@ where
         if !keep {
             let _ = writer.shutdown().await;
             return None;
+        }
+    }
+}
+
+/// What pumping a request body came to.
+struct Pumped {
+    /// Read to its end: the connection can carry another request.
+    complete: bool,
+    error: Option<BodyError>,
+}
+
+impl Pumped {
+    fn record(&mut self, r: Result<bool, BodyError>) {
+        match r {
+            Ok(done) => self.complete = done,
+            Err(e) => self.error = Some(e),
         }
     }
 }

@@ -235,3 +235,40 @@ end }}"#,
     assert!(log.contains("header x-api-key carries a secret"), "{log}");
     assert!(!log.contains("key-0123456789"), "{log}");
 }
+
+#[test]
+fn bodies_stream_from_request_to_response_and_a_fetched_response_can_be_rewrapped() {
+    let up = Upstream::start();
+    let policy = format!(
+        r#"outboundByHost = {{
+  -- The request body streams straight into the response: moat keeps reading the client
+  -- while it writes.
+  ["echo.test"] = function(request) return Response.new(request.body, {{ headers = {{ ["x-echo"] = "1" }} }}) end,
+  -- The Workers idiom for a changeable copy of a fetched response.
+  ["wrap.test"] = function(request)
+    local r = fetch("http://127.0.0.1:{}/echo")
+    local out = Response.new(r.body, r)
+    out.headers:set("x-added", "1")
+    return out
+  end,
+}}"#,
+        up.addr.port()
+    );
+    let moat = Moat::start(&policy);
+    let file = moat.dir.path().join("big.bin");
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&file, &big).unwrap();
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--noproxy", "", "-x", &moat.proxy_url(), "http://echo.test/"])
+        .arg("--data-binary")
+        .arg(format!("@{}", file.display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stdout == big, "echoed {} of {} bytes", out.stdout.len(), big.len());
+
+    let r = curl(&moat, "http://wrap.test/", &[]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!((r.headers["x-upstream"].as_str(), r.headers["x-added"].as_str()), ("echo", "1"));
+    assert!(r.body.contains("\"uri\":\"/echo\""), "{}", r.body);
+}

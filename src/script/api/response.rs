@@ -1,7 +1,7 @@
 //! `Response` (SPEC 3).
 
 use http::StatusCode;
-use mlua::{Lua, Result, Table, UserData, UserDataFields, UserDataMethods, Value};
+use mlua::{Lua, Result, UserData, UserDataFields, UserDataMethods, Value};
 
 use super::body::{BodySlot, SharedBody};
 use super::headers::{LuaHeaders, headers_from_lua};
@@ -22,8 +22,10 @@ pub struct LuaResponse {
 }
 
 impl LuaResponse {
-    /// `Response.new(body?, init?)`.
-    pub fn construct(body: Value, init: Option<Table>) -> Result<Self> {
+    /// `Response.new(body?, init?)`. `init` is a table, or a Response whose status, status
+    /// text and headers are copied (`Response.new(r.body, r)`, the Workers idiom for a
+    /// changeable copy of a fetched response).
+    pub fn construct(body: Value, init: Value) -> Result<Self> {
         let mut r = Self {
             status: StatusCode::OK,
             status_text: String::new(),
@@ -32,16 +34,31 @@ impl LuaResponse {
             url: String::new(),
             extensions: Default::default(),
         };
-        if let Some(init) = init {
-            if let Some(code) = init.get::<Option<u16>>("status")? {
-                r.status = status(code)?;
+        match init {
+            Value::Nil => {}
+            Value::Table(init) => {
+                if let Some(code) = init.get::<Option<u16>>("status")? {
+                    r.status = status(code)?;
+                }
+                if let Some(t) = init.get::<Option<String>>("statusText")? {
+                    r.status_text = t;
+                }
+                let headers: Value = init.get("headers")?;
+                if !headers.is_nil() {
+                    r.headers = LuaHeaders::new(headers_from_lua(&headers)?);
+                }
             }
-            if let Some(t) = init.get::<Option<String>>("statusText")? {
-                r.status_text = t;
+            Value::UserData(ud) if ud.is::<LuaResponse>() => {
+                let from = ud.borrow::<LuaResponse>()?;
+                r.status = status(from.status.as_u16())?;
+                r.status_text = from.status_text.clone();
+                r.headers = LuaHeaders::new(from.headers.snapshot());
             }
-            let headers: Value = init.get("headers")?;
-            if !headers.is_nil() {
-                r.headers = LuaHeaders::new(headers_from_lua(&headers)?);
+            other => {
+                return Err(mlua::Error::runtime(format!(
+                    "Response.new: init must be a table or a Response, not {}",
+                    other.type_name()
+                )));
             }
         }
         if (r.status == StatusCode::NO_CONTENT || r.status == StatusCode::NOT_MODIFIED) && !r.body.is_empty() {
@@ -71,10 +88,10 @@ fn status(code: u16) -> Result<StatusCode> {
 /// Installs the `Response` global table.
 pub fn install(lua: &Lua) -> Result<()> {
     let t = lua.create_table()?;
-    t.set("new", lua.create_function(|_, (body, init): (Value, Option<Table>)| LuaResponse::construct(body, init))?)?;
+    t.set("new", lua.create_function(|_, (body, init): (Value, Value)| LuaResponse::construct(body, init))?)?;
     t.set(
         "json",
-        lua.create_function(|lua, (value, init): (Value, Option<Table>)| {
+        lua.create_function(|lua, (value, init): (Value, Value)| {
             let text = super::natives::json_encode(lua, value)?;
             let r = LuaResponse::construct(Value::String(lua.create_string(&text)?), init)?;
             if !r.headers.0.borrow().contains_key(http::header::CONTENT_TYPE) {
