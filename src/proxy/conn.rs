@@ -125,27 +125,12 @@ where
         // response is written: a handler may stream the request body into its response
         // (`Response.new(request.body)`), or an upstream may answer before reading it all.
         // Boxed, only for requests with a body, so that it can outlive the handling phase.
-        let mut pumping = tx.is_some();
+        let mut body = Pumped { running: tx.is_some(), complete: tx.is_none(), error: None };
         let mut pump = tx.map(|tx| Box::pin(reader.pump_body(framing, tx, limits.body_idle_timeout)));
-        let mut body = Pumped { complete: !pumping, error: None };
-        let exchange = {
-            // Boxed per request: the handling state (handler call, upstream send) is several
-            // KiB, and inline it would be held by every idle keep-alive connection's task.
-            let mut handling = Box::pin(handle(worker, class, head, request_body, tunnel.as_ref()));
-            match pump.as_mut() {
-                None => handling.await,
-                Some(p) => loop {
-                    tokio::select! {
-                        biased;
-                        ex = &mut handling => break ex,
-                        r = &mut *p, if pumping => {
-                            pumping = false;
-                            body.record(r);
-                        }
-                    }
-                },
-            }
-        };
+        // Boxed per request: the handling state (handler call, upstream send) is several KiB,
+        // and inline it would be held by every idle keep-alive connection's task.
+        let handling = Box::pin(handle(worker, class, head, request_body, tunnel.as_ref()));
+        let exchange = while_pumping(handling, &mut pump, &mut body).await;
         let Exchange { mut response, mut log } = exchange;
         if let Some(e) = &body.error {
             // A malformed or cut-off body is the client's error, whatever the handler or the
@@ -169,22 +154,7 @@ where
         // being pumped: such a response closes the connection.
         let keep_alive = client_keep_alive && body.complete && body.error.is_none();
         let options = WriteOptions { version, head_request: is_head, keep_alive, stall: limits.body_idle_timeout };
-        let written = {
-            let mut write = pin!(write_response(&mut writer, response, options));
-            match pump.as_mut() {
-                Some(p) if pumping => loop {
-                    tokio::select! {
-                        biased;
-                        w = &mut write => break w,
-                        r = &mut *p, if pumping => {
-                            pumping = false;
-                            body.record(r);
-                        }
-                    }
-                },
-                _ => write.await,
-            }
-        };
+        let written = while_pumping(write_response(&mut writer, response, options), &mut pump, &mut body).await;
         // Whatever is left of a body nobody reads is not read: the connection closes.
         drop(pump);
         log.duration = started.elapsed();
@@ -203,8 +173,10 @@ where
     }
 }
 
-/// What pumping a request body came to.
+/// How pumping a request body goes.
 struct Pumped {
+    /// The pump has not finished yet.
+    running: bool,
     /// Read to its end: the connection can carry another request.
     complete: bool,
     error: Option<BodyError>,
@@ -212,10 +184,30 @@ struct Pumped {
 
 impl Pumped {
     fn record(&mut self, r: Result<bool, BodyError>) {
+        self.running = false;
         match r {
             Ok(done) => self.complete = done,
             Err(e) => self.error = Some(e),
         }
+    }
+}
+
+/// Runs `work` to its end while also driving the request-body pump, if it is still running.
+async fn while_pumping<F, P>(work: F, pump: &mut Option<std::pin::Pin<Box<P>>>, body: &mut Pumped) -> F::Output
+where
+    F: std::future::Future,
+    P: std::future::Future<Output = Result<bool, BodyError>>,
+{
+    let mut work = pin!(work);
+    match pump.as_mut() {
+        Some(p) if body.running => loop {
+            tokio::select! {
+                biased;
+                out = &mut work => break out,
+                r = &mut *p, if body.running => body.record(r),
+            }
+        },
+        _ => work.await,
     }
 }
 
