@@ -24,6 +24,17 @@ pub fn redact_response(resp: http::Response<Body>) -> http::Response<Body> {
         return resp;
     }
     let (mut parts, body) = resp.into_parts();
+    // moat asks upstreams for uncompressed bodies when it redacts; one that compresses anyway
+    // cannot be inspected, so it is not passed on (fail safe).
+    if let Some(enc) = parts.headers.get(http::header::CONTENT_ENCODING)
+        && !enc.as_bytes().eq_ignore_ascii_case(b"identity")
+    {
+        let enc = String::from_utf8_lossy(enc.as_bytes()).into_owned();
+        return crate::proxy::answer::text(
+            http::StatusCode::BAD_GATEWAY,
+            format!("moat: redactSecrets is on and the upstream sent a {enc}-encoded body, which moat cannot inspect"),
+        );
+    }
     for value in parts.headers.values_mut() {
         let Ok(text) = value.to_str() else { continue };
         if secrets.iter().any(|(_, s)| text.contains(s.as_str())) {

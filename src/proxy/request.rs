@@ -232,7 +232,12 @@ async fn run(
                 denied: crate::policy::decide::effective_denied(policy, overrides.as_deref()),
             };
             let mut builder = Request::builder().method(head.method).uri(path.as_str());
-            *builder.headers_mut().expect("fresh builder") = head.headers;
+            let mut headers = head.headers;
+            if policy.redact_secrets {
+                // A compressed body would hide a reflected secret from the redactor.
+                headers.remove(http::header::ACCEPT_ENCODING);
+            }
+            *builder.headers_mut().expect("fresh builder") = headers;
             let req = match builder.body(body) {
                 Ok(r) => upstream::to_upstream_request(r, &target),
                 Err(e) => return fail(log, StatusCode::BAD_REQUEST, e.to_string()),

@@ -77,6 +77,7 @@ impl ClassRuntime {
             policy_path: &generation.path,
         })
         .map_err(|e| fail(e.to_string()))?;
+        super::api::set_redact_secrets(&lua, generation.policy.redact_secrets);
         run_chunk(&lua, &generation.path, &generation.source, &generation.class, limits)
             .map_err(|e| fail(e.to_string()))?;
         let table_fns = |name: &str| -> mlua::Result<HashMap<String, Function>> {

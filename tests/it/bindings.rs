@@ -256,6 +256,7 @@ outboundByHost = {
   ["gh.test"] = function(request, env)
     local r = Request.new("http://127.0.0.1:" .. request.headers:get("x-port") .. "/reflect-secret")
     r.headers:set("authorization", "Bearer " .. env.GITHUB_TOKEN)
+    r.headers:set("accept-encoding", "gzip, br")
     return fetch(r)
   end,
 }"#;
@@ -268,6 +269,16 @@ outboundByHost = {
     );
     assert_eq!(r.body, "you sent Bearer [secret GITHUB_TOKEN]");
     assert_eq!(r.headers["x-reflected"], "Bearer [secret GITHUB_TOKEN]");
+    // Compressed bodies would hide a reflection: moat asks for uncompressed ones (fetch and
+    // egress), and refuses a compressed one it gets anyway.
+    assert!(!up.last().unwrap().headers.contains_key("accept-encoding"), "fetch");
+    curl(&moat, &up.url("/plain"), &["-H", "Accept-Encoding: gzip"]);
+    assert!(!up.last().unwrap().headers.contains_key("accept-encoding"), "egress");
+    let gz =
+        raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 4\r\n\r\n\x1f\x8b\x08\x00", false);
+    let r = curl(&moat, &format!("http://127.0.0.1:{gz}/"), &[]);
+    assert_eq!(r.status, 502);
+    assert!(r.body.contains("gzip-encoded body, which moat cannot inspect"), "{}", r.body);
     // A value split across two body chunks is still caught (egress path).
     let split = split_upstream(format!("before {secret} after"));
     let r = curl(&moat, &format!("http://{split}/"), &[]);

@@ -45,6 +45,10 @@ async fn fetch(lua: &Lua, upstream: &Upstream, req: LuaRequest) -> Result<LuaRes
     let LuaRequest { mut method, url, headers, body: req_body, redirect } = req;
     let mut url = url::Url::parse(&url).map_err(mlua::Error::external)?;
     let mut headers = headers.into_map();
+    if super::redacts_secrets(lua) {
+        // A compressed body would hide a reflected secret from the redactor.
+        headers.remove(http::header::ACCEPT_ENCODING);
+    }
     // A streamed body can be sent once; bytes already in memory can be replayed on redirect.
     let replayable = req_body.peek_bytes();
     let mut body = Some(req_body.take()?);

@@ -29,6 +29,9 @@ use crate::upstream::Upstream;
 pub struct ApiContext {
     /// `[limits] body_buffer`: most bytes `:text()`/`:json()`/`:bytes()` may read.
     pub body_buffer: usize,
+    /// The policy sets `redactSecrets`: `fetch` asks upstreams for uncompressed bodies, which
+    /// the redactor can read.
+    pub redact_secrets: bool,
 }
 
 /// Installs every API global into a fresh state.
@@ -38,7 +41,7 @@ pub fn install(
     sink: Option<Rc<dyn container::OverrideSink>>,
     body_buffer: usize,
 ) -> Result<()> {
-    lua.set_app_data(ApiContext { body_buffer });
+    lua.set_app_data(ApiContext { body_buffer, redact_secrets: false });
     let g = lua.globals();
     let request = lua.create_table()?;
     request.set(
@@ -55,6 +58,18 @@ pub fn install(
     console::install(lua)?;
     container::install(lua, sink)?;
     Ok(())
+}
+
+/// Marks this state's policy as one that redacts secrets in responses.
+pub fn set_redact_secrets(lua: &Lua, on: bool) {
+    if let Some(mut c) = lua.app_data_mut::<ApiContext>() {
+        c.redact_secrets = on;
+    }
+}
+
+/// Does this state's policy redact secrets in responses?
+pub fn redacts_secrets(lua: &Lua) -> bool {
+    lua.app_data_ref::<ApiContext>().is_some_and(|c| c.redact_secrets)
 }
 
 /// The body buffer limit of this state.
