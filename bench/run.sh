@@ -157,6 +157,16 @@ for path in direct relay egress handler; do
   printf '%-9s load generator %-6s upstream %-6s proxy %s\n' "$path" "$(echo "$line" | field loadgen_cpu_us)" "$(echo "$line" | field upstream_cpu_us)" "$(echo "$line" | field proxy_cpu_us)"
 done
 
+idle_rss() {
+  echo "== $IDLE idle keep-alive connections ($1)"
+  run idle 127.0.0.1:13129 "http://$UP/" "$IDLE" 3 &
+  local idler=$!
+  sleep 2
+  echo "moat RSS with $IDLE idle connections: $(awk '/VmRSS/ {print $2, $3}' /proc/$MOAT/status)"
+  wait $idler
+}
+idle_rss "after the closed-loop runs"
+
 echo "== egress with the access log on (moat's default; the runs above have it off), ${SECS}s, $ROUNDS rounds"
 # A second instance: the log level is per process. Its log goes to a file, as in production.
 cat > "$work/logged.toml" <<TOML
@@ -214,12 +224,7 @@ done
 c=$(median_rps "$work/const"); k=$(median_rps "$work/kvread")
 echo "constant handler median rps=$c   KV read median rps=$k   ratio=$(awk -v k="$k" -v c="$c" 'BEGIN {printf "%.2f", k/c}')"
 
-echo "== $IDLE idle keep-alive connections"
-run idle 127.0.0.1:13129 "http://$UP/" "$IDLE" 3 &
-idler=$!
-sleep 2
-echo "moat RSS with $IDLE idle connections: $(awk '/VmRSS/ {print $2, $3}' /proc/$MOAT/status)"
-wait $idler
+idle_rss "at the end, after the reloads under load and the KV runs"
 echo "moat peak RSS (plain HTTP parts): $(awk '/VmHWM/ {print $2, $3}' /proc/$MOAT/status)"
 
 https_part
