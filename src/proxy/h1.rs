@@ -353,10 +353,14 @@ fn normalize_content_length(headers: &mut HeaderMap, framing: Framing) {
         Framing::None if headers.contains_key(http::header::CONTENT_LENGTH) => 0,
         _ => return,
     };
-    let canonical = n.to_string();
+    // The value already parsed to `n`: it is canonical when it is plain digits without a
+    // leading zero (checked without formatting `n` on every request with a body).
+    let canonical = |v: &HeaderValue| {
+        let b = v.as_bytes();
+        b.iter().all(u8::is_ascii_digit) && (b.len() == 1 || b.first() != Some(&b'0'))
+    };
     let mut values = headers.get_all(http::header::CONTENT_LENGTH).iter();
-    let single_and_canonical =
-        values.next().is_some_and(|v| v.as_bytes() == canonical.as_bytes()) && values.next().is_none();
+    let single_and_canonical = values.next().is_some_and(canonical) && values.next().is_none();
     if !single_and_canonical {
         headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(n));
     }
