@@ -81,9 +81,8 @@ fn main() {
     local.block_on(&rt, async move {
         let upstream = Rc::new(Upstream::new(
             Resolver::new(Default::default()),
-            limits.connect_timeout,
             UpstreamTls::new(&[]).unwrap(),
-            limits.tls_handshake_timeout,
+            &limits,
             Arc::new(Vec::new()),
         ));
         let runtime =

@@ -20,6 +20,10 @@ pub struct Limits {
     pub body_idle_timeout: Duration,
     /// Upstream TCP connect (→ 504).
     pub connect_timeout: Duration,
+    /// Wait for an upstream's response head once the request (and its body) went out (→ 504).
+    /// Without it an upstream that never answers would hold the request, its upstream
+    /// connection and, on HTTP/1.1, the client connection for ever.
+    pub response_head_timeout: Duration,
     /// Wall clock of one handler call, fetches included (→ 504).
     pub handler_timeout: Duration,
     /// Memory of one Lua state (→ 500 for the request that hit it).
@@ -39,6 +43,7 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(90),
             body_idle_timeout: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(10),
+            response_head_timeout: Duration::from_secs(300),
             handler_timeout: Duration::from_secs(30),
             lua_memory: 64 * 1024 * 1024,
             lua_cpu: Duration::from_secs(1),
@@ -57,6 +62,7 @@ pub struct LimitsFile {
     idle_timeout: Option<String>,
     body_idle_timeout: Option<String>,
     connect_timeout: Option<String>,
+    response_head_timeout: Option<String>,
     handler_timeout: Option<String>,
     lua_memory: Option<SizeValue>,
     lua_cpu: Option<String>,
@@ -101,6 +107,7 @@ impl LimitsFile {
         dur("idle_timeout", &self.idle_timeout, &mut l.idle_timeout)?;
         dur("body_idle_timeout", &self.body_idle_timeout, &mut l.body_idle_timeout)?;
         dur("connect_timeout", &self.connect_timeout, &mut l.connect_timeout)?;
+        dur("response_head_timeout", &self.response_head_timeout, &mut l.response_head_timeout)?;
         dur("handler_timeout", &self.handler_timeout, &mut l.handler_timeout)?;
         size("lua_memory", &self.lua_memory, &mut l.lua_memory)?;
         dur("lua_cpu", &self.lua_cpu, &mut l.lua_cpu)?;

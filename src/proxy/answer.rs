@@ -68,7 +68,7 @@ pub fn handler_failure_detail(f: &HandlerFailure) -> String {
 pub fn upstream_failure(e: &UpstreamError) -> Response<Body> {
     match e {
         UpstreamError::Blocked { .. } | UpstreamError::Loop(_) => denied(DenyReason::BlockedAddress),
-        UpstreamError::ConnectTimeout(_) | UpstreamError::TlsTimeout(_) => {
+        UpstreamError::ConnectTimeout(_) | UpstreamError::TlsTimeout(_) | UpstreamError::ResponseTimeout(..) => {
             text(StatusCode::GATEWAY_TIMEOUT, format!("moat: {e}"))
         }
         _ => text(StatusCode::BAD_GATEWAY, format!("moat: {e}")),

@@ -75,7 +75,8 @@ const TIMER_HEARTBEAT: Duration = Duration::from_secs(1);
 /// Every how many heartbeats idle upstream connections are swept.
 const SWEEP_EVERY: u64 = 15;
 
-/// A worker's housekeeping tick: sweeps idle upstream connections every [`SWEEP_EVERY`]
+/// A worker's housekeeping tick: cuts off requests whose upstream stays silent past
+/// `response_head_timeout` (each beat), sweeps idle upstream connections every [`SWEEP_EVERY`]
 /// beats, and keeps a timer due within [`TIMER_HEARTBEAT`] on this worker at all times.
 ///
 /// Every request arms timers (idle, request head, handler); tokio's timer driver writes its
@@ -89,6 +90,7 @@ async fn heartbeat(upstream: Rc<Upstream>) {
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for n in 1u64.. {
         beat.tick().await;
+        upstream.expire_silent();
         if n % SWEEP_EVERY == 0 {
             upstream.sweep_idle();
         }
@@ -104,9 +106,8 @@ pub fn spawn(index: usize, shared: Arc<Shared>) -> std::io::Result<mpsc::Unbound
         local.block_on(&rt, async move {
             let upstream = Rc::new(Upstream::new(
                 Resolver::new(shared.dns_hosts.clone()),
-                shared.config.limits.connect_timeout,
                 shared.upstream_tls.clone(),
-                shared.config.limits.tls_handshake_timeout,
+                &shared.config.limits,
                 shared.own_listeners.clone(),
             ));
             let worker = Rc::new(Worker { shared: shared.clone(), upstream, runtimes: RefCell::new(HashMap::new()) });

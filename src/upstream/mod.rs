@@ -2,10 +2,12 @@
 //! address, and send over pooled HTTP/1.1 or HTTP/2 connections.
 
 pub mod addr;
+mod head_wait;
 mod pool;
 pub mod resolve;
 pub mod tls;
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -72,6 +74,8 @@ pub enum UpstreamError {
     TlsTimeout(String),
     #[error("upstream {0}: {1}")]
     Protocol(String, String),
+    #[error("{0} sent no response for {1:?} after the request (limits.response_head_timeout)")]
+    ResponseTimeout(String, Duration),
 }
 
 /// One worker's upstream client.
@@ -81,18 +85,29 @@ pub struct Upstream {
     connect_timeout: Duration,
     tls: tls::UpstreamTls,
     tls_timeout: Duration,
+    response_head_timeout: Duration,
+    head_watch: head_wait::HeadWatch,
     own_listeners: Arc<Vec<SocketAddr>>,
 }
 
 impl Upstream {
+    /// An upstream client with the connect, TLS handshake and response-head bounds of `limits`.
     pub fn new(
         resolver: resolve::Resolver,
-        connect_timeout: Duration,
         tls: tls::UpstreamTls,
-        tls_timeout: Duration,
+        limits: &crate::config::Limits,
         own_listeners: Arc<Vec<SocketAddr>>,
     ) -> Self {
-        Self { resolver, pool: Pool::default(), connect_timeout, tls, tls_timeout, own_listeners }
+        Self {
+            resolver,
+            pool: Pool::default(),
+            connect_timeout: limits.connect_timeout,
+            tls,
+            tls_timeout: limits.tls_handshake_timeout,
+            response_head_timeout: limits.response_head_timeout,
+            head_watch: Default::default(),
+            own_listeners,
+        }
     }
 
     /// moat's listeners, for loop checks before any I/O.
@@ -107,7 +122,8 @@ impl Upstream {
 
     /// Sends `req` (origin-form URI, Host set) to `target`, dialling only addresses that pass
     /// `rules`. TLS upstreams get HTTP/2 when they offer it (except for upgrades), whatever
-    /// the client spoke.
+    /// the client spoke. Fails when the upstream sends no response head within
+    /// `response_head_timeout` of the request's last bytes.
     pub async fn send(
         &self,
         req: Request<Body>,
@@ -119,15 +135,18 @@ impl Upstream {
         let key = (target.host.clone(), target.port, target.https);
         let h2_ok = target.https && !is_upgrade(req.headers());
         let protocol = |e: hyper::Error| UpstreamError::Protocol(target.authority(), describe_hyper_error(&e));
-        let mut req = req;
+        let mut upload = head_wait::UploadClock::new();
+        let mut req = req.map(|body| upload.track(body));
+        // Each wait for a response head is bounded on its own (not the whole of `send`): the
+        // bound then wraps hyper's small response future rather than this one's large state.
         if h2_ok && let Some(mut conn) = self.pool.h2(&key, |peer| checked.contains(&peer.ip())) {
-            match conn.sender.try_send_request(for_h2(req, target)).await {
+            match self.head(conn.sender.try_send_request(for_h2(req, target)), &upload, target).await? {
                 Ok(resp) => return Ok(resp),
                 Err(e) => req = unsent(e).map_err(protocol)?,
             }
         }
         if let Some(mut conn) = self.pool.checkout(&key, |peer| checked.contains(&peer.ip())) {
-            match conn.sender.try_send_request(req).await {
+            match self.head(conn.sender.try_send_request(req), &upload, target).await? {
                 Ok(resp) => {
                     self.pool.put_back(key, conn);
                     return Ok(resp);
@@ -139,16 +158,36 @@ impl Upstream {
         // part of every request's future, and so of every idle connection's task.
         match Box::pin(self.dial(&checked, target, h2_ok)).await? {
             Dialed::H1(mut conn) => {
-                let resp = conn.sender.send_request(req).await.map_err(protocol)?;
+                let resp = self.head(conn.sender.send_request(req), &upload, target).await?.map_err(protocol)?;
                 self.pool.put_back(key, conn);
                 Ok(resp)
             }
             Dialed::H2(conn) => {
                 let mut sender = conn.sender.clone();
                 self.pool.add_h2(key, conn);
-                sender.send_request(for_h2(req, target)).await.map_err(protocol)
+                self.head(sender.send_request(for_h2(req, target)), &upload, target).await?.map_err(protocol)
             }
         }
+    }
+
+    /// Awaits `sending` (a response head) unless the upstream stays silent for
+    /// `response_head_timeout` after the request's last bytes.
+    async fn head<T>(
+        &self,
+        sending: impl Future<Output = T>,
+        upload: &head_wait::UploadClock,
+        target: &Target,
+    ) -> Result<T, UpstreamError> {
+        self.head_watch
+            .within(sending, upload)
+            .await
+            .ok_or_else(|| UpstreamError::ResponseTimeout(target.authority(), self.response_head_timeout))
+    }
+
+    /// Cuts off the requests whose upstream has been silent for `response_head_timeout`
+    /// (called by the worker's heartbeat, once a second).
+    pub fn expire_silent(&self) {
+        self.head_watch.expire(self.response_head_timeout);
     }
 
     fn check(&self, addrs: &[IpAddr], target: &Target, rules: &DialRules<'_>) -> Result<Vec<IpAddr>, UpstreamError> {

@@ -197,3 +197,43 @@ fn a_body_that_stalls_for_the_body_idle_timeout_is_cut_off_in_either_direction()
     let log = moat.wait_log("(response failed: the response body sent nothing for 1s");
     assert!(log.contains("(response failed: the response body sent nothing for 1s"), "{log}");
 }
+
+#[test]
+fn an_upstream_that_never_answers_is_a_504_after_the_response_head_timeout() {
+    use std::io::{Read, Write};
+    // Reads the request, then holds the connection without a byte.
+    let silent = raw_upstream(b"", true);
+    let moat = Moat::start_with(
+        r#"allowedHosts = { "127.0.0.1", "via.handler" }
+           outboundByHost = { ["via.handler"] = function(request)
+             return fetch("http://127.0.0.1:" .. request.headers:get("x-port") .. "/from-handler")
+           end }"#,
+        Some("[limits]\nresponse_head_timeout = \"1s\"\n"),
+        &[],
+        &[],
+    );
+    let url = format!("http://127.0.0.1:{silent}/");
+    let r = curl(&moat, &url, &[]);
+    assert_eq!(r.status, 504, "{}", r.body);
+    assert!(r.body.contains("limits.response_head_timeout"), "{}", r.body);
+    let r = curl(&moat, "http://via.handler/", &["-H", &format!("x-port: {silent}")]);
+    assert_eq!(r.status, 504, "{}", r.body);
+
+    // The clock starts after the upload: a body sent in pieces over ~2.5 s (longer than the
+    // limit) is not cut off while it moves; the 504 comes only once it has gone out.
+    let mut s = std::net::TcpStream::connect(moat.addr).unwrap();
+    s.write_all(format!("POST {url} HTTP/1.1\r\nContent-Length: 6\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+    s.set_nonblocking(true).unwrap();
+    for piece in ["ab", "cd", "ef"] {
+        std::thread::sleep(Duration::from_millis(850));
+        let mut early = [0u8; 64];
+        let answered = s.read(&mut early).map(|n| String::from_utf8_lossy(&early[..n]).into_owned());
+        assert!(answered.is_err(), "moat answered while the body was still moving: {answered:?}");
+        s.write_all(piece.as_bytes()).unwrap();
+    }
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 504 ") && answer.contains("limits.response_head_timeout"), "{answer}");
+}
