@@ -48,6 +48,24 @@ pub fn is_own_listener(own: &[SocketAddr], ip: IpAddr, port: u16) -> bool {
     })
 }
 
+/// Did a connection just made (`local` → `peer`) reach one of moat's wildcard listeners?
+/// The address check cannot know every address of the host (its public ones), but the
+/// kernel can: a connection to one of the host's own addresses gets that address as its
+/// source. So `local.ip() == peer.ip()` on the port of a listener bound to 0.0.0.0 / `::` is
+/// moat itself. (A listener on a fixed address is matched before dialling.)
+pub fn reached_own_listener(own: &[SocketAddr], local: SocketAddr, peer: SocketAddr) -> bool {
+    let (local_ip, peer_ip) = (local.ip().to_canonical(), peer.ip().to_canonical());
+    local_ip == peer_ip
+        && own.iter().any(|l| {
+            l.port() == peer.port()
+                && match l.ip() {
+                    // 0.0.0.0 takes IPv4 only; `::` is dual-stack unless IPV6_V6ONLY.
+                    IpAddr::V4(v4) => v4.is_unspecified() && peer_ip.is_ipv4(),
+                    IpAddr::V6(v6) => v6.is_unspecified(),
+                }
+        })
+}
+
 /// The special range an address is in, if any: these are never dialled unless allowed by an
 /// explicit IP/CIDR entry, because they reach the host, its network, or the cloud's metadata.
 pub fn special_range(ip: IpAddr) -> Option<&'static str> {
@@ -112,6 +130,22 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_connection_to_the_hosts_own_address_on_a_wildcard_listeners_port_is_moat() {
+        let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let wildcard = [sa("0.0.0.0:3128")];
+        // The host's public address: the source the kernel picked is the destination.
+        assert!(reached_own_listener(&wildcard, sa("203.0.113.5:40000"), sa("203.0.113.5:3128")));
+        // Another machine, or another port of this one.
+        assert!(!reached_own_listener(&wildcard, sa("203.0.113.5:40000"), sa("198.51.100.7:3128")));
+        assert!(!reached_own_listener(&wildcard, sa("203.0.113.5:40000"), sa("203.0.113.5:8080")));
+        // A listener on a fixed address is the pre-dial check's, and 0.0.0.0 is IPv4 only.
+        assert!(!reached_own_listener(&[sa("127.0.0.1:3128")], sa("203.0.113.5:1"), sa("203.0.113.5:3128")));
+        assert!(!reached_own_listener(&wildcard, sa("[2001:db8::1]:1"), sa("[2001:db8::1]:3128")));
+        assert!(reached_own_listener(&[sa("[::]:3128")], sa("[2001:db8::1]:1"), sa("[2001:db8::1]:3128")));
+        assert!(reached_own_listener(&[sa("[::]:3128")], sa("[::ffff:203.0.113.5]:1"), sa("203.0.113.5:3128")));
     }
 
     #[test]

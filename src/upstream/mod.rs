@@ -262,6 +262,12 @@ impl Upstream {
                 Err(_) => return Err(UpstreamError::ConnectTimeout(target.authority())),
                 Ok(Err(e)) => last_err = format!("{peer}: {e}"),
                 Ok(Ok(stream)) => {
+                    if stream
+                        .local_addr()
+                        .is_ok_and(|local| addr::reached_own_listener(&self.own_listeners, local, peer))
+                    {
+                        return Err(UpstreamError::Loop(target.authority()));
+                    }
                     let _ = stream.set_nodelay(true);
                     return Ok((stream, peer));
                 }
