@@ -117,6 +117,8 @@ pub enum CollectError {
 pub struct StallLimit<B> {
     inner: B,
     limit: Duration,
+    /// Set when the limit fired, for a caller that answers differently then (HTTP/2: 408).
+    fired: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     /// Armed when a poll finds no data, disarmed by the next frame; made on first need, so
     /// a body that is always ready (most small responses) never touches the timer wheel.
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -127,7 +129,13 @@ pub struct StallLimit<B> {
 
 impl<B> StallLimit<B> {
     pub fn new(inner: B, limit: Duration, who: &'static str) -> Self {
-        Self { inner, limit, timer: None, waiting: false, who }
+        Self { inner, limit, fired: None, timer: None, waiting: false, who }
+    }
+
+    /// Also sets `flag` when the limit fires.
+    pub fn flag_on_stall(mut self, flag: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.fired = Some(flag);
+        self
     }
 }
 
@@ -155,6 +163,9 @@ where
                 }
                 match timer.as_mut().poll(cx) {
                     Poll::Ready(()) => {
+                        if let Some(flag) = &this.fired {
+                            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
                         let (who, limit) = (this.who, this.limit);
                         Poll::Ready(Some(Err(
                             format!("{who} sent nothing for {limit:?} (limits.body_idle_timeout)").into()

@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -200,10 +200,19 @@ async fn h2_request(
     let is_head = head.method == http::Method::HEAD;
     let up = Arc::new(AtomicU64::new(0));
     let idle = worker.shared.config.limits.body_idle_timeout;
-    let incoming = StallLimit::new(incoming, idle, "the client");
+    let stalled = Arc::new(AtomicBool::new(false));
+    let incoming = StallLimit::new(incoming, idle, "the client").flag_on_stall(stalled.clone());
     let body = crate::body::boxed(Counted { inner: incoming, count: up.clone() });
     let Exchange { response, mut log } = handle(worker, class, head, body, Some(tunnel)).await;
     let mut response = response;
+    if stalled.load(Ordering::Relaxed) {
+        // As over HTTP/1.1: a client that stopped sending its body gets 408, whatever the
+        // handler or the upstream made of the failed stream.
+        let msg = format!("the client sent no body bytes for {idle:?} (limits.body_idle_timeout)");
+        response = answer::text(StatusCode::REQUEST_TIMEOUT, format!("moat: {msg}"));
+        log.status = 408;
+        log.detail = msg;
+    }
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         // HTTP/2 has no Upgrade; a WebSocket client uses HTTP/1.1 for it.
         log.decision = "error";

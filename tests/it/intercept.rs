@@ -352,3 +352,55 @@ outboundByHost = {{ ["stall.test"] = function() return fetch("http://127.0.0.1:{
     assert_eq!(String::from_utf8_lossy(&out.stdout), "half.");
     assert!(started.elapsed() < Duration::from_secs(10), "cut off by the 1 s limit, not curl's 15 s");
 }
+
+#[test]
+fn an_http2_request_body_that_stalls_is_a_408_as_over_http1() {
+    let policy = r#"interceptHttps = true
+outboundByHost = { ["upload.test"] = function(request) return Response.new("got " .. request:text()) end }"#;
+    let moat = Moat::start_with(policy, Some("[limits]\nbody_idle_timeout = \"1s\"\n"), &[], &[]);
+    let mut tls = tls_through(&moat, "upload.test", 443, b"h2");
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| -> Vec<u8> {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend([kind, flags]);
+        f.extend(stream.to_be_bytes());
+        f.extend(payload);
+        f
+    };
+    // HPACK without Huffman: :method PUT (literal, name index 2), :scheme https (index 7),
+    // :path / (index 4), :authority upload.test (literal, name index 1).
+    let mut block = vec![0x02, 3];
+    block.extend(b"PUT");
+    block.extend([0x87, 0x84, 0x01, 11]);
+    block.extend(b"upload.test");
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(0x4, 0, 0, &[]));
+    out.extend(frame(0x1, 0x4, 1, &block)); // HEADERS, END_HEADERS, the stream stays open
+    out.extend(frame(0x0, 0, 1, b"abc")); // three body bytes, then nothing
+    tls.write_all(&out).unwrap();
+    // Read frames until stream 1 ends; acknowledge the server's SETTINGS on the way.
+    let mut body = Vec::new();
+    let mut header_frames = 0;
+    loop {
+        let mut head = [0u8; 9];
+        tls.read_exact(&mut head).expect("moat answers before the test's read timeout");
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let (kind, flags, stream) = (head[3], head[4], u32::from_be_bytes([head[5], head[6], head[7], head[8]]));
+        let mut payload = vec![0u8; len];
+        tls.read_exact(&mut payload).unwrap();
+        match kind {
+            0x4 if flags & 0x1 == 0 => tls.write_all(&frame(0x4, 0x1, 0, &[])).unwrap(),
+            0x1 if stream == 1 => header_frames += 1,
+            0x0 if stream == 1 => body.extend(payload),
+            0x3 if stream == 1 => panic!("stream reset before an answer"),
+            _ => {}
+        }
+        if stream == 1 && flags & 0x1 != 0 && (kind == 0x0 || kind == 0x1) {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(header_frames, 1);
+    assert!(text.contains("limits.body_idle_timeout"), "{text:?}");
+    let log = moat.wait_log("status=408");
+    assert!(log.lines().any(|l| l.contains("host=\"upload.test\"") && l.contains("status=408")), "{log}");
+}
