@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::answer;
-use super::h1::{ConnReader, RequestHead, WriteOptions, write_response};
+use super::h1::{ConnReader, Framing, RequestHead, WriteOptions, write_response};
 use super::request::{LogLine, identify};
 use super::worker::Worker;
 use crate::policy::decide::{effective_allowed, effective_denied};
@@ -145,6 +145,12 @@ fn prepare(
         log.detail = msg.to_string();
         Box::new(answer::text(StatusCode::BAD_REQUEST, format!("moat: {msg}")))
     };
+    // RFC 9110 §9.3.6: a CONNECT has no content; what follows the head is the tunnel. A
+    // client that frames a body anyway is ambiguous (is it body or tunnel data?), and a proxy
+    // in front of moat may read it one way while moat reads it the other (SPEC 8.6).
+    if !matches!(head.framing, Framing::None | Framing::Length(0)) {
+        return Err(bad(log, "CONNECT with a body (Content-Length or Transfer-Encoding) is ambiguous framing"));
+    }
     let (host, port) = split_authority(&head.target).map_err(|e| bad(log, &e.to_string()))?;
     let port = port.ok_or_else(|| bad(log, "CONNECT needs host:port"))?;
     let host = CanonicalHost::parse(host).map_err(|e| bad(log, &e.to_string()))?;

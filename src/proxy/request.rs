@@ -139,10 +139,12 @@ async fn run(
     log.container = container.to_string();
 
     if head.method == http::Method::CONNECT {
+        // Only reached inside a tunnel (the listener hands a CONNECT to `connect::serve`): a
+        // tunnel reaches its one host, it does not open others.
         return fail(
             log,
-            StatusCode::NOT_IMPLEMENTED,
-            "CONNECT (HTTPS tunnels) is not supported by this version of moat".into(),
+            StatusCode::BAD_REQUEST,
+            "CONNECT inside a tunnel is not allowed; send each CONNECT to the proxy itself".into(),
         );
     }
     // Where: the absolute-form target, whose authority wins over Host (SPEC 8.2); inside a

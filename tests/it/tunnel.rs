@@ -226,6 +226,34 @@ outboundByHost = {
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     assert!(out.starts_with("HTTP/1.1 200 Connection Established") && out.contains("HTTP/1.1 400 "), "{out}");
+    // A CONNECT inside the tunnel does not open another one.
+    let mut s = TcpStream::connect(moat.addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    write!(s, "CONNECT api.test:{port} HTTP/1.1\r\n\r\nCONNECT 127.0.0.1:{port} HTTP/1.1\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let inner = out.strip_prefix("HTTP/1.1 200 Connection Established\r\n\r\n").unwrap_or_else(|| panic!("{out}"));
+    assert!(inner.starts_with("HTTP/1.1 400 ") && inner.contains("CONNECT inside a tunnel"), "{out}");
+}
+
+#[test]
+fn a_connect_that_frames_a_body_is_400_and_opens_nothing() {
+    let (echo, count) = echo_server();
+    let moat = Moat::start(&format!(r#"allowedHosts = {{ "127.0.0.1:{}" }}"#, echo.port()));
+    // Body or tunnel data? A proxy in front of moat may read the bytes one way, moat the other.
+    for framing in ["Content-Length: 5\r\n\r\nhello", "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"] {
+        let out = raw(&moat, format!("CONNECT {echo} HTTP/1.1\r\n{framing}").as_bytes());
+        assert!(out.starts_with("HTTP/1.1 400 ") && out.contains("ambiguous framing"), "{out}");
+    }
+    assert_eq!(count.load(Ordering::SeqCst), 0, "nothing dialled");
+    // An explicit empty body is no body.
+    let mut s = TcpStream::connect(moat.addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(3))).unwrap();
+    write!(s, "CONNECT {echo} HTTP/1.1\r\nContent-Length: 0\r\n\r\n").unwrap();
+    let mut head = [0u8; 39];
+    s.read_exact(&mut head).unwrap();
+    assert!(head.starts_with(b"HTTP/1.1 200 "), "{}", String::from_utf8_lossy(&head));
 }
 
 #[test]
