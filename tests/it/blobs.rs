@@ -86,6 +86,9 @@ fn bucket_calls_and_edge_cases() {
     // Range reads.
     assert_eq!(r2(&moat, "a1:", "docs/readme.txt?offset=6", &[]).body, "blob");
     assert_eq!(r2(&moat, "a1:", "docs/readme.txt?offset=2&length=3", &[]).body, "llo");
+    let negative = r2(&moat, "a1:", "docs/readme.txt?offset=-1", &[]);
+    assert_eq!(negative.status, 500);
+    assert!(moat.wait_log("range.offset must be a whole number").contains("range.offset must be a whole number ≥ 0"));
     // Another container has its own folder.
     assert_eq!(r2(&moat, "b2:", "docs/readme.txt", &[]).status, 404);
     // Listing: prefix, delimiter, cursor pagination (pages of 2).

@@ -78,7 +78,11 @@ impl UserData for LuaBucket {
                 let Some(r) = opts.map(|o| o.get::<Option<Table>>("range")).transpose()?.flatten() else {
                     return Ok(None);
                 };
-                Ok(Some((r.get::<Option<u64>>("offset")?.unwrap_or(0), r.get::<Option<u64>>("length")?)))
+                let field = |name: &str| {
+                    r.get::<Option<u64>>(name)
+                        .map_err(|_| mlua::Error::runtime(format!("get: range.{name} must be a whole number ≥ 0")))
+                };
+                Ok(Some((field("offset")?.unwrap_or(0), field("length")?)))
             })();
             async move { get(b, key, range?).await }
         });
