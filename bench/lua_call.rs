@@ -84,6 +84,7 @@ fn main() {
             UpstreamTls::new(&[]).unwrap(),
             &limits,
             Arc::new(Vec::new()),
+            Default::default(),
         ));
         let runtime =
             ClassRuntime::build(generation, upstream.clone(), Rc::new(NoSink), &limits, &Default::default()).unwrap();

@@ -5,11 +5,10 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
-
 use tokio::sync::mpsc;
 
 use super::state::Shared;
+use crate::rt::{HEARTBEAT, Ticks};
 use crate::script::ClassRuntime;
 use crate::upstream::{Upstream, resolve::Resolver};
 
@@ -23,6 +22,8 @@ pub struct Handoff {
 pub struct Worker {
     pub shared: Arc<Shared>,
     pub upstream: Rc<Upstream>,
+    /// The heartbeat clock (shared with `upstream`).
+    pub ticks: Rc<Ticks>,
     runtimes: RefCell<HashMap<usize, Rc<ClassRuntime>>>,
 }
 
@@ -70,14 +71,13 @@ impl crate::script::api::container::OverrideSink for StoreSink {
     }
 }
 
-/// How often a worker's timer driver wakes even when idle (see [`heartbeat`]).
-const TIMER_HEARTBEAT: Duration = Duration::from_secs(1);
 /// Every how many heartbeats idle upstream connections are swept.
 const SWEEP_EVERY: u64 = 15;
 
-/// A worker's housekeeping tick: cuts off requests whose upstream stays silent past
-/// `response_head_timeout` (each beat), sweeps idle upstream connections every [`SWEEP_EVERY`]
-/// beats, and keeps a timer due within [`TIMER_HEARTBEAT`] on this worker at all times.
+/// A worker's housekeeping tick (every [`HEARTBEAT`]): advances the worker's [`Ticks`], on
+/// which the coarse bounds of requests wait (response head, client gone), sweeps idle
+/// upstream connections every [`SWEEP_EVERY`] beats, and keeps a timer due within a heartbeat
+/// on this worker at all times.
 ///
 /// Every request arms timers (idle, request head, handler); tokio's timer driver writes its
 /// eventfd (a syscall, and an extra wake of the event loop) whenever a new timer is due before
@@ -85,14 +85,14 @@ const SWEEP_EVERY: u64 = 15;
 /// timer. Under load that was one `write` per five requests. With this heartbeat the planned
 /// wake is always at most a second away, so only timers shorter than that (small configured
 /// limits) still need the eventfd. Costs one wake per second per worker.
-async fn heartbeat(upstream: Rc<Upstream>) {
-    let mut beat = tokio::time::interval(TIMER_HEARTBEAT);
+async fn heartbeat(worker: Rc<Worker>) {
+    let mut beat = tokio::time::interval(HEARTBEAT);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for n in 1u64.. {
         beat.tick().await;
-        upstream.expire_silent();
+        worker.ticks.advance();
         if n % SWEEP_EVERY == 0 {
-            upstream.sweep_idle();
+            worker.upstream.sweep_idle();
         }
     }
 }
@@ -104,17 +104,20 @@ pub fn spawn(index: usize, shared: Arc<Shared>) -> std::io::Result<mpsc::Unbound
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("worker runtime");
         let local = tokio::task::LocalSet::new();
         local.block_on(&rt, async move {
+            let ticks = Rc::new(Ticks::default());
             let upstream = Rc::new(Upstream::new(
                 Resolver::new(shared.dns_hosts.clone()),
                 shared.upstream_tls.clone(),
                 &shared.config.limits,
                 shared.own_listeners.clone(),
+                ticks.clone(),
             ));
-            let worker = Rc::new(Worker { shared: shared.clone(), upstream, runtimes: RefCell::new(HashMap::new()) });
+            let worker =
+                Rc::new(Worker { shared: shared.clone(), upstream, ticks, runtimes: RefCell::new(HashMap::new()) });
             for class in 0..shared.classes.len() {
                 let _ = worker.runtime(class);
             }
-            tokio::task::spawn_local(heartbeat(worker.upstream.clone()));
+            tokio::task::spawn_local(heartbeat(worker.clone()));
             while let Some(h) = rx.recv().await {
                 let worker = worker.clone();
                 tokio::task::spawn_local(async move {

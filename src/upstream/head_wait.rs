@@ -5,12 +5,11 @@
 //! bytes is cut off. Without this bound an upstream that never answers would hold the request
 //! task, its upstream connection and (HTTP/1.1) the client connection for ever.
 
-use std::cell::RefCell;
 use std::future::Future;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,9 +17,9 @@ use http_body::{Frame, SizeHint};
 use tokio::time::Instant;
 
 use crate::body::{Body, BoxError};
+use crate::rt::{HEARTBEAT, Ticks};
 
 /// When a request body last yielded a frame (or ended), as time since `start`.
-#[derive(Clone)]
 pub struct UploadClock {
     start: Instant,
     /// Set only for a request with a body; the body may be polled on the connection's task.
@@ -79,91 +78,21 @@ impl http_body::Body for Tracked {
     }
 }
 
-/// The response heads a worker is waiting for, checked by the worker's heartbeat (once a
-/// second) instead of a timer per request: a tokio timer armed and cancelled for every
-/// request cost 2–5 % of moat's CPU per request, for a bound of minutes.
-#[derive(Default)]
-pub struct HeadWatch {
-    slots: RefCell<Vec<Slot>>,
-    free: RefCell<Vec<usize>>,
-}
-
-#[derive(Default)]
-struct Slot {
-    /// The start of the request and its body's progress; `None` when the slot is free.
-    clock: Option<UploadClock>,
-    waker: Option<Waker>,
-    expired: bool,
-}
-
-impl HeadWatch {
-    /// Runs `send` (which resolves with the response head) until it finishes or nothing has
-    /// moved for `limit` (no response head, no request body frame), checked at each
-    /// [`HeadWatch::expire`]. `None` when cut off.
-    pub async fn within<F: Future>(&self, send: F, upload: &UploadClock) -> Option<F::Output> {
-        let mut send = pin!(send);
-        let mut registered: Option<Registered<'_>> = None;
-        std::future::poll_fn(|cx| {
-            if let Poll::Ready(out) = send.as_mut().poll(cx) {
-                return Poll::Ready(Some(out));
-            }
-            let reg = registered.get_or_insert_with(|| self.register(upload.clone()));
-            let mut slots = self.slots.borrow_mut();
-            let slot = &mut slots[reg.index];
-            if slot.expired {
-                return Poll::Ready(None);
-            }
-            match &slot.waker {
-                Some(w) if w.will_wake(cx.waker()) => {}
-                _ => slot.waker = Some(cx.waker().clone()),
-            }
-            Poll::Pending
-        })
-        .await
-    }
-
-    /// Marks every wait that has seen nothing for `limit` as expired and wakes it.
-    pub fn expire(&self, limit: Duration) {
-        let now = Instant::now();
-        for slot in self.slots.borrow_mut().iter_mut() {
-            if let Some(clock) = &slot.clock
-                && !slot.expired
-                && clock.last() + limit <= now
-            {
-                slot.expired = true;
-                if let Some(w) = slot.waker.take() {
-                    w.wake();
-                }
-            }
+/// Runs `send` (which resolves with the response head) until it finishes or nothing has
+/// moved for `limit`: no response head and no request body frame. Checked on the worker's
+/// heartbeats (a timer per request would be armed and cancelled for every request, for a
+/// bound of minutes). `None` when cut off.
+pub async fn within<F: Future>(send: F, upload: &UploadClock, limit: Duration, ticks: &Ticks) -> Option<F::Output> {
+    let mut send = pin!(send);
+    loop {
+        let left = (upload.last() + limit).saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
         }
-    }
-
-    fn register(&self, clock: UploadClock) -> Registered<'_> {
-        let slot = Slot { clock: Some(clock), waker: None, expired: false };
-        let mut slots = self.slots.borrow_mut();
-        let index = match self.free.borrow_mut().pop() {
-            Some(i) => {
-                slots[i] = slot;
-                i
-            }
-            None => {
-                slots.push(slot);
-                slots.len() - 1
-            }
-        };
-        Registered { watch: self, index }
-    }
-}
-
-/// A wait's slot, freed when the wait ends or is dropped.
-struct Registered<'a> {
-    watch: &'a HeadWatch,
-    index: usize,
-}
-
-impl Drop for Registered<'_> {
-    fn drop(&mut self) {
-        self.watch.slots.borrow_mut()[self.index] = Slot::default();
-        self.watch.free.borrow_mut().push(self.index);
+        tokio::select! {
+            biased;
+            out = &mut send => return Some(out),
+            () = ticks.after(Ticks::beats_covering(left, HEARTBEAT)) => {}
+        }
     }
 }

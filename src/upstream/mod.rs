@@ -9,6 +9,7 @@ pub mod tls;
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,7 @@ use tokio::net::TcpStream;
 
 use crate::body::Body;
 use crate::policy::{CanonicalHost, HostList};
+use crate::rt::Ticks;
 use addr::{AddressRules, Refusal};
 use pool::{Pool, Pooled, Shared2};
 
@@ -86,7 +88,8 @@ pub struct Upstream {
     tls: tls::UpstreamTls,
     tls_timeout: Duration,
     response_head_timeout: Duration,
-    head_watch: head_wait::HeadWatch,
+    /// The worker's heartbeat clock, which bounds the response-head wait.
+    ticks: Rc<Ticks>,
     own_listeners: Arc<Vec<SocketAddr>>,
 }
 
@@ -97,6 +100,7 @@ impl Upstream {
         tls: tls::UpstreamTls,
         limits: &crate::config::Limits,
         own_listeners: Arc<Vec<SocketAddr>>,
+        ticks: Rc<Ticks>,
     ) -> Self {
         Self {
             resolver,
@@ -105,7 +109,7 @@ impl Upstream {
             tls,
             tls_timeout: limits.tls_handshake_timeout,
             response_head_timeout: limits.response_head_timeout,
-            head_watch: Default::default(),
+            ticks,
             own_listeners,
         }
     }
@@ -178,16 +182,9 @@ impl Upstream {
         upload: &head_wait::UploadClock,
         target: &Target,
     ) -> Result<T, UpstreamError> {
-        self.head_watch
-            .within(sending, upload)
+        head_wait::within(sending, upload, self.response_head_timeout, &self.ticks)
             .await
             .ok_or_else(|| UpstreamError::ResponseTimeout(target.authority(), self.response_head_timeout))
-    }
-
-    /// Cuts off the requests whose upstream has been silent for `response_head_timeout`
-    /// (called by the worker's heartbeat, once a second).
-    pub fn expire_silent(&self) {
-        self.head_watch.expire(self.response_head_timeout);
     }
 
     fn check(&self, addrs: &[IpAddr], target: &Target, rules: &DialRules<'_>) -> Result<Vec<IpAddr>, UpstreamError> {
