@@ -1,6 +1,7 @@
 //! One client connection on the explicit listener: read a request, decide, answer, repeat
 //! while the connection is kept alive.
 
+use std::cell::RefCell;
 use std::pin::pin;
 use std::rc::Rc;
 use std::time::Instant;
@@ -11,9 +12,10 @@ use tokio::net::TcpStream;
 
 use super::answer;
 use super::h1::{BodyError, ConnReader, Framing, HeadError, RequestHead, WriteOptions, write_response};
-use super::request::{Exchange, Tunnel, handle};
+use super::request::{Tunnel, new_log, respond};
 use super::worker::Worker;
 use crate::body::{self, ChannelBody};
+use crate::config::Limits;
 
 pub async fn serve(worker: Rc<Worker>, stream: TcpStream, class: usize) {
     let _ = stream.set_nodelay(true);
@@ -121,18 +123,39 @@ where
         };
 
         let body_before = reader.body_bytes();
-        // The body is fed from the connection while the request is handled *and* while the
-        // response is written: a handler may stream the request body into its response
-        // (`Response.new(request.body)`), or an upstream may answer before reading it all.
-        // Boxed, only for requests with a body, so that it can outlive the handling phase.
-        let mut body = Pumped { running: tx.is_some(), complete: tx.is_none(), error: None };
-        let mut pump = tx.map(|tx| Box::pin(reader.pump_body(framing, tx, limits.body_idle_timeout)));
+        // The client side of the connection while the request is handled and answered: the
+        // body is fed from it *also* while the response is written (a handler may stream the
+        // request body into its response, `Response.new(request.body)`, or an upstream may
+        // answer before reading it all); then, once the request has waited a heartbeat or two,
+        // it watches for the client closing the connection. Boxed per request, so that it can
+        // outlive the handling phase and be dropped before the reader is used again.
+        let pumped = RefCell::new(Pumped { complete: tx.is_none(), error: None });
+        let mut client = Box::pin(client_side(&mut reader, tx.map(|tx| (framing, tx)), &pumped, worker, &limits));
+        let mut log = new_log(worker, class, &head.method, tunnel.as_ref());
         // Boxed per request: the handling state (handler call, upstream send) is several KiB,
         // and inline it would be held by every idle keep-alive connection's task.
-        let handling = Box::pin(handle(worker, class, head, request_body, tunnel.as_ref()));
-        let exchange = while_pumping(handling, &mut pump, &mut body).await;
-        let Exchange { mut response, mut log } = exchange;
-        if let Some(e) = &body.error {
+        let handling = Box::pin(respond(worker, class, head, request_body, tunnel.as_ref(), &mut log));
+        let answered = tokio::select! {
+            biased;
+            response = handling => Some(response),
+            () = &mut client => None,
+        };
+        let Some(mut response) = answered else {
+            // Nobody is left to answer: dropping the handling cancels its handler and upstream
+            // request (an upstream still working on it sees its connection close).
+            drop(client);
+            log.status = CLIENT_CLOSED;
+            log.add_failure("request", &"the client closed the connection before the answer");
+            log.duration = started.elapsed();
+            log.bytes_up = reader.body_bytes() - body_before;
+            log.emit();
+            log.record(&worker.shared.metrics);
+            return None;
+        };
+        // How the body went so far; a pump still running now leaves `complete` false.
+        let Pumped { complete: body_complete, error: body_error } =
+            pumped.replace(Pumped { complete: false, error: None });
+        if let Some(e) = &body_error {
             // A malformed or cut-off body is the client's error, whatever the handler or the
             // upstream made of the failed stream (SPEC 8.6: 400 and the connection closed).
             let status =
@@ -141,10 +164,10 @@ where
             log.status = status.as_u16();
             log.detail = e.to_string();
         }
-        if response.status() == http::StatusCode::SWITCHING_PROTOCOLS && client_upgrade && body.complete {
+        if response.status() == http::StatusCode::SWITCHING_PROTOCOLS && client_upgrade && body_complete {
             // The upstream agreed to switch protocols (WebSocket): relay the 101, then both
             // directions byte for byte until either side closes.
-            drop(pump);
+            drop(client);
             relay_upgrade(response, reader, writer, &mut log, started).await;
             log.emit();
             log.record(&worker.shared.metrics);
@@ -152,17 +175,29 @@ where
         }
         // Whether the body will have been read to its end is not known yet when it is still
         // being pumped: such a response closes the connection.
-        let keep_alive = client_keep_alive && body.complete && body.error.is_none();
+        let keep_alive = client_keep_alive && body_complete && body_error.is_none();
         let options = WriteOptions { version, head_request: is_head, keep_alive, stall: limits.body_idle_timeout };
-        let written = while_pumping(write_response(&mut writer, response, options), &mut pump, &mut body).await;
+        // A client that closes its side now may still read the answer (a half-close): keep
+        // writing; a write to a client that is gone fails by itself.
+        let mut client_closed = false;
+        let written = {
+            let mut writing = pin!(write_response(&mut writer, response, options));
+            loop {
+                tokio::select! {
+                    biased;
+                    written = &mut writing => break written,
+                    () = &mut client, if !client_closed => client_closed = true,
+                }
+            }
+        };
         // Whatever is left of a body nobody reads is not read: the connection closes.
-        drop(pump);
+        drop(client);
         log.duration = started.elapsed();
         log.bytes_down = written.bytes;
         let keep = written.outcome.unwrap_or_else(|e| {
             log.add_failure("response", &e);
             false
-        });
+        }) && !client_closed;
         log.bytes_up = reader.body_bytes() - body_before;
         log.emit();
         log.record(&worker.shared.metrics);
@@ -173,42 +208,48 @@ where
     }
 }
 
-/// How pumping a request body goes.
+/// The access-log status of a request whose client closed the connection before the
+/// answer (nothing was sent; nginx's convention).
+pub const CLIENT_CLOSED: u16 = 499;
+
+/// How many heartbeats a request waits before its connection is watched for the client
+/// closing it: a watch costs a read on the connection, which most requests, answered within
+/// a second, never need.
+const CLIENT_WATCH_BEATS: u64 = 2;
+
+/// How pumping a request body went.
 struct Pumped {
-    /// The pump has not finished yet.
-    running: bool,
     /// Read to its end: the connection can carry another request.
     complete: bool,
     error: Option<BodyError>,
 }
 
-impl Pumped {
-    fn record(&mut self, r: Result<bool, BodyError>) {
-        self.running = false;
-        match r {
-            Ok(done) => self.complete = done,
-            Err(e) => self.error = Some(e),
+/// The client side of a request: pumps its body (if any) into `tx`, recording how that went
+/// in `pumped`; then, once the request has waited [`CLIENT_WATCH_BEATS`] heartbeats,
+/// completes when the client closes the connection. Pends for ever otherwise.
+async fn client_side<R: AsyncRead + Unpin>(
+    reader: &mut ConnReader<R>,
+    body: Option<(Framing, tokio::sync::mpsc::Sender<Result<bytes::Bytes, body::BoxError>>)>,
+    pumped: &RefCell<Pumped>,
+    worker: &Worker,
+    limits: &Limits,
+) {
+    if let Some((framing, tx)) = body {
+        let complete = match reader.pump_body(framing, tx, limits.body_idle_timeout).await {
+            Ok(complete) => complete,
+            Err(e) => {
+                pumped.borrow_mut().error = Some(e);
+                false
+            }
+        };
+        pumped.borrow_mut().complete = complete;
+        if !complete {
+            // The rest of the connection is unread: it closes after this request anyway.
+            return std::future::pending().await;
         }
     }
-}
-
-/// Runs `work` to its end while also driving the request-body pump, if it is still running.
-async fn while_pumping<F, P>(work: F, pump: &mut Option<std::pin::Pin<Box<P>>>, body: &mut Pumped) -> F::Output
-where
-    F: std::future::Future,
-    P: std::future::Future<Output = Result<bool, BodyError>>,
-{
-    let mut work = pin!(work);
-    match pump.as_mut() {
-        Some(p) if body.running => loop {
-            tokio::select! {
-                biased;
-                out = &mut work => break out,
-                r = &mut *p, if body.running => body.record(r),
-            }
-        },
-        _ => work.await,
-    }
+    worker.ticks.after(CLIENT_WATCH_BEATS).await;
+    reader.closed().await
 }
 
 /// Writes a `101 Switching Protocols` and bridges the client with the upgraded upstream.

@@ -93,6 +93,16 @@ impl<R: AsyncRead + Unpin> ConnReader<R> {
         Ok(self.io.read_buf(&mut self.buf).await? > 0)
     }
 
+    /// Completes when the client closes its side of the connection (or it fails). Bytes that
+    /// arrive instead (a pipelined request) stay buffered for the next request, and then this
+    /// pends for ever: whether the client is still there cannot be told without reading on.
+    pub async fn closed(&mut self) {
+        if self.buf.is_empty() && matches!(self.io.read_buf(&mut self.buf).await, Ok(0) | Err(_)) {
+            return;
+        }
+        std::future::pending().await
+    }
+
     /// Reads and parses one request head of at most `limit` bytes.
     pub async fn read_head(&mut self, limit: usize) -> Result<RequestHead, HeadError> {
         let mut scanned = 0;

@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 
 use super::answer;
 use super::h1::{ConnReader, Framing, RequestHead};
-use super::request::{Exchange, LogLine, Tunnel, handle};
+use super::request::{LogLine, Tunnel, new_log, respond};
 use super::state::Shared;
 use super::worker::Worker;
 use crate::body::{Body, BoxError, StallLimit};
@@ -203,8 +203,16 @@ async fn h2_request(
     let stalled = Arc::new(AtomicBool::new(false));
     let incoming = StallLimit::new(incoming, idle, "the client").flag_on_stall(stalled.clone());
     let body = crate::body::boxed(Counted { inner: incoming, count: up.clone() });
-    let Exchange { response, mut log } = handle(worker, class, head, body, Some(tunnel)).await;
-    let mut response = response;
+    // hyper drops this future when the client resets the stream: the guard still logs it.
+    let mut unanswered = Unanswered {
+        log: Some(new_log(worker, class, &head.method, Some(tunnel))),
+        started,
+        shared: &worker.shared,
+        up: up.clone(),
+    };
+    let in_progress = unanswered.log.as_mut().expect("set above");
+    let mut response = respond(worker, class, head, body, Some(tunnel), in_progress).await;
+    let mut log = unanswered.log.take().expect("still set");
     if stalled.load(Ordering::Relaxed) {
         // As over HTTP/1.1: a client that stopped sending its body gets 408, whatever the
         // handler or the upstream made of the failed stream.
@@ -232,6 +240,28 @@ async fn h2_request(
         };
     }
     logged(response, log, up, started, shared, stream)
+}
+
+/// The log line of an HTTP/2 request while it is handled; logged as 499 if the request is
+/// dropped before its answer (the client reset the stream or closed the connection).
+struct Unanswered<'a> {
+    log: Option<LogLine>,
+    started: Instant,
+    shared: &'a Shared,
+    up: Arc<AtomicU64>,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if let Some(mut log) = self.log.take() {
+            log.status = super::conn::CLIENT_CLOSED;
+            log.add_failure("request", &"the client cancelled the stream before the answer");
+            log.duration = self.started.elapsed();
+            log.bytes_up = self.up.load(Ordering::Relaxed);
+            log.emit();
+            log.record(&self.shared.metrics);
+        }
+    }
 }
 
 fn logged(

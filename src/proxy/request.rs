@@ -94,18 +94,35 @@ pub struct Tunnel {
 
 /// Handles one request; never fails (every failure is an answer).
 pub async fn handle(worker: &Worker, class: usize, head: RequestHead, body: Body, tunnel: Option<&Tunnel>) -> Exchange {
-    let shared = &worker.shared;
-    let class_shared = &shared.classes[class];
-    let mut log = LogLine {
-        request_id: shared.next_request_id(),
-        class: class_shared.config.name.clone(),
-        method: head.method.clone(),
+    let mut log = new_log(worker, class, &head.method, tunnel);
+    let response = respond(worker, class, head, body, tunnel, &mut log).await;
+    Exchange { response, log }
+}
+
+/// The log line of a new request, before anything is known but who asked how.
+pub fn new_log(worker: &Worker, class: usize, method: &http::Method, tunnel: Option<&Tunnel>) -> LogLine {
+    LogLine {
+        request_id: worker.shared.next_request_id(),
+        class: worker.shared.classes[class].config.name.clone(),
+        method: method.clone(),
         scheme: tunnel.map_or("http", |t| t.target.scheme()),
         ..Default::default()
-    };
-    let response = run(worker, class, head, body, tunnel, &mut log).await;
+    }
+}
+
+/// [`handle`] with a log line the caller keeps: a caller that gives up on the request
+/// (the client went away) still has what was decided so far to log.
+pub async fn respond(
+    worker: &Worker,
+    class: usize,
+    head: RequestHead,
+    body: Body,
+    tunnel: Option<&Tunnel>,
+    log: &mut LogLine,
+) -> Response<Body> {
+    let response = run(worker, class, head, body, tunnel, log).await;
     log.status = response.status().as_u16();
-    Exchange { response, log }
+    response
 }
 
 async fn run(

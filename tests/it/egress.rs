@@ -237,3 +237,55 @@ fn an_upstream_that_never_answers_is_a_504_after_the_response_head_timeout() {
     let _ = s.read_to_string(&mut answer);
     assert!(answer.starts_with("HTTP/1.1 504 ") && answer.contains("limits.response_head_timeout"), "{answer}");
 }
+
+/// An upstream that reads one request per connection and never answers; each connection's
+/// end (the proxy closing it) is reported on the channel.
+fn silent_upstream() -> (u16, std::sync::mpsc::Receiver<()>) {
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for mut c in listener.incoming().flatten() {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let _ = c.read(&mut buf);
+                while matches!(c.read(&mut buf), Ok(n) if n > 0) {}
+                let _ = tx.send(());
+            });
+        }
+    });
+    (port, rx)
+}
+
+#[test]
+fn a_client_that_goes_away_cancels_its_waiting_request_upstream() {
+    use std::io::Write;
+    let (port, ended) = silent_upstream();
+    let moat = Moat::start_with(
+        r#"allowedHosts = { "127.0.0.1", "via.handler" }
+           outboundByHost = { ["via.handler"] = function(request)
+             return fetch("http://127.0.0.1:" .. request.headers:get("x-port") .. "/from-handler")
+           end }"#,
+        // Long bounds: what ends the upstream request here is the client leaving.
+        Some("[limits]\nresponse_head_timeout = \"5m\"\nhandler_timeout = \"5m\"\n"),
+        &[],
+        &[],
+    );
+    for (request, path) in [
+        (format!("GET http://127.0.0.1:{port}/egress HTTP/1.1\r\n\r\n"), "path=\"/egress\""),
+        (format!("GET http://via.handler/handler HTTP/1.1\r\nx-port: {port}\r\n\r\n"), "path=\"/handler\""),
+    ] {
+        let mut s = std::net::TcpStream::connect(moat.addr).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        drop(s);
+        // The upstream sees its connection closed (within the watch's heartbeats, long before
+        // any limit), and the access log says why.
+        ended.recv_timeout(Duration::from_secs(20)).expect("the upstream connection is closed");
+        let log = moat.wait_log("status=499");
+        let line = log.lines().find(|l| l.contains(path) && l.contains("status=499"));
+        assert!(line.is_some_and(|l| l.contains("the client closed the connection before the answer")), "{log}");
+    }
+}

@@ -359,22 +359,10 @@ fn an_http2_request_body_that_stalls_is_a_408_as_over_http1() {
 outboundByHost = { ["upload.test"] = function(request) return Response.new("got " .. request:text()) end }"#;
     let moat = Moat::start_with(policy, Some("[limits]\nbody_idle_timeout = \"1s\"\n"), &[], &[]);
     let mut tls = tls_through(&moat, "upload.test", 443, b"h2");
-    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| -> Vec<u8> {
-        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
-        f.extend([kind, flags]);
-        f.extend(stream.to_be_bytes());
-        f.extend(payload);
-        f
-    };
-    // HPACK without Huffman: :method PUT (literal, name index 2), :scheme https (index 7),
-    // :path / (index 4), :authority upload.test (literal, name index 1).
-    let mut block = vec![0x02, 3];
-    block.extend(b"PUT");
-    block.extend([0x87, 0x84, 0x01, 11]);
-    block.extend(b"upload.test");
+    let frame = h2_frame;
     let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     out.extend(frame(0x4, 0, 0, &[]));
-    out.extend(frame(0x1, 0x4, 1, &block)); // HEADERS, END_HEADERS, the stream stays open
+    out.extend(frame(0x1, 0x4, 1, &h2_head_block("PUT", "upload.test"))); // END_HEADERS; the stream stays open
     out.extend(frame(0x0, 0, 1, b"abc")); // three body bytes, then nothing
     tls.write_all(&out).unwrap();
     // Read frames until stream 1 ends; acknowledge the server's SETTINGS on the way.
@@ -403,4 +391,63 @@ outboundByHost = { ["upload.test"] = function(request) return Response.new("got 
     assert!(text.contains("limits.body_idle_timeout"), "{text:?}");
     let log = moat.wait_log("status=408");
     assert!(log.lines().any(|l| l.contains("host=\"upload.test\"") && l.contains("status=408")), "{log}");
+}
+
+/// One HTTP/2 frame.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    f.extend([kind, flags]);
+    f.extend(stream.to_be_bytes());
+    f.extend(payload);
+    f
+}
+
+/// A request's header block in HPACK without Huffman coding: `:method` (literal, name index
+/// 2), `:scheme https` (index 7), `:path /` (index 4), `:authority` (literal, name index 1).
+fn h2_head_block(method: &str, authority: &str) -> Vec<u8> {
+    let mut block = vec![0x02, method.len() as u8];
+    block.extend(method.as_bytes());
+    block.extend([0x87, 0x84, 0x01, authority.len() as u8]);
+    block.extend(authority.as_bytes());
+    block
+}
+
+#[test]
+fn an_http2_stream_the_client_resets_cancels_its_upstream_request_and_is_logged() {
+    use std::io::Read as _;
+    // An upstream that reads the request and never answers; it reports the connection's end.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (ended_tx, ended) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for mut c in listener.incoming().flatten() {
+            let tx = ended_tx.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while matches!(c.read(&mut buf), Ok(n) if n > 0) {}
+                let _ = tx.send(());
+            });
+        }
+    });
+    let policy = format!(
+        r#"interceptHttps = true
+outboundByHost = {{ ["slow.test"] = function() return fetch("http://127.0.0.1:{port}/") end }}"#
+    );
+    let moat = Moat::start_with(&policy, Some("[limits]\nhandler_timeout = \"5m\"\n"), &[], &[]);
+    let mut tls = tls_through(&moat, "slow.test", 443, b"h2");
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(0x4, 0, 0, &[]));
+    out.extend(h2_frame(0x1, 0x5, 1, &h2_head_block("GET", "slow.test"))); // END_STREAM | END_HEADERS
+    tls.write_all(&out).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // RST_STREAM with CANCEL (0x8), and the connection stays open.
+    tls.write_all(&h2_frame(0x3, 0, 1, &8u32.to_be_bytes())).unwrap();
+    ended.recv_timeout(Duration::from_secs(20)).expect("the upstream connection is closed");
+    let log = moat.wait_log("status=499");
+    assert!(
+        log.lines().any(|l| l.contains("host=\"slow.test\"")
+            && l.contains("status=499")
+            && l.contains("the client cancelled the stream")),
+        "{log}"
+    );
 }
