@@ -12,6 +12,7 @@ use crate::config::Config;
 
 /// Runs the proxy until SIGINT/SIGTERM. Errors that stop it from starting are returned.
 pub fn run(config: Config) -> anyhow::Result<()> {
+    raise_open_files_limit();
     let bindings = Bindings::load(&config).map_err(anyhow::Error::msg)?;
     // Bind first: the listeners' addresses are part of the loop check every worker needs.
     let mut listeners = Vec::new();
@@ -149,6 +150,24 @@ fn bind_admin_tcp(config: &Config) -> anyhow::Result<Option<(std::net::TcpListen
     let l = std::net::TcpListener::bind(addr)
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for the admin API: {e}"))?;
     Ok(Some((l, Arc::from(token))))
+}
+
+/// Raises the soft limit on open files to the hard one. moat holds two descriptors per
+/// request in flight (client and upstream) plus every kept-alive connection on both sides, and
+/// a common default soft limit (1,024) refuses connections long before the machine is short
+/// of anything. (Go's runtime does the same for every program.)
+fn raise_open_files_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    // An unlimited hard limit still stops at the kernel's fs.nr_open.
+    let ceiling = limit.maximum.unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(1 << 20)
+    });
+    let Some(current) = limit.current.filter(|&c| c < ceiling) else { return };
+    match setrlimit(Resource::Nofile, Rlimit { current: Some(ceiling), maximum: limit.maximum }) {
+        Ok(()) => tracing::debug!("open-files limit raised from {current} to {ceiling}"),
+        Err(e) => tracing::warn!("open-files limit stays at {current} (could not raise it to {ceiling}: {e})"),
+    }
 }
 
 async fn accept_loop(

@@ -138,3 +138,23 @@ fn explain_reads_a_containers_overrides_from_the_running_moat_or_the_database() 
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with("CONNECT registry.npmjs.org:443") && out.contains("tunnel is allowed"), "{out}");
 }
+
+#[test]
+fn serve_raises_its_open_files_limit_to_the_hard_limit() {
+    // Started with a soft limit of 256 (a shell sets it, then becomes moat).
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.lua"), "enableInternet = false").unwrap();
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c").arg("ulimit -S -n 256 && exec \"$0\" \"$@\"").arg(MOAT);
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--policy"]).arg(dir.path().join("policy.lua"));
+    cmd.arg("--data-dir").arg(dir.path().join("data"));
+    let moat = Moat::spawn(cmd, dir);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", moat.pid())).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let (soft, hard) = (fields[3], fields[4]);
+    assert_ne!(soft, "256", "{line}");
+    if hard != "unlimited" {
+        assert_eq!(soft, hard, "{line}");
+    }
+}
