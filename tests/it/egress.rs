@@ -198,20 +198,19 @@ fn a_body_that_stalls_for_the_body_idle_timeout_is_cut_off_in_either_direction()
     assert!(log.contains("(response failed: the response body sent nothing for 1s"), "{log}");
 }
 
+/// Egress to 127.0.0.1, and `via.handler`, whose handler fetches 127.0.0.1 on the port named
+/// by the request's `x-port` header.
+const VIA_HANDLER: &str = r#"allowedHosts = { "127.0.0.1", "via.handler" }
+outboundByHost = { ["via.handler"] = function(request)
+  return fetch("http://127.0.0.1:" .. request.headers:get("x-port") .. "/from-handler")
+end }"#;
+
 #[test]
 fn an_upstream_that_never_answers_is_a_504_after_the_response_head_timeout() {
     use std::io::{Read, Write};
     // Reads the request, then holds the connection without a byte.
     let silent = raw_upstream(b"", true);
-    let moat = Moat::start_with(
-        r#"allowedHosts = { "127.0.0.1", "via.handler" }
-           outboundByHost = { ["via.handler"] = function(request)
-             return fetch("http://127.0.0.1:" .. request.headers:get("x-port") .. "/from-handler")
-           end }"#,
-        Some("[limits]\nresponse_head_timeout = \"1s\"\n"),
-        &[],
-        &[],
-    );
+    let moat = Moat::start_with(VIA_HANDLER, Some("[limits]\nresponse_head_timeout = \"1s\"\n"), &[], &[]);
     let url = format!("http://127.0.0.1:{silent}/");
     let r = curl(&moat, &url, &[]);
     assert_eq!(r.status, 504, "{}", r.body);
@@ -238,36 +237,12 @@ fn an_upstream_that_never_answers_is_a_504_after_the_response_head_timeout() {
     assert!(answer.starts_with("HTTP/1.1 504 ") && answer.contains("limits.response_head_timeout"), "{answer}");
 }
 
-/// An upstream that reads one request per connection and never answers; each connection's
-/// end (the proxy closing it) is reported on the channel.
-fn silent_upstream() -> (u16, std::sync::mpsc::Receiver<()>) {
-    use std::io::Read;
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for mut c in listener.incoming().flatten() {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                let _ = c.read(&mut buf);
-                while matches!(c.read(&mut buf), Ok(n) if n > 0) {}
-                let _ = tx.send(());
-            });
-        }
-    });
-    (port, rx)
-}
-
 #[test]
 fn a_client_that_goes_away_cancels_its_waiting_request_upstream() {
     use std::io::Write;
     let (port, ended) = silent_upstream();
     let moat = Moat::start_with(
-        r#"allowedHosts = { "127.0.0.1", "via.handler" }
-           outboundByHost = { ["via.handler"] = function(request)
-             return fetch("http://127.0.0.1:" .. request.headers:get("x-port") .. "/from-handler")
-           end }"#,
+        VIA_HANDLER,
         // Long bounds: what ends the upstream request here is the client leaving.
         Some("[limits]\nresponse_head_timeout = \"5m\"\nhandler_timeout = \"5m\"\n"),
         &[],

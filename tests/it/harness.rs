@@ -215,6 +215,26 @@ pub fn raw_upstream(answer: &'static [u8], hold: bool) -> u16 {
     port
 }
 
+/// An upstream that reads one request per connection and never answers; each connection's
+/// end (the proxy closing it) is reported on the channel.
+pub fn silent_upstream() -> (u16, std::sync::mpsc::Receiver<()>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for mut c in listener.incoming().flatten() {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let _ = c.read(&mut buf);
+                while matches!(c.read(&mut buf), Ok(n) if n > 0) {}
+                let _ = tx.send(());
+            });
+        }
+    });
+    (port, rx)
+}
+
 /// What the upstream saw of one request.
 #[derive(Clone, Debug)]
 pub struct Seen {

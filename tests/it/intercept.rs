@@ -414,21 +414,7 @@ fn h2_head_block(method: &str, authority: &str) -> Vec<u8> {
 
 #[test]
 fn an_http2_stream_the_client_resets_cancels_its_upstream_request_and_is_logged() {
-    use std::io::Read as _;
-    // An upstream that reads the request and never answers; it reports the connection's end.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (ended_tx, ended) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for mut c in listener.incoming().flatten() {
-            let tx = ended_tx.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while matches!(c.read(&mut buf), Ok(n) if n > 0) {}
-                let _ = tx.send(());
-            });
-        }
-    });
+    let (port, ended) = silent_upstream();
     let policy = format!(
         r#"interceptHttps = true
 outboundByHost = {{ ["slow.test"] = function() return fetch("http://127.0.0.1:{port}/") end }}"#
