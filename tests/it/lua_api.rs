@@ -30,6 +30,7 @@ outboundByHost = {{
     local kind = u.searchParams:get("kind")
     if kind == "json" then return Response.json({{ a = 1 }}, {{ status = 201 }}) end
     if kind == "redirect" then return Response.redirect("http://elsewhere.test/x", 307) end
+    if kind == "badtext" then return Response.new("x", {{ statusText = "Nope\r\nX-Injected: 1" }}) end
     local r = Response.new("teapot", {{ status = 418, headers = {{ ["x-a"] = "1" }} }})
     r.headers:append("x-a", "2")
     return r
@@ -77,7 +78,7 @@ outboundByHost = {{
       hex.encode("\1\255"), hex.decode("4142"),
       hex.encode(crypto.sha256("abc")),
       hex.encode(crypto.hmac_sha256("key", "The quick brown fox jumps over the lazy dog")),
-      tostring(#crypto.randomBytes(7)),
+      tostring(#crypto.randomBytes(7)) .. " " .. tostring(tostring(select(2, pcall(crypto.randomBytes, 2^21))):match("1 MiB") ~= nil),
       tostring(crypto.randomUUID():match("^%x+%-%x+%-4%x+%-[89ab]%x+%-%x+$") ~= nil),
       helper.greet("lua"),
     }}
@@ -129,6 +130,10 @@ fn every_api_type_is_observable() {
     );
     let r = curl(&moat, "http://response.test/?kind=redirect", &[]);
     assert_eq!((r.status, r.headers["location"].as_str()), (307, "http://elsewhere.test/x"));
+    // A statusText that could break out of a status line is refused (a handler error).
+    let r = curl(&moat, "http://response.test/?kind=badtext", &[]);
+    assert!(r.status == 500 && !r.headers.contains_key("x-injected"), "{} {}", r.status, r.body);
+    assert!(moat.wait_log("statusText must not contain").contains("statusText must not contain control characters"));
 
     let r = curl(&moat, "http://headers.test/", &["-A", "curl-test"]);
     assert_eq!(r.body, "x-list=a, b;x-one=1, 2|1, 2|true|2|ua");
@@ -164,7 +169,7 @@ fn every_api_type_is_observable() {
             "AB",
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
             "f7bc83f430538424b13298e6aa6fb143ef4d59a14946175997479dbc2d1a3cd8",
-            "7",
+            "7 true",
             "true",
             "hello lua"
         ]

@@ -100,7 +100,17 @@ pub fn table(lua: &Lua) -> Result<Table> {
             lua.create_string(hmac::sign(&k, &msg.as_bytes()))
         })?,
     )?;
-    t.set("random_bytes", lua.create_function(|lua, n: usize| lua.create_string(random_bytes(n.min(1 << 20))?))?)?;
+    t.set(
+        "random_bytes",
+        lua.create_function(|lua, n: i64| {
+            // Refused rather than cut: a caller asking for more would get fewer bytes unawares.
+            const MAX: i64 = 1 << 20;
+            if !(0..=MAX).contains(&n) {
+                return Err(mlua::Error::runtime(format!("randomBytes: n must be 0 to {MAX} (1 MiB), got {n}")));
+            }
+            lua.create_string(random_bytes(n as usize)?)
+        })?,
+    )?;
     t.set(
         "random_uuid",
         lua.create_function(|_, ()| {

@@ -41,6 +41,13 @@ impl LuaResponse {
                     r.status = status(code)?;
                 }
                 if let Some(t) = init.get::<Option<String>>("statusText")? {
+                    // RFC 9112 reason-phrase (the Fetch standard's check): no CR, LF or other
+                    // control bytes, so the text can never break out of a status line.
+                    if t.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
+                        return Err(mlua::Error::runtime(
+                            "Response.new: statusText must not contain control characters",
+                        ));
+                    }
                     r.status_text = t;
                 }
                 let headers: Value = init.get("headers")?;
