@@ -19,34 +19,30 @@ use tokio::time::Instant;
 use crate::body::{Body, BoxError};
 use crate::rt::{HEARTBEAT, Ticks};
 
-/// When a request body last yielded a frame (or ended), as time since `start`.
+/// When a request body last yielded a frame (or ended), as time since the body was tracked.
+/// Only a request with a body has one: the common bodiless request reads no clock at all.
+#[derive(Default)]
 pub struct UploadClock {
-    start: Instant,
-    /// Set only for a request with a body; the body may be polled on the connection's task.
-    moved_us: Option<Arc<AtomicU64>>,
+    /// The start of the body's clock and its last movement; the body may be polled on the
+    /// connection's task, hence the atomic.
+    moved: Option<(Instant, Arc<AtomicU64>)>,
 }
 
 impl UploadClock {
-    pub fn new() -> Self {
-        Self { start: Instant::now(), moved_us: None }
-    }
-
     /// Wraps `body` so that each of its frames moves the clock. A body that is already at its
-    /// end is returned as is (most requests): the clock then never moves and the wait counts
-    /// from the start of the request.
+    /// end is returned as is (most requests).
     pub fn track(&mut self, body: Body) -> Body {
         if http_body::Body::is_end_stream(&body) {
             return body;
         }
-        let moved = Arc::new(AtomicU64::new(0));
-        self.moved_us = Some(moved.clone());
-        Body::new(Tracked { inner: body, start: self.start, moved_us: moved })
+        let (start, moved_us) = (Instant::now(), Arc::new(AtomicU64::new(0)));
+        self.moved = Some((start, moved_us.clone()));
+        Body::new(Tracked { inner: body, start, moved_us })
     }
 
-    /// When the request last moved: its start, or its body's last frame.
-    fn last(&self) -> Instant {
-        let us = self.moved_us.as_ref().map_or(0, |m| m.load(Ordering::Relaxed));
-        self.start + Duration::from_micros(us)
+    /// When the request body last moved, if there is one.
+    fn last(&self) -> Option<Instant> {
+        self.moved.as_ref().map(|(start, us)| *start + Duration::from_micros(us.load(Ordering::Relaxed)))
     }
 }
 
@@ -84,15 +80,17 @@ impl http_body::Body for Tracked {
 /// bound of minutes). `None` when cut off.
 pub async fn within<F: Future>(send: F, upload: &UploadClock, limit: Duration, ticks: &Ticks) -> Option<F::Output> {
     let mut send = pin!(send);
+    let mut wait = limit;
     loop {
-        let left = (upload.last() + limit).saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return None;
-        }
         tokio::select! {
             biased;
             out = &mut send => return Some(out),
-            () = ticks.after(Ticks::beats_covering(left, HEARTBEAT)) => {}
+            () = ticks.after(Ticks::beats_covering(wait, HEARTBEAT)) => {}
+        }
+        // At least `wait` has passed: cut off, unless a body moved since.
+        wait = (upload.last()? + limit).saturating_duration_since(Instant::now());
+        if wait.is_zero() {
+            return None;
         }
     }
 }

@@ -139,7 +139,7 @@ impl Upstream {
         let key = (target.host.clone(), target.port, target.https);
         let h2_ok = target.https && !is_upgrade(req.headers());
         let protocol = |e: hyper::Error| UpstreamError::Protocol(target.authority(), describe_hyper_error(&e));
-        let mut upload = head_wait::UploadClock::new();
+        let mut upload = head_wait::UploadClock::default();
         let mut req = req.map(|body| upload.track(body));
         // Each wait for a response head is bounded on its own (not the whole of `send`): the
         // bound then wraps hyper's small response future rather than this one's large state.
