@@ -210,7 +210,7 @@ fn an_upstream_that_never_answers_is_a_504_after_the_response_head_timeout() {
     use std::io::{Read, Write};
     // Reads the request, then holds the connection without a byte.
     let silent = raw_upstream(b"", true);
-    let moat = Moat::start_with(VIA_HANDLER, Some("[limits]\nresponse_head_timeout = \"1s\"\n"), &[], &[]);
+    let moat = Moat::start_with(VIA_HANDLER, Some("[limits]\nresponse_head_timeout = \"2s\"\n"), &[], &[]);
     let url = format!("http://127.0.0.1:{silent}/");
     let r = curl(&moat, &url, &[]);
     assert_eq!(r.status, 504, "{}", r.body);
@@ -218,13 +218,15 @@ fn an_upstream_that_never_answers_is_a_504_after_the_response_head_timeout() {
     let r = curl(&moat, "http://via.handler/", &["-H", &format!("x-port: {silent}")]);
     assert_eq!(r.status, 504, "{}", r.body);
 
-    // The clock starts after the upload: a body sent in pieces over ~2.5 s (longer than the
-    // limit) is not cut off while it moves; the 504 comes only once it has gone out.
+    // The clock starts after the upload: a body sent in pieces over ~4.2 s (longer than the
+    // limit plus the heartbeat's resolution, so a bound counted from the start must show)
+    // is not cut off while it moves; the 504 comes only once it has gone out.
     let mut s = std::net::TcpStream::connect(moat.addr).unwrap();
-    s.write_all(format!("POST {url} HTTP/1.1\r\nContent-Length: 6\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+    s.write_all(format!("POST {url} HTTP/1.1\r\nContent-Length: 12\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
     s.set_nonblocking(true).unwrap();
-    for piece in ["ab", "cd", "ef"] {
-        std::thread::sleep(Duration::from_millis(850));
+    // Gaps of 0.7 s leave 1.3 s of scheduling slack under the 2 s limit.
+    for piece in ["ab", "cd", "ef", "gh", "ij", "kl"] {
+        std::thread::sleep(Duration::from_millis(700));
         let mut early = [0u8; 64];
         let answered = s.read(&mut early).map(|n| String::from_utf8_lossy(&early[..n]).into_owned());
         assert!(answered.is_err(), "moat answered while the body was still moving: {answered:?}");
