@@ -42,12 +42,12 @@ impl Ticks {
     pub fn advance(&self) {
         let now = self.now.get() + 1;
         self.now.set(now);
-        for slot in self.slots.borrow_mut().iter_mut() {
-            if slot.due <= now
-                && let Some(w) = slot.waker.take()
-            {
-                w.wake();
-            }
+        // Woken after the slots are released: a waker is free to poll (and so to touch the
+        // slots) before it returns.
+        let due: Vec<Waker> =
+            self.slots.borrow_mut().iter_mut().filter(|s| s.due <= now).filter_map(|s| s.waker.take()).collect();
+        for w in due {
+            w.wake();
         }
     }
 
