@@ -117,6 +117,63 @@ impl Drop for TickWait<'_> {
     }
 }
 
+/// Keeps an accept loop alive through failed accepts. Out of file descriptors or memory,
+/// every `accept` fails until something closes; a connection reset before it was accepted
+/// fails just one. Neither may end the loop (a listener that stops accepting is down until
+/// restart), and neither may spin it or flood the log: while the machine is short of
+/// something the loop pauses between tries, and it warns at most once a minute (a container
+/// that keeps the limit reached makes the loop flap between failing and accepting).
+#[derive(Default)]
+pub struct AcceptErrors {
+    /// When the last warning was logged, failures since then, and whether the current run of
+    /// failures has been warned about (then its end is logged too).
+    warned_at: Option<std::time::Instant>,
+    unreported: u64,
+    run_warned: bool,
+}
+
+impl AcceptErrors {
+    /// How long a loop waits before it tries again when a resource is exhausted.
+    const PAUSE: Duration = Duration::from_millis(50);
+    const WARN_EVERY: Duration = Duration::from_secs(60);
+
+    /// After a failed accept on `listener`: logs, and pauses if the failure is the machine's
+    /// rather than one connection's.
+    pub async fn failed(&mut self, listener: &(dyn std::fmt::Display + Sync), e: &std::io::Error) {
+        if !exhausted(e) {
+            tracing::debug!("accept on {listener}: {e}");
+            return;
+        }
+        self.unreported += 1;
+        if self.warned_at.is_none_or(|t| t.elapsed() >= Self::WARN_EVERY) {
+            let count = match self.unreported {
+                1 => String::new(),
+                n => format!(" ({n} failed accepts since the last warning)"),
+            };
+            tracing::warn!("accept on {listener}: {e}{count}; new connections wait until some close");
+            self.warned_at = Some(std::time::Instant::now());
+            self.unreported = 0;
+            self.run_warned = true;
+        }
+        tokio::time::sleep(Self::PAUSE).await;
+    }
+
+    /// After a successful accept: ends a run of failures.
+    pub fn accepted(&mut self, listener: &dyn std::fmt::Display) {
+        if self.run_warned {
+            self.run_warned = false;
+            tracing::info!("accept on {listener}: accepting again");
+        }
+    }
+}
+
+/// Whether an accept failed for want of descriptors or memory (it will fail again at once).
+fn exhausted(e: &std::io::Error) -> bool {
+    use rustix::io::Errno;
+    let short = [Errno::MFILE, Errno::NFILE, Errno::NOBUFS, Errno::NOMEM].map(|e| e.raw_os_error());
+    e.raw_os_error().is_some_and(|code| short.contains(&code))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

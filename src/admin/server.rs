@@ -41,10 +41,17 @@ pub async fn bind(path: &Path) -> std::io::Result<UnixListener> {
 }
 
 /// Serves the admin API on a socket from [`bind`].
-pub async fn serve(shared: Arc<Shared>, listener: UnixListener) -> std::io::Result<()> {
+pub async fn serve(shared: Arc<Shared>, listener: UnixListener, path: PathBuf) {
+    let name = format!("unix:{}", path.display());
+    let mut errors = crate::rt::AcceptErrors::default();
     loop {
-        let (stream, _) = listener.accept().await?;
-        tokio::spawn(serve_connection(TokioIo::new(stream), shared.clone(), None));
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                errors.accepted(&name);
+                tokio::spawn(serve_connection(TokioIo::new(stream), shared.clone(), None));
+            }
+            Err(e) => errors.failed(&name, &e).await,
+        }
     }
 }
 
@@ -52,10 +59,17 @@ pub async fn serve(shared: Arc<Shared>, listener: UnixListener) -> std::io::Resu
 pub async fn serve_tcp(shared: Arc<Shared>, listener: std::net::TcpListener, token: Arc<str>) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
-    tracing::info!("admin API on tcp:{} (bearer token required)", listener.local_addr()?);
+    let name = format!("tcp:{}", listener.local_addr()?);
+    tracing::info!("admin API on {name} (bearer token required)");
+    let mut errors = crate::rt::AcceptErrors::default();
     loop {
-        let (stream, _) = listener.accept().await?;
-        tokio::spawn(serve_connection(TokioIo::new(stream), shared.clone(), Some(token.clone())));
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                errors.accepted(&name);
+                tokio::spawn(serve_connection(TokioIo::new(stream), shared.clone(), Some(token.clone())));
+            }
+            Err(e) => errors.failed(&name, &e).await,
+        }
     }
 }
 
@@ -63,6 +77,7 @@ async fn serve_connection<I>(io: I, shared: Arc<Shared>, token: Option<Arc<str>>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
+    let head_timeout = shared.config.limits.request_head_timeout;
     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let shared = shared.clone();
         let token = token.clone();
@@ -89,5 +104,11 @@ where
             Ok::<_, std::convert::Infallible>(resp)
         }
     });
-    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+    // A client that never finishes a request head (or keeps an idle connection) is dropped
+    // after the proxy's own head timeout: the TCP listener admits anyone who can connect.
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(head_timeout)
+        .serve_connection(io, svc)
+        .await;
 }

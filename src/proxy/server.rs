@@ -75,12 +75,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         let admin = shared.config.admin_socket.clone();
         match crate::admin::server::bind(&admin).await {
             Ok(listener) => {
-                let admin_shared = shared.clone();
-                tasks.spawn(async move {
-                    if let Err(e) = crate::admin::server::serve(admin_shared, listener).await {
-                        tracing::error!("admin API on unix:{} stopped: {e}", admin.display());
-                    }
-                });
+                tasks.spawn(crate::admin::server::serve(shared.clone(), listener, admin));
             }
             Err(e) => tracing::error!("admin API on unix:{} not started: {e}", admin.display()),
         }
@@ -96,7 +91,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             let s = shared.clone();
             tasks.spawn(async move {
                 if let Err(e) = crate::admin::server::serve_tcp(s, listener, token).await {
-                    tracing::error!("admin API on TCP stopped: {e}");
+                    tracing::error!("admin API on TCP not started: {e}");
                 }
             });
         }
@@ -177,18 +172,16 @@ async fn accept_loop(
     workers: Vec<tokio::sync::mpsc::UnboundedSender<Handoff>>,
 ) {
     let mut next = 0usize;
+    let mut errors = crate::rt::AcceptErrors::default();
     loop {
         match listener.accept().await {
             Ok((stream, _peer)) => {
+                errors.accepted(&local);
                 let Ok(stream) = stream.into_std() else { continue };
                 let _ = workers[next % workers.len()].send(Handoff { stream, class });
                 next = next.wrapping_add(1);
             }
-            Err(e) => {
-                // Out of file descriptors and similar: back off instead of spinning.
-                tracing::warn!("accept on {local}: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
+            Err(e) => errors.failed(&local, &e).await,
         }
     }
 }

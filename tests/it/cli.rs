@@ -158,3 +158,42 @@ fn serve_raises_its_open_files_limit_to_the_hard_limit() {
         assert_eq!(soft, hard, "{line}");
     }
 }
+
+#[test]
+fn admin_api_outlives_running_out_of_open_files() {
+    // moat gets 64 descriptors; a container holding more connections than that makes every
+    // accept fail until some close. The admin socket must still answer afterwards.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.lua"), "enableInternet = false").unwrap();
+    let socket = dir.path().join("data").join("admin.sock");
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c").arg("ulimit -n 64 && exec \"$0\" \"$@\"").arg(MOAT);
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--policy"]).arg(dir.path().join("policy.lua"));
+    cmd.arg("--data-dir").arg(dir.path().join("data"));
+    let moat = Moat::spawn(cmd, dir);
+    assert_eq!(admin(&socket, "GET", "/v1/status", None).0, 200);
+
+    let clients: Vec<std::net::TcpStream> =
+        (0..100).map(|_| std::net::TcpStream::connect(moat.addr).unwrap()).collect();
+    moat.wait_log("Too many open files");
+    // An admin call while no descriptor is left waits in the socket's backlog ...
+    let waiting = {
+        let socket = socket.clone();
+        std::thread::spawn(move || {
+            let out = std::process::Command::new("curl")
+                .args(["-sS", "-m", "30", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket"])
+                .arg(&socket)
+                .arg("http://moat/v1/status")
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // ... and is answered once the container lets go.
+    drop(clients);
+    assert_eq!(waiting.join().unwrap(), "200", "logs:\n{}", moat.logs());
+    assert_eq!(admin(&socket, "GET", "/v1/status", None).0, 200, "logs:\n{}", moat.logs());
+    let warnings = moat.logs().matches("Too many open files").count();
+    assert!(warnings <= 4, "one line per listener and run of failures, not one per retry:\n{}", moat.logs());
+}

@@ -1,6 +1,7 @@
 //! Per-container overrides (SPEC 7.2) through the admin API, the CLI and Lua; persistence;
 //! `moat status`; `GET /metrics` (SPEC 7.3, 11).
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -217,7 +218,9 @@ fn status_and_metrics_tell_what_happened() {
 #[test]
 fn tcp_admin_needs_the_token_and_is_never_a_proxy_destination() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let toml = format!("[admin]\ntcp = \"127.0.0.1:{port}\"\ntoken_env = \"ADMIN_TOKEN\"\n");
+    let toml = format!(
+        "[admin]\ntcp = \"127.0.0.1:{port}\"\ntoken_env = \"ADMIN_TOKEN\"\n[limits]\nrequest_head_timeout = \"1s\"\n"
+    );
     let token = "0123456789abcdef-admin";
     let moat = Moat::start_with(r#"allowedHosts = { "127.0.0.1" }"#, Some(&toml), &[], &[("ADMIN_TOKEN", token)]);
     let url = format!("http://127.0.0.1:{port}/v1/status");
@@ -236,6 +239,16 @@ fn tcp_admin_needs_the_token_and_is_never_a_proxy_destination() {
     // Through the proxy, the admin address is refused even though 127.0.0.1 is allowed.
     let r = curl(&moat, &url, &["-H", &format!("Authorization: Bearer {token}")]);
     assert_eq!((r.status, r.headers["moat-denied"].as_str()), (520, "blocked-address"));
+    // Anyone can connect: one who never finishes a request head, or idles, is let go after
+    // request_head_timeout, as on the proxy listener.
+    for start in [&b"GET /v1/status HTTP/1.1\r\nHost: x\r\n"[..], b""] {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(std::time::Duration::from_secs(15))).unwrap();
+        c.write_all(start).unwrap();
+        let mut rest = Vec::new();
+        let closed = c.read_to_end(&mut rest);
+        assert!(closed.is_ok(), "connection still open after 15 s (sent {:?}): {closed:?}", start.len());
+    }
 }
 
 /// The overrides of `id` as the admin API reports them.
