@@ -57,8 +57,8 @@ where
         // A new connection must start its request within the head timeout; a kept-alive one
         // may sit idle for the idle timeout.
         let wait = if first { limits.request_head_timeout } else { limits.idle_timeout };
-        match tokio::time::timeout(wait, reader.wait_for_data()).await {
-            Ok(Ok(true)) => {}
+        match tokio::time::timeout(wait, next_request(&worker.ticks, &mut reader, writer)).await {
+            Ok((Ok(true), w)) => writer = w,
             _ => return None,
         }
         first = false;
@@ -206,6 +206,38 @@ where
             return None;
         }
     }
+}
+
+/// How many heartbeats a connection waits for its next request before it gives back its
+/// buffers.
+const IDLE_RELEASE_BEATS: u64 = 2;
+
+/// Waits for the first bytes of the next request; false on EOF. Most arrive soon after the
+/// previous answer; a connection still idle after [`IDLE_RELEASE_BEATS`] heartbeats gives back
+/// its read and write buffers (16 KiB, most of what an idle keep-alive connection holds) and
+/// gets new ones with the next request.
+async fn next_request<R, W>(
+    ticks: &crate::rt::Ticks,
+    reader: &mut ConnReader<R>,
+    writer: BufWriter<W>,
+) -> (std::io::Result<bool>, BufWriter<W>)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    tokio::select! {
+        biased;
+        ready = reader.wait_for_data() => return (ready, writer),
+        () = ticks.after(IDLE_RELEASE_BEATS) => {}
+    }
+    if !writer.buffer().is_empty() {
+        // Not expected (every answer is flushed), but unsent bytes must not be dropped.
+        return (reader.wait_for_data().await, writer);
+    }
+    reader.release_buffer();
+    let unbuffered = writer.into_inner();
+    let ready = reader.wait_for_data().await;
+    (ready, BufWriter::with_capacity(super::WRITE_BUFFER, unbuffered))
 }
 
 /// The access-log status of a request whose client closed the connection before the

@@ -65,9 +65,18 @@ pub struct ConnReader<R> {
     body_stall: Option<Duration>,
 }
 
+/// The read buffer a connection gets with its first bytes (a request head usually fits).
+const READ_BUFFER: usize = 8 * 1024;
+
+/// Most bytes of a new request read without a buffer of the connection's own (see
+/// [`ConnReader::wait_for_data`]); the rest follows into the buffer made for them.
+const FIRST_READ: usize = 4 * 1024;
+
 impl<R: AsyncRead + Unpin> ConnReader<R> {
+    /// A reader without a buffer yet: one is made when the first bytes arrive, so a connection
+    /// that never sends anything holds none.
     pub fn new(io: R) -> Self {
-        Self { io, buf: BytesMut::with_capacity(8 * 1024), body_bytes: 0, body_stall: None }
+        Self { io, buf: BytesMut::new(), body_bytes: 0, body_stall: None }
     }
 
     /// A reader over `io` that starts with bytes already read from it.
@@ -86,11 +95,38 @@ impl<R: AsyncRead + Unpin> ConnReader<R> {
     }
 
     /// Waits for the first byte of the next request (for the idle timeout). False on EOF.
+    /// Cancel-safe: bytes are taken from the connection only in the poll that returns them.
     pub async fn wait_for_data(&mut self) -> std::io::Result<bool> {
         if !self.buf.is_empty() {
             return Ok(true);
         }
-        Ok(self.io.read_buf(&mut self.buf).await? > 0)
+        if self.buf.capacity() > 0 {
+            return Ok(self.io.read_buf(&mut self.buf).await? > 0);
+        }
+        // No buffer (a new connection, or an idle one that gave it back): read into the
+        // stack, which is not part of the waiting task, and make the buffer for what came.
+        std::future::poll_fn(|cx| {
+            let mut first = [0u8; FIRST_READ];
+            let mut read = tokio::io::ReadBuf::new(&mut first);
+            std::task::ready!(std::pin::Pin::new(&mut self.io).poll_read(cx, &mut read))?;
+            if read.filled().is_empty() {
+                return std::task::Poll::Ready(Ok(false));
+            }
+            // Made with its full capacity (not grown from empty): `BytesMut` remembers it as
+            // the size of every buffer it allocates later, e.g. while a body streams through.
+            self.buf = BytesMut::with_capacity(READ_BUFFER.max(read.filled().len()));
+            self.buf.extend_from_slice(read.filled());
+            std::task::Poll::Ready(Ok(true))
+        })
+        .await
+    }
+
+    /// Gives back the read buffer if it holds nothing (a connection going idle); the next
+    /// [`Self::wait_for_data`] makes a new one when bytes arrive.
+    pub fn release_buffer(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        }
     }
 
     /// Completes when the client closes its side of the connection (or it fails). Bytes that

@@ -132,3 +132,43 @@ fn container_identity_and_407() {
     assert_eq!(curl(&open, "http://who.test/", &["-U", "ci-job.7:"]).body, "ci-job.7");
     assert_eq!(curl(&open, "http://who.test/", &[]).body, "default");
 }
+
+#[test]
+fn kept_alive_connections_read_whole_heads_before_and_after_idling() {
+    // A new connection, and one idle for two heartbeats, read without a buffer of their own
+    // until bytes arrive: heads larger than that first read, and heads sent in pieces, must
+    // arrive whole on both, and pipelined requests must all be answered.
+    use std::io::{Read, Write};
+    let moat = Moat::start(
+        r#"outboundByHost = { ["len.test"] = function(r) return Response.new(tostring(#(r.headers:get("x-big") or ""))) end }"#,
+    );
+    let big = "b".repeat(9000);
+    let request = |n: usize| format!("GET http://len.test/ HTTP/1.1\r\nHost: len.test\r\nX-Big: {}\r\n\r\n", &big[..n]);
+    let mut s = std::net::TcpStream::connect(moat.addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    const BODIES: [&str; 4] = ["9000", "6000", "100", "7"];
+    let mut answers = String::new();
+    // Reads until `count` answers are in (the last one's body is its length in digits).
+    let mut read_answers = |s: &mut std::net::TcpStream, count: usize| {
+        let mut buf = vec![0u8; 65536];
+        while answers.matches("HTTP/1.1 200").count() < count || !answers.ends_with(BODIES[count - 1]) {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "connection closed after: {answers}");
+            answers.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    };
+    s.write_all(request(9000).as_bytes()).unwrap();
+    read_answers(&mut s, 1);
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let second = request(6000);
+    s.write_all(&second.as_bytes()[..50]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    s.write_all(&second.as_bytes()[50..]).unwrap();
+    read_answers(&mut s, 2);
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    s.write_all(format!("{}{}", request(100), request(7)).as_bytes()).unwrap();
+    read_answers(&mut s, 4);
+    let bodies: Vec<&str> =
+        answers.split("HTTP/1.1 200").skip(1).map(|a| a.rsplit("\r\n\r\n").next().unwrap()).collect();
+    assert_eq!(bodies, BODIES, "{answers}");
+}
