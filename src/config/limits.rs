@@ -32,6 +32,8 @@ pub struct Limits {
     pub lua_cpu: Duration,
     /// What `:text()`, `:json()`, `:bytes()` may buffer.
     pub body_buffer: usize,
+    /// On SIGTERM or SIGINT, how long requests in flight may take to finish before moat exits.
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -48,6 +50,7 @@ impl Default for Limits {
             lua_memory: 64 * 1024 * 1024,
             lua_cpu: Duration::from_secs(1),
             body_buffer: 16 * 1024 * 1024,
+            shutdown_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -67,6 +70,7 @@ pub struct LimitsFile {
     lua_memory: Option<SizeValue>,
     lua_cpu: Option<String>,
     body_buffer: Option<SizeValue>,
+    shutdown_timeout: Option<String>,
 }
 
 /// A size written as a number of bytes or a string like `"64KiB"`.
@@ -112,6 +116,7 @@ impl LimitsFile {
         size("lua_memory", &self.lua_memory, &mut l.lua_memory)?;
         dur("lua_cpu", &self.lua_cpu, &mut l.lua_cpu)?;
         size("body_buffer", &self.body_buffer, &mut l.body_buffer)?;
+        dur("shutdown_timeout", &self.shutdown_timeout, &mut l.shutdown_timeout)?;
         if l.lua_memory < 1024 * 1024 {
             return Err("limits.lua_memory: must be at least 1MiB".into());
         }

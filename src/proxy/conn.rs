@@ -57,7 +57,7 @@ where
         // A new connection must start its request within the head timeout; a kept-alive one
         // may sit idle for the idle timeout.
         let wait = if first { limits.request_head_timeout } else { limits.idle_timeout };
-        match tokio::time::timeout(wait, next_request(&worker.ticks, &mut reader, writer)).await {
+        match tokio::time::timeout(wait, next_request(worker, &mut reader, writer)).await {
             Ok((Ok(true), w)) => writer = w,
             _ => return None,
         }
@@ -175,7 +175,7 @@ where
         }
         // Whether the body will have been read to its end is not known yet when it is still
         // being pumped: such a response closes the connection.
-        let keep_alive = client_keep_alive && body_complete && body_error.is_none();
+        let keep_alive = client_keep_alive && body_complete && body_error.is_none() && !worker.draining();
         let options = WriteOptions { version, head_request: is_head, keep_alive, stall: limits.body_idle_timeout };
         // A client that closes its side now may still read the answer (a half-close): keep
         // writing; a write to a client that is gone fails by itself.
@@ -212,12 +212,12 @@ where
 /// buffers.
 const IDLE_RELEASE_BEATS: u64 = 2;
 
-/// Waits for the first bytes of the next request; false on EOF. Most arrive soon after the
-/// previous answer; a connection still idle after [`IDLE_RELEASE_BEATS`] heartbeats gives back
-/// its read and write buffers (16 KiB, most of what an idle keep-alive connection holds) and
-/// gets new ones with the next request.
+/// Waits for the first bytes of the next request; false on EOF, or when moat shuts down
+/// meanwhile. Most arrive soon after the previous answer; a connection still idle after
+/// [`IDLE_RELEASE_BEATS`] heartbeats gives back its read and write buffers (16 KiB, most of
+/// what an idle keep-alive connection holds) and gets new ones with the next request.
 async fn next_request<R, W>(
-    ticks: &crate::rt::Ticks,
+    worker: &Worker,
     reader: &mut ConnReader<R>,
     writer: BufWriter<W>,
 ) -> (std::io::Result<bool>, BufWriter<W>)
@@ -228,7 +228,12 @@ where
     tokio::select! {
         biased;
         ready = reader.wait_for_data() => return (ready, writer),
-        () = ticks.after(IDLE_RELEASE_BEATS) => {}
+        () = worker.ticks.after(IDLE_RELEASE_BEATS) => {}
+    }
+    // Not watched before: connections busy a moment ago close within a heartbeat or two of
+    // a shutdown anyway, and the watch would cost every request a registration.
+    if worker.draining() {
+        return (Ok(false), writer);
     }
     if !writer.buffer().is_empty() {
         // Not expected (every answer is flushed), but unsent bytes must not be dropped.
@@ -236,7 +241,10 @@ where
     }
     reader.release_buffer();
     let unbuffered = writer.into_inner();
-    let ready = reader.wait_for_data().await;
+    let ready = tokio::select! {
+        ready = reader.wait_for_data() => ready,
+        () = worker.drain_started() => Ok(false),
+    };
     (ready, BufWriter::with_capacity(super::WRITE_BUFFER, unbuffered))
 }
 

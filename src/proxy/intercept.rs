@@ -114,6 +114,12 @@ where
         let deadline = activity.last.get() + idle;
         tokio::select! {
             _ = conn.as_mut() => return,
+            () = worker.drain_started() => {
+                // moat shuts down: streams open now finish, no new one starts (GOAWAY).
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.as_mut().await;
+                return;
+            }
             () = tokio::time::sleep_until(deadline.into()) => {
                 if activity.open.get() == 0 && activity.last.get().elapsed() >= idle {
                     conn.as_mut().graceful_shutdown();

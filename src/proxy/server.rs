@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use super::state::Shared;
-use super::worker::{self, Handoff};
+use super::worker::{self, ToWorker};
 use crate::bindings::Bindings;
 use crate::config::Config;
 
@@ -97,9 +97,16 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         }
         use std::io::Write;
         let _ = std::io::stdout().flush();
-        wait_for_shutdown(reloads).await;
-        tracing::info!("shutting down");
+        let mut signals = Signals::new()?;
+        signals.until_shutdown(&reloads).await;
+        // Stop accepting (the listeners close, so that a new moat can bind at once), then let
+        // the requests in flight finish.
         tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        for w in &workers {
+            let _ = w.send(ToWorker::Drain);
+        }
+        drain(&shared, &mut signals).await;
         anyhow::Ok(())
     })
 }
@@ -169,7 +176,7 @@ async fn accept_loop(
     listener: TcpListener,
     class: usize,
     local: SocketAddr,
-    workers: Vec<tokio::sync::mpsc::UnboundedSender<Handoff>>,
+    workers: Vec<tokio::sync::mpsc::UnboundedSender<ToWorker>>,
 ) {
     let mut next = 0usize;
     let mut errors = crate::rt::AcceptErrors::default();
@@ -178,7 +185,7 @@ async fn accept_loop(
             Ok((stream, _peer)) => {
                 errors.accepted(&local);
                 let Ok(stream) = stream.into_std() else { continue };
-                let _ = workers[next % workers.len()].send(Handoff { stream, class });
+                let _ = workers[next % workers.len()].send(ToWorker::Connection { stream, class });
                 next = next.wrapping_add(1);
             }
             Err(e) => errors.failed(&local, &e).await,
@@ -186,19 +193,69 @@ async fn accept_loop(
     }
 }
 
-/// Waits for SIGINT or SIGTERM; SIGHUP meanwhile forces a reload of every class.
-async fn wait_for_shutdown(reloads: std::sync::mpsc::Sender<super::reload::ReloadRequest>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
-    loop {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => return,
-            _ = term.recv() => return,
-            _ = hup.recv() => {
-                tracing::info!(target: "moat::reload", "SIGHUP: reloading every policy");
-                let _ = reloads.send(super::reload::ReloadRequest::All);
+/// The signals `moat serve` acts on: SIGINT and SIGTERM shut it down, SIGHUP reloads.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Waits for SIGINT or SIGTERM; SIGHUP meanwhile forces a reload of every class.
+    async fn until_shutdown(&mut self, reloads: &std::sync::mpsc::Sender<super::reload::ReloadRequest>) {
+        loop {
+            tokio::select! {
+                _ = self.int.recv() => return,
+                _ = self.term.recv() => return,
+                _ = self.hup.recv() => {
+                    tracing::info!(target: "moat::reload", "SIGHUP: reloading every policy");
+                    let _ = reloads.send(super::reload::ReloadRequest::All);
+                }
             }
         }
+    }
+
+    /// Completes at the next SIGINT or SIGTERM.
+    async fn another_shutdown(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
+    }
+}
+
+/// After the workers were told to drain: waits until every client connection has closed
+/// (each closes after its request in flight; idle ones at once), at most
+/// `limits.shutdown_timeout`, or until a second SIGINT/SIGTERM.
+async fn drain(shared: &Shared, signals: &mut Signals) {
+    let open = || shared.metrics.open_connections.get();
+    let limit = shared.config.limits.shutdown_timeout;
+    if open() > 0 {
+        tracing::info!(
+            "shutting down: waiting up to {limit:?} (limits.shutdown_timeout) for {} open connection(s) to finish their requests; signal again to exit now",
+            open()
+        );
+    }
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut poll = tokio::time::interval(std::time::Duration::from_millis(20));
+    while open() > 0 {
+        tokio::select! {
+            _ = poll.tick() => {}
+            () = tokio::time::sleep_until(deadline) => break,
+            () = signals.another_shutdown() => break,
+        }
+    }
+    match open() {
+        0 => tracing::info!("shut down"),
+        n => tracing::info!("shut down with {n} connection(s) still open"),
     }
 }

@@ -12,10 +12,12 @@ use crate::rt::{HEARTBEAT, Ticks};
 use crate::script::ClassRuntime;
 use crate::upstream::{Upstream, resolve::Resolver};
 
-/// A client connection handed to a worker: the socket and the index of its class.
-pub struct Handoff {
-    pub stream: std::net::TcpStream,
-    pub class: usize,
+/// What the accept side tells a worker.
+pub enum ToWorker {
+    /// A client connection: the socket and the index of its class.
+    Connection { stream: std::net::TcpStream, class: usize },
+    /// moat is shutting down: finish the requests in flight, keep no connection alive.
+    Drain,
 }
 
 /// One worker's state.
@@ -25,9 +27,31 @@ pub struct Worker {
     /// The heartbeat clock (shared with `upstream`).
     pub ticks: Rc<Ticks>,
     runtimes: RefCell<HashMap<usize, Rc<ClassRuntime>>>,
+    /// Set once moat shuts down (see [`ToWorker::Drain`]); `drain` wakes the connections that
+    /// wait for their next request, so that they close.
+    draining: std::cell::Cell<bool>,
+    drain: tokio::sync::Notify,
 }
 
 impl Worker {
+    /// Whether moat is shutting down: answers close their connection.
+    pub fn draining(&self) -> bool {
+        self.draining.get()
+    }
+
+    /// Completes once moat is shutting down.
+    pub async fn drain_started(&self) {
+        let notified = self.drain.notified();
+        if !self.draining.get() {
+            notified.await;
+        }
+    }
+
+    fn start_draining(&self) {
+        self.draining.set(true);
+        self.drain.notify_waiters();
+    }
+
     /// The runtime for the class's current generation, rebuilt when the generation changed.
     /// `None` when the class has no loaded generation.
     pub fn runtime(&self, class: usize) -> Option<Rc<ClassRuntime>> {
@@ -98,8 +122,8 @@ async fn heartbeat(worker: Rc<Worker>) {
 }
 
 /// Starts a worker thread; connections arrive on the returned sender.
-pub fn spawn(index: usize, shared: Arc<Shared>) -> std::io::Result<mpsc::UnboundedSender<Handoff>> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Handoff>();
+pub fn spawn(index: usize, shared: Arc<Shared>) -> std::io::Result<mpsc::UnboundedSender<ToWorker>> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<ToWorker>();
     std::thread::Builder::new().name(format!("moat-worker-{index}")).spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("worker runtime");
         let local = tokio::task::LocalSet::new();
@@ -112,18 +136,31 @@ pub fn spawn(index: usize, shared: Arc<Shared>) -> std::io::Result<mpsc::Unbound
                 shared.own_listeners.clone(),
                 ticks.clone(),
             ));
-            let worker =
-                Rc::new(Worker { shared: shared.clone(), upstream, ticks, runtimes: RefCell::new(HashMap::new()) });
+            let worker = Rc::new(Worker {
+                shared: shared.clone(),
+                upstream,
+                ticks,
+                runtimes: RefCell::new(HashMap::new()),
+                draining: Default::default(),
+                drain: Default::default(),
+            });
             for class in 0..shared.classes.len() {
                 let _ = worker.runtime(class);
             }
             tokio::task::spawn_local(heartbeat(worker.clone()));
-            while let Some(h) = rx.recv().await {
+            while let Some(message) = rx.recv().await {
+                let (stream, class) = match message {
+                    ToWorker::Connection { stream, class } => (stream, class),
+                    ToWorker::Drain => {
+                        worker.start_draining();
+                        continue;
+                    }
+                };
                 let worker = worker.clone();
                 tokio::task::spawn_local(async move {
-                    let _ = h.stream.set_nonblocking(true);
-                    match tokio::net::TcpStream::from_std(h.stream) {
-                        Ok(stream) => super::conn::serve(worker, stream, h.class).await,
+                    let _ = stream.set_nonblocking(true);
+                    match tokio::net::TcpStream::from_std(stream) {
+                        Ok(stream) => super::conn::serve(worker, stream, class).await,
                         Err(e) => tracing::warn!("could not adopt connection: {e}"),
                     }
                 });

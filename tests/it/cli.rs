@@ -197,3 +197,84 @@ fn admin_api_outlives_running_out_of_open_files() {
     let warnings = moat.logs().matches("Too many open files").count();
     assert!(warnings <= 4, "one line per listener and run of failures, not one per retry:\n{}", moat.logs());
 }
+
+/// An upstream that answers each request after `delay`; each request's arrival is reported.
+fn slow_upstream(delay: std::time::Duration) -> (u16, std::sync::mpsc::Receiver<()>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for mut c in listener.incoming().flatten() {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while matches!(c.read(&mut buf), Ok(n) if n > 0) {
+                    let _ = tx.send(());
+                    std::thread::sleep(delay);
+                    let _ = c.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\nslow answer");
+                }
+            });
+        }
+    });
+    (port, rx)
+}
+
+#[test]
+fn sigterm_lets_requests_in_flight_finish_and_closes_idle_connections() {
+    use std::io::{Read, Write};
+    let (port, arrived) = slow_upstream(std::time::Duration::from_millis(1500));
+    let mut moat = Moat::start(
+        r#"allowedHosts = { "127.0.0.1", "const.test" }
+           outboundByHost = { ["const.test"] = function() return Response.new("const") end }"#,
+    );
+    // A kept-alive connection that has had its answer and now waits.
+    let mut idle = std::net::TcpStream::connect(moat.addr).unwrap();
+    idle.write_all(b"GET http://const.test/ HTTP/1.1\r\nHost: const.test\r\n\r\n").unwrap();
+    let mut buf = [0u8; 4096];
+    let n = idle.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).ends_with("const"));
+    // A request in flight when the signal comes.
+    let proxy = moat.proxy_url();
+    let url = format!("http://127.0.0.1:{port}/");
+    let in_flight = std::thread::spawn(move || curl_via(&proxy, &url, &[]));
+    arrived.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+    moat.signal("TERM");
+    let logs = moat.wait_log("shutting down: waiting up to 30s");
+    assert!(logs.contains("shutting down: waiting up to 30s"), "{logs}");
+    // Nothing new is accepted, the idle connection is closed, the request in flight is
+    // answered in full (and told that the connection closes), then moat exits.
+    assert!(std::net::TcpStream::connect(moat.addr).is_err(), "the listener is closed");
+    idle.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    assert_eq!(idle.read(&mut buf).unwrap(), 0, "the idle connection is closed");
+    let answer = in_flight.join().unwrap();
+    assert_eq!((answer.status, answer.body.as_str()), (200, "slow answer"));
+    assert_eq!(answer.headers.get("connection").map(String::as_str), Some("close"));
+    assert_eq!(moat.wait_exit(std::time::Duration::from_secs(10)), Some(0), "{}", moat.logs());
+    assert!(moat.logs().contains("shut down\n"), "{}", moat.logs());
+}
+
+#[test]
+fn shutdown_timeout_bounds_the_wait_and_a_second_signal_ends_it() {
+    let (port, arrived) = slow_upstream(std::time::Duration::from_secs(3600));
+    for (second_signal, limit) in [(false, "1s"), (true, "1h")] {
+        let mut moat = Moat::start_with(
+            r#"allowedHosts = { "127.0.0.1" }"#,
+            Some(&format!("[limits]\nshutdown_timeout = \"{limit}\"\n")),
+            &[],
+            &[],
+        );
+        let proxy = moat.proxy_url();
+        let url = format!("http://127.0.0.1:{port}/");
+        let _never = std::thread::spawn(move || curl_via(&proxy, &url, &["-m", "30"]));
+        arrived.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+        moat.signal("INT");
+        let logs = moat.wait_log("shutting down: waiting up to");
+        assert!(logs.contains("shutting down: waiting up to"), "{logs}");
+        if second_signal {
+            moat.signal("INT");
+        }
+        assert_eq!(moat.wait_exit(std::time::Duration::from_secs(15)), Some(0), "{}", moat.logs());
+        assert!(moat.logs().contains("shut down with 1 connection(s) still open"), "{}", moat.logs());
+    }
+}

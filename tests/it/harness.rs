@@ -106,6 +106,24 @@ impl Moat {
         self.child.id()
     }
 
+    /// Sends `signal` (a `kill` name: "TERM", "HUP", ...) to moat.
+    pub fn signal(&self, signal: &str) {
+        let ok = Command::new("kill").arg(format!("-{signal}")).arg(self.pid().to_string()).status().unwrap();
+        assert!(ok.success(), "kill -{signal} failed");
+    }
+
+    /// Waits up to `limit` for moat to exit; its exit code, or None if it still runs.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     pub fn proxy_url(&self) -> String {
         format!("http://{}", self.addr)
     }
