@@ -69,6 +69,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
+        // Before anything is announced: a signal from whoever waits for "listening on" must
+        // find its handler.
+        let mut signals = Signals::new()?;
         let mut tasks = tokio::task::JoinSet::new();
         // The admin socket exists before "listening on" is printed: whoever waits for that
         // line (scripts, tests) can use the CLI at once.
@@ -97,7 +100,6 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         }
         use std::io::Write;
         let _ = std::io::stdout().flush();
-        let mut signals = Signals::new()?;
         signals.until_shutdown(&reloads).await;
         // Stop accepting (the listeners close, so that a new moat can bind at once), then let
         // the requests in flight finish.

@@ -198,28 +198,6 @@ fn admin_api_outlives_running_out_of_open_files() {
     assert!(warnings <= 4, "one line per listener and run of failures, not one per retry:\n{}", moat.logs());
 }
 
-/// An upstream that answers each request after `delay`; each request's arrival is reported.
-fn slow_upstream(delay: std::time::Duration) -> (u16, std::sync::mpsc::Receiver<()>) {
-    use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for mut c in listener.incoming().flatten() {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while matches!(c.read(&mut buf), Ok(n) if n > 0) {
-                    let _ = tx.send(());
-                    std::thread::sleep(delay);
-                    let _ = c.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\nslow answer");
-                }
-            });
-        }
-    });
-    (port, rx)
-}
-
 #[test]
 fn sigterm_lets_requests_in_flight_finish_and_closes_idle_connections() {
     use std::io::{Read, Write};

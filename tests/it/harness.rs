@@ -233,24 +233,45 @@ pub fn raw_upstream(answer: &'static [u8], hold: bool) -> u16 {
     port
 }
 
-/// An upstream that reads one request per connection and never answers; each connection's
-/// end (the proxy closing it) is reported on the channel.
-pub fn silent_upstream() -> (u16, std::sync::mpsc::Receiver<()>) {
+/// A loopback upstream that runs `each` on a thread of its own for every connection, with a
+/// sender for what it reports. Returns its port and the reports.
+fn threaded_upstream(
+    each: impl Fn(TcpStream, std::sync::mpsc::Sender<()>) + Send + Clone + 'static,
+) -> (u16, std::sync::mpsc::Receiver<()>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        for mut c in listener.incoming().flatten() {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                let _ = c.read(&mut buf);
-                while matches!(c.read(&mut buf), Ok(n) if n > 0) {}
-                let _ = tx.send(());
-            });
+        for c in listener.incoming().flatten() {
+            let (tx, each) = (tx.clone(), each.clone());
+            std::thread::spawn(move || each(c, tx));
         }
     });
     (port, rx)
+}
+
+/// An upstream that reads one request per connection and never answers; each connection's
+/// end (the proxy closing it) is reported on the channel.
+pub fn silent_upstream() -> (u16, std::sync::mpsc::Receiver<()>) {
+    threaded_upstream(|mut c, ended| {
+        let mut buf = [0u8; 4096];
+        let _ = c.read(&mut buf);
+        while matches!(c.read(&mut buf), Ok(n) if n > 0) {}
+        let _ = ended.send(());
+    })
+}
+
+/// An upstream that answers "slow answer" to each request `delay` after it arrived; each
+/// arrival is reported on the channel.
+pub fn slow_upstream(delay: Duration) -> (u16, std::sync::mpsc::Receiver<()>) {
+    threaded_upstream(move |mut c, arrived| {
+        let mut buf = [0u8; 4096];
+        while matches!(c.read(&mut buf), Ok(n) if n > 0) {
+            let _ = arrived.send(());
+            std::thread::sleep(delay);
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\nslow answer");
+        }
+    })
 }
 
 /// What the upstream saw of one request.
