@@ -27,33 +27,9 @@ use moat::script::api::request::{LuaRequest, Redirect};
 use moat::script::{CallContext, ClassRuntime};
 use moat::upstream::{DialRules, Target, Upstream, resolve::Resolver, tls::UpstreamTls};
 
-// The same allocator as the moat binary (allocation is a good part of a handler call),
-// counting allocations so that a change's effect on them shows.
+// The same allocator as the moat binary: allocation is a good part of a handler call.
 #[global_allocator]
-static GLOBAL: Counting = Counting;
-
-static ALLOCATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-struct Counting;
-
-// SAFETY: every call is passed to mimalloc unchanged.
-unsafe impl std::alloc::GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        unsafe { mimalloc::MiMalloc.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
-        unsafe { mimalloc::MiMalloc.dealloc(ptr, layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        unsafe { mimalloc::MiMalloc.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        unsafe { mimalloc::MiMalloc.realloc(ptr, layout, new_size) }
-    }
-}
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 struct NoSink;
 impl moat::script::api::container::OverrideSink for NoSink {
@@ -169,9 +145,9 @@ fn main() {
                 .collect();
             join(tasks)
         };
-        let (cpu, wall, allocs) = measure(n, run).await;
+        let (cpu, wall) = measure(n, run).await;
         println!(
-            "{mode}: {n} calls, {cpu:.0} ns CPU ({wall:.0} ns wall, {allocs:.1} allocations) per call, Lua memory {} KiB",
+            "{mode}: {n} calls, {cpu:.0} ns CPU ({wall:.0} ns wall) per call, Lua memory {} KiB",
             runtime.used_memory() / 1024
         );
     });
@@ -219,8 +195,8 @@ async fn raw_floor(n: u32, upstream_addr: &str) {
             .collect();
         join(tasks)
     };
-    let (cpu, wall, allocs) = measure(n, run).await;
-    println!("raw: {n} calls, {cpu:.0} ns CPU ({wall:.0} ns wall, {allocs:.1} allocations) per call");
+    let (cpu, wall) = measure(n, run).await;
+    println!("raw: {n} calls, {cpu:.0} ns CPU ({wall:.0} ns wall) per call");
 }
 
 async fn join(tasks: Vec<tokio::task::JoinHandle<()>>) {
@@ -230,14 +206,11 @@ async fn join(tasks: Vec<tokio::task::JoinHandle<()>>) {
 }
 
 /// Warms up with `run(n / 10)`, then times `run(n)`: (CPU ns, wall ns) per call.
-/// CPU and wall time per call (ns), and allocations (and reallocations) per call.
-async fn measure<F: std::future::Future<Output = ()>>(n: u32, run: impl Fn(u32) -> F) -> (f64, f64, f64) {
+async fn measure<F: std::future::Future<Output = ()>>(n: u32, run: impl Fn(u32) -> F) -> (f64, f64) {
     run(n / 10).await;
-    let allocations = || ALLOCATIONS.load(std::sync::atomic::Ordering::Relaxed);
-    let (start, cpu_start, allocs_start) = (Instant::now(), thread_cpu_ns(), allocations());
+    let (start, cpu_start) = (Instant::now(), thread_cpu_ns());
     run(n).await;
     let wall = start.elapsed().as_nanos() as f64 / f64::from(n);
     let cpu = (thread_cpu_ns() - cpu_start) as f64 / f64::from(n);
-    let allocs = (allocations() - allocs_start) as f64 / f64::from(n);
-    (cpu, wall, allocs)
+    (cpu, wall)
 }
