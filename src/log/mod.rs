@@ -172,7 +172,31 @@ impl std::io::Write for EventBuffer {
 impl Drop for EventBuffer {
     fn drop(&mut self) {
         if !self.buf.is_empty() {
-            let _ = self.tx.send(std::mem::take(&mut self.buf));
+            let _ = self.tx.send(one_line(std::mem::take(&mut self.buf)));
         }
     }
+}
+
+/// Keeps one event on one line. A message may carry what a container sent (a policy that logs
+/// a request body, an error that quotes it), and a line break in it must not start a line that
+/// looks like moat's own (a forged access line), nor an escape sequence drive the terminal of
+/// whoever reads the log. Control bytes other than tab are written as `\n`, `\r`, `\x1b`, ...;
+/// the event's final newline stays. (JSON lines never carry any: they are escaped already.)
+fn one_line(event: Vec<u8>) -> Vec<u8> {
+    let escaped = |b: u8| (b < 0x20 && b != b'\t') || b == 0x7f;
+    let text = event.strip_suffix(b"\n").unwrap_or(&event);
+    if !text.iter().any(|&b| escaped(b)) {
+        return event;
+    }
+    let mut out = Vec::with_capacity(event.len() + 16);
+    for &b in text {
+        match b {
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b if escaped(b) => out.extend_from_slice(format!("\\x{b:02x}").as_bytes()),
+            b => out.push(b),
+        }
+    }
+    out.push(b'\n');
+    out
 }

@@ -277,3 +277,27 @@ fn bodies_stream_from_request_to_response_and_a_fetched_response_can_be_rewrappe
     assert_eq!((r.headers["x-upstream"].as_str(), r.headers["x-added"].as_str()), ("echo", "1"));
     assert!(r.body.contains("\"uri\":\"/echo\""), "{}", r.body);
 }
+
+#[test]
+fn what_a_container_sends_cannot_forge_log_lines() {
+    // A policy that logs what the container sent: line breaks and terminal escapes in it stay
+    // inside its own log line, escaped, in both log formats.
+    let policy = r#"outboundByHost = { ["log.test"] = function(r)
+        console.log("body:", r:text())
+        error("failed on: " .. r.headers:get("x-note"))
+      end }"#;
+    let forged = "x\n2026-01-01T00:00:00.000000Z  INFO moat::access: access forged\r\n\x1b[2Jcleared";
+    for format in ["human", "json"] {
+        let moat = Moat::start_with(policy, None, &["--log-format", format], &[]);
+        let r = curl(&moat, "http://log.test/", &["--data-binary", forged, "-H", "x-note: tab\there"]);
+        assert_eq!(r.status, 500);
+        let logs = moat.wait_log("failed on");
+        assert!(logs.contains("failed on"), "{logs}");
+        for line in logs.lines() {
+            assert!(!line.starts_with("2026-01-01"), "{format}: a forged line:\n{logs}");
+            assert!(!line.starts_with("\r") && !line.contains('\u{1b}'), "{format}: raw control bytes:\n{logs:?}");
+        }
+        let body_line = logs.lines().find(|l| l.contains("body:")).unwrap();
+        assert!(body_line.contains("access forged") && body_line.contains("cleared"), "{format}: {body_line}");
+    }
+}
