@@ -189,14 +189,20 @@ fn an_idle_intercepted_http2_connection_is_sent_away() {
     if let Err(e) = &ended {
         assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e}");
     }
+    let frames = frame_types(&got);
+    assert!(frames.contains(&0x7), "a GOAWAY frame before the close: frame types {frames:?}");
+}
+
+/// The types of the HTTP/2 frames in `bytes` (0x7: GOAWAY).
+fn frame_types(bytes: &[u8]) -> Vec<u8> {
     let mut frames = Vec::new();
-    let mut rest = &got[..];
+    let mut rest = bytes;
     while rest.len() >= 9 {
         let len = u32::from_be_bytes([0, rest[0], rest[1], rest[2]]) as usize;
         frames.push(rest[3]);
         rest = &rest[(9 + len).min(rest.len())..];
     }
-    assert!(frames.contains(&0x7), "a GOAWAY frame before the close: frame types {frames:?}");
+    frames
 }
 
 #[test]
@@ -436,4 +442,57 @@ outboundByHost = {{ ["slow.test"] = function() return fetch("http://127.0.0.1:{p
             && l.contains("the client cancelled the stream")),
         "{log}"
     );
+}
+
+#[test]
+fn on_shutdown_http2_streams_in_flight_finish_and_idle_connections_get_a_goaway() {
+    let (port, arrived) = slow_upstream(Duration::from_millis(1500));
+    let policy = format!(
+        r#"interceptHttps = true
+outboundByHost = {{ ["slow.test"] = function() return fetch("http://127.0.0.1:{port}/") end }}"#
+    );
+    let mut moat = Moat::start(&policy);
+    // An HTTP/2 connection a client keeps open with no stream.
+    let mut idle = tls_through(&moat, "slow.test", 443, b"h2");
+    idle.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").unwrap();
+    // It reads until moat closes the connection, acknowledging pings as a client does (the
+    // graceful close waits for one).
+    let idle = std::thread::spawn(move || {
+        let (mut got, mut buf, mut acked) = (Vec::new(), [0u8; 4096], 0);
+        loop {
+            match idle.read(&mut buf) {
+                Ok(0) | Err(_) => return frame_types(&got),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+            let mut at = 0;
+            while got.len() >= at + 9 {
+                let len = u32::from_be_bytes([0, got[at], got[at + 1], got[at + 2]]) as usize;
+                if got.len() < at + 9 + len {
+                    break;
+                }
+                let (kind, flags) = (got[at + 3], got[at + 4]);
+                if kind == 0x6 && flags & 0x1 == 0 && at >= acked {
+                    let _ = idle.write_all(&h2_frame(0x6, 0x1, 0, &got[at + 9..at + 9 + len]));
+                    acked = at + 1;
+                }
+                at += 9 + len;
+            }
+        }
+    });
+    let args: Vec<String> = ["-sS", "--http2", "--max-time", "20", "--noproxy", "", "-x", &moat.proxy_url()]
+        .into_iter()
+        .map(String::from)
+        .chain(["--cacert".to_string(), moat_ca(&moat), "-w".into(), "\n%{http_version}".into()])
+        .chain(["https://slow.test/".to_string()])
+        .collect();
+    let client = std::thread::spawn(move || std::process::Command::new("curl").args(&args).output().unwrap());
+    arrived.recv_timeout(Duration::from_secs(10)).unwrap();
+    moat.signal("TERM");
+    let out = client.join().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "slow answer\n2", "{}", String::from_utf8_lossy(&out.stderr));
+    let frames = idle.join().unwrap();
+    assert!(frames.contains(&0x7), "the idle connection got a GOAWAY: frame types {frames:?}");
+    // Both gone, moat exits long before limits.shutdown_timeout (30 s).
+    assert_eq!(moat.wait_exit(Duration::from_secs(10)), Some(0), "{}", moat.logs());
+    assert!(moat.logs().contains("shut down\n"), "{}", moat.logs());
 }
