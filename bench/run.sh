@@ -107,6 +107,7 @@ run_cpu() {
 field() { sed -n "s/.*$1=\([0-9.]*\).*/\1/p"; }
 
 ROUNDS=${ROUNDS:-3}
+
 median() { sort -t= -k4 -n "$1" | awk '{a[NR]=$0} END {print a[int((NR+1)/2)]}'; }
 median_rps() { field rps < "$1" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
@@ -131,6 +132,11 @@ if [ "${ONLY:-}" = https ]; then
   https_part
   exit 0
 fi
+
+# First of all, on the fresh instance: the handler path at RATE req/s. A moat that was just
+# started (or restarted) meets its first load like this; stalls that warm-up hides (the
+# allocator taking fresh memory from the kernel) show here and not in the later open loop.
+fresh=$(run 127.0.0.1:13129 "http://$UP/" "$CONNS" "$SECS" "$RATE")
 
 echo "== closed loop: $CONNS keep-alive connections, ${SECS}s per run, $ROUNDS rounds of direct/relay/egress/handler"
 echo "   (runs alternate so that machine noise hits every path alike; the median run is reported;"
@@ -198,6 +204,8 @@ rh=$(run 127.0.0.1:13129 "http://$UP/" "$CONNS" "$SECS" "$RATE")
 printf '%-26s %s\n' "direct @${RATE}" "$rd" "moat egress @${RATE}" "$re" "moat handler @${RATE}" "$rh"
 p99d=$(echo "$rd" | field p99_us)
 echo "p99 added: egress $(( $(echo "$re" | field p99_us) - p99d )) us, handler $(( $(echo "$rh" | field p99_us) - p99d )) us"
+echo "handler on the fresh instance (the first run of all): $fresh"
+echo "p99 added on the fresh instance: handler $(( $(echo "$fresh" | field p99_us) - p99d )) us"
 
 echo "== handler path while the policy is saved once a second (hot reload), ${SECS}s each, $ROUNDS rounds"
 echo "   (quiet and saving runs alternate, so that the machine's drift hits both alike)"
