@@ -215,7 +215,7 @@ async fn run(
             let lua_req = LuaRequest {
                 method: head.method,
                 url: format!("{}://{authority}{path}", target.scheme()),
-                headers: LuaHeaders::new(headers),
+                headers: LuaHeaders::detached(headers),
                 body: SharedBody::new(if http_body::Body::is_end_stream(&body) {
                     BodySlot::Empty
                 } else {

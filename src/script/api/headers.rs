@@ -16,6 +16,34 @@ impl LuaHeaders {
         Self(Rc::new(RefCell::new(map)))
     }
 
+    /// Headers parsed off a connection, made independent of its read buffer.
+    ///
+    /// A parser's header values are slices of the connection's read buffer. Lua frees a
+    /// Request or Response only when its collector runs, and the collector counts only Lua's
+    /// own memory (a few hundred bytes for such an object, not the buffer behind it): so the
+    /// objects of each handler call kept a whole read buffer (8 KiB or more, client side and
+    /// upstream side) alive until a collection, and made each connection allocate a new
+    /// buffer for its next read. The values are copied into one small buffer of their own.
+    pub fn detached(mut map: HeaderMap) -> Self {
+        let total = map.values().map(HeaderValue::len).sum();
+        let mut copy = bytes::BytesMut::with_capacity(total);
+        for value in map.values() {
+            copy.extend_from_slice(value.as_bytes());
+        }
+        let copy = copy.freeze();
+        let mut at = 0;
+        // `values_mut` visits the values in the same order as `values` above.
+        for value in map.values_mut() {
+            let end = at + value.len();
+            if let Ok(mut own) = HeaderValue::from_maybe_shared(copy.slice(at..end)) {
+                own.set_sensitive(value.is_sensitive());
+                *value = own;
+            }
+            at = end;
+        }
+        Self::new(map)
+    }
+
     /// A copy of the map.
     pub fn snapshot(&self) -> HeaderMap {
         self.0.borrow().clone()
@@ -142,4 +170,41 @@ fn entries_iterator(lua: &Lua, map: &HeaderMap) -> Result<mlua::Function> {
             None => Ok((Value::Nil, Value::Nil)),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use http::header::{ACCEPT, AUTHORIZATION, HOST};
+
+    use super::*;
+
+    #[test]
+    fn detached_headers_do_not_hold_the_read_buffer() {
+        // As a parser makes them: every value is a slice of the connection's read buffer.
+        let head =
+            "GET / HTTP/1.1\r\nhost: a.test\r\naccept: */*\r\naccept: text/html\r\nauthorization: s3cret\r\n\r\n";
+        let buffer = Bytes::from(head.as_bytes().to_vec());
+        let value = |v: &str| {
+            let at = head.find(v).unwrap();
+            HeaderValue::from_maybe_shared(buffer.slice(at..at + v.len())).unwrap()
+        };
+        let mut map = HeaderMap::new();
+        map.insert(HOST, value("a.test"));
+        map.append(ACCEPT, value("*/*"));
+        map.append(ACCEPT, value("text/html"));
+        let mut secret = value("s3cret");
+        secret.set_sensitive(true);
+        map.insert(AUTHORIZATION, secret);
+        assert!(!buffer.is_unique());
+
+        let headers = LuaHeaders::detached(map);
+        assert!(buffer.is_unique(), "a header handed to Lua still holds the connection's read buffer");
+        let map = headers.0.borrow();
+        assert_eq!(map[HOST], "a.test");
+        assert_eq!(map.get_all(ACCEPT).iter().collect::<Vec<_>>(), ["*/*", "text/html"]);
+        assert_eq!(map[AUTHORIZATION], "s3cret");
+        assert!(map[AUTHORIZATION].is_sensitive());
+        assert_eq!(map.len(), 4);
+    }
 }
