@@ -5,7 +5,8 @@
 //!     requests for URL to ADDR: plain HTTP sends URL as an absolute-form target (a proxy
 //!     request); with --tls each connection speaks TLS (trusting CA_PEM) to ADDR, or, with
 //!     --connect, opens a CONNECT tunnel through the proxy at ADDR to URL's host first.
-//! load idle ADDR URL CONNECTIONS SECONDS       open CONNECTIONS, one request each, hold them
+//! load idle [--tls CA_PEM [--connect]] ADDR URL CONNECTIONS SECONDS
+//!     open CONNECTIONS (dialled as above), one request each, and hold them
 //! load first-request ADDR CA_PEM ROUNDS
 //!     time of a whole first request (tunnel, TLS handshake, GET) through an intercepting
 //!     proxy for a host it has never seen, against one it has seen; medians of ROUNDS.
@@ -77,27 +78,34 @@ fn tls_connector(ca_pem: &str) -> tokio_rustls::TlsConnector {
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-    match args.first().map(String::as_str) {
-        Some("idle") => rt.block_on(idle(&args[1], &args[2], args[3].parse().unwrap(), args[4].parse().unwrap())),
-        Some("first-request") => rt.block_on(first_request(&args[1], &args[2], args[3].parse().unwrap())),
-        _ => {
-            let mut tls = None;
-            let mut connect = false;
-            while args.first().is_some_and(|a| a.starts_with("--")) {
-                match args.remove(0).as_str() {
-                    "--tls" => tls = Some(tls_connector(&args.remove(0))),
-                    "--connect" => connect = true,
-                    other => panic!("unknown option {other}"),
-                }
-            }
-            let url = &args[1];
-            let authority = url.split("//").nth(1).and_then(|r| r.split('/').next()).unwrap_or("x").to_string();
-            let origin_form = tls.is_some();
-            let dial = Dial { addr: args[0].clone(), tls, connect, authority };
-            let rate = args.get(4).map(|r| r.parse::<f64>().unwrap());
-            let req = request(url, origin_form);
-            rt.block_on(load(dial, req, args[2].parse().unwrap(), args[3].parse().unwrap(), rate));
+    let idle = args.first().is_some_and(|a| a == "idle");
+    if args.first().is_some_and(|a| a == "first-request") {
+        rt.block_on(first_request(&args[1], &args[2], args[3].parse().unwrap()));
+        return;
+    }
+    if idle {
+        args.remove(0);
+    }
+    let mut tls = None;
+    let mut connect = false;
+    while args.first().is_some_and(|a| a.starts_with("--")) {
+        match args.remove(0).as_str() {
+            "--tls" => tls = Some(tls_connector(&args.remove(0))),
+            "--connect" => connect = true,
+            other => panic!("unknown option {other}"),
         }
+    }
+    let url = &args[1];
+    let authority = url.split("//").nth(1).and_then(|r| r.split('/').next()).unwrap_or("x").to_string();
+    let origin_form = tls.is_some();
+    let dial = Dial { addr: args[0].clone(), tls, connect, authority };
+    let req = request(url, origin_form);
+    let (conns, secs) = (args[2].parse().unwrap(), args[3].parse().unwrap());
+    if idle {
+        rt.block_on(hold_idle(dial, req, conns, secs));
+    } else {
+        let rate = args.get(4).map(|r| r.parse::<f64>().unwrap());
+        rt.block_on(load(dial, req, conns, secs, rate));
     }
 }
 
@@ -208,12 +216,11 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / 100.0
 }
 
-async fn idle(addr: &str, url: &str, conns: usize, secs: u64) {
-    let req = request(url, false);
+async fn hold_idle(dial: Dial, req: Vec<u8>, conns: usize, secs: u64) {
     let mut held = Vec::new();
     let mut buf = Vec::new();
     for _ in 0..conns {
-        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut s = dial.open().await.unwrap();
         s.write_all(&req).await.unwrap();
         assert!(read_response(&mut s, &mut buf).await, "idle: request failed");
         held.push(s);

@@ -163,13 +163,21 @@ for path in direct relay egress handler; do
   printf '%-9s load generator %-6s upstream %-6s proxy %s\n' "$path" "$(echo "$line" | field loadgen_cpu_us)" "$(echo "$line" | field upstream_cpu_us)" "$(echo "$line" | field proxy_cpu_us)"
 done
 
+# Each set of connections makes one request through the handler path and is held, then
+# closed before the next set opens: RSS should not climb from set to set (objects a handler
+# call leaves to Lua's collector must not keep connection buffers alive).
+IDLE_SETS=${IDLE_SETS:-4}
 idle_rss() {
-  echo "== $IDLE idle keep-alive connections ($1)"
-  run idle 127.0.0.1:13129 "http://$UP/" "$IDLE" 3 &
-  local idler=$!
-  sleep 2
-  echo "moat RSS with $IDLE idle connections: $(awk '/VmRSS/ {print $2, $3}' /proc/$MOAT/status)"
-  wait $idler
+  echo "== $IDLE idle keep-alive connections ($1), $IDLE_SETS sets one after another"
+  local sizes=""
+  for _ in $(seq "$IDLE_SETS"); do
+    run idle 127.0.0.1:13129 "http://$UP/" "$IDLE" 3 > /dev/null &
+    local idler=$!
+    sleep 2
+    sizes="$sizes $(awk '/VmRSS/ {print $2}' /proc/$MOAT/status)"
+    wait $idler
+  done
+  echo "moat RSS with $IDLE idle connections (kB, each set):$sizes"
 }
 idle_rss "after the closed-loop runs"
 
