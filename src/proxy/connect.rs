@@ -52,7 +52,11 @@ pub async fn serve(
         scheme: "tunnel",
         ..Default::default()
     };
-    let refusal = match prepare(worker, class, &head, &mut log) {
+    let prepared = prepare(worker, class, &head, &mut log);
+    // The head's values are slices of the connection's first read buffer (8 KiB): held for
+    // the tunnel's life, they would keep all of it (and the proxy credentials) in memory.
+    drop(head);
+    let refusal = match prepared {
         Ok(mut plan) => {
             // The address check belongs to the decision: refuse before promising a tunnel.
             let rules = DialRules::Egress { allowed: plan.allowed.as_ref(), denied: plan.denied.as_ref() };

@@ -391,6 +391,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
         if !self.prefix.is_empty() {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix.split_to(n));
+            if self.prefix.is_empty() {
+                // The prefix is the tunnel's first read buffer (8 KiB): an empty remainder
+                // would keep all of it for as long as the connection lives.
+                self.prefix = BytesMut::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)
