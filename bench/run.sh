@@ -127,6 +127,14 @@ https_part() {
   echo "== first request (CONNECT + TLS handshake + GET) for a new host vs a cached host, 201 rounds"
   run first-request 127.0.0.1:13131 "$work/data/ca.pem" 201
   echo "leaf certificates generated: $(curl -s --unix-socket "$work/data/admin.sock" http://moat/metrics | awk '/^moat_tls_leaf_certificates_generated_total/ {print $2}')"
+  echo "== $IDLE idle intercepted HTTPS connections (CONNECT, TLS, one request each, then held)"
+  local before idler
+  before=$(awk '/VmRSS/ {print $2}' /proc/$MOAT/status)
+  run idle --tls "$work/data/ca.pem" --connect 127.0.0.1:13131 "https://$TLSUP/" "$IDLE" 4 > /dev/null &
+  idler=$!
+  sleep 3
+  echo "moat RSS: $before kB before, $(awk '/VmRSS/ {print $2}' /proc/$MOAT/status) kB with them open"
+  wait $idler
 }
 if [ "${ONLY:-}" = https ]; then
   https_part
