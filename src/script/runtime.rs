@@ -117,8 +117,9 @@ impl ClassRuntime {
         })?;
 
         let lua_err = |e: mlua::Error| HandlerFailure::Error(e.to_string());
-        let req = self.lua.create_userdata(request).map_err(lua_err)?;
         let scope = Scope::new(who.request_id.into(), who.container_id.into(), who.class, limits.lua_cpu);
+        scope.hold_stream(&request.body);
+        let req = self.lua.create_userdata(request).map_err(lua_err)?;
         let ctx = self
             .lua
             .create_userdata(LuaCtx {
@@ -129,21 +130,18 @@ impl ClassRuntime {
             .map_err(lua_err)?;
         let call = func.call_async::<Value>((req, self.env.clone(), ctx));
         let outcome = tokio::time::timeout(limits.handler_timeout, Scoped::new(scope.clone(), call)).await;
-        let result = match outcome {
-            Err(_) => return Err(HandlerFailure::Timeout),
-            Ok(r) => r,
-        };
-        if scope.exceeded() {
-            return Err(HandlerFailure::Cpu);
-        }
-        match result {
-            Ok(Value::UserData(ud)) if ud.is::<LuaResponse>() => {
-                let resp = ud.borrow::<LuaResponse>().map_err(lua_err)?;
-                resp.into_http().map_err(lua_err)
+        let answer = match outcome {
+            Err(_) => Err(HandlerFailure::Timeout),
+            Ok(_) if scope.exceeded() => Err(HandlerFailure::Cpu),
+            Ok(Ok(Value::UserData(ud))) if ud.is::<LuaResponse>() => {
+                ud.borrow::<LuaResponse>().map_err(lua_err).and_then(|resp| resp.into_http().map_err(lua_err))
             }
-            Ok(other) => Err(HandlerFailure::NotResponse(other.type_name().to_string())),
-            Err(e) => Err(self.classify(e)),
-        }
+            Ok(Ok(other)) => Err(HandlerFailure::NotResponse(other.type_name().to_string())),
+            Ok(Err(e)) => Err(self.classify(e)),
+        };
+        // After the answer has taken its body: what is left unread is closed.
+        scope.end();
+        answer
     }
 
     fn classify(&self, e: mlua::Error) -> HandlerFailure {

@@ -8,9 +8,11 @@
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+
+use super::api::body::{BodySlot, SharedBody};
 
 /// One handler call (or one script load).
 pub struct Scope {
@@ -27,6 +29,8 @@ pub struct Scope {
     exceeded: Cell<bool>,
     /// Hook calls since the budget was exceeded (alternates error and yield).
     strikes: Cell<u32>,
+    /// Streamed bodies (from the client, an upstream, a bucket) this call's objects hold.
+    streams: RefCell<Vec<Weak<RefCell<BodySlot>>>>,
 }
 
 impl Scope {
@@ -40,7 +44,26 @@ impl Scope {
             poll_start: Cell::new(None),
             exceeded: Cell::new(false),
             strikes: Cell::new(0),
+            streams: RefCell::new(Vec::new()),
         })
+    }
+
+    /// Notes a body that holds a stream, for [`Scope::end`].
+    pub fn hold_stream(&self, body: &SharedBody) {
+        self.streams.borrow_mut().push(Rc::downgrade(&body.0));
+    }
+
+    /// The call has ended: streams that its objects still hold, neither read nor handed on,
+    /// are closed now. Lua frees those objects only when its collector runs (on a quiet proxy
+    /// perhaps never), and until then an unread `fetch` answer kept its upstream connection
+    /// open and a bucket object its file. As in Workers, a streamed body belongs to the
+    /// request that got it.
+    pub fn end(&self) {
+        for slot in self.streams.take() {
+            if let Some(slot) = slot.upgrade() {
+                SharedBody(slot).end_stream();
+            }
+        }
     }
 
     pub fn exceeded(&self) -> bool {

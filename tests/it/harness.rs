@@ -47,7 +47,8 @@ impl Moat {
             std::fs::write(dir.path().join("moat.toml"), t).unwrap();
             cmd.arg("--config").arg(dir.path().join("moat.toml"));
         }
-        cmd.args(args).envs(env.iter().copied()).env("MOAT_WORKERS", "2").current_dir(dir.path());
+        // Two workers unless a test asks otherwise.
+        cmd.args(args).env("MOAT_WORKERS", "2").envs(env.iter().copied()).current_dir(dir.path());
         Self::spawn(cmd, dir)
     }
 
@@ -270,6 +271,24 @@ pub fn slow_upstream(delay: Duration) -> (u16, std::sync::mpsc::Receiver<()>) {
             let _ = arrived.send(());
             std::thread::sleep(delay);
             let _ = c.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\nslow answer");
+        }
+    })
+}
+
+/// An upstream that answers each request with a head announcing 64 MiB and then writes the
+/// body for as long as the proxy takes it; the end of each connection (the proxy closing it)
+/// is reported on the channel.
+pub fn endless_upstream() -> (u16, std::sync::mpsc::Receiver<()>) {
+    threaded_upstream(|mut c, ended| {
+        let mut buf = [0u8; 4096];
+        let _ = c.read(&mut buf);
+        let chunk = [b'x'; 64 * 1024];
+        let mut ok = c.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 67108864\r\n\r\n").is_ok();
+        for _ in 0..1024 {
+            ok = ok && c.write_all(&chunk).is_ok();
+        }
+        if !ok {
+            let _ = ended.send(());
         }
     })
 }

@@ -1,5 +1,7 @@
 //! The Lua API of SPEC 3, each type observed through a response a client gets.
 
+use std::time::Duration;
+
 use crate::harness::*;
 
 fn api_policy(up: u16) -> String {
@@ -276,6 +278,38 @@ fn bodies_stream_from_request_to_response_and_a_fetched_response_can_be_rewrappe
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!((r.headers["x-upstream"].as_str(), r.headers["x-added"].as_str()), ("echo", "1"));
     assert!(r.body.contains("\"uri\":\"/echo\""), "{}", r.body);
+}
+
+#[test]
+fn a_fetched_body_left_unread_is_closed_when_the_handler_returns() {
+    // The handler looks at a fetched answer's status and answers itself, leaving a 64 MiB body
+    // unread. Nothing runs in moat afterwards (so Lua never collects the Response): the
+    // upstream connection must still be closed, because the call that got the body ended.
+    let (port, closed) = endless_upstream();
+    let policy = format!(
+        r#"local kept = {{}}
+outboundByHost = {{
+  ["peek.test"] = function(request)
+    kept.answer = fetch("http://127.0.0.1:{port}/")
+    return Response.new("upstream said " .. kept.answer.status)
+  end,
+  -- A later call finds the kept body closed, with an error that says why.
+  ["later.test"] = function(request)
+    local ok, err = pcall(function() return kept.answer:text() end)
+    return Response.new(tostring(ok) .. ": " .. tostring(err))
+  end,
+}}"#
+    );
+    // One worker, so that the later call runs on the state that kept the answer.
+    let moat = Moat::start_with(&policy, None, &[], &[("MOAT_WORKERS", "1")]);
+    let r = curl(&moat, "http://peek.test/", &[]);
+    assert_eq!((r.status, r.body.as_str()), (200, "upstream said 200"));
+    assert!(
+        closed.recv_timeout(Duration::from_secs(10)).is_ok(),
+        "the unread upstream body still holds its connection open"
+    );
+    let r = curl(&moat, "http://later.test/", &[]);
+    assert!(r.body.starts_with("false: ") && r.body.contains("before its handler call ended"), "{}", r.body);
 }
 
 #[test]

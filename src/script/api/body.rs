@@ -15,19 +15,41 @@ pub enum BodySlot {
     Stream(Body),
     /// Read or moved away; a second read is an error (as in the Fetch API).
     Used,
+    /// A stream closed unread when the handler call that got it ended (see
+    /// [`crate::script::scope::Scope::end`]).
+    Ended,
 }
+
+const ENDED: &str =
+    "body was not read before its handler call ended (a streamed body can be used only during the call that got it)";
 
 /// A body shared by reference; moving it (into `Request.new`, `fetch`, …) leaves `Used`.
 #[derive(Clone)]
 pub struct SharedBody(pub Rc<RefCell<BodySlot>>);
 
 impl SharedBody {
+    /// A body; a stream made during a handler call is closed when that call ends, unless it
+    /// was read or handed on (returned, or sent with `fetch`) by then.
     pub fn new(slot: BodySlot) -> Self {
-        Self(Rc::new(RefCell::new(slot)))
+        let stream = matches!(slot, BodySlot::Stream(_));
+        let body = Self(Rc::new(RefCell::new(slot)));
+        if stream && let Some(scope) = crate::script::scope::current() {
+            scope.hold_stream(&body);
+        }
+        body
     }
 
     pub fn is_used(&self) -> bool {
-        matches!(*self.0.borrow(), BodySlot::Used)
+        matches!(*self.0.borrow(), BodySlot::Used | BodySlot::Ended)
+    }
+
+    /// Closes the stream this body still holds (its handler call has ended).
+    pub fn end_stream(&self) {
+        if let Ok(mut slot) = self.0.try_borrow_mut()
+            && matches!(*slot, BodySlot::Stream(_))
+        {
+            *slot = BodySlot::Ended;
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -45,6 +67,10 @@ impl SharedBody {
             BodySlot::Bytes(b) => Ok(body::full(b)),
             BodySlot::Stream(s) => Ok(s),
             BodySlot::Used => Err(mlua::Error::runtime("body has already been used")),
+            BodySlot::Ended => {
+                *self.0.borrow_mut() = BodySlot::Ended;
+                Err(mlua::Error::runtime(ENDED))
+            }
         }
     }
 
@@ -57,6 +83,10 @@ impl SharedBody {
                 BodySlot::Empty
             }
             BodySlot::Used => return Err(mlua::Error::runtime("body has already been used")),
+            BodySlot::Ended => {
+                *self.0.borrow_mut() = BodySlot::Ended;
+                return Err(mlua::Error::runtime(ENDED));
+            }
             other => other,
         };
         Ok(SharedBody::new(slot))
