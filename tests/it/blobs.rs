@@ -43,6 +43,9 @@ outboundByHost = {
         results[#results + 1] = ok and "accepted" or "refused"
       end
       return Response.new(table.concat(results, ","))
+    elseif op == "size" then
+      -- Looks at the object without reading its body.
+      return Response.new(tostring(env.BUCKET:get(key).size))
     elseif op == "text" then
       local obj = env.BUCKET:get(key)
       return Response.new(obj:text())
@@ -108,6 +111,22 @@ fn bucket_calls_and_edge_cases() {
         std::fs::read_dir(moat.dir.path().join("data/blobs/BUCKET")).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(files.len(), 5, "one file per live object (top was deleted): {files:?}");
     assert!(files.iter().all(|f| f.to_string_lossy().ends_with(".obj")), "{files:?}");
+}
+
+#[test]
+fn an_object_body_left_unread_does_not_keep_its_file_open() {
+    let moat = Moat::start(POLICY);
+    r2(&moat, "a1:", "kept", &["-X", "PUT", "--data-binary", "some bytes"]);
+    for _ in 0..20 {
+        assert_eq!(r2(&moat, "a1:", "kept?op=size", &[]).body, "10");
+    }
+    let bucket = moat.dir.path().join("data/blobs/BUCKET");
+    let open: Vec<_> = std::fs::read_dir(format!("/proc/{}/fd", moat.pid()))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.unwrap().path()).ok())
+        .filter(|target| target.starts_with(&bucket))
+        .collect();
+    assert!(open.is_empty(), "moat still holds {} object files open, e.g. {:?}", open.len(), open.first());
 }
 
 #[test]
