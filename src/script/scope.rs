@@ -48,9 +48,12 @@ impl Scope {
         })
     }
 
-    /// Notes a body that holds a stream, for [`Scope::end`].
+    /// Notes a body that holds a stream, for [`Scope::end`] (others need no closing, and most
+    /// requests have no body: no allocation for them).
     pub fn hold_stream(&self, body: &SharedBody) {
-        self.streams.borrow_mut().push(Rc::downgrade(&body.0));
+        if body.is_stream() {
+            self.streams.borrow_mut().push(Rc::downgrade(&body.0));
+        }
     }
 
     /// The call has ended: streams that its objects still hold, neither read nor handed on,

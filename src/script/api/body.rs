@@ -31,12 +31,17 @@ impl SharedBody {
     /// A body; a stream made during a handler call is closed when that call ends, unless it
     /// was read or handed on (returned, or sent with `fetch`) by then.
     pub fn new(slot: BodySlot) -> Self {
-        let stream = matches!(slot, BodySlot::Stream(_));
         let body = Self(Rc::new(RefCell::new(slot)));
-        if stream && let Some(scope) = crate::script::scope::current() {
+        if body.is_stream()
+            && let Some(scope) = crate::script::scope::current()
+        {
             scope.hold_stream(&body);
         }
         body
+    }
+
+    pub fn is_stream(&self) -> bool {
+        matches!(*self.0.borrow(), BodySlot::Stream(_))
     }
 
     pub fn is_used(&self) -> bool {
