@@ -12,6 +12,11 @@ pub fn open(data_dir: &Path) -> Result<Arc<redb::Database>, OpenError> {
         let _ = std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700));
     }
     let path = data_dir.join("moat.redb");
+    // Created private before redb opens it (redb would create it with the umask's mode).
+    if !path.exists() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path);
+    }
     match redb::Database::create(&path) {
         Ok(db) => Ok(Arc::new(db)),
         Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(OpenError::InUse),

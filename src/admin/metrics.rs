@@ -102,6 +102,14 @@ impl Metrics {
         out
     }
 
+    /// Creates a class's per-class counters at 0, so that the first failure is an increase
+    /// that `increase()`/`rate()` can see (a series that appears at 1 has no 0 before it).
+    pub fn start_class(&self, class: &str) {
+        let label = Self::class_label(class);
+        let _ = self.handler_errors.get_or_create(&label);
+        let _ = self.reload_failures.get_or_create(&label);
+    }
+
     pub fn class_label(class: &str) -> ClassLabel {
         ClassLabel { class: class.to_string() }
     }
@@ -147,5 +155,14 @@ mod tests {
         assert!(a.encode().contains(r#"moat_requests_total{class="web",decision="deny",status="520"} 1"#));
         assert!(b.encode().contains(r#"moat_requests_total{class="web",decision="egress",status="200"} 1"#));
         assert!(!b.encode().contains("deny"));
+    }
+
+    #[test]
+    fn class_counters_start_at_zero() {
+        let m = Metrics::default();
+        m.start_class("web");
+        let text = m.encode();
+        assert!(text.contains(r#"moat_handler_errors_total{class="web"} 0"#), "{text}");
+        assert!(text.contains(r#"moat_policy_reload_failures_total{class="web"} 0"#), "{text}");
     }
 }

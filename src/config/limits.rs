@@ -18,6 +18,12 @@ pub struct Limits {
     /// A request or response body that sends nothing for this long is cut off. Long, because
     /// streams legitimately pause (a model thinking before its first token).
     pub body_idle_timeout: Duration,
+    /// Least average rate of a request body, bytes per second, once `request_body_rate_grace`
+    /// has passed (→ 408); 0: none. Without it a body trickled a byte at a time holds its
+    /// connection and upstream for ever, each byte arriving well within `body_idle_timeout`.
+    pub request_body_min_rate: usize,
+    /// How long a request body may take before `request_body_min_rate` applies.
+    pub request_body_rate_grace: Duration,
     /// Upstream TCP connect (→ 504).
     pub connect_timeout: Duration,
     /// Wait for an upstream's response head once the request (and its body) went out (→ 504).
@@ -44,6 +50,8 @@ impl Default for Limits {
             tls_handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(90),
             body_idle_timeout: Duration::from_secs(300),
+            request_body_min_rate: 1024,
+            request_body_rate_grace: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             response_head_timeout: Duration::from_secs(300),
             handler_timeout: Duration::from_secs(30),
@@ -64,6 +72,8 @@ pub struct LimitsFile {
     tls_handshake_timeout: Option<String>,
     idle_timeout: Option<String>,
     body_idle_timeout: Option<String>,
+    request_body_min_rate: Option<SizeValue>,
+    request_body_rate_grace: Option<String>,
     connect_timeout: Option<String>,
     response_head_timeout: Option<String>,
     handler_timeout: Option<String>,
@@ -111,6 +121,8 @@ impl LimitsFile {
         dur("idle_timeout", &self.idle_timeout, &mut l.idle_timeout)?;
         dur("body_idle_timeout", &self.body_idle_timeout, &mut l.body_idle_timeout)?;
         dur("connect_timeout", &self.connect_timeout, &mut l.connect_timeout)?;
+        size("request_body_min_rate", &self.request_body_min_rate, &mut l.request_body_min_rate)?;
+        dur("request_body_rate_grace", &self.request_body_rate_grace, &mut l.request_body_rate_grace)?;
         dur("response_head_timeout", &self.response_head_timeout, &mut l.response_head_timeout)?;
         dur("handler_timeout", &self.handler_timeout, &mut l.handler_timeout)?;
         size("lua_memory", &self.lua_memory, &mut l.lua_memory)?;

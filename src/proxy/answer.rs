@@ -19,6 +19,23 @@ pub fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
     r
 }
 
+/// Marks an answer after which the client connection closes: after a malformed request
+/// moat cannot trust where the next one starts (SPEC 8.6, docs/runtime.md).
+#[derive(Clone, Copy, Debug)]
+pub struct CloseAfter;
+
+/// 400 for a request moat cannot take (bad target, bad host), closing the connection.
+pub fn bad_request(msg: impl Into<String>) -> Response<Body> {
+    let mut r = text(StatusCode::BAD_REQUEST, msg);
+    r.extensions_mut().insert(CloseAfter);
+    r
+}
+
+/// Whether the connection must close after this answer.
+pub fn closes_connection<B>(r: &Response<B>) -> bool {
+    r.extensions().get::<CloseAfter>().is_some()
+}
+
 /// 520 `Origin is disallowed` with `moat-denied: <reason>` (SPEC 4.3).
 pub fn denied(reason: DenyReason) -> Response<Body> {
     let mut r = text(StatusCode::from_u16(520).expect("520 is a valid status"), "Origin is disallowed");

@@ -158,8 +158,11 @@ where
         if let Some(e) = &body_error {
             // A malformed or cut-off body is the client's error, whatever the handler or the
             // upstream made of the failed stream (SPEC 8.6: 400 and the connection closed).
-            let status =
-                if matches!(e, BodyError::Stalled(_)) { StatusCode::REQUEST_TIMEOUT } else { StatusCode::BAD_REQUEST };
+            let status = if matches!(e, BodyError::Stalled(_) | BodyError::TooSlow(_)) {
+                StatusCode::REQUEST_TIMEOUT
+            } else {
+                StatusCode::BAD_REQUEST
+            };
             response = answer::text(status, format!("moat: {e}"));
             log.status = status.as_u16();
             log.detail = e.to_string();
@@ -175,7 +178,11 @@ where
         }
         // Whether the body will have been read to its end is not known yet when it is still
         // being pumped: such a response closes the connection.
-        let keep_alive = client_keep_alive && body_complete && body_error.is_none() && !worker.draining();
+        let keep_alive = client_keep_alive
+            && body_complete
+            && body_error.is_none()
+            && !answer::closes_connection(&response)
+            && !worker.draining();
         let options = WriteOptions { version, head_request: is_head, keep_alive, stall: limits.body_idle_timeout };
         // A client that closes its side now may still read the answer (a half-close): keep
         // writing; a write to a client that is gone fails by itself.
@@ -275,7 +282,7 @@ async fn client_side<R: AsyncRead + Unpin>(
     limits: &Limits,
 ) {
     if let Some((framing, tx)) = body {
-        let complete = match reader.pump_body(framing, tx, limits.body_idle_timeout).await {
+        let complete = match reader.pump_body(framing, tx, super::h1::Pace::of(limits)).await {
             Ok(complete) => complete,
             Err(e) => {
                 pumped.borrow_mut().error = Some(e);

@@ -20,7 +20,7 @@ use super::request::{LogLine, identify};
 use super::worker::Worker;
 use crate::policy::decide::{effective_allowed, effective_denied};
 use crate::policy::{CanonicalHost, Decision, decide, decide_tunnel, host::split_authority};
-use crate::upstream::{DialRules, Target};
+use crate::upstream::{DialRules, Target, UpstreamError};
 
 /// Most bytes read while waiting for a complete ClientHello.
 const MAX_HELLO: usize = 64 * 1024;
@@ -33,6 +33,8 @@ enum Inside {
     Http,
     /// Anything else.
     Raw,
+    /// Nothing yet, where raw TCP is allowed: a protocol whose server speaks first.
+    ServerFirst,
 }
 
 /// Serves a CONNECT request; the client connection ends with it.
@@ -59,19 +61,22 @@ pub async fn serve(
     let refusal = match prepared {
         Ok(mut plan) => {
             // The address check belongs to the decision: refuse before promising a tunnel.
-            let rules = DialRules::Egress { allowed: plan.allowed.as_ref(), denied: plan.denied.as_ref() };
-            match worker.upstream.resolve_checked(&plan.target, rules).await {
-                Ok(addrs) => plan.addrs = addrs,
-                // A name with no DNS answer may still be a virtual host that handlers answer
-                // inside a plain-HTTP tunnel; TLS or raw bytes to it are closed below.
-                Err(crate::upstream::UpstreamError::Dns(msg)) => plan.unresolved = Some(msg),
-                Err(e) => {
-                    log.detail = e.to_string();
-                    let resp = answer::upstream_failure(&e);
-                    if resp.status().as_u16() == 520 {
-                        log.decision = "deny";
+            // Not for an intercepted tunnel: nothing is dialled for it; each request inside
+            // is decided on its own, and only those that egress are resolved and checked.
+            if !plan.intercept {
+                match resolve(worker, &plan).await {
+                    Ok(Ok(addrs)) => plan.addrs = Some(addrs),
+                    // A name with no DNS answer may still be a virtual host that handlers
+                    // answer inside a plain-HTTP tunnel; TLS or raw bytes to it are closed below.
+                    Ok(Err(msg)) => plan.unresolved = Some(msg),
+                    Err(e) => {
+                        log.detail = e.to_string();
+                        let resp = answer::upstream_failure(&e);
+                        if resp.status().as_u16() == 520 {
+                            log.decision = "deny";
+                        }
+                        return refuse(shared, writer, resp, log, started).await;
                     }
-                    return refuse(shared, writer, resp, log, started).await;
                 }
             }
             // The tunnel is allowed: 200, then look at what the client sends.
@@ -90,6 +95,17 @@ pub async fn serve(
         Err(resp) => *resp,
     };
     refuse(shared, writer, refusal, log, started).await;
+}
+
+/// Resolves and checks the tunnel's host (SPEC 8.3): its addresses, or (inner `Err`) why
+/// the name has no DNS answer; an outer `Err` is a refusal (a blocked address).
+async fn resolve(worker: &Worker, plan: &Plan) -> Result<Result<Vec<std::net::IpAddr>, String>, UpstreamError> {
+    let rules = DialRules::Egress { allowed: plan.allowed.as_ref(), denied: plan.denied.as_ref() };
+    match worker.upstream.resolve_checked(&plan.target, rules).await {
+        Ok(addrs) => Ok(Ok(addrs)),
+        Err(UpstreamError::Dns(msg)) => Ok(Err(msg)),
+        Err(e) => Err(e),
+    }
 }
 
 /// Answers a refused CONNECT and ends the connection.
@@ -119,8 +135,9 @@ struct Plan {
     intercept: bool,
     container: crate::identity::ContainerId,
     class: usize,
-    /// The checked addresses (filled in before the 200).
-    addrs: Vec<std::net::IpAddr>,
+    /// The checked addresses: resolved before the 200, or (intercepted tunnels) only when
+    /// bytes are relayed to the host itself.
+    addrs: Option<Vec<std::net::IpAddr>>,
     /// Why the host could not be resolved, if it could not.
     unresolved: Option<String>,
     enable_internet: bool,
@@ -192,7 +209,7 @@ fn prepare(
         intercept: g.policy.intercept_https,
         container,
         class,
-        addrs: Vec::new(),
+        addrs: None,
         unresolved: None,
         enable_internet: g.policy.enable_internet,
         allowed,
@@ -209,14 +226,13 @@ async fn run_tunnel(
 ) {
     let limits = &worker.shared.config.limits;
     let (mut rd, mut first) = reader.into_parts();
-    let inside = match tokio::time::timeout(limits.tls_handshake_timeout, sniff(&mut rd, &mut first)).await {
-        Ok(Ok(i)) => i,
-        Ok(Err(e)) => {
+    let raw_allowed = plan.enable_internet || plan.port_named;
+    // Only where raw TCP may flow can a silent client be waiting for the server to speak.
+    let server_first = raw_allowed.then_some(SERVER_FIRST_WAIT);
+    let inside = match sniff(&mut rd, &mut first, server_first, limits.tls_handshake_timeout).await {
+        Ok(i) => i,
+        Err(e) => {
             log.detail = format!("tunnel closed before it said anything useful: {e}");
-            return;
-        }
-        Err(_) => {
-            log.detail = "tunnel: no ClientHello within limits.tls_handshake_timeout".into();
             return;
         }
     };
@@ -254,77 +270,289 @@ async fn run_tunnel(
             let _ = super::conn::serve_requests(worker, plan.class, reader, writer, Some(tunnel)).await;
             return;
         }
-        Inside::Raw => {
-            if !(plan.enable_internet || plan.port_named) {
+        Inside::Raw | Inside::ServerFirst => {
+            if !raw_allowed {
                 log.decision = "deny";
                 log.detail = "raw TCP tunnel: needs enableInternet or an allowedHosts entry with this port".into();
                 return;
             }
-            log.detail = "raw tcp tunnel".into();
+            log.detail = match inside {
+                Inside::Raw => "raw tcp tunnel".into(),
+                _ => "raw tcp tunnel (the server speaks first)".into(),
+            };
         }
     }
     if let Some(why) = &plan.unresolved {
         log.detail = format!("{}: {why}", log.detail);
         return;
     }
-    let mut upstream = match worker.upstream.connect_checked(&plan.addrs, &plan.target).await {
+    let addrs = match &plan.addrs {
+        Some(addrs) => addrs.clone(),
+        // An intercepted tunnel was opened without resolving: check the host now.
+        None => match resolve(worker, &plan).await {
+            Ok(Ok(addrs)) => addrs,
+            Ok(Err(why)) => {
+                log.detail = format!("{}: {why}", log.detail);
+                return;
+            }
+            Err(e) => {
+                log.decision = "deny";
+                log.detail = format!("{}: {e}", log.detail);
+                return;
+            }
+        },
+    };
+    let mut upstream = match worker.upstream.connect_checked(&addrs, &plan.target).await {
         Ok(s) => s,
         Err(e) => {
             log.detail = format!("{}: {e}", log.detail);
             return;
         }
     };
+    let mut client_wr = writer.into_inner();
+    let mut greeting = 0u64;
+    if matches!(inside, Inside::ServerFirst) {
+        match relay_greeting(&mut rd, &mut first, &mut client_wr, &mut upstream).await {
+            Ok(n) => greeting = n,
+            Err(e) => {
+                log.detail = format!("{} (ended: {e})", log.detail);
+                return;
+            }
+        }
+    }
     // Replay exactly what the client sent first.
     if upstream.write_all(&first).await.is_err() {
         return;
     }
-    let Ok(mut client) = rd.reunite(writer.into_inner()) else { return };
+    let Ok(mut client) = rd.reunite(client_wr) else { return };
     match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         Ok((up, down)) => {
             log.bytes_up = up + first.len() as u64;
-            log.bytes_down = down;
+            log.bytes_down = down + greeting;
         }
         Err(e) => log.detail = format!("{} (ended: {e})", log.detail),
     }
 }
 
-/// Reads until the first bytes tell what the tunnel carries; for TLS, until rustls has the
-/// whole ClientHello (it may span several TCP segments) and its SNI.
-async fn sniff(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> std::io::Result<Inside> {
-    while buf.is_empty() {
-        if rd.read_buf(buf).await? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-    }
-    if buf[0] == 0x16 {
-        let mut acceptor = rustls::server::Acceptor::default();
-        let mut fed = 0;
-        loop {
-            let mut chunk = &buf[fed..];
-            let n = acceptor.read_tls(&mut chunk)?;
-            if n == 0 && fed < buf.len() {
-                return Err(std::io::Error::other("ClientHello not accepted"));
-            }
-            fed += n;
-            match acceptor.accept() {
-                Ok(Some(accepted)) => {
-                    return Ok(Inside::Tls(accepted.client_hello().server_name().map(str::to_string)));
-                }
-                Ok(None) => {}
-                Err((e, _)) => return Err(std::io::Error::other(format!("not a valid ClientHello: {e}"))),
-            }
-            if fed == buf.len() {
-                if buf.len() > MAX_HELLO {
-                    return Err(std::io::Error::other("ClientHello too large"));
-                }
-                if rd.read_buf(buf).await? == 0 {
+/// How long a client that sent nothing after the 200 is waited for before the tunnel is
+/// taken for a protocol whose server speaks first (SMTP, FTP, some SSH servers), where raw
+/// TCP is allowed. A TLS or HTTP client sends at once.
+const SERVER_FIRST_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A server-speaks-first tunnel: relays what the server says until the client's first bytes
+/// arrive (left in `first`); returns the bytes relayed down. Those first bytes must not be
+/// TLS or HTTP: a client that stays silent only to slip a TLS handshake or an HTTP request
+/// past interception and per-request decisions is refused.
+async fn relay_greeting(
+    rd: &mut OwnedReadHalf,
+    first: &mut BytesMut,
+    client: &mut OwnedWriteHalf,
+    upstream: &mut tokio::net::TcpStream,
+) -> std::io::Result<u64> {
+    let mut down = 0u64;
+    let mut greeting = vec![0u8; 16 * 1024];
+    loop {
+        tokio::select! {
+            n = rd.read_buf(first) => {
+                if n? == 0 {
                     return Err(std::io::ErrorKind::UnexpectedEof.into());
                 }
+                // A raw first byte decides at once; a possible request line is read on until
+                // it is clear (bounded: classify answers Raw past a short prefix).
+                match classify(first) {
+                    Sniffed::NeedMore => continue,
+                    Sniffed::Raw => return Ok(down),
+                    Sniffed::Tls | Sniffed::Http => {
+                        return Err(std::io::Error::other("TLS or HTTP after a silent start is not relayed raw"));
+                    }
+                }
+            }
+            n = upstream.read(&mut greeting) => {
+                let n = n?;
+                if n == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                client.write_all(&greeting[..n]).await?;
+                down += n as u64;
             }
         }
     }
-    if buf[0].is_ascii_uppercase() {
-        return Ok(Inside::Http);
+}
+
+/// What the bytes seen so far say a tunnel carries.
+#[derive(Debug, PartialEq, Eq)]
+enum Sniffed {
+    /// A TLS record (a ClientHello is expected).
+    Tls,
+    /// The start of an HTTP/1 request line: a method token, a space, and a request target
+    /// (origin-form `/`, `*`, absolute-form `http(s)://`, or anything after `CONNECT `).
+    Http,
+    /// Anything else.
+    Raw,
+    /// Too few bytes to tell.
+    NeedMore,
+}
+
+/// Methods that make a line HTTP whatever follows their space (RFC 9110 §9 and WebDAV's).
+const KNOWN_METHODS: [&[u8]; 16] = [
+    b"GET",
+    b"HEAD",
+    b"POST",
+    b"PUT",
+    b"DELETE",
+    b"CONNECT",
+    b"OPTIONS",
+    b"TRACE",
+    b"PATCH",
+    b"PROPFIND",
+    b"PROPPATCH",
+    b"MKCOL",
+    b"COPY",
+    b"MOVE",
+    b"LOCK",
+    b"UNLOCK",
+];
+
+/// Longest method token looked for; a longer run of capitals is not an HTTP method.
+const MAX_METHOD: usize = 24;
+
+/// Classifies a tunnel's first bytes. An uppercase word alone is not HTTP (`SSH-2.0-…`,
+/// `EHLO x`): it must be a known method followed by a space, or another word followed by a
+/// space and a request target, so that the protocols whose lines start with a capital word
+/// are relayed raw. A line that starts as HTTP and
+/// goes wrong later is HTTP, and the strict parser refuses it with a 400: relaying it raw
+/// would let a sloppy request past the policy's per-request decisions.
+fn classify(buf: &[u8]) -> Sniffed {
+    let Some(&b0) = buf.first() else { return Sniffed::NeedMore };
+    if b0 == 0x16 {
+        return Sniffed::Tls;
     }
-    Ok(Inside::Raw)
+    let token = buf.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    if token == 0 || token > MAX_METHOD {
+        return Sniffed::Raw;
+    }
+    let Some(&after) = buf.get(token) else { return Sniffed::NeedMore };
+    if after != b' ' {
+        return Sniffed::Raw;
+    }
+    if KNOWN_METHODS.contains(&&buf[..token]) {
+        return Sniffed::Http;
+    }
+    let target = &buf[token + 1..];
+    match target.first() {
+        None => Sniffed::NeedMore,
+        Some(b'/' | b'*') => Sniffed::Http,
+        Some(_) => {
+            for scheme in [&b"http://"[..], b"https://"] {
+                let n = target.len().min(scheme.len());
+                if target[..n].eq_ignore_ascii_case(&scheme[..n]) {
+                    return if n == scheme.len() { Sniffed::Http } else { Sniffed::NeedMore };
+                }
+            }
+            Sniffed::Raw
+        }
+    }
+}
+
+/// Reads until the first bytes tell what the tunnel carries; for TLS, until rustls has the
+/// whole ClientHello (it may span several TCP segments) and its SNI. With `server_first`,
+/// a client silent for that long is taken for a server-speaks-first protocol. Everything
+/// happens within `limit`; bytes that still look like the start of a request line then are
+/// raw TCP.
+async fn sniff(
+    rd: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+    server_first: Option<std::time::Duration>,
+    limit: std::time::Duration,
+) -> std::io::Result<Inside> {
+    let deadline = tokio::time::Instant::now() + limit;
+    if buf.is_empty() {
+        let first_wait = server_first.map_or(deadline, |w| tokio::time::Instant::now() + w.min(limit));
+        match tokio::time::timeout_at(first_wait, read_some(rd, buf)).await {
+            Ok(read) => read?,
+            Err(_) if server_first.is_some() => return Ok(Inside::ServerFirst),
+            Err(_) => return Err(std::io::Error::other("no bytes within limits.tls_handshake_timeout")),
+        }
+    }
+    loop {
+        match classify(buf) {
+            Sniffed::Tls => break,
+            Sniffed::Http => return Ok(Inside::Http),
+            Sniffed::Raw => return Ok(Inside::Raw),
+            Sniffed::NeedMore => match tokio::time::timeout_at(deadline, read_some(rd, buf)).await {
+                Ok(read) => read?,
+                Err(_) => return Ok(Inside::Raw),
+            },
+        }
+    }
+    match tokio::time::timeout_at(deadline, client_hello(rd, buf)).await {
+        Ok(hello) => hello,
+        Err(_) => Err(std::io::Error::other("no whole ClientHello within limits.tls_handshake_timeout")),
+    }
+}
+
+/// One read into `buf`; end of stream is an error (the tunnel said nothing useful).
+async fn read_some(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> std::io::Result<()> {
+    if rd.read_buf(buf).await? == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+/// Reads until rustls has the whole ClientHello in `buf`, and returns its server name.
+async fn client_hello(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> std::io::Result<Inside> {
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut fed = 0;
+    loop {
+        let mut chunk = &buf[fed..];
+        let n = acceptor.read_tls(&mut chunk)?;
+        if n == 0 && fed < buf.len() {
+            return Err(std::io::Error::other("ClientHello not accepted"));
+        }
+        fed += n;
+        match acceptor.accept() {
+            Ok(Some(accepted)) => {
+                return Ok(Inside::Tls(accepted.client_hello().server_name().map(str::to_string)));
+            }
+            Ok(None) => {}
+            Err((e, _)) => return Err(std::io::Error::other(format!("not a valid ClientHello: {e}"))),
+        }
+        if fed == buf.len() {
+            if buf.len() > MAX_HELLO {
+                return Err(std::io::Error::other("ClientHello too large"));
+            }
+            read_some(rd, buf).await?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Sniffed, classify};
+
+    #[test]
+    fn first_bytes() {
+        for (bytes, want) in [
+            (&b"GET / HTTP/1.1\r\n"[..], Sniffed::Http),
+            (b"POST http://a.test/ HTTP/1.1", Sniffed::Http),
+            (b"OPTIONS * HTTP/1.1", Sniffed::Http),
+            (b"CONNECT a:1 HTTP/1.1", Sniffed::Http),
+            (b"GET  /", Sniffed::Http),
+            (b"PURGE /x HTTP/1.1", Sniffed::Http),
+            (b"PURGE x", Sniffed::Raw),
+            (b"SSH-2.0-OpenSSH_9.6\r\n", Sniffed::Raw),
+            (b"EHLO x\r\n", Sniffed::Raw),
+            (b"ssh-2.0-x", Sniffed::Raw),
+            (b"\x16\x03\x01", Sniffed::Tls),
+            (b"", Sniffed::NeedMore),
+            (b"GE", Sniffed::NeedMore),
+            (b"GET ", Sniffed::Http),
+            (b"FOO ", Sniffed::NeedMore),
+            (b"FOO ht", Sniffed::NeedMore),
+            (b"FOO hx", Sniffed::Raw),
+            (b"PING\r\n", Sniffed::Raw),
+        ] {
+            assert_eq!(classify(bytes), want, "{:?}", String::from_utf8_lossy(bytes));
+        }
+    }
 }

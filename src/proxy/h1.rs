@@ -61,8 +61,49 @@ pub struct ConnReader<R> {
     buf: BytesMut,
     /// Request-body bytes read so far (for the access log's bytes up).
     body_bytes: u64,
-    /// Longest wait for the next body bytes (`limits.body_idle_timeout`), while a body is pumped.
-    body_stall: Option<Duration>,
+    /// How fast the body being pumped must arrive, while one is.
+    body_pace: Option<Pumping>,
+}
+
+/// The bounds on how a request body arrives: never silent for longer than `stall`
+/// (`limits.body_idle_timeout`), and after `grace` at least `min_rate` bytes a second on
+/// average since its start (`limits.request_body_min_rate`, `request_body_rate_grace`), so
+/// that a body trickled a byte at a time cannot hold a connection and its upstream for ever.
+#[derive(Clone, Copy, Debug)]
+pub struct Pace {
+    pub stall: Duration,
+    /// Bytes per second; 0: no floor.
+    pub min_rate: u64,
+    pub grace: Duration,
+}
+
+impl Pace {
+    /// From the instance's limits.
+    pub fn of(limits: &crate::config::Limits) -> Self {
+        Self {
+            stall: limits.body_idle_timeout,
+            min_rate: limits.request_body_min_rate as u64,
+            grace: limits.request_body_rate_grace,
+        }
+    }
+
+    /// When a body that started at `started` and has `received` bytes falls below the floor.
+    fn deadline(&self, started: tokio::time::Instant, received: u64) -> Option<tokio::time::Instant> {
+        if self.min_rate == 0 {
+            return None;
+        }
+        let earned = Duration::from_secs_f64(received as f64 / self.min_rate as f64);
+        Some(started + self.grace + earned)
+    }
+}
+
+/// A body being pumped: its pace and where it started.
+#[derive(Clone, Copy, Debug)]
+struct Pumping {
+    pace: Pace,
+    started: tokio::time::Instant,
+    /// [`ConnReader::body_bytes`] when it started.
+    bytes_before: u64,
 }
 
 /// The read buffer a connection gets with its first bytes (a request head usually fits).
@@ -76,12 +117,12 @@ impl<R: AsyncRead + Unpin> ConnReader<R> {
     /// A reader without a buffer yet: one is made when the first bytes arrive, so a connection
     /// that never sends anything holds none.
     pub fn new(io: R) -> Self {
-        Self { io, buf: BytesMut::new(), body_bytes: 0, body_stall: None }
+        Self { io, buf: BytesMut::new(), body_bytes: 0, body_pace: None }
     }
 
     /// A reader over `io` that starts with bytes already read from it.
     pub fn from_parts(io: R, buf: BytesMut) -> Self {
-        Self { io, buf, body_bytes: 0, body_stall: None }
+        Self { io, buf, body_bytes: 0, body_pace: None }
     }
 
     /// Request-body bytes read from this connection so far.
@@ -171,16 +212,17 @@ impl<R: AsyncRead + Unpin> ConnReader<R> {
     /// Feeds the request body into `tx` until it ends. Returns `Ok(true)` when the body was
     /// read to its end (the connection can carry another request), `Ok(false)` when the
     /// receiver went away first (the rest is unread, so the connection must close).
-    /// A body that sends nothing for `stall` fails with [`BodyError::Stalled`].
+    /// A body that does not keep `pace` fails with [`BodyError::Stalled`] or
+    /// [`BodyError::TooSlow`].
     pub async fn pump_body(
         &mut self,
         framing: Framing,
         tx: mpsc::Sender<Result<Bytes, BoxError>>,
-        stall: Duration,
+        pace: Pace,
     ) -> Result<bool, BodyError> {
-        self.body_stall = Some(stall);
+        self.body_pace = Some(Pumping { pace, started: tokio::time::Instant::now(), bytes_before: self.body_bytes });
         let pumped = self.pump_framed(framing, &tx).await;
-        self.body_stall = None;
+        self.body_pace = None;
         if let Err(e) = &pumped {
             // The reader must see a failed stream, never a clean end: a truncated or malformed
             // body would otherwise reach a handler, or go upstream, as a complete shorter one.
@@ -200,7 +242,7 @@ impl<R: AsyncRead + Unpin> ConnReader<R> {
                 while left > 0 {
                     let data = self.next_bytes(left).await?;
                     left -= data.len() as u64;
-                    if tx.send(Ok(data)).await.is_err() {
+                    if !self.pass_on(tx, data).await {
                         return Ok(left == 0);
                     }
                 }
@@ -233,7 +275,7 @@ impl<R: AsyncRead + Unpin> ConnReader<R> {
             while left > 0 {
                 let data = self.next_bytes(left).await?;
                 left -= data.len() as u64;
-                if tx.send(Ok(data)).await.is_err() {
+                if !self.pass_on(tx, data).await {
                     return Ok(false);
                 }
             }
@@ -241,6 +283,18 @@ impl<R: AsyncRead + Unpin> ConnReader<R> {
                 return Err(BodyError::Bad("chunk data longer than its size"));
             }
         }
+    }
+
+    /// Hands body bytes to the reader of the body; false when it went away. Time spent
+    /// waiting for the reader (a slow upstream or handler) is not the client's: it does not
+    /// count against the body's minimum rate.
+    async fn pass_on(&mut self, tx: &mpsc::Sender<Result<Bytes, BoxError>>, data: Bytes) -> bool {
+        let waited = tokio::time::Instant::now();
+        let sent = tx.send(Ok(data)).await.is_ok();
+        if let Some(p) = &mut self.body_pace {
+            p.started += waited.elapsed();
+        }
+        sent
     }
 
     /// Up to `max` body bytes: what is buffered, else one read.
@@ -253,14 +307,16 @@ impl<R: AsyncRead + Unpin> ConnReader<R> {
         Ok(self.buf.split_to(n).freeze())
     }
 
-    /// One read of body bytes into the buffer, bounded by the stall limit.
+    /// One read of body bytes into the buffer, bounded by the body's pace.
     async fn read_body_bytes(&mut self) -> Result<usize, BodyError> {
-        match self.body_stall {
-            None => Ok(self.io.read_buf(&mut self.buf).await?),
-            Some(limit) => match tokio::time::timeout(limit, self.io.read_buf(&mut self.buf)).await {
-                Ok(read) => Ok(read?),
-                Err(_) => Err(BodyError::Stalled(limit)),
-            },
+        let Some(p) = self.body_pace else { return Ok(self.io.read_buf(&mut self.buf).await?) };
+        let stalled = tokio::time::Instant::now() + p.pace.stall;
+        let too_slow = p.pace.deadline(p.started, self.body_bytes - p.bytes_before);
+        let until = too_slow.map_or(stalled, |t| t.min(stalled));
+        match tokio::time::timeout_at(until, self.io.read_buf(&mut self.buf)).await {
+            Ok(read) => Ok(read?),
+            Err(_) if too_slow.is_some_and(|t| t < stalled) => Err(BodyError::TooSlow(p.pace.min_rate)),
+            Err(_) => Err(BodyError::Stalled(p.pace.stall)),
         }
     }
 
@@ -293,6 +349,8 @@ pub enum BodyError {
     Bad(&'static str),
     #[error("the client sent no body bytes for {0:?} (limits.body_idle_timeout)")]
     Stalled(Duration),
+    #[error("the client sent the body slower than {0} bytes/s (limits.request_body_min_rate)")]
+    TooSlow(u64),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -445,8 +503,10 @@ fn parse_decimal(b: &[u8]) -> Option<u64> {
     std::str::from_utf8(b).ok()?.parse().ok()
 }
 
+/// A chunk size is hex digits and nothing else (RFC 9112 §7.1): white space around it (which
+/// the grammar allows only as BWS before a `;` extension) is refused, because parsers that
+/// differ on it are a known request-smuggling vector.
 fn parse_chunk_size(b: &[u8]) -> Option<u64> {
-    let b = trim(b);
     if b.is_empty() || b.len() > 15 || !b.iter().all(u8::is_ascii_hexdigit) {
         return None;
     }
@@ -596,6 +656,8 @@ fn reason_phrase(status: http::StatusCode) -> &'static str {
 mod tests {
     use super::*;
 
+    const PACE: Pace = Pace { stall: Duration::from_secs(5), min_rate: 0, grace: Duration::from_secs(5) };
+
     async fn head(raw: &[u8]) -> Result<RequestHead, HeadError> {
         ConnReader::new(raw).read_head(64 * 1024).await
     }
@@ -643,12 +705,27 @@ mod tests {
     async fn chunked_body() {
         let mut r = ConnReader::new(&b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\nNEXT"[..]);
         let (tx, mut rx) = mpsc::channel(8);
-        assert!(r.pump_body(Framing::Chunked, tx, Duration::from_secs(5)).await.unwrap());
+        assert!(r.pump_body(Framing::Chunked, tx, PACE).await.unwrap());
         let mut got = Vec::new();
         while let Some(Ok(b)) = rx.recv().await {
             got.extend_from_slice(&b);
         }
         assert_eq!(got, b"hello world");
         assert_eq!(&r.buf[..], b"NEXT");
+    }
+
+    #[tokio::test]
+    async fn chunk_sizes_are_hex_digits_only() {
+        for body in [
+            &b"\t5\r\nhello\r\n0\r\n\r\n"[..],
+            b"5 \r\nhello\r\n0\r\n\r\n",
+            b"5 ;x\r\nhello\r\n0\r\n\r\n",
+            b"0x5\r\nhello\r\n0\r\n\r\n",
+        ] {
+            let mut r = ConnReader::new(body);
+            let (tx, _rx) = mpsc::channel(8);
+            let got = r.pump_body(Framing::Chunked, tx, PACE).await;
+            assert!(matches!(got, Err(BodyError::Bad(_))), "{:?}", String::from_utf8_lossy(body));
+        }
     }
 }

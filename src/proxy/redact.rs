@@ -35,23 +35,36 @@ pub fn redact_response(resp: http::Response<Body>) -> http::Response<Body> {
             format!("moat: redactSecrets is on and the upstream sent a {enc}-encoded body, which moat cannot inspect"),
         );
     }
-    for value in parts.headers.values_mut() {
-        let Ok(text) = value.to_str() else { continue };
-        if secrets.iter().any(|(_, s)| text.contains(s.as_str())) {
-            let mut t = text.to_string();
-            for (name, s) in secrets.iter() {
-                t = t.replace(s.as_str(), &format!("[secret {name}]"));
-            }
-            if let Ok(v) = HeaderValue::from_str(&t) {
-                *value = v;
-            }
-        }
-    }
+    redact_header_values(&mut parts.headers, &secrets);
     // The length may change, so the body is re-framed by whoever writes it.
     parts.headers.remove(http::header::CONTENT_LENGTH);
     let max = secrets.iter().map(|(_, v)| v.len()).max().unwrap_or(0);
     let body = RedactBody { inner: body, secrets, max, carry: BytesMut::new(), done: false };
     http::Response::from_parts(parts, crate::body::boxed(body))
+}
+
+/// Redacts the headers of a `101 Switching Protocols`: what flows after it is another
+/// protocol's stream, relayed as it is.
+pub fn redact_upgrade_headers(headers: &mut http::HeaderMap) {
+    let secrets: Vec<(String, String)> =
+        crate::log::secrets().into_iter().filter(|(_, v)| v.len() >= MIN_REDACTED_LEN).collect();
+    redact_header_values(headers, &secrets);
+}
+
+/// Replaces every secret value in header values.
+fn redact_header_values(headers: &mut http::HeaderMap, secrets: &[(String, String)]) {
+    for value in headers.values_mut() {
+        // Bytes, not text: a value with obs-text is no hiding place.
+        let bytes = value.as_bytes();
+        if !secrets.iter().any(|(_, s)| bytes.windows(s.len()).any(|w| w == s.as_bytes())) {
+            continue;
+        }
+        let mut t = String::from_utf8_lossy(bytes).into_owned();
+        for (name, s) in secrets {
+            t = t.replace(s.as_str(), &format!("[secret {name}]"));
+        }
+        *value = HeaderValue::from_str(&t).unwrap_or_else(|_| HeaderValue::from_static("[secret]"));
+    }
 }
 
 struct RedactBody {

@@ -134,10 +134,10 @@ async fn run(
     log: &mut LogLine,
 ) -> Response<Body> {
     let shared = &worker.shared;
-    let fail = |log: &mut LogLine, status: StatusCode, msg: String| {
+    let fail = |log: &mut LogLine, msg: String| {
         log.decision = "error";
         log.detail = msg.clone();
-        answer::text(status, format!("moat: {msg}"))
+        answer::bad_request(format!("moat: {msg}"))
     };
 
     // Who: the container id from Proxy-Authorization (SPEC 5.1), or the tunnel's.
@@ -158,11 +158,7 @@ async fn run(
     if head.method == http::Method::CONNECT {
         // Only reached inside a tunnel (the listener hands a CONNECT to `connect::serve`): a
         // tunnel reaches its one host, it does not open others.
-        return fail(
-            log,
-            StatusCode::BAD_REQUEST,
-            "CONNECT inside a tunnel is not allowed; send each CONNECT to the proxy itself".into(),
-        );
+        return fail(log, "CONNECT inside a tunnel is not allowed; send each CONNECT to the proxy itself".into());
     }
     // Where: the absolute-form target, whose authority wins over Host (SPEC 8.2); inside a
     // tunnel, the tunnel's host (an absolute-form target must name that same authority).
@@ -178,7 +174,7 @@ async fn run(
     };
     let (target, path) = match parsed {
         Ok(t) => t,
-        Err(msg) => return fail(log, StatusCode::BAD_REQUEST, msg),
+        Err(msg) => return fail(log, msg),
     };
     log.host = target.host.to_string();
     log.port = target.port;
@@ -229,6 +225,9 @@ async fn run(
             match runtime.call(&choice, lua_req, who, limits).await {
                 Ok(mut resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
                     upstream::strip_hop_by_hop_keep_upgrade(resp.headers_mut());
+                    if generation.policy.redact_secrets {
+                        super::redact::redact_upgrade_headers(resp.headers_mut());
+                    }
                     resp
                 }
                 Ok(mut resp) => {
@@ -250,22 +249,28 @@ async fn run(
                 allowed: crate::policy::decide::effective_allowed(policy, overrides.as_deref()),
                 denied: crate::policy::decide::effective_denied(policy, overrides.as_deref()),
             };
-            let mut builder = Request::builder().method(head.method).uri(path.as_str());
+            let uri = match http::Uri::try_from(path.as_str()) {
+                Ok(uri) => uri,
+                Err(e) => return fail(log, format!("bad request target: {e}")),
+            };
             let mut headers = head.headers;
             if policy.redact_secrets {
                 // A compressed body would hide a reflected secret from the redactor.
                 headers.remove(http::header::ACCEPT_ENCODING);
             }
-            *builder.headers_mut().expect("fresh builder") = headers;
-            let req = match builder.body(body) {
-                Ok(r) => upstream::to_upstream_request(r, &target),
-                Err(e) => return fail(log, StatusCode::BAD_REQUEST, e.to_string()),
-            };
+            let mut req = Request::new(body);
+            *req.method_mut() = head.method;
+            *req.uri_mut() = uri;
+            *req.headers_mut() = headers;
+            let req = upstream::to_upstream_request(req, &target);
             match worker.upstream.send(req, &target, rules).await {
                 Ok(resp) => {
                     let (mut parts, incoming) = resp.into_parts();
                     if parts.status == StatusCode::SWITCHING_PROTOCOLS {
                         upstream::strip_hop_by_hop_keep_upgrade(&mut parts.headers);
+                        if policy.redact_secrets {
+                            super::redact::redact_upgrade_headers(&mut parts.headers);
+                        }
                         return Response::from_parts(parts, crate::body::boxed(incoming));
                     }
                     upstream::strip_hop_by_hop(&mut parts.headers);
@@ -313,7 +318,7 @@ pub(super) fn identify(shared: &super::state::Shared, headers: &http::HeaderMap)
 /// The target of a request inside a tunnel: origin-form, or absolute-form for the same host.
 fn tunnel_target(t: &Tunnel, raw: &str) -> Result<(Target, String), String> {
     if raw.starts_with('/') {
-        return Ok((t.target.clone(), raw.split('#').next().unwrap_or("/").to_string()));
+        return Ok((t.target.clone(), origin_form(raw)?));
     }
     let (target, path) = parse_target(raw)?;
     if target.host != t.target.host || target.port != t.target.port || target.https != t.target.https {
@@ -339,14 +344,38 @@ fn parse_target(raw: &str) -> Result<(Target, String), String> {
     let (authority, path) = rest.split_at(end);
     let (host, port) = split_authority(authority).map_err(|e| e.to_string())?;
     let host = CanonicalHost::parse(host).map_err(|e| e.to_string())?;
-    let path = path.split('#').next().unwrap_or("");
     let path = if path.is_empty() {
         "/".to_string()
     } else if path.starts_with('?') {
-        format!("/{path}")
+        origin_form(&format!("/{path}"))?
     } else {
-        path.to_string()
+        origin_form(path)?
     };
     let default_port = if https { 443 } else { 80 };
     Ok((Target { https, host, port: port.unwrap_or(default_port) }, path))
+}
+
+/// The path and query of a request as moat passes them on: a fragment is refused (RFC 9112
+/// §3.2: a request-target has none, and a proxy that drops it silently forwards a different
+/// resource than the client named); the bytes a browser would percent-encode (`<`, `>`, `"`,
+/// a backtick, `{`, `}`, `|`, `\`, `^`, and non-ASCII) are encoded as a browser would, so
+/// that the handler's `request.url`, the log and the upstream see one and the same URL.
+pub(crate) fn origin_form(path: &str) -> Result<String, String> {
+    if path.contains('#') {
+        return Err("a request target cannot contain a fragment (#...)".into());
+    }
+    let needs =
+        |b: u8| matches!(b, b'"' | b'<' | b'>' | b'`' | b'{' | b'}' | b'|' | b'\\' | b'^') || !b.is_ascii_graphic();
+    if !path.bytes().any(needs) {
+        return Ok(path.to_string());
+    }
+    let mut out = String::with_capacity(path.len() + 16);
+    for b in path.bytes() {
+        if needs(b) {
+            out.push_str(&format!("%{b:02X}"));
+        } else {
+            out.push(char::from(b));
+        }
+    }
+    Ok(out)
 }

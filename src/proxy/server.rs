@@ -11,22 +11,16 @@ use crate::bindings::Bindings;
 use crate::config::Config;
 
 /// Runs the proxy until SIGINT/SIGTERM. Errors that stop it from starting are returned.
+///
+/// Readiness: everything a client or the CLI can reach (database, stores, CA, admin socket,
+/// loaded policies) exists before the proxy listeners are bound, so a port that accepts
+/// means a moat that serves; `moat: listening on` is printed once they are.
 pub fn run(config: Config) -> anyhow::Result<()> {
+    // Everything moat creates in its data folder (database, blobs, the admin socket) is its
+    // owner's alone, whatever umask moat was started with.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     raise_open_files_limit();
     let bindings = Bindings::load(&config).map_err(anyhow::Error::msg)?;
-    // Bind first: the listeners' addresses are part of the loop check every worker needs.
-    let mut listeners = Vec::new();
-    for (i, class) in config.classes.iter().enumerate() {
-        let l = std::net::TcpListener::bind(class.listen)
-            .map_err(|e| anyhow::anyhow!("cannot listen on {} for class {}: {e}", class.listen, class.name))?;
-        l.set_nonblocking(true)?;
-        listeners.push((i, l));
-    }
-    let mut own: Vec<SocketAddr> = listeners.iter().filter_map(|(_, l)| l.local_addr().ok()).collect();
-    let admin_tcp = bind_admin_tcp(&config)?;
-    if let Some((l, _)) = &admin_tcp {
-        own.extend(l.local_addr().ok());
-    }
     let db = crate::db::open(&config.data_dir).map_err(|e| match e {
         crate::db::OpenError::InUse => {
             anyhow::anyhow!("{}: another moat is running on this data folder", config.data_dir.display())
@@ -51,7 +45,34 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let extra_ca = config.file.tls.as_ref().map(|t| t.extra_ca.clone()).unwrap_or_default();
     let upstream_tls = crate::upstream::tls::UpstreamTls::new(&extra_ca).map_err(anyhow::Error::msg)?;
     let metrics = crate::admin::metrics::Metrics::default();
+    for class in &config.classes {
+        metrics.start_class(&class.name);
+    }
     let leaves = start_ca(&config, &metrics)?;
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let admin = config.admin_socket.clone();
+    let admin_listener = match rt.block_on(crate::admin::server::bind(&admin)) {
+        Ok(listener) => Some(listener),
+        Err(e) => {
+            tracing::error!("admin API on unix:{} not started: {e}", admin.display());
+            None
+        }
+    };
+    let admin_tcp = bind_admin_tcp(&config)?;
+    // The proxy listeners last (see above). Their addresses are part of the loop check
+    // (SPEC 8.4), so the state workers share is made after them.
+    let mut listeners = Vec::new();
+    for (i, class) in config.classes.iter().enumerate() {
+        let l = std::net::TcpListener::bind(class.listen)
+            .map_err(|e| anyhow::anyhow!("cannot listen on {} for class {}: {e}", class.listen, class.name))?;
+        l.set_nonblocking(true)?;
+        listeners.push((i, l));
+    }
+    let mut own: Vec<SocketAddr> = listeners.iter().filter_map(|(_, l)| l.local_addr().ok()).collect();
+    if let Some((l, _)) = &admin_tcp {
+        own.extend(l.local_addr().ok());
+    }
     let shared = Arc::new(Shared::new(config, bindings, overrides, upstream_tls, leaves, metrics, own));
 
     for i in 0..shared.classes.len() {
@@ -67,20 +88,13 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .clamp(1, 64);
     let workers = (0..threads).map(|i| worker::spawn(i, shared.clone())).collect::<Result<Vec<_>, _>>()?;
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
         // Before anything is announced: a signal from whoever waits for "listening on" must
         // find its handler.
         let mut signals = Signals::new()?;
         let mut tasks = tokio::task::JoinSet::new();
-        // The admin socket exists before "listening on" is printed: whoever waits for that
-        // line (scripts, tests) can use the CLI at once.
-        let admin = shared.config.admin_socket.clone();
-        match crate::admin::server::bind(&admin).await {
-            Ok(listener) => {
-                tasks.spawn(crate::admin::server::serve(shared.clone(), listener, admin));
-            }
-            Err(e) => tracing::error!("admin API on unix:{} not started: {e}", admin.display()),
+        if let Some(listener) = admin_listener {
+            tasks.spawn(crate::admin::server::serve(shared.clone(), listener, admin));
         }
         for (class, std_listener) in listeners {
             let listener = TcpListener::from_std(std_listener)?;
@@ -125,7 +139,9 @@ fn start_ca(config: &Config, metrics: &crate::admin::metrics::Metrics) -> anyhow
     }
     .map_err(anyhow::Error::msg)?;
     let path = config.data_dir.join(crate::tls::ca::CERT_FILE);
-    ca.write_cert(&path).map_err(|e| anyhow::anyhow!("cannot write the CA certificate to {}: {e}", path.display()))?;
+    // Private like everything in the data folder; `moat ca export` hands out copies.
+    ca.write_cert(&path, 0o600)
+        .map_err(|e| anyhow::anyhow!("cannot write the CA certificate to {}: {e}", path.display()))?;
     let kind = if config.ca_dir().is_some() { "persisted" } else { "ephemeral" };
     println!("moat: CA certificate ({kind}) {} SHA-256 {}", path.display(), ca.fingerprint());
     crate::tls::LeafCache::new(

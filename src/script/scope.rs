@@ -29,6 +29,9 @@ pub struct Scope {
     exceeded: Cell<bool>,
     /// Hook calls since the budget was exceeded (alternates error and yield).
     strikes: Cell<u32>,
+    /// The hook yielded because this poll used its time slice: the next poll lets the
+    /// worker's other connections run first.
+    sliced: Cell<bool>,
     /// Streamed bodies (from the client, an upstream, a bucket) this call's objects hold.
     streams: RefCell<Vec<Weak<RefCell<BodySlot>>>>,
 }
@@ -44,6 +47,7 @@ impl Scope {
             poll_start: Cell::new(None),
             exceeded: Cell::new(false),
             strikes: Cell::new(0),
+            sliced: Cell::new(false),
             streams: RefCell::new(Vec::new()),
         })
     }
@@ -73,13 +77,22 @@ impl Scope {
         self.exceeded.get()
     }
 
-    /// Called from the instruction hook: true once this call is over its CPU budget.
-    fn over_budget(&self) -> bool {
+    /// Called from the instruction hook: what the running Lua code does next.
+    fn next_action(&self) -> HookAction {
         let running = self.poll_start.get().map_or(Duration::ZERO, |s| s.elapsed());
         if self.used.get() + running > self.budget {
             self.exceeded.set(true);
         }
-        self.exceeded.get()
+        if self.exceeded.get() {
+            let n = self.strikes.get();
+            self.strikes.set(n + 1);
+            return if n.is_multiple_of(2) { HookAction::Raise } else { HookAction::Yield };
+        }
+        if running > TIME_SLICE {
+            self.sliced.set(true);
+            return HookAction::Yield;
+        }
+        HookAction::Continue
     }
 }
 
@@ -92,26 +105,27 @@ pub fn current() -> Option<Rc<Scope>> {
     CURRENT.with(|c| c.borrow().clone())
 }
 
+/// Longest a handler runs Lua in one go before the worker's other connections get their
+/// turn. A worker serves many connections on one thread: without a slice, one CPU-bound
+/// handler would stall them all for its whole CPU budget (`limits.lua_cpu`).
+const TIME_SLICE: Duration = Duration::from_millis(1);
+
 /// What the instruction hook does next.
 pub enum HookAction {
     Continue,
     /// Raise "CPU budget exceeded" in the running Lua code.
     Raise,
-    /// Yield the coroutine so the poll returns and [`Scoped`] ends the call. Needed because
-    /// a script can catch the error with `pcall` and loop on; a yield cannot be caught.
+    /// Yield the coroutine so the poll returns: over budget, so that [`Scoped`] ends the
+    /// call (a script can catch the error with `pcall` and loop on; a yield cannot be
+    /// caught); or at the end of a time slice, to be resumed after the others had their turn.
+    /// Lua 5.4 lets a count hook yield wherever the coroutine may (mlua skips it inside a C
+    /// call that cannot yield, e.g. a `table.sort` comparator).
     Yield,
 }
 
-/// For the instruction hook: should the running Lua code be stopped, and how?
+/// For the instruction hook: should the running Lua code go on, yield, or be stopped?
 pub fn hook_action() -> HookAction {
-    CURRENT.with(|c| match c.borrow().as_ref() {
-        Some(s) if s.over_budget() => {
-            let n = s.strikes.get();
-            s.strikes.set(n + 1);
-            if n % 2 == 0 { HookAction::Raise } else { HookAction::Yield }
-        }
-        _ => HookAction::Continue,
-    })
+    CURRENT.with(|c| c.borrow().as_ref().map_or(HookAction::Continue, |s| s.next_action()))
 }
 
 /// Runs `f` with `scope` installed (for synchronous Lua calls such as a script load).
@@ -135,11 +149,13 @@ fn settle(scope: &Scope) {
 pub struct Scoped<F> {
     inner: Pin<Box<F>>,
     scope: Rc<Scope>,
+    /// After a time slice: the turn given to the worker's other connections.
+    turn: Option<Pin<Box<dyn Future<Output = ()>>>>,
 }
 
 impl<F: Future> Scoped<F> {
     pub fn new(scope: Rc<Scope>, inner: F) -> Self {
-        Self { inner: Box::pin(inner), scope }
+        Self { inner: Box::pin(inner), scope, turn: None }
     }
 }
 
@@ -148,6 +164,18 @@ impl<T, F: Future<Output = mlua::Result<T>>> Future for Scoped<F> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let scope = self.scope.clone();
+        if scope.sliced.take() {
+            // mlua wakes a coroutine that the hook yielded at once; tokio's `yield_now` defers
+            // the next poll until the worker has polled its sockets, so the connections that
+            // became ready meanwhile run before this handler's next slice.
+            self.turn = Some(Box::pin(tokio::task::yield_now()));
+        }
+        if let Some(turn) = self.turn.as_mut() {
+            if turn.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.turn = None;
+        }
         let prev = CURRENT.with(|c| c.replace(Some(scope.clone())));
         scope.poll_start.set(Some(Instant::now()));
         let out = self.inner.as_mut().poll(cx);

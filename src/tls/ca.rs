@@ -13,6 +13,8 @@ use rustls::pki_types::pem::PemObject;
 /// File names inside `ca_dir` (and `ca.pem` under `data_dir` for the running instance).
 pub const CERT_FILE: &str = "ca.pem";
 pub const KEY_FILE: &str = "ca-key.pem";
+/// Locked while a process loads or creates the CA in `ca_dir`.
+const LOCK_FILE: &str = ".ca.lock";
 
 /// A CA that can sign leaf certificates.
 pub struct Ca {
@@ -28,17 +30,31 @@ impl Ca {
     }
 
     /// The CA under `dir`: loaded when `ca.pem` and `ca-key.pem` exist, else made and saved.
+    /// `moat serve` and `moat ca` may both do this at once on a new `ca_dir`: a lock on the
+    /// folder makes one of them create the CA and the other load it, never two CAs whose files
+    /// overwrite each other.
     pub fn load_or_create(dir: &Path) -> Result<Self, String> {
         let cert_path = dir.join(CERT_FILE);
         let key_path = dir.join(KEY_FILE);
-        if cert_path.exists() || key_path.exists() {
-            return Self::load(&cert_path, &key_path);
-        }
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
             .map_err(|e| format!("tls.ca_dir: cannot create {}: {e}", dir.display()))?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|e| format!("tls.ca_dir: cannot open {}: {e}", lock_path.display()))?;
+        // Held until `lock` is dropped at the end of this function.
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| format!("tls.ca_dir: cannot lock {}: {e}", lock_path.display()))?;
+        if cert_path.exists() || key_path.exists() {
+            return Self::load(&cert_path, &key_path);
+        }
         let ca = Self::generate(3650)?;
         write_private(&key_path, ca.issuer.key().serialize_pem().as_bytes())
             .map_err(|e| format!("tls.ca_dir: cannot write {}: {e}", key_path.display()))?;
@@ -105,9 +121,9 @@ impl Ca {
         digest.as_ref().iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
     }
 
-    /// Writes the certificate (never the key) to `path` for clients to trust.
-    pub fn write_cert(&self, path: &Path) -> std::io::Result<()> {
-        write_atomic(path, self.cert_pem.as_bytes(), 0o644)
+    /// Writes the certificate (never the key) to `path` for clients to trust, with `mode`.
+    pub fn write_cert(&self, path: &Path, mode: u32) -> std::io::Result<()> {
+        write_atomic(path, self.cert_pem.as_bytes(), mode)
     }
 }
 
@@ -135,6 +151,8 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+    // The mode asked for, whatever the umask made of it at creation.
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)

@@ -405,6 +405,14 @@ pub fn to_upstream_request(mut req: Request<Body>, target: &Target) -> Request<B
         Some(n) if n > 0 || sends_body || headers.contains_key(http::header::CONTENT_LENGTH) => {
             headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(n));
         }
+        // hyper sends a GET or HEAD body of unknown length as no body at all unless asked to
+        // chunk it: the body would be dropped and the request sent as complete before its
+        // framing (a client's chunked body) was known to be valid. Chunked, the upstream
+        // sees the request end only with the last chunk, after moat has checked it.
+        None if !sends_body => {
+            headers.remove(http::header::CONTENT_LENGTH);
+            headers.insert(http::header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        }
         _ => {
             headers.remove(http::header::CONTENT_LENGTH);
         }

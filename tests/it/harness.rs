@@ -63,10 +63,17 @@ impl Moat {
         Moat::spawn(cmd, tempfile::tempdir().unwrap())
     }
 
-    pub fn spawn(mut cmd: Command, dir: tempfile::TempDir) -> Moat {
+    pub fn spawn(cmd: Command, dir: tempfile::TempDir) -> Moat {
+        Self::spawn_then(cmd, dir, || {})
+    }
+
+    /// Starts `cmd`, runs `meanwhile` as soon as the process exists (before it is ready), then
+    /// waits until it listens.
+    pub fn spawn_then(mut cmd: Command, dir: tempfile::TempDir, meanwhile: impl FnOnce()) -> Moat {
         // Tests talk only to loopback: moat may answer names from --resolve, never from DNS.
         cmd.env("MOAT_NO_DNS", "1");
         let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("start moat");
+        meanwhile();
         let logs = Arc::new(Mutex::new(String::new()));
         let sink = logs.clone();
         let stderr = child.stderr.take().unwrap();

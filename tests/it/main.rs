@@ -8,6 +8,7 @@ mod blobs;
 mod cli;
 mod decision;
 mod egress;
+mod hardening;
 mod intercept;
 mod limits;
 mod lua_api;

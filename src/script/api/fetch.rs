@@ -55,14 +55,15 @@ async fn fetch(lua: &Lua, upstream: &Upstream, req: LuaRequest) -> Result<LuaRes
     // A streamed body can be sent once; bytes already in memory can be replayed on redirect.
     let replayable = req_body.peek_bytes();
     let mut body = Some(req_body.take()?);
+    // Hop 0 is the request itself; a redirect answered on hop MAX_REDIRECTS would be the
+    // 21st to follow, which Workers refuse with an error rather than return.
     for hop in 0..=MAX_REDIRECTS {
         let target = target_of(&url)?;
-        let may_follow = redirect == Redirect::Follow && hop < MAX_REDIRECTS;
+        let may_follow = redirect == Redirect::Follow;
         // The headers are needed again only if a redirect can be followed.
         let hop_headers = if may_follow { headers.clone() } else { std::mem::take(&mut headers) };
         let origin_form = &url[url::Position::BeforePath..url::Position::AfterQuery];
-        let mut builder = http::Request::builder().method(method.clone()).uri(origin_form);
-        *builder.headers_mut().expect("fresh builder") = hop_headers;
+        let uri = http::Uri::try_from(origin_form).map_err(mlua::Error::external)?;
         let this_body = match body.take() {
             Some(b) => b,
             None => match &replayable {
@@ -72,7 +73,10 @@ async fn fetch(lua: &Lua, upstream: &Upstream, req: LuaRequest) -> Result<LuaRes
                 }
             },
         };
-        let http_req = builder.body(this_body).map_err(mlua::Error::external)?;
+        let mut http_req = http::Request::new(this_body);
+        *http_req.method_mut() = method.clone();
+        *http_req.uri_mut() = uri;
+        *http_req.headers_mut() = hop_headers;
         let http_req = upstream::to_upstream_request(http_req, &target);
         let resp = upstream
             .send(http_req, &target, DialRules::Trusted)
@@ -81,6 +85,9 @@ async fn fetch(lua: &Lua, upstream: &Upstream, req: LuaRequest) -> Result<LuaRes
         let status = resp.status();
         let location = resp.headers().get(http::header::LOCATION).and_then(|l| l.to_str().ok()).map(str::to_string);
         if let (true, true, Some(loc)) = (may_follow, status.is_redirection(), location) {
+            if hop == MAX_REDIRECTS {
+                break;
+            }
             let next = url
                 .join(&loc)
                 .map_err(|e| mlua::Error::runtime(format!("fetch: bad redirect Location {loc:?}: {e}")))?;
