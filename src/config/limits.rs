@@ -38,6 +38,11 @@ pub struct Limits {
     pub lua_cpu: Duration,
     /// What `:text()`, `:json()`, `:bytes()` may buffer.
     pub body_buffer: usize,
+    /// Upstream requests one handler call may make (`fetch`, each redirect followed), as
+    /// Workers bound subrequests per request.
+    pub subrequests: u32,
+    /// moat's resident memory beyond which new handler calls get 503 until it falls again.
+    pub memory_ceiling: usize,
     /// On SIGTERM or SIGINT, how long requests in flight may take to finish before moat exits.
     pub shutdown_timeout: Duration,
 }
@@ -58,6 +63,8 @@ impl Default for Limits {
             lua_memory: 64 * 1024 * 1024,
             lua_cpu: Duration::from_secs(1),
             body_buffer: 16 * 1024 * 1024,
+            subrequests: 50,
+            memory_ceiling: default_memory_ceiling(),
             shutdown_timeout: Duration::from_secs(30),
         }
     }
@@ -80,6 +87,8 @@ pub struct LimitsFile {
     lua_memory: Option<SizeValue>,
     lua_cpu: Option<String>,
     body_buffer: Option<SizeValue>,
+    subrequests: Option<u32>,
+    memory_ceiling: Option<SizeValue>,
     shutdown_timeout: Option<String>,
 }
 
@@ -128,12 +137,24 @@ impl LimitsFile {
         size("lua_memory", &self.lua_memory, &mut l.lua_memory)?;
         dur("lua_cpu", &self.lua_cpu, &mut l.lua_cpu)?;
         size("body_buffer", &self.body_buffer, &mut l.body_buffer)?;
+        if let Some(n) = self.subrequests {
+            l.subrequests = n;
+        }
+        size("memory_ceiling", &self.memory_ceiling, &mut l.memory_ceiling)?;
         dur("shutdown_timeout", &self.shutdown_timeout, &mut l.shutdown_timeout)?;
         if l.lua_memory < 1024 * 1024 {
             return Err("limits.lua_memory: must be at least 1MiB".into());
         }
         Ok(l)
     }
+}
+
+/// Half of the machine's memory (`MemTotal` in /proc/meminfo); 4 GiB where that is unknown.
+fn default_memory_ceiling() -> usize {
+    let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines().find_map(|l| l.strip_prefix("MemTotal:")?.trim().strip_suffix("kB")?.trim().parse::<usize>().ok())
+    });
+    total_kib.map_or(4 << 30, |k| k * 1024 / 2)
 }
 
 /// `"10s"`, `"500ms"`, `"2m"`, `"1h"`, `"250us"`.

@@ -5,6 +5,7 @@ pub mod conn;
 pub mod connect;
 pub mod h1;
 pub mod intercept;
+pub mod memory;
 pub mod overrides;
 pub mod redact;
 pub mod reload;

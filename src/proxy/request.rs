@@ -201,6 +201,13 @@ async fn run(
         Decision::Handler(choice) => {
             log.decision = "handler";
             log.detail = choice.label();
+            if shared.memory.over() {
+                log.detail = format!("{}: not called, moat is over limits.memory_ceiling", choice.label());
+                return answer::text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "moat: over its memory ceiling (limits.memory_ceiling); try again shortly",
+                );
+            }
             // The request the handler sees: URI authority as Host, no proxy credentials.
             let mut headers = head.headers;
             upstream::strip_hop_by_hop_keep_upgrade(&mut headers);

@@ -64,6 +64,8 @@ pub struct Shared {
     pub upstream_tls: crate::upstream::tls::UpstreamTls,
     /// moat's CA and the leaf certificates of intercepted hosts.
     pub leaves: crate::tls::LeafCache,
+    /// Resident memory against `limits.memory_ceiling` (measured on worker heartbeats).
+    pub memory: super::memory::MemoryWatch,
     request_prefix: u32,
     request_counter: AtomicU64,
 }
@@ -86,6 +88,7 @@ impl Shared {
             dns_hosts: Arc::new(config.dns_hosts.clone()),
             upstream_tls,
             leaves,
+            memory: Default::default(),
             config,
             classes,
             bindings,

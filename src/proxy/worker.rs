@@ -52,6 +52,16 @@ impl Worker {
         self.drain.notify_waiters();
     }
 
+    /// Runs a full Lua collection on each state that ran handlers since its last one and none
+    /// during the last heartbeat (every state when `urgent`). The generational collector runs
+    /// only when Lua allocates, so without this a worker that goes quiet after a burst keeps
+    /// the burst's garbage (and the Rust memory it holds) until its next request.
+    fn collect_idle_states(&self, urgent: bool) {
+        for rt in self.runtimes.borrow().values() {
+            rt.collect_if_idle(urgent);
+        }
+    }
+
     /// The runtime for the class's current generation, rebuilt when the generation changed.
     /// `None` when the class has no loaded generation.
     pub fn runtime(&self, class: usize) -> Option<Rc<ClassRuntime>> {
@@ -115,6 +125,8 @@ async fn heartbeat(worker: Rc<Worker>) {
     for n in 1u64.. {
         beat.tick().await;
         worker.ticks.advance();
+        let over = worker.shared.memory.measure(worker.shared.config.limits.memory_ceiling);
+        worker.collect_idle_states(over);
         if n % SWEEP_EVERY == 0 {
             worker.upstream.sweep_idle();
         }

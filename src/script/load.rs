@@ -82,7 +82,7 @@ pub fn load_generation(class: &str, path: &Path, number: u64, limits: &Limits) -
 
 /// Runs the policy's top level under the CPU budget.
 pub fn run_chunk(lua: &Lua, path: &Path, source: &str, class: &str, limits: &Limits) -> mlua::Result<()> {
-    let s = Scope::new("load".into(), "-".into(), class.into(), limits.lua_cpu);
+    let s = Scope::new("load".into(), "-".into(), class.into(), limits.lua_cpu, 0);
     scope::enter(&s, || lua.load(source).set_name(format!("@{}", path.display())).set_mode(ChunkMode::Text).exec())
 }
 

@@ -28,6 +28,11 @@ pub struct ClassRuntime {
     handlers: HashMap<String, Function>,
     env: Table,
     kv: Option<Arc<crate::bindings::kv::KvStore>>,
+    /// Handler calls started on this state, and that count at the last heartbeat and at the
+    /// last full collection (see [`ClassRuntime::collect_if_idle`]).
+    calls: std::cell::Cell<u64>,
+    calls_at_beat: std::cell::Cell<u64>,
+    calls_at_collection: std::cell::Cell<u64>,
 }
 
 /// Who a handler call is for.
@@ -94,7 +99,18 @@ impl ClassRuntime {
         let handlers = table_fns("outboundHandlers").map_err(|e| fail(e.to_string()))?;
         let outbound = lua.globals().get::<Option<Function>>("outbound").map_err(|e| fail(e.to_string()))?;
         let env = bindings.env_table(&lua).map_err(|e| fail(e.to_string()))?;
-        Ok(Self { generation, lua, by_host, outbound, handlers, env, kv: bindings.kv.clone() })
+        Ok(Self {
+            generation,
+            lua,
+            by_host,
+            outbound,
+            handlers,
+            env,
+            kv: bindings.kv.clone(),
+            calls: Default::default(),
+            calls_at_beat: Default::default(),
+            calls_at_collection: Default::default(),
+        })
     }
 
     /// Runs the chosen handler for `request` and returns its Response as HTTP.
@@ -117,7 +133,14 @@ impl ClassRuntime {
         })?;
 
         let lua_err = |e: mlua::Error| HandlerFailure::Error(e.to_string());
-        let scope = Scope::new(who.request_id.into(), who.container_id.into(), who.class, limits.lua_cpu);
+        self.calls.set(self.calls.get() + 1);
+        let scope = Scope::new(
+            who.request_id.into(),
+            who.container_id.into(),
+            who.class,
+            limits.lua_cpu,
+            limits.subrequests,
+        );
         scope.hold_stream(&request.body);
         let req = self.lua.create_userdata(request).map_err(lua_err)?;
         let ctx = self
@@ -171,6 +194,17 @@ impl ClassRuntime {
             return HandlerFailure::Memory;
         }
         HandlerFailure::Error(e.to_string())
+    }
+
+    /// Called on each heartbeat: a full collection when handlers ran since the last one and
+    /// none started since the previous heartbeat (or at once when `urgent`).
+    pub fn collect_if_idle(&self, urgent: bool) {
+        let calls = self.calls.get();
+        let quiet = calls == self.calls_at_beat.replace(calls);
+        if calls != self.calls_at_collection.get() && (quiet || urgent) {
+            let _ = self.lua.gc_collect();
+            self.calls_at_collection.set(calls);
+        }
     }
 
     /// Memory used by this state (for metrics and tests).

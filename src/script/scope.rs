@@ -32,12 +32,20 @@ pub struct Scope {
     /// The hook yielded because this poll used its time slice: the next poll lets the
     /// worker's other connections run first.
     sliced: Cell<bool>,
+    /// Upstream requests (`fetch`, each redirect followed) this call may still make.
+    subrequests_left: Cell<u32>,
     /// Streamed bodies (from the client, an upstream, a bucket) this call's objects hold.
     streams: RefCell<Vec<Weak<RefCell<BodySlot>>>>,
 }
 
 impl Scope {
-    pub fn new(request_id: String, container_id: String, class: std::sync::Arc<str>, budget: Duration) -> Rc<Self> {
+    pub fn new(
+        request_id: String,
+        container_id: String,
+        class: std::sync::Arc<str>,
+        budget: Duration,
+        subrequests: u32,
+    ) -> Rc<Self> {
         Rc::new(Self {
             request_id,
             container_id,
@@ -48,6 +56,7 @@ impl Scope {
             exceeded: Cell::new(false),
             strikes: Cell::new(0),
             sliced: Cell::new(false),
+            subrequests_left: Cell::new(subrequests),
             streams: RefCell::new(Vec::new()),
         })
     }
@@ -71,6 +80,14 @@ impl Scope {
                 SharedBody(slot).end_stream();
             }
         }
+    }
+
+    /// Takes one upstream request from this call's allowance (`limits.subrequests`); false
+    /// when none is left.
+    pub fn take_subrequest(&self) -> bool {
+        let left = self.subrequests_left.get();
+        self.subrequests_left.set(left.saturating_sub(1));
+        left > 0
     }
 
     pub fn exceeded(&self) -> bool {

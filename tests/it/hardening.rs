@@ -449,3 +449,48 @@ end }
         assert_eq!(l.join().unwrap(), 500, "the loops still end at their CPU budget");
     }
 }
+
+#[test]
+fn a_handler_call_makes_at_most_limits_subrequests_upstream_requests() {
+    let up = Upstream::start();
+    let policy = format!(
+        r#"
+outbound = function(request)
+  local done, err = 0, nil
+  for i = 1, 60 do
+    local ok, e = pcall(fetch, "http://127.0.0.1:{}/echo")
+    if not ok then err = tostring(e) break end
+    done = done + 1
+  end
+  return Response.new(done .. " " .. tostring(err))
+end"#,
+        up.addr.port()
+    );
+    let moat = Moat::start(&policy);
+    let r = curl(&moat, "http://any.test/", &[]);
+    assert!(r.body.starts_with("50 ") && r.body.contains("limits.subrequests"), "{}", r.body);
+    assert_eq!(up.count(), 50);
+    // The allowance is per call: the next request has its own.
+    let r = curl(&moat, "http://any.test/", &[]);
+    assert!(r.body.starts_with("50 "), "{}", r.body);
+}
+
+#[test]
+fn over_the_memory_ceiling_handler_calls_get_503_and_egress_still_flows() {
+    let up = Upstream::start();
+    let policy = r#"
+allowedHosts = { "127.0.0.1", "h.test" }
+outboundByHost = { ["h.test"] = function() return Response.new("handled") end }
+"#;
+    // A ceiling below what any process holds: over from the first heartbeat on.
+    let moat = Moat::start_with(policy, Some("[limits]\nmemory_ceiling = \"1MiB\"\n"), &[], &[]);
+    let log = moat.wait_log("over limits.memory_ceiling");
+    assert!(log.contains("new handler calls get 503"), "{log}");
+    let r = curl(&moat, "http://h.test/", &[]);
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("limits.memory_ceiling"), "{}", r.body);
+    assert_eq!(curl(&moat, &up.url("/echo"), &[]).status, 200);
+    // With the default ceiling the same handler answers.
+    let moat = Moat::start(policy);
+    assert_eq!(curl(&moat, "http://h.test/", &[]).body, "handled");
+}

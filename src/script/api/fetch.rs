@@ -59,6 +59,13 @@ async fn fetch(lua: &Lua, upstream: &Upstream, req: LuaRequest) -> Result<LuaRes
     // 21st to follow, which Workers refuse with an error rather than return.
     for hop in 0..=MAX_REDIRECTS {
         let target = target_of(&url)?;
+        if let Some(scope) = crate::script::scope::current()
+            && !scope.take_subrequest()
+        {
+            return Err(mlua::Error::runtime(
+                "fetch: this handler call made its limits.subrequests upstream requests already (each redirect counts)",
+            ));
+        }
         let may_follow = redirect == Redirect::Follow;
         // The headers are needed again only if a redirect can be followed.
         let hop_headers = if may_follow { headers.clone() } else { std::mem::take(&mut headers) };
