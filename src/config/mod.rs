@@ -86,7 +86,6 @@ pub struct ConfigFile {
     pub containers: BTreeMap<String, ContainerEntry>,
     pub tls: Option<TlsSection>,
     pub dns: Option<DnsSection>,
-    pub sandbox: Option<SandboxSection>,
     #[serde(default)]
     limits: limits::LimitsFile,
 }
@@ -139,12 +138,6 @@ pub struct TlsSection {
 pub struct DnsSection {
     #[serde(default)]
     pub hosts: BTreeMap<String, String>,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SandboxSection {
-    pub subnet: Option<String>,
 }
 
 /// Command-line flags that override the file.

@@ -101,6 +101,11 @@ fn config_errors_name_key_and_file_and_exit_2() {
     let (code, _, err) = moat_cmd(&["check", "--policy", "p.lua"], dir.path());
     assert_eq!(code, 2);
     assert!(err.contains("limits.idle_timeout"), "{err}");
+    // A section moat does not act on yet is refused, not silently ignored.
+    write(dir.path(), "moat.toml", "[sandbox]\nsubnet = \"10.0.0.0/24\"\n");
+    let (code, _, err) = moat_cmd(&["check", "--policy", "p.lua"], dir.path());
+    assert_eq!(code, 2);
+    assert!(err.contains("moat.toml:1") && err.contains("sandbox"), "{err}");
     // A missing policy file is a one-line error too.
     let (code, _, err) = moat_cmd(&["check", "--policy", "nope.lua"], dir.path());
     assert_eq!((code, err.lines().count()), (2, 1), "{err}");
