@@ -134,13 +134,8 @@ impl ClassRuntime {
 
         let lua_err = |e: mlua::Error| HandlerFailure::Error(e.to_string());
         self.calls.set(self.calls.get() + 1);
-        let scope = Scope::new(
-            who.request_id.into(),
-            who.container_id.into(),
-            who.class,
-            limits.lua_cpu,
-            limits.subrequests,
-        );
+        let scope =
+            Scope::new(who.request_id.into(), who.container_id.into(), who.class, limits.lua_cpu, limits.subrequests);
         scope.hold_stream(&request.body);
         let req = self.lua.create_userdata(request).map_err(lua_err)?;
         let ctx = self
