@@ -25,7 +25,8 @@
 //! - [`config`]: `moat.toml` and flags to a typed [`config::Config`]; [`identity`]: container
 //!   ids and proxy credentials; [`body`]: the streaming body type; [`db`]: the database file;
 //!   [`log`]: access log, batching log writer, secret redaction; [`cli`]: check, explain,
-//!   init, ca; [`rt`]: hyper's executor on worker threads.
+//!   init, ca; [`rt`]: hyper's executor on worker threads; `fuzz`: the fuzz targets'
+//!   entry points and their corpus replay.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
@@ -35,6 +36,8 @@ pub mod body;
 pub mod cli;
 pub mod config;
 pub mod db;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod identity;
 pub mod log;
 pub mod policy;

@@ -276,6 +276,13 @@ impl Config {
     }
 }
 
+impl ConfigFile {
+    /// The `[limits]` section applied over the defaults; the error names the bad key.
+    pub fn limits(&self) -> Result<Limits, String> {
+        self.limits.resolve()
+    }
+}
+
 /// Parses a config file's text; errors name the file, the line and the key.
 pub fn parse_file(text: &str, path: &Path) -> Result<ConfigFile, ConfigError> {
     toml::from_str(text).map_err(|e| {

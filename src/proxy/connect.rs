@@ -381,7 +381,7 @@ async fn relay_greeting(
 
 /// What the bytes seen so far say a tunnel carries.
 #[derive(Debug, PartialEq, Eq)]
-enum Sniffed {
+pub enum Sniffed {
     /// A TLS record (a ClientHello is expected).
     Tls,
     /// The start of an HTTP/1 request line: a method token, a space, and a request target
@@ -422,7 +422,7 @@ const MAX_METHOD: usize = 24;
 /// are relayed raw. A line that starts as HTTP and
 /// goes wrong later is HTTP, and the strict parser refuses it with a 400: relaying it raw
 /// would let a sloppy request past the policy's per-request decisions.
-fn classify(buf: &[u8]) -> Sniffed {
+pub fn classify(buf: &[u8]) -> Sniffed {
     let Some(&b0) = buf.first() else { return Sniffed::NeedMore };
     if b0 == 0x16 {
         return Sniffed::Tls;

@@ -340,6 +340,24 @@ impl<R: AsyncRead + Unpin> ConnReader<R> {
     }
 }
 
+/// Parses the request head at the start of `buf` without I/O: the head and the bytes it took,
+/// `None` when `buf` holds no whole head yet. The same checks as [`ConnReader::read_head`]
+/// (for the fuzzer, which drives the parser without a connection).
+pub fn parse_request_head(mut buf: &[u8], limit: usize) -> Result<Option<(RequestHead, usize)>, HeadError> {
+    let mut skipped = 0;
+    while let Some(rest) = buf.strip_prefix(b"\r\n") {
+        buf = rest;
+        skipped += 2;
+    }
+    let mut scanned = 0;
+    match find_head_end(buf, &mut scanned)? {
+        Some(end) if end > limit => Err(HeadError::TooLarge(limit)),
+        Some(end) => Ok(Some((parse_head(&Bytes::copy_from_slice(&buf[..end]))?, skipped + end))),
+        None if buf.len() > limit => Err(HeadError::TooLarge(limit)),
+        None => Ok(None),
+    }
+}
+
 /// Why a request body could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
