@@ -43,6 +43,9 @@ pub struct Limits {
     pub subrequests: u32,
     /// moat's resident memory beyond which new handler calls get 503 until it falls again.
     pub memory_ceiling: usize,
+    /// Client connections served at once, over every proxy listener; one more is answered
+    /// 503 and closed at accept. Admin connections do not count.
+    pub max_connections: usize,
     /// On SIGTERM or SIGINT, how long requests in flight may take to finish before moat exits.
     pub shutdown_timeout: Duration,
 }
@@ -65,6 +68,7 @@ impl Default for Limits {
             body_buffer: 16 * 1024 * 1024,
             subrequests: 50,
             memory_ceiling: default_memory_ceiling(),
+            max_connections: 10_000,
             shutdown_timeout: Duration::from_secs(30),
         }
     }
@@ -89,6 +93,7 @@ pub struct LimitsFile {
     body_buffer: Option<SizeValue>,
     subrequests: Option<u32>,
     memory_ceiling: Option<SizeValue>,
+    max_connections: Option<usize>,
     shutdown_timeout: Option<String>,
 }
 
@@ -141,6 +146,11 @@ impl LimitsFile {
             l.subrequests = n;
         }
         size("memory_ceiling", &self.memory_ceiling, &mut l.memory_ceiling)?;
+        match self.max_connections {
+            Some(0) => return Err("limits.max_connections: must be at least 1".into()),
+            Some(n) => l.max_connections = n,
+            None => {}
+        }
         dur("shutdown_timeout", &self.shutdown_timeout, &mut l.shutdown_timeout)?;
         if l.lua_memory < 1024 * 1024 {
             return Err("limits.lua_memory: must be at least 1MiB".into());

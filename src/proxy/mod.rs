@@ -1,5 +1,6 @@
 //! The proxy: listeners, workers, connections, and the path of one request.
 
+pub mod admission;
 pub mod answer;
 pub mod conn;
 pub mod connect;

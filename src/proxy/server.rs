@@ -67,6 +67,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         let l = std::net::TcpListener::bind(class.listen)
             .map_err(|e| anyhow::anyhow!("cannot listen on {} for class {}: {e}", class.listen, class.name))?;
         l.set_nonblocking(true)?;
+        // std listens with a backlog of 128; a burst of new connections (agents starting
+        // together) overflows that and each connection over it waits a second for its SYN to
+        // be sent again. Listening again only resizes the queue (capped by net.core.somaxconn).
+        rustix::net::listen(&l, LISTEN_BACKLOG)?;
         listeners.push((i, l));
     }
     let mut own: Vec<SocketAddr> = listeners.iter().filter_map(|(_, l)| l.local_addr().ok()).collect();
@@ -102,7 +106,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             let name = &shared.classes[class].config.name;
             println!("moat: listening on {addr} (class {name})");
             let workers = workers.clone();
-            tasks.spawn(accept_loop(listener, class, addr, workers));
+            tasks.spawn(accept_loop(listener, class, addr, workers, shared.admission.clone()));
         }
         if let Some((listener, token)) = admin_tcp {
             let s = shared.clone();
@@ -190,20 +194,41 @@ fn raise_open_files_limit() {
     }
 }
 
+/// The accept queue of each proxy listener (nginx's default is 511, Go's somaxconn).
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// Accepts in a row before the loop lets the acceptor's other tasks (admin API, signals) run.
+const ACCEPTS_PER_TURN: usize = 64;
+
 async fn accept_loop(
     listener: TcpListener,
     class: usize,
     local: SocketAddr,
     workers: Vec<tokio::sync::mpsc::UnboundedSender<ToWorker>>,
+    admission: Arc<super::admission::Admission>,
 ) {
     let mut next = 0usize;
     let mut errors = crate::rt::AcceptErrors::default();
+    let mut in_a_row = 0;
     loop {
-        match listener.accept().await {
+        // Unconstrained: under tokio's cooperative budget, the 128th accept of a burst returned
+        // Pending and this loop was polled again only when the acceptor's runtime next woke
+        // for something else, up to a second later; meanwhile the accept queue overflowed.
+        // Fairness is kept by yielding every ACCEPTS_PER_TURN accepts instead.
+        match tokio::task::coop::unconstrained(listener.accept()).await {
             Ok((stream, _peer)) => {
+                in_a_row += 1;
+                if in_a_row == ACCEPTS_PER_TURN {
+                    in_a_row = 0;
+                    tokio::task::yield_now().await;
+                }
                 errors.accepted(&local);
+                let Some(slot) = admission.admit() else {
+                    admission.refuse(stream, &local);
+                    continue;
+                };
                 let Ok(stream) = stream.into_std() else { continue };
-                let _ = workers[next % workers.len()].send(ToWorker::Connection { stream, class });
+                let _ = workers[next % workers.len()].send(ToWorker::Connection { stream, class, slot });
                 next = next.wrapping_add(1);
             }
             Err(e) => errors.failed(&local, &e).await,

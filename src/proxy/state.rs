@@ -66,6 +66,8 @@ pub struct Shared {
     pub leaves: crate::tls::LeafCache,
     /// Resident memory against `limits.memory_ceiling` (measured on worker heartbeats).
     pub memory: super::memory::MemoryWatch,
+    /// Open client connections against `limits.max_connections`.
+    pub admission: Arc<super::admission::Admission>,
     request_prefix: u32,
     request_counter: AtomicU64,
 }
@@ -89,6 +91,7 @@ impl Shared {
             upstream_tls,
             leaves,
             memory: Default::default(),
+            admission: super::admission::Admission::new(config.limits.max_connections),
             config,
             classes,
             bindings,

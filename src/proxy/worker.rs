@@ -14,8 +14,9 @@ use crate::upstream::{Upstream, resolve::Resolver};
 
 /// What the accept side tells a worker.
 pub enum ToWorker {
-    /// A client connection: the socket and the index of its class.
-    Connection { stream: std::net::TcpStream, class: usize },
+    /// A client connection: the socket, the index of its class, and its place under
+    /// `limits.max_connections` (held for as long as the connection is served).
+    Connection { stream: std::net::TcpStream, class: usize, slot: super::admission::Slot },
     /// moat is shutting down: finish the requests in flight, keep no connection alive.
     Drain,
 }
@@ -161,8 +162,8 @@ pub fn spawn(index: usize, shared: Arc<Shared>) -> std::io::Result<mpsc::Unbound
             }
             tokio::task::spawn_local(heartbeat(worker.clone()));
             while let Some(message) = rx.recv().await {
-                let (stream, class) = match message {
-                    ToWorker::Connection { stream, class } => (stream, class),
+                let (stream, class, slot) = match message {
+                    ToWorker::Connection { stream, class, slot } => (stream, class, slot),
                     ToWorker::Drain => {
                         worker.start_draining();
                         continue;
@@ -170,6 +171,7 @@ pub fn spawn(index: usize, shared: Arc<Shared>) -> std::io::Result<mpsc::Unbound
                 };
                 let worker = worker.clone();
                 tokio::task::spawn_local(async move {
+                    let _slot = slot;
                     let _ = stream.set_nonblocking(true);
                     match tokio::net::TcpStream::from_std(stream) {
                         Ok(stream) => super::conn::serve(worker, stream, class).await,

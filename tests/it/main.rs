@@ -8,6 +8,7 @@ mod blobs;
 mod cli;
 mod decision;
 mod egress;
+mod exhaustion;
 mod hardening;
 mod intercept;
 mod limits;
