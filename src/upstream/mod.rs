@@ -150,12 +150,22 @@ impl Upstream {
             }
         }
         if let Some(mut conn) = self.pool.checkout(&key, |peer| checked.contains(&peer.ip())) {
+            let replay = conn.may_be_closing().then(|| replayable(&req)).flatten();
             match self.head(conn.sender.try_send_request(req), &upload, target).await? {
                 Ok(resp) => {
                     self.pool.put_back(key, conn);
                     return Ok(resp);
                 }
-                Err(e) => req = unsent(e).map_err(protocol)?,
+                Err(e) => {
+                    req = match (unsent(e), replay) {
+                        (Ok(req), _) => req,
+                        // The server closed the connection as the request reached it (its
+                        // keep-alive timer fired) and answered nothing: a request that is safe
+                        // to repeat goes again on a new connection (RFC 9112 §9.3.1).
+                        (Err(e), Some(again)) if e.is_incomplete_message() => again,
+                        (Err(e), _) => return Err(protocol(e)),
+                    }
+                }
             }
         }
         // Boxed: dialling (TLS, HTTP/2 handshake) has large state that would otherwise be
@@ -288,6 +298,22 @@ impl Upstream {
 
 /// A pooled connection that failed a request: the request back when it never went out (the
 /// connection had closed), to be retried on another connection; else the error.
+/// A copy of `req` to send again if its connection turns out closed: only for a request
+/// without a body whose method is idempotent (RFC 9110 §9.2.2).
+fn replayable(req: &Request<Body>) -> Option<Request<Body>> {
+    use http::Method;
+    let idempotent = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE);
+    if !idempotent || !http_body::Body::is_end_stream(req.body()) {
+        return None;
+    }
+    let mut again = Request::new(crate::body::empty());
+    *again.method_mut() = req.method().clone();
+    *again.uri_mut() = req.uri().clone();
+    *again.version_mut() = req.version();
+    *again.headers_mut() = req.headers().clone();
+    Some(again)
+}
+
 fn unsent(mut e: hyper::client::conn::TrySendError<Request<Body>>) -> Result<Request<Body>, hyper::Error> {
     e.take_message().ok_or_else(|| e.into_error())
 }

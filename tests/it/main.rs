@@ -9,6 +9,7 @@ mod cli;
 mod decision;
 mod egress;
 mod exhaustion;
+mod faults;
 mod hardening;
 mod intercept;
 mod limits;
