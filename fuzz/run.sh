@@ -13,15 +13,18 @@ SECS=${SECS:-600}
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || mapfile -t targets < <(cargo +nightly fuzz list)
 cargo +nightly fuzz build 2>&1 | grep -v "^ *Compiling" || true
+triple=$(rustc -vV | sed -n "s/^host: //p")
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 for t in "${targets[@]}"; do
-  mkdir -p "$scratch/$t"
+  mkdir -p "$scratch/$t" "artifacts/$t"
   log="$scratch/$t.log"
   # A Lua state keeps what it allocated until its collector runs, which LeakSanitizer would
   # take for a leak and rescan the heap after every input (100x slower).
   case $t in stdlib_codecs | url_new) leaks=0 ;; *) leaks=1 ;; esac
-  if ! cargo +nightly fuzz run "$t" "$scratch/$t" "corpus/$t" -- \
+  # The binary cargo-fuzz built, run directly: `cargo fuzz run` would rebuild the targets
+  # whenever moat's sources change while a long run goes on.
+  if ! "target/$triple/release/$t" -artifact_prefix="artifacts/$t/" "$scratch/$t" "corpus/$t" \
       -max_total_time="$SECS" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 -detect_leaks=$leaks >"$log" 2>&1; then
     tail -40 "$log"
     echo "fuzz $t: CRASH (input under fuzz/artifacts/$t/)"
