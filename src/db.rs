@@ -24,6 +24,18 @@ pub fn open(data_dir: &Path) -> Result<Arc<redb::Database>, OpenError> {
     }
 }
 
+/// A database failure as a user reads it. redb refuses every later write once a write failed
+/// (a full disk, an I/O error), with a message that asks the program to reopen the database;
+/// this says what the user can do.
+pub fn describe(e: redb::Error) -> String {
+    match e {
+        redb::Error::PreviousIo => {
+            "the database had a write error earlier (a full disk?) and takes no more writes until moat restarts: free space, then restart moat".into()
+        }
+        e => e.to_string(),
+    }
+}
+
 /// Why the database could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {

@@ -31,8 +31,15 @@ pub enum BlobError {
     Storage(String),
 }
 
-fn storage(e: impl std::fmt::Display) -> BlobError {
-    BlobError::Storage(e.to_string())
+/// A database failure, as [`crate::db::describe`] says it.
+fn storage(e: impl Into<redb::Error>) -> BlobError {
+    BlobError::Storage(crate::db::describe(e.into()))
+}
+
+/// A file failure.
+/// Index entries are moat's own JSON: one that does not parse is a damaged database.
+fn bad_entry(e: serde_json::Error) -> BlobError {
+    BlobError::Storage(format!("damaged index entry: {e}"))
 }
 
 /// What is stored about an object.
@@ -139,13 +146,13 @@ impl BlobStore {
             Err(e) => return Err(storage(e)),
         };
         let Some(raw) = t.get(key).map_err(storage)? else { return Ok(None) };
-        serde_json::from_str(raw.value()).map(Some).map_err(storage)
+        serde_json::from_str(raw.value()).map(Some).map_err(bad_entry)
     }
 
     /// Commits `meta` as the current version of its key; returns the replaced version.
     pub fn commit(&self, bucket: &str, meta: &ObjectMeta) -> Result<Option<ObjectMeta>, BlobError> {
         let name = Self::table_name(bucket);
-        let json = serde_json::to_string(meta).map_err(storage)?;
+        let json = serde_json::to_string(meta).map_err(bad_entry)?;
         let tx = self.db.begin_write().map_err(storage)?;
         let old = {
             let mut t = tx.open_table(table(&name)).map_err(storage)?;
@@ -270,7 +277,7 @@ impl BlobStore {
                     out.cursor = Some(format!("{p}\u{10FFFF}"));
                 }
                 None => {
-                    out.objects.push(serde_json::from_str(v.value()).map_err(storage)?);
+                    out.objects.push(serde_json::from_str(v.value()).map_err(bad_entry)?);
                     count += 1;
                     out.cursor = Some(key.to_string());
                 }

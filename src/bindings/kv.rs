@@ -27,8 +27,8 @@ pub enum KvError {
     Storage(String),
 }
 
-fn storage(e: impl std::fmt::Display) -> KvError {
-    KvError::Storage(e.to_string())
+fn storage(e: impl Into<redb::Error>) -> KvError {
+    KvError::Storage(crate::db::describe(e.into()))
 }
 
 /// One stored value.
@@ -79,7 +79,7 @@ pub fn now_secs() -> u64 {
 
 fn encode(e: &Entry) -> Result<Vec<u8>, KvError> {
     let meta = match &e.metadata {
-        Some(m) => serde_json::to_vec(m).map_err(storage)?,
+        Some(m) => serde_json::to_vec(m).map_err(|e| KvError::Invalid(format!("metadata: {e}")))?,
         None => Vec::new(),
     };
     let mut out = Vec::with_capacity(13 + meta.len() + e.value.len());
