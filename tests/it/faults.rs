@@ -233,3 +233,167 @@ fn a_full_disk_fails_kv_and_blob_writes_clearly_leaves_nothing_half_written_and_
     assert!(!log.contains("panicked"), "{log}");
     drop(moat);
 }
+
+/// `GET /v1/containers/c`'s allowedHosts override: the version N of its `v-N.test` entry.
+fn override_version(socket: &std::path::Path) -> Option<u64> {
+    let (status, body) = admin(socket, "GET", "/v1/containers/c", None);
+    assert!(status == 200 || status == 404, "{status} {body}");
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let hosts = v["overrides"]["allowedHosts"].as_array()?;
+    hosts.iter().find_map(|h| h.as_str()?.strip_prefix("v-")?.strip_suffix(".test")?.parse().ok())
+}
+
+#[test]
+fn sigkill_during_reloads_and_override_writes_loses_no_acknowledged_override_and_moat_restarts_clean() {
+    let folder = tempfile::tempdir().unwrap();
+    let policy = |n: u64| {
+        format!("-- save {n}\noutboundByHost = {{ [\"ok.test\"] = function() return Response.new(\"v{n}\") end }}\n")
+    };
+    write(folder.path(), "policy.lua", &policy(0));
+    let socket = folder.path().join("data/admin.sock");
+    let mut acknowledged = 0u64;
+    let mut saves = 0u64;
+    for round in 0..3u64 {
+        let mut moat = Moat::serve_folder(folder.path());
+        let found = override_version(&socket);
+        assert!(found.unwrap_or(0) >= acknowledged, "round {round}: acknowledged v{acknowledged}, found {found:?}");
+        acknowledged = found.unwrap_or(0);
+        assert!(curl(&moat, "http://ok.test/", &[]).body.starts_with('v'), "round {round}: serves");
+        // Saves of the policy and override writes as fast as they go, then SIGKILL amid them.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let saver = {
+            let (stop, dir) = (stop.clone(), folder.path().to_path_buf());
+            let start = saves;
+            std::thread::spawn(move || {
+                let mut n = start;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    n += 1;
+                    std::fs::write(dir.join("policy.lua"), policy(n)).unwrap();
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                n
+            })
+        };
+        let writer = {
+            let (stop, socket) = (stop.clone(), socket.clone());
+            std::thread::spawn(move || {
+                let mut last_ok = acknowledged;
+                let mut n = acknowledged;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    n += 1;
+                    let body = format!("[\"ok.test\", \"v-{n}.test\"]");
+                    let (status, _) = admin(&socket, "PUT", "/v1/containers/c/allowed-hosts", Some(&body));
+                    if status == 200 {
+                        last_ok = n;
+                    }
+                }
+                last_ok
+            })
+        };
+        std::thread::sleep(Duration::from_millis(700 + 300 * round));
+        moat.signal("KILL");
+        assert!(moat.wait_exit(Duration::from_secs(10)).is_some());
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        saves = saver.join().unwrap();
+        acknowledged = writer.join().unwrap();
+        assert!(acknowledged > 0, "round {round}: some override writes were acknowledged");
+    }
+    let moat = Moat::serve_folder(folder.path());
+    let found = override_version(&socket).expect("the override is there");
+    assert!(found >= acknowledged, "acknowledged v{acknowledged}, found v{found}");
+    assert_eq!(curl(&moat, "http://ok.test/", &[]).body, format!("v{saves}"), "the last save is served");
+    assert!(!moat.logs().contains("panicked"));
+}
+
+/// The address of class `name` from moat's startup lines.
+fn class_addr(moat: &Moat, name: &str) -> std::net::SocketAddr {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let wanted = format!("(class {name})");
+    let line = loop {
+        let out = moat.stdout_text();
+        if let Some(l) = out.lines().find(|l| l.ends_with(&wanted)) {
+            break l.to_string();
+        }
+        assert!(Instant::now() < deadline, "no listener for class {name}: {out}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    line.strip_prefix("moat: listening on ").unwrap().split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// One request on a fresh connection to `addr`: the answer's status and body.
+fn status_at(addr: std::net::SocketAddr, host: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(s, "GET http://{host}/ HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n").unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, text.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string()))
+}
+
+#[test]
+fn a_class_whose_policy_blows_its_memory_or_cpu_on_every_request_leaves_the_other_class_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "good.lua", r#"outboundByHost = { ["ok.test"] = function() return Response.new("fine") end }"#);
+    write(
+        dir.path(),
+        "bad.lua",
+        r#"
+outboundByHost = {
+  ["memory.test"] = function()
+    local t = {}
+    for i = 1, 1e9 do t[i] = string.rep("x", 1024 * 1024) .. i end
+  end,
+  ["cpu.test"] = function() while true do end end,
+}
+"#,
+    );
+    let toml = "[[class]]\nname = \"good\"\npolicy = \"good.lua\"\nlisten = \"127.0.0.1:0\"\n\n\
+                [[class]]\nname = \"bad\"\npolicy = \"bad.lua\"\nlisten = \"127.0.0.1:0\"\n\n\
+                [limits]\nlua_memory = \"16MiB\"\nlua_cpu = \"100ms\"\n";
+    write(dir.path(), "moat.toml", toml);
+    let mut cmd = Command::new(MOAT);
+    cmd.args(["serve", "--config"]).arg(dir.path().join("moat.toml")).arg("--data-dir").arg(dir.path().join("data"));
+    cmd.current_dir(dir.path()).env("MOAT_WORKERS", "2");
+    let moat = Moat::spawn(cmd, tempfile::tempdir().unwrap());
+    let (good, bad) = (class_addr(&moat, "good"), class_addr(&moat, "bad"));
+    let run_for = Duration::from_secs(20);
+    let attackers: Vec<_> = ["memory.test", "cpu.test", "memory.test", "cpu.test"]
+        .into_iter()
+        .map(|host| {
+            std::thread::spawn(move || {
+                let began = Instant::now();
+                let mut statuses = std::collections::BTreeMap::new();
+                while began.elapsed() < run_for {
+                    *statuses.entry(status_at(bad, host).0).or_insert(0) += 1;
+                }
+                statuses
+            })
+        })
+        .collect();
+    let began = Instant::now();
+    let (mut served, mut failed) = (0, Vec::new());
+    while began.elapsed() < run_for {
+        match status_at(good, "ok.test") {
+            (200, body) if body == "fine" => served += 1,
+            other => failed.push(other),
+        }
+    }
+    for a in attackers {
+        let statuses = a.join().unwrap();
+        eprintln!("bad class answers: {statuses:?}; good class served {served}");
+        assert_eq!(statuses.keys().copied().collect::<Vec<_>>(), vec![500], "the bad class's answers: {statuses:?}");
+    }
+    assert!(
+        failed.is_empty(),
+        "the good class failed {} of {} requests: {:?}",
+        failed.len(),
+        served,
+        &failed[..failed.len().min(5)]
+    );
+    assert!(served > 0);
+    let log = moat.logs();
+    assert!(log.contains("exceeded limits.lua_memory") && log.contains("exceeded limits.lua_cpu"), "{log}");
+    assert!(!log.contains("panicked"));
+}
