@@ -188,3 +188,45 @@ fn slowloris_on_the_head_the_connect_head_the_first_bytes_and_the_tls_handshake_
     let answer = get(&mut TcpStream::connect(moat.addr).unwrap(), "ok.test");
     assert!(answer.ends_with("fine"), "{answer:?}");
 }
+
+#[test]
+fn an_http2_connection_gets_at_most_100_concurrent_streams_and_the_next_is_refused() {
+    use crate::intercept::{h2_frame, h2_head_block, tls_through};
+    let (port, _arrived) = slow_upstream(Duration::from_secs(4));
+    let policy = format!(
+        r#"interceptHttps = true
+outboundByHost = {{ ["slow.test"] = function() return fetch("http://127.0.0.1:{port}/") end }}"#
+    );
+    let moat = Moat::start_with(&policy, None, &[], &[]);
+    let mut tls = tls_through(&moat, "slow.test", 443, b"h2");
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(0x4, 0, 0, &[]));
+    tls.write_all(&out).unwrap();
+    // Read frames until `want` says it has seen enough: (type, flags, stream, payload).
+    let mut frames = Vec::new();
+    let mut read_until = |tls: &mut dyn Read, want: &dyn Fn(&[(u8, u8, u32, Vec<u8>)]) -> bool| {
+        while !want(&frames) {
+            let mut head = [0u8; 9];
+            tls.read_exact(&mut head).expect("moat keeps the connection open");
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            tls.read_exact(&mut payload).unwrap();
+            frames.push((head[3], head[4], u32::from_be_bytes(head[5..9].try_into().unwrap()) & 0x7fff_ffff, payload));
+        }
+        frames.clone()
+    };
+    let settings = read_until(&mut tls, &|f| f.iter().any(|(t, flags, _, _)| *t == 0x4 && flags & 1 == 0));
+    let (_, _, _, payload) = settings.iter().find(|(t, flags, _, _)| *t == 0x4 && flags & 1 == 0).unwrap();
+    let max = payload.chunks(6).find(|s| s[..2] == [0, 3]).map(|s| u32::from_be_bytes(s[2..6].try_into().unwrap()));
+    assert_eq!(max, Some(100), "SETTINGS_MAX_CONCURRENT_STREAMS");
+    // 101 requests at once, each held by the slow upstream: the 101st (stream 201) is refused.
+    let mut out = h2_frame(0x4, 0x1, 0, &[]);
+    for i in 0..101u32 {
+        out.extend(h2_frame(0x1, 0x5, 2 * i + 1, &h2_head_block("GET", "slow.test")));
+    }
+    tls.write_all(&out).unwrap();
+    let frames = read_until(&mut tls, &|f| f.iter().any(|(t, _, s, _)| *t == 0x3 && *s == 201));
+    let (_, _, _, code) = frames.iter().find(|(t, _, s, _)| *t == 0x3 && *s == 201).unwrap();
+    assert_eq!(code[..], 7u32.to_be_bytes(), "RST_STREAM REFUSED_STREAM");
+    assert!(!frames.iter().any(|(t, _, s, _)| *t == 0x3 && *s < 201), "the first 100 streams go on");
+}

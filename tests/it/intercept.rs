@@ -109,7 +109,7 @@ fn an_ip_host_gets_an_ip_san_and_egress_verifies_the_upstream() {
 }
 
 /// A TLS client through a CONNECT tunnel, trusting only moat's CA.
-fn tls_through(
+pub fn tls_through(
     moat: &Moat,
     host: &str,
     port: u16,
@@ -400,7 +400,7 @@ outboundByHost = { ["upload.test"] = function(request) return Response.new("got 
 }
 
 /// One HTTP/2 frame.
-fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+pub fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
     f.extend([kind, flags]);
     f.extend(stream.to_be_bytes());
@@ -410,7 +410,7 @@ fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 
 /// A request's header block in HPACK without Huffman coding: `:method` (literal, name index
 /// 2), `:scheme https` (index 7), `:path /` (index 4), `:authority` (literal, name index 1).
-fn h2_head_block(method: &str, authority: &str) -> Vec<u8> {
+pub fn h2_head_block(method: &str, authority: &str) -> Vec<u8> {
     let mut block = vec![0x02, method.len() as u8];
     block.extend(method.as_bytes());
     block.extend([0x87, 0x84, 0x01, authority.len() as u8]);
