@@ -12,10 +12,14 @@ cd "$(dirname "$0")"
 SECS=${SECS:-600}
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || mapfile -t targets < <(cargo +nightly fuzz list)
-cargo +nightly fuzz build 2>&1 | grep -v "^ *Compiling" || true
 triple=$(rustc -vV | sed -n "s/^host: //p")
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
+if ! cargo +nightly fuzz build >"$scratch/build.log" 2>&1; then
+  tail -30 "$scratch/build.log"
+  echo "fuzz: the targets did not build"
+  exit 1
+fi
 for t in "${targets[@]}"; do
   mkdir -p "$scratch/$t" "artifacts/$t"
   log="$scratch/$t.log"
