@@ -189,6 +189,9 @@ fn slowloris_on_the_head_the_connect_head_the_first_bytes_and_the_tls_handshake_
     assert!(answer.ends_with("fine"), "{answer:?}");
 }
 
+/// An HTTP/2 frame as read: type, flags, stream, payload.
+type Frame = (u8, u8, u32, Vec<u8>);
+
 #[test]
 fn an_http2_connection_gets_at_most_100_concurrent_streams_and_the_next_is_refused() {
     use crate::intercept::{h2_frame, h2_head_block, tls_through};
@@ -204,7 +207,7 @@ outboundByHost = {{ ["slow.test"] = function() return fetch("http://127.0.0.1:{p
     tls.write_all(&out).unwrap();
     // Read frames until `want` says it has seen enough: (type, flags, stream, payload).
     let mut frames = Vec::new();
-    let mut read_until = |tls: &mut dyn Read, want: &dyn Fn(&[(u8, u8, u32, Vec<u8>)]) -> bool| {
+    let mut read_until = |tls: &mut dyn Read, want: &dyn Fn(&[Frame]) -> bool| {
         while !want(&frames) {
             let mut head = [0u8; 9];
             tls.read_exact(&mut head).expect("moat keeps the connection open");
