@@ -38,8 +38,10 @@ pub mod config;
 pub mod db;
 #[doc(hidden)]
 pub mod fuzz;
+pub mod headers;
 pub mod identity;
 pub mod log;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod rt;

@@ -184,12 +184,10 @@ fn main() -> ExitCode {
         }
         Command::Policy { admin, class, id, setter, args } => admin_socket(admin)
             .and_then(|s| moat::admin::commands::policy(&s, &id, class.as_deref(), &setter, &args).map_err(failure)),
-        Command::Kv { admin, op, binding, key, value } => admin_config(admin).and_then(|c| {
-            moat::bindings::cli::kv(&c, &op, &binding, key.as_deref(), value.as_deref()).map_err(failure)
-        }),
-        Command::Blob { admin, op, bucket, key, file } => admin_config(admin).and_then(|c| {
-            moat::bindings::cli::blob(&c, &op, &bucket, key.as_deref(), file.as_deref()).map_err(failure)
-        }),
+        Command::Kv { admin, op, binding, key, value } => admin_config(admin)
+            .and_then(|c| moat::cli::store::kv(&c, &op, &binding, key.as_deref(), value.as_deref()).map_err(failure)),
+        Command::Blob { admin, op, bucket, key, file } => admin_config(admin)
+            .and_then(|c| moat::cli::store::blob(&c, &op, &bucket, key.as_deref(), file.as_deref()).map_err(failure)),
         Command::Ca { action: CaAction::Path { admin } } => {
             admin_config(admin).and_then(|c| moat::cli::ca_path(&c).map_err(Failure::Runtime))
         }

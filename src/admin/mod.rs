@@ -3,5 +3,4 @@
 pub mod api;
 pub mod client;
 pub mod commands;
-pub mod metrics;
 pub mod server;

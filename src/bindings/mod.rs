@@ -1,12 +1,9 @@
 //! `env` bindings (SPEC 6): KV namespaces, blob buckets, secrets and vars.
 
 pub mod blob;
-pub mod cli;
 pub mod kv;
 
 use std::collections::BTreeMap;
-
-use mlua::{Lua, Result, Table};
 
 use crate::config::Config;
 
@@ -68,30 +65,9 @@ impl Bindings {
         Ok(())
     }
 
-    /// Builds the `env` table for one Lua state.
-    pub fn env_table(&self, lua: &Lua) -> Result<Table> {
-        let env = lua.create_table()?;
-        for (k, v) in &self.vars {
-            env.set(k.as_str(), v.as_str())?;
-        }
-        for (k, v) in self.secrets.read().unwrap_or_else(|e| e.into_inner()).iter() {
-            env.set(k.as_str(), v.as_str())?;
-        }
-        if let Some(store) = &self.kv {
-            for name in &self.kv_names {
-                env.set(
-                    name.as_str(),
-                    crate::script::api::kv::LuaKv { table: kv::kv_table(name), store: store.clone() },
-                )?;
-            }
-        }
-        if let Some(store) = &self.blob {
-            for name in &self.blob_names {
-                let bucket = crate::script::api::blob::LuaBucket { bucket: name.clone(), store: store.clone() };
-                env.set(name.as_str(), bucket)?;
-            }
-        }
-        Ok(env)
+    /// The secrets as they are now (name → value), for the `env` table of a new Lua state.
+    pub fn secret_values(&self) -> BTreeMap<String, String> {
+        self.secrets.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 

@@ -1,4 +1,7 @@
-//! `moat check`, `moat explain`, `moat init`: commands that inspect or scaffold policies.
+//! `moat check`, `moat explain`, `moat init`: commands that inspect or scaffold policies;
+//! [`store`]: `moat kv` and `moat blob`.
+
+pub mod store;
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -134,8 +137,8 @@ fn stored_overrides(config: &Config, id: &ContainerId) -> Result<OverrideSpec, S
     }
 }
 
-const INIT_POLICY: &str = include_str!("../scripts/init-policy.lua");
-const INIT_CONFIG: &str = include_str!("../scripts/init-moat.toml");
+const INIT_POLICY: &str = include_str!("../../scripts/init-policy.lua");
+const INIT_CONFIG: &str = include_str!("../../scripts/init-moat.toml");
 
 /// Writes a starter `policy.lua` and `moat.toml`; refuses to overwrite.
 pub fn init(dir: &Path) -> Result<(), String> {

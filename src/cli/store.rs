@@ -8,8 +8,8 @@ use std::io::{Read, Write};
 use crate::admin::commands::{CommandError, encode_path};
 use crate::config::{BindingOptions, Config};
 
-use super::blob::BlobStore;
-use super::kv::{Entry, KvStore, kv_table};
+use crate::bindings::blob::BlobStore;
+use crate::bindings::kv::{Entry, KvStore, kv_table};
 
 /// One operation, with its key (for `list`: the prefix).
 enum Op<'a> {
@@ -107,8 +107,9 @@ pub fn kv(
         Op::List(prefix) => {
             let mut cursor: Option<String> = None;
             loop {
-                let page =
-                    store.list(&table, prefix.as_bytes(), super::kv::MAX_LIST, cursor.as_deref()).map_err(failed)?;
+                let page = store
+                    .list(&table, prefix.as_bytes(), crate::bindings::kv::MAX_LIST, cursor.as_deref())
+                    .map_err(failed)?;
                 for k in &page.keys {
                     println!("{}", String::from_utf8_lossy(&k.name));
                 }
@@ -149,7 +150,9 @@ pub fn blob(
         Op::List(prefix) => {
             let mut cursor: Option<String> = None;
             loop {
-                let l = store.list(bucket, prefix, super::blob::MAX_LIST, cursor.as_deref(), None).map_err(failed)?;
+                let l = store
+                    .list(bucket, prefix, crate::bindings::blob::MAX_LIST, cursor.as_deref(), None)
+                    .map_err(failed)?;
                 for o in &l.objects {
                     println!("{}", o.key);
                 }

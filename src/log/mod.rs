@@ -4,6 +4,10 @@ use std::sync::RwLock;
 
 mod access;
 
+/// Values shorter than this are not redacted in responses: replacing every occurrence of a
+/// two-letter "secret" would corrupt ordinary content.
+pub const MIN_REDACTED_LEN: usize = 4;
+
 /// Secret values known to this process, with their names, longest first.
 static SECRETS: RwLock<Vec<(String, String)>> = RwLock::new(Vec::new());
 

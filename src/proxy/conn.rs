@@ -98,7 +98,7 @@ where
         }
         let started = Instant::now();
         let version = head.version;
-        let client_upgrade = crate::upstream::is_upgrade(&head.headers);
+        let client_upgrade = crate::headers::is_upgrade(&head.headers);
         let is_head = head.method == http::Method::HEAD;
         let framing = head.framing;
         let client_keep_alive = head.keep_alive;

@@ -489,23 +489,11 @@ fn normalize_content_length(headers: &mut HeaderMap, framing: Framing) {
 }
 
 fn wants_keep_alive(headers: &HeaderMap, version: Version) -> bool {
-    let tokens = connection_tokens(headers);
+    let tokens = crate::headers::connection_tokens(headers);
     match version {
         Version::HTTP_10 => tokens.iter().any(|t| t.eq_ignore_ascii_case("keep-alive")),
         _ => !tokens.iter().any(|t| t.eq_ignore_ascii_case("close")),
     }
-}
-
-/// The comma-separated tokens of every `Connection` header.
-pub fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
-    headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| !t.is_empty())
-        .collect()
 }
 
 fn trim(b: &[u8]) -> &[u8] {

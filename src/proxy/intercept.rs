@@ -235,7 +235,7 @@ async fn h2_request(
         log.status = 502;
     }
     // Connection-specific headers have no place in HTTP/2 (RFC 9113 §8.2.2).
-    crate::upstream::strip_hop_by_hop(response.headers_mut());
+    crate::headers::strip_hop_by_hop(response.headers_mut());
     if !is_head {
         // The length comes from the body: a handler's own `content-length` that disagrees
         // with its body would make the stream a protocol error. (A HEAD answer keeps the

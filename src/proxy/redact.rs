@@ -12,9 +12,7 @@ use http_body::{Frame, SizeHint};
 
 use crate::body::{Body, BoxError};
 
-/// Values shorter than this are not redacted in responses: replacing every occurrence of a
-/// two-letter "secret" would corrupt ordinary content.
-pub const MIN_REDACTED_LEN: usize = 4;
+use crate::log::MIN_REDACTED_LEN;
 
 /// Rewrites a response so that no secret value reaches the client.
 pub fn redact_response(resp: http::Response<Body>) -> http::Response<Body> {

@@ -97,7 +97,7 @@ pub fn reload_class(shared: &Shared, i: usize) {
         tracing::error!(target: "moat::reload", "secrets not re-read, keeping the previous values: {e}");
     }
     let class = &shared.classes[i];
-    let label = crate::admin::metrics::Metrics::class_label(&class.config.name);
+    let label = crate::metrics::Metrics::class_label(&class.config.name);
     match class.reload(&shared.config.limits) {
         Ok(g) => {
             shared.metrics.generation.get_or_create(&label).set(g.number as i64);

@@ -56,11 +56,11 @@ impl LogLine {
     }
 
     /// Counts the request in the metrics.
-    pub fn record(&self, m: &crate::admin::metrics::Metrics) {
+    pub fn record(&self, m: &crate::metrics::Metrics) {
         m.count_request(&self.class, self.decision, self.status);
         m.duration.observe(self.duration.as_secs_f64());
         if self.handler_failed {
-            m.handler_errors.get_or_create(&crate::admin::metrics::Metrics::class_label(&self.class)).inc();
+            m.handler_errors.get_or_create(&crate::metrics::Metrics::class_label(&self.class)).inc();
         }
     }
 
@@ -210,7 +210,7 @@ async fn run(
             }
             // The request the handler sees: URI authority as Host, no proxy credentials.
             let mut headers = head.headers;
-            upstream::strip_hop_by_hop_keep_upgrade(&mut headers);
+            crate::headers::strip_hop_by_hop_keep_upgrade(&mut headers);
             let authority = target.authority();
             if let Ok(v) = HeaderValue::from_str(&authority) {
                 headers.insert(http::header::HOST, v);
@@ -231,14 +231,14 @@ async fn run(
             let limits = &shared.config.limits;
             match runtime.call(&choice, lua_req, who, limits).await {
                 Ok(mut resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
-                    upstream::strip_hop_by_hop_keep_upgrade(resp.headers_mut());
+                    crate::headers::strip_hop_by_hop_keep_upgrade(resp.headers_mut());
                     if generation.policy.redact_secrets {
                         super::redact::redact_upgrade_headers(resp.headers_mut());
                     }
                     resp
                 }
                 Ok(mut resp) => {
-                    upstream::strip_hop_by_hop(resp.headers_mut());
+                    crate::headers::strip_hop_by_hop(resp.headers_mut());
                     redact_if(generation.policy.redact_secrets, resp)
                 }
                 Err(f) => {
@@ -274,13 +274,13 @@ async fn run(
                 Ok(resp) => {
                     let (mut parts, incoming) = resp.into_parts();
                     if parts.status == StatusCode::SWITCHING_PROTOCOLS {
-                        upstream::strip_hop_by_hop_keep_upgrade(&mut parts.headers);
+                        crate::headers::strip_hop_by_hop_keep_upgrade(&mut parts.headers);
                         if policy.redact_secrets {
                             super::redact::redact_upgrade_headers(&mut parts.headers);
                         }
                         return Response::from_parts(parts, crate::body::boxed(incoming));
                     }
-                    upstream::strip_hop_by_hop(&mut parts.headers);
+                    crate::headers::strip_hop_by_hop(&mut parts.headers);
                     redact_if(
                         generation.policy.redact_secrets,
                         Response::from_parts(parts, crate::body::boxed(incoming)),

@@ -44,7 +44,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     })?;
     let extra_ca = config.file.tls.as_ref().map(|t| t.extra_ca.clone()).unwrap_or_default();
     let upstream_tls = crate::upstream::tls::UpstreamTls::new(&extra_ca).map_err(anyhow::Error::msg)?;
-    let metrics = crate::admin::metrics::Metrics::default();
+    let metrics = crate::metrics::Metrics::default();
     for class in &config.classes {
         metrics.start_class(&class.name);
     }
@@ -136,7 +136,7 @@ const LEAF_CACHE_HOSTS: usize = 4096;
 
 /// moat's CA (persisted under `[tls] ca_dir`, else made now), its certificate written to
 /// `data_dir/ca.pem` for clients to trust, and the leaf cache on top of it.
-fn start_ca(config: &Config, metrics: &crate::admin::metrics::Metrics) -> anyhow::Result<crate::tls::LeafCache> {
+fn start_ca(config: &Config, metrics: &crate::metrics::Metrics) -> anyhow::Result<crate::tls::LeafCache> {
     let ca = match config.ca_dir() {
         Some(dir) => crate::tls::Ca::load_or_create(dir),
         None => crate::tls::Ca::ephemeral(),

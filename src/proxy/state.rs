@@ -55,7 +55,7 @@ pub struct Shared {
     pub classes: Vec<ClassShared>,
     pub bindings: Bindings,
     pub overrides: OverrideStore,
-    pub metrics: crate::admin::metrics::Metrics,
+    pub metrics: crate::metrics::Metrics,
     pub started: std::time::Instant,
     /// Every address moat listens on (loop prevention, SPEC 8.4).
     pub own_listeners: Arc<Vec<SocketAddr>>,
@@ -79,13 +79,11 @@ impl Shared {
         overrides: OverrideStore,
         upstream_tls: crate::upstream::tls::UpstreamTls,
         leaves: crate::tls::LeafCache,
-        metrics: crate::admin::metrics::Metrics,
+        metrics: crate::metrics::Metrics,
         own_listeners: Vec<SocketAddr>,
     ) -> Self {
         let classes = config.classes.iter().cloned().map(ClassShared::new).collect();
-        let prefix = crate::script::api::natives::random_bytes(4)
-            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-            .unwrap_or(0);
+        let prefix = crate::tls::random_bytes(4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]])).unwrap_or(0);
         Self {
             dns_hosts: Arc::new(config.dns_hosts.clone()),
             upstream_tls,

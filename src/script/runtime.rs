@@ -98,7 +98,7 @@ impl ClassRuntime {
         let by_host = table_fns("outboundByHost").map_err(|e| fail(e.to_string()))?;
         let handlers = table_fns("outboundHandlers").map_err(|e| fail(e.to_string()))?;
         let outbound = lua.globals().get::<Option<Function>>("outbound").map_err(|e| fail(e.to_string()))?;
-        let env = bindings.env_table(&lua).map_err(|e| fail(e.to_string()))?;
+        let env = super::api::env::env_table(&lua, bindings).map_err(|e| fail(e.to_string()))?;
         Ok(Self {
             generation,
             lua,

@@ -137,9 +137,7 @@ pub fn cert_path(config: &crate::config::Config) -> PathBuf {
 }
 
 fn short_id() -> String {
-    crate::script::api::natives::random_bytes(4)
-        .map(|b| b.iter().map(|x| format!("{x:02x}")).collect())
-        .unwrap_or_default()
+    super::random_bytes(4).map(|b| b.iter().map(|x| format!("{x:02x}")).collect()).unwrap_or_default()
 }
 
 /// Writes a file only its owner can read, without a moment where it is readable by others.

@@ -145,7 +145,7 @@ impl LeafCache {
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::hours(1);
         params.not_after = now + VALIDITY;
-        let mut serial = crate::script::api::natives::random_bytes(16).map_err(|e| e.to_string())?;
+        let mut serial = super::random_bytes(16)?;
         serial[0] &= 0x7f; // a positive INTEGER
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         let leaf = params.signed_by(&self.leaf_key, &self.ca.issuer).map_err(|e| format!("leaf for {name}: {e}"))?;

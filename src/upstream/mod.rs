@@ -13,7 +13,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri};
+use http::{HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -137,7 +137,7 @@ impl Upstream {
         let addrs = self.resolver.resolve(&target.host).await.map_err(UpstreamError::Dns)?;
         let checked = self.check(&addrs, target, &rules)?;
         let key = (target.host.clone(), target.port, target.https);
-        let h2_ok = target.https && !is_upgrade(req.headers());
+        let h2_ok = target.https && !crate::headers::is_upgrade(req.headers());
         let protocol = |e: hyper::Error| UpstreamError::Protocol(target.authority(), describe_hyper_error(&e));
         let mut upload = head_wait::UploadClock::default();
         let mut req = req.map(|body| upload.track(body));
@@ -360,55 +360,6 @@ fn describe_hyper_error(e: &hyper::Error) -> String {
     msg
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the proxy's own credentials: never forwarded,
-/// in either direction.
-static HOP_BY_HOP: [HeaderName; 9] = [
-    http::header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    http::header::PROXY_AUTHORIZATION,
-    http::header::PROXY_AUTHENTICATE,
-    http::header::TE,
-    http::header::TRAILER,
-    http::header::TRANSFER_ENCODING,
-    http::header::UPGRADE,
-];
-
-/// Removes hop-by-hop headers, including those the `Connection` header names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass over the few names present is cheaper than a
-    // lookup per hop-by-hop name (this runs up to four times per handled request).
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
-        return;
-    }
-    if headers.contains_key(http::header::CONNECTION) {
-        for token in crate::proxy::h1::connection_tokens(headers) {
-            headers.remove(token.as_str());
-        }
-    }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
-}
-
-/// Like [`strip_hop_by_hop`], but an upgrade (WebSocket) keeps its `Upgrade` header and a
-/// `Connection: upgrade`: those two are the one hop-by-hop pair that must travel end to end
-/// for the upgrade to happen (RFC 9110 §7.8).
-pub fn strip_hop_by_hop_keep_upgrade(headers: &mut HeaderMap) {
-    let upgrade = is_upgrade(headers).then(|| headers.get(http::header::UPGRADE).cloned()).flatten();
-    strip_hop_by_hop(headers);
-    if let Some(u) = upgrade {
-        headers.insert(http::header::UPGRADE, u);
-        headers.insert(http::header::CONNECTION, HeaderValue::from_static("upgrade"));
-    }
-}
-
-/// Does this message ask to switch protocols (`Connection: upgrade` + `Upgrade`)?
-pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(http::header::UPGRADE)
-        && crate::proxy::h1::connection_tokens(headers).iter().any(|t| t == "upgrade")
-}
-
 /// Turns a request into the form sent upstream: origin-form URI, `Host` = the evaluated
 /// authority (SPEC 8.2: the URI's authority wins), no hop-by-hop headers, and framing that
 /// comes from the body itself.
@@ -421,7 +372,7 @@ pub fn to_upstream_request(mut req: Request<Body>, target: &Target) -> Request<B
     let exact = http_body::Body::size_hint(req.body()).exact();
     let sends_body = !matches!(*req.method(), http::Method::GET | http::Method::HEAD);
     let headers = req.headers_mut();
-    strip_hop_by_hop_keep_upgrade(headers);
+    crate::headers::strip_hop_by_hop_keep_upgrade(headers);
     headers.remove(http::header::EXPECT);
     // A Content-Length is never taken from the headers: a handler that swaps the body of a
     // copied request (or sets the header itself) would otherwise announce a length the body

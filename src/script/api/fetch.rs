@@ -128,9 +128,9 @@ fn drop_secret_headers(headers: &mut http::HeaderMap, next: &url::Url) {
     let secrets = crate::log::secrets();
     let carries_secret = |v: &http::HeaderValue| {
         let v = v.as_bytes();
-        secrets.iter().any(|(_, s)| {
-            s.len() >= crate::proxy::redact::MIN_REDACTED_LEN && v.windows(s.len()).any(|w| w == s.as_bytes())
-        })
+        secrets
+            .iter()
+            .any(|(_, s)| s.len() >= crate::log::MIN_REDACTED_LEN && v.windows(s.len()).any(|w| w == s.as_bytes()))
     };
     let names: Vec<http::HeaderName> =
         headers.keys().filter(|name| headers.get_all(*name).iter().any(carries_secret)).cloned().collect();
@@ -147,9 +147,9 @@ fn drop_secret_headers(headers: &mut http::HeaderMap, next: &url::Url) {
 pub fn response_from_upstream(resp: http::Response<hyper::body::Incoming>, url: String) -> LuaResponse {
     let (mut parts, incoming) = resp.into_parts();
     if parts.status == http::StatusCode::SWITCHING_PROTOCOLS {
-        upstream::strip_hop_by_hop_keep_upgrade(&mut parts.headers);
+        crate::headers::strip_hop_by_hop_keep_upgrade(&mut parts.headers);
     } else {
-        upstream::strip_hop_by_hop(&mut parts.headers);
+        crate::headers::strip_hop_by_hop(&mut parts.headers);
     }
     LuaResponse {
         status: parts.status,

@@ -6,6 +6,7 @@ pub mod body;
 pub mod console;
 pub mod container;
 pub mod ctx;
+pub mod env;
 pub mod fetch;
 pub mod headers;
 pub mod kv;

@@ -1,6 +1,6 @@
 //! Native functions behind the bundled stdlib modules (`stdlib/moat/*.lua`).
 
-use aws_lc_rs::{digest, hmac, rand::SecureRandom};
+use aws_lc_rs::{digest, hmac};
 use base64::Engine;
 use base64::alphabet;
 use base64::engine::DecodePaddingMode;
@@ -125,7 +125,5 @@ pub fn table(lua: &Lua) -> Result<Table> {
 }
 
 pub fn random_bytes(n: usize) -> Result<Vec<u8>> {
-    let mut b = vec![0u8; n];
-    aws_lc_rs::rand::SystemRandom::new().fill(&mut b).map_err(|_| mlua::Error::runtime("system random failed"))?;
-    Ok(b)
+    crate::tls::random_bytes(n).map_err(mlua::Error::runtime)
 }

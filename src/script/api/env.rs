@@ -1,0 +1,28 @@
+//! The `env` table a policy's handlers receive (SPEC 6): `[vars]`, secrets, KV namespaces and
+//! buckets, built from [`Bindings`] (the storage) for one Lua state.
+
+use mlua::{Lua, Result, Table};
+
+use crate::bindings::{Bindings, kv::kv_table};
+
+/// Builds the `env` table for one Lua state.
+pub fn env_table(lua: &Lua, bindings: &Bindings) -> Result<Table> {
+    let env = lua.create_table()?;
+    for (k, v) in &bindings.vars {
+        env.set(k.as_str(), v.as_str())?;
+    }
+    for (k, v) in bindings.secret_values() {
+        env.set(k, v)?;
+    }
+    if let Some(store) = &bindings.kv {
+        for name in &bindings.kv_names {
+            env.set(name.as_str(), super::kv::LuaKv { table: kv_table(name), store: store.clone() })?;
+        }
+    }
+    if let Some(store) = &bindings.blob {
+        for name in &bindings.blob_names {
+            env.set(name.as_str(), super::blob::LuaBucket { bucket: name.clone(), store: store.clone() })?;
+        }
+    }
+    Ok(env)
+}
