@@ -5,28 +5,31 @@
 //!
 //! A request travels: [`proxy`] accepts and parses it, [`identity`] says whose it is,
 //! [`policy`] decides (pure), then [`script`] runs a handler or [`upstream`] egresses.
+//! [`serve`] wires everything at start. Modules use only lower layers (docs/architecture.md,
+//! checked by a test), lowest first:
 //!
 //! - [`policy`]: pure decision logic: canonical hosts, host patterns, the decision order,
-//!   per-container override specs and their setters.
-//! - [`proxy`]: listeners, workers (one Lua state per class per thread), the strict HTTP/1.1
-//!   codec, one request's path, CONNECT tunnels, TLS interception (HTTP/1.1 and HTTP/2 to
-//!   the client), upgrades, hot reload, redaction, the override store, and the one place
-//!   failures become answers.
+//!   per-container override specs and their setters. [`identity`]: container ids and proxy
+//!   credentials; [`body`]: the streaming body type; [`rt`]: hyper's executor, coarse timers,
+//!   accept errors; [`log`]: access log, batching log writer, secret redaction; [`headers`]:
+//!   hop-by-hop and upgrade rules both sides follow; [`metrics`]: the Prometheus registry;
+//!   [`db`]: the database file.
+//! - [`config`]: `moat.toml` and flags to a typed [`config::Config`].
+//! - [`tls`]: moat's CA (ephemeral or persisted), the cache of leaf certificates it signs for
+//!   intercepted hosts, secure random bytes. [`bindings`]: the storage behind `env`: KV
+//!   namespaces and `ctx.storage` (redb), blob buckets, secrets, vars. [`upstream`]: moat's
+//!   resolver, the dial-time address check, pooled HTTP/1.1 and HTTP/2 connections (TLS
+//!   verified against webpki roots plus `[tls] extra_ca`).
 //! - [`script`]: sandboxed Lua states, loading and validating generations, handler calls
 //!   with CPU/memory/wall-clock limits, and the Lua API (Request, Response, Headers, URL,
-//!   fetch, console, ctx, KV and bucket objects, `moat.container`).
-//! - [`upstream`]: moat's resolver, the dial-time address check, pooled HTTP/1.1 and
-//!   HTTP/2 connections (TLS verified against webpki roots plus `[tls] extra_ca`).
-//! - [`tls`]: moat's CA (ephemeral or persisted) and the cache of leaf certificates it signs
-//!   for intercepted hosts.
-//! - [`bindings`]: `env`: KV namespaces and `ctx.storage` (redb), blob buckets, secrets, vars;
-//!   and the `moat kv` / `moat blob` commands.
-//! - [`admin`]: the admin API (Unix socket, optional TCP), its CLI client, Prometheus metrics.
-//! - [`config`]: `moat.toml` and flags to a typed [`config::Config`]; [`identity`]: container
-//!   ids and proxy credentials; [`body`]: the streaming body type; [`db`]: the database file;
-//!   [`log`]: access log, batching log writer, secret redaction; [`cli`]: check, explain,
-//!   init, ca; [`rt`]: hyper's executor on worker threads; `fuzz`: the fuzz targets'
-//!   entry points and their corpus replay.
+//!   fetch, console, ctx, `env`, KV and bucket objects, `moat.container`).
+//! - [`proxy`]: the listener layer, workers (one Lua state per class per thread), the strict
+//!   HTTP/1.1 codec, one request's path, CONNECT tunnels, TLS interception (HTTP/1.1 and
+//!   HTTP/2 to the client), upgrades, hot reload, redaction, the override store, and the one
+//!   place failures become answers.
+//! - [`admin`]: the admin API (Unix socket, optional TCP) and its CLI client.
+//! - [`serve`]: `moat serve`'s wiring; [`cli`]: check, explain, init, ca, kv, blob; `fuzz`: the
+//!   fuzz targets' entry points and their corpus replay.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
@@ -46,5 +49,6 @@ pub mod policy;
 pub mod proxy;
 pub mod rt;
 pub mod script;
+pub mod serve;
 pub mod tls;
 pub mod upstream;

@@ -167,7 +167,7 @@ fn main() -> ExitCode {
                         "no policy: pass --policy FILE or add a [[class]] to moat.toml (moat init writes one)",
                     ));
                 }
-                moat::proxy::server::run(c).map_err(|e| Failure::Runtime(format!("{e:#}")))
+                moat::serve::run(c).map_err(|e| Failure::Runtime(format!("{e:#}")))
             })
         }
         Command::Check { cfg } => {

@@ -90,7 +90,7 @@ pub enum LogFormat {
 ///
 /// Lines are formatted on the thread that logs and written by a dedicated thread, which
 /// batches them into as few `write` calls as the load allows (at most one write per
-/// [`LOG_GATHER`] under load): one line per request must not cost every request a system
+/// `LOG_GATHER` under load): one line per request must not cost every request a system
 /// call, nor a wake-up of the log thread. The returned guard flushes what is left when dropped.
 pub fn init(format: LogFormat) -> LogGuard {
     use tracing_subscriber::EnvFilter;

@@ -6,12 +6,12 @@ pub mod conn;
 pub mod connect;
 pub mod h1;
 pub mod intercept;
+pub mod listen;
 pub mod memory;
 pub mod overrides;
 pub mod redact;
 pub mod reload;
 pub mod request;
-pub mod server;
 pub mod state;
 pub mod worker;
 

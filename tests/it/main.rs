@@ -12,6 +12,7 @@ mod exhaustion;
 mod faults;
 mod hardening;
 mod intercept;
+mod layering;
 mod limits;
 mod lua_api;
 mod parsing;

@@ -1,16 +1,19 @@
-//! Starting `moat serve`: load every class, bind listeners, start workers, accept.
+//! `moat serve`: the one place that knows every part. Opens the database and the stores,
+//! starts the KV expiry sweep, the CA, metrics, the admin API, the policies and the workers,
+//! binds the proxy's listeners last, and runs until SIGINT/SIGTERM (SIGHUP reloads). A new
+//! store or listener is wired here; `proxy` only serves the connections it is handed.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
-use super::state::Shared;
-use super::worker::{self, ToWorker};
 use crate::bindings::Bindings;
 use crate::config::Config;
+use crate::proxy::listen;
+use crate::proxy::state::Shared;
 
-/// Runs the proxy until SIGINT/SIGTERM. Errors that stop it from starting are returned.
+/// Runs `moat serve` until SIGINT/SIGTERM. Errors that stop it from starting are returned.
 ///
 /// Readiness: everything a client or the CLI can reach (database, stores, CA, admin socket,
 /// loaded policies) exists before the proxy listeners are bound, so a port that accepts
@@ -27,7 +30,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         }
         other => anyhow::anyhow!("{other}"),
     })?;
-    let overrides = super::overrides::OverrideStore::open(db.clone(), &config.data_dir)?;
+    let overrides = crate::proxy::overrides::OverrideStore::open(db.clone(), &config.data_dir)?;
     let kv = Arc::new(crate::bindings::kv::KvStore::new(db.clone()));
     let mut bindings = bindings;
     bindings.attach_kv(kv.clone());
@@ -64,13 +67,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     // (SPEC 8.4), so the state workers share is made after them.
     let mut listeners = Vec::new();
     for (i, class) in config.classes.iter().enumerate() {
-        let l = std::net::TcpListener::bind(class.listen)
+        let l = listen::bind(class.listen)
             .map_err(|e| anyhow::anyhow!("cannot listen on {} for class {}: {e}", class.listen, class.name))?;
-        l.set_nonblocking(true)?;
-        // std listens with a backlog of 128; a burst of new connections (agents starting
-        // together) overflows that and each connection over it waits a second for its SYN to
-        // be sent again. Listening again only resizes the queue (capped by net.core.somaxconn).
-        rustix::net::listen(&l, LISTEN_BACKLOG)?;
         listeners.push((i, l));
     }
     let mut own: Vec<SocketAddr> = listeners.iter().filter_map(|(_, l)| l.local_addr().ok()).collect();
@@ -80,17 +78,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let shared = Arc::new(Shared::new(config, bindings, overrides, upstream_tls, leaves, metrics, own));
 
     for i in 0..shared.classes.len() {
-        super::reload::reload_class(&shared, i);
+        crate::proxy::reload::reload_class(&shared, i);
     }
 
-    let reloads = super::reload::start(shared.clone())?;
-
-    let threads = std::env::var("MOAT_WORKERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
-        .clamp(1, 64);
-    let workers = (0..threads).map(|i| worker::spawn(i, shared.clone())).collect::<Result<Vec<_>, _>>()?;
+    let reloads = crate::proxy::reload::start(shared.clone())?;
+    let workers = listen::start_workers(&shared)?;
 
     rt.block_on(async move {
         // Before anything is announced: a signal from whoever waits for "listening on" must
@@ -106,7 +98,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             let name = &shared.classes[class].config.name;
             println!("moat: listening on {addr} (class {name})");
             let workers = workers.clone();
-            tasks.spawn(accept_loop(listener, class, addr, workers, shared.admission.clone()));
+            tasks.spawn(listen::accept_loop(listener, class, addr, workers, shared.admission.clone()));
         }
         if let Some((listener, token)) = admin_tcp {
             let s = shared.clone();
@@ -123,10 +115,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         // the requests in flight finish.
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
-        for w in &workers {
-            let _ = w.send(ToWorker::Drain);
-        }
-        drain(&shared, &mut signals).await;
+        listen::start_draining(&workers);
+        listen::drain(&shared, signals.another_shutdown()).await;
         anyhow::Ok(())
     })
 }
@@ -194,48 +184,6 @@ fn raise_open_files_limit() {
     }
 }
 
-/// The accept queue of each proxy listener (nginx's default is 511, Go's somaxconn).
-const LISTEN_BACKLOG: i32 = 4096;
-
-/// Accepts in a row before the loop lets the acceptor's other tasks (admin API, signals) run.
-const ACCEPTS_PER_TURN: usize = 64;
-
-async fn accept_loop(
-    listener: TcpListener,
-    class: usize,
-    local: SocketAddr,
-    workers: Vec<tokio::sync::mpsc::UnboundedSender<ToWorker>>,
-    admission: Arc<super::admission::Admission>,
-) {
-    let mut next = 0usize;
-    let mut errors = crate::rt::AcceptErrors::default();
-    let mut in_a_row = 0;
-    loop {
-        // Unconstrained: under tokio's cooperative budget, the 128th accept of a burst returned
-        // Pending and this loop was polled again only when the acceptor's runtime next woke
-        // for something else, up to a second later; meanwhile the accept queue overflowed.
-        // Fairness is kept by yielding every ACCEPTS_PER_TURN accepts instead.
-        match tokio::task::coop::unconstrained(listener.accept()).await {
-            Ok((stream, _peer)) => {
-                in_a_row += 1;
-                if in_a_row == ACCEPTS_PER_TURN {
-                    in_a_row = 0;
-                    tokio::task::yield_now().await;
-                }
-                errors.accepted(&local);
-                let Some(slot) = admission.admit() else {
-                    admission.refuse(stream, &local);
-                    continue;
-                };
-                let Ok(stream) = stream.into_std() else { continue };
-                let _ = workers[next % workers.len()].send(ToWorker::Connection { stream, class, slot });
-                next = next.wrapping_add(1);
-            }
-            Err(e) => errors.failed(&local, &e).await,
-        }
-    }
-}
-
 /// The signals `moat serve` acts on: SIGINT and SIGTERM shut it down, SIGHUP reloads.
 struct Signals {
     term: tokio::signal::unix::Signal,
@@ -254,14 +202,14 @@ impl Signals {
     }
 
     /// Waits for SIGINT or SIGTERM; SIGHUP meanwhile forces a reload of every class.
-    async fn until_shutdown(&mut self, reloads: &std::sync::mpsc::Sender<super::reload::ReloadRequest>) {
+    async fn until_shutdown(&mut self, reloads: &std::sync::mpsc::Sender<crate::proxy::reload::ReloadRequest>) {
         loop {
             tokio::select! {
                 _ = self.int.recv() => return,
                 _ = self.term.recv() => return,
                 _ = self.hup.recv() => {
                     tracing::info!(target: "moat::reload", "SIGHUP: reloading every policy");
-                    let _ = reloads.send(super::reload::ReloadRequest::All);
+                    let _ = reloads.send(crate::proxy::reload::ReloadRequest::All);
                 }
             }
         }
@@ -273,32 +221,5 @@ impl Signals {
             _ = self.int.recv() => {}
             _ = self.term.recv() => {}
         }
-    }
-}
-
-/// After the workers were told to drain: waits until every client connection has closed
-/// (each closes after its request in flight; idle ones at once), at most
-/// `limits.shutdown_timeout`, or until a second SIGINT/SIGTERM.
-async fn drain(shared: &Shared, signals: &mut Signals) {
-    let open = || shared.metrics.open_connections.get();
-    let limit = shared.config.limits.shutdown_timeout;
-    if open() > 0 {
-        tracing::info!(
-            "shutting down: waiting up to {limit:?} (limits.shutdown_timeout) for {} open connection(s) to finish their requests; signal again to exit now",
-            open()
-        );
-    }
-    let deadline = tokio::time::Instant::now() + limit;
-    let mut poll = tokio::time::interval(std::time::Duration::from_millis(20));
-    while open() > 0 {
-        tokio::select! {
-            _ = poll.tick() => {}
-            () = tokio::time::sleep_until(deadline) => break,
-            () = signals.another_shutdown() => break,
-        }
-    }
-    match open() {
-        0 => tracing::info!("shut down"),
-        n => tracing::info!("shut down with {n} connection(s) still open"),
     }
 }
