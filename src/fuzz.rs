@@ -7,8 +7,8 @@
 use std::sync::OnceLock;
 
 use crate::policy::{CanonicalHost, HostPattern};
-use crate::proxy::connect::{Sniffed, classify};
 use crate::proxy::h1::{ConnReader, Framing, HeadError, Pace, parse_request_head};
+use crate::proxy::sniff::{Sniffed, classify};
 
 /// A fuzz target: takes any bytes, panics only when a property it checks fails.
 pub type Target = fn(&[u8]);

@@ -12,6 +12,7 @@ pub mod overrides;
 pub mod redact;
 pub mod reload;
 pub mod request;
+pub mod sniff;
 pub mod state;
 pub mod worker;
 

@@ -18,12 +18,6 @@ use crate::script::api::headers::LuaHeaders;
 use crate::script::api::request::{LuaRequest, Redirect};
 use crate::upstream::{self, DialRules, Target};
 
-/// A response and the access-log line that goes with it.
-pub struct Exchange {
-    pub response: Response<Body>,
-    pub log: LogLine,
-}
-
 /// The access-log fields, filled in as the request travels.
 #[derive(Default)]
 pub struct LogLine {
@@ -90,13 +84,6 @@ impl LogLine {
 pub struct Tunnel {
     pub container: ContainerId,
     pub target: Target,
-}
-
-/// Handles one request; never fails (every failure is an answer).
-pub async fn handle(worker: &Worker, class: usize, head: RequestHead, body: Body, tunnel: Option<&Tunnel>) -> Exchange {
-    let mut log = new_log(worker, class, &head.method, tunnel);
-    let response = respond(worker, class, head, body, tunnel, &mut log).await;
-    Exchange { response, log }
 }
 
 /// The log line of a new request, before anything is known but who asked how.
