@@ -98,7 +98,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             let name = &shared.classes[class].config.name;
             println!("moat: listening on {addr} (class {name})");
             let workers = workers.clone();
-            tasks.spawn(listen::accept_loop(listener, class, addr, workers, shared.admission.clone()));
+            let listener = listen::Listener { socket: listener, kind: listen::ListenerKind::Explicit, class };
+            tasks.spawn(listen::accept_loop(listener, workers, shared.admission.clone()));
         }
         if let Some((listener, token)) = admin_tcp {
             let s = shared.clone();

@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 
 use super::answer;
 use super::h1::{BodyError, ConnReader, Framing, HeadError, RequestHead, WriteOptions, write_response};
-use super::request::{Tunnel, new_log, respond};
+use super::request::{Pinned, new_log, respond};
 use super::worker::Worker;
 use crate::body::{self, ChannelBody};
 use crate::config::Limits;
@@ -45,7 +45,7 @@ pub async fn serve_requests<R, W>(
     class: usize,
     mut reader: ConnReader<R>,
     mut writer: BufWriter<W>,
-    tunnel: Option<Tunnel>,
+    tunnel: Option<Pinned>,
 ) -> Option<Connect<R, W>>
 where
     R: AsyncRead + Unpin,

@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 
 use super::answer;
 use super::h1::{ConnReader, Framing, RequestHead};
-use super::request::{LogLine, Tunnel, new_log, respond};
+use super::request::{LogLine, Pinned, new_log, respond};
 use super::state::Shared;
 use super::worker::Worker;
 use crate::body::{Body, BoxError, StallLimit};
@@ -35,7 +35,7 @@ const MAX_STREAMS: u32 = 100;
 pub async fn serve(
     worker: &Rc<Worker>,
     class: usize,
-    tunnel: Tunnel,
+    tunnel: Pinned,
     tcp: TcpStream,
     first: BytesMut,
     log: &mut LogLine,
@@ -82,7 +82,7 @@ pub async fn serve(
     }
 }
 
-async fn serve_h2<S>(worker: Rc<Worker>, class: usize, tunnel: Rc<Tunnel>, tls: S)
+async fn serve_h2<S>(worker: Rc<Worker>, class: usize, tunnel: Rc<Pinned>, tls: S)
 where
     S: AsyncRead + AsyncWrite + Unpin + 'static,
 {
@@ -165,7 +165,7 @@ impl Drop for OpenStream {
 async fn h2_request(
     worker: &Worker,
     class: usize,
-    tunnel: &Tunnel,
+    tunnel: &Pinned,
     req: Request<Incoming>,
     stream: OpenStream,
 ) -> Response<LoggedBody> {
@@ -291,7 +291,7 @@ fn logged(
 }
 
 /// Does an `:authority` name the tunnel's host and port?
-fn same_authority(authority: &str, tunnel: &Tunnel) -> bool {
+fn same_authority(authority: &str, tunnel: &Pinned) -> bool {
     let Ok((host, port)) = crate::policy::host::split_authority(authority) else { return false };
     CanonicalHost::parse(host).is_ok_and(|h| h == tunnel.target.host) && port.unwrap_or(443) == tunnel.target.port
 }

@@ -13,6 +13,13 @@ use tokio::net::TcpListener;
 use super::state::Shared;
 use super::worker::{self, ToWorker};
 
+/// What a listener accepts: each kind has its own way into the worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// The explicit proxy, one per class: HTTP requests in absolute form, and CONNECT.
+    Explicit,
+}
+
 /// Binds a class's explicit proxy listener (non-blocking, with a deep accept queue).
 pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let l = std::net::TcpListener::bind(addr)?;
@@ -49,13 +56,22 @@ const LISTEN_BACKLOG: i32 = 4096;
 /// Accepts in a row before the loop lets the acceptor's other tasks (admin API, signals) run.
 const ACCEPTS_PER_TURN: usize = 64;
 
+/// A bound proxy listener: its socket, what it accepts, and the class it serves.
+pub struct Listener {
+    pub socket: TcpListener,
+    pub kind: ListenerKind,
+    pub class: usize,
+}
+
+/// Accepts connections on `listener` and hands each to the next worker, as long as
+/// `admission` has room (else it is refused with a 503).
 pub async fn accept_loop(
-    listener: TcpListener,
-    class: usize,
-    local: SocketAddr,
+    listener: Listener,
     workers: Vec<tokio::sync::mpsc::UnboundedSender<ToWorker>>,
     admission: Arc<super::admission::Admission>,
 ) {
+    let Listener { socket: listener, kind, class } = listener;
+    let Ok(local) = listener.local_addr() else { return };
     let mut next = 0usize;
     let mut errors = crate::rt::AcceptErrors::default();
     let mut in_a_row = 0;
@@ -77,7 +93,7 @@ pub async fn accept_loop(
                     continue;
                 };
                 let Ok(stream) = stream.into_std() else { continue };
-                let _ = workers[next % workers.len()].send(ToWorker::Connection { stream, class, slot });
+                let _ = workers[next % workers.len()].send(ToWorker::Connection { stream, kind, class, slot });
                 next = next.wrapping_add(1);
             }
             Err(e) => errors.failed(&local, &e).await,

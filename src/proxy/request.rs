@@ -79,15 +79,18 @@ impl LogLine {
     }
 }
 
-/// HTTP inside a CONNECT tunnel (plain, or intercepted TLS when `target.https`): whose it is
-/// and where it goes.
-pub struct Tunnel {
+/// A connection pinned to one owner and one destination before its first request: HTTP
+/// inside a CONNECT tunnel (plain, or intercepted TLS when `target.https`), and, with the
+/// sandbox, a transparent connection (owner from the kernel, destination from the socket).
+pub struct Pinned {
+    /// Whose every request on the connection is.
     pub container: ContainerId,
+    /// Where every request on the connection goes: a request for another authority is refused.
     pub target: Target,
 }
 
 /// The log line of a new request, before anything is known but who asked how.
-pub fn new_log(worker: &Worker, class: usize, method: &http::Method, tunnel: Option<&Tunnel>) -> LogLine {
+pub fn new_log(worker: &Worker, class: usize, method: &http::Method, tunnel: Option<&Pinned>) -> LogLine {
     LogLine {
         request_id: worker.shared.next_request_id(),
         class: worker.shared.classes[class].config.name.clone(),
@@ -104,7 +107,7 @@ pub async fn respond(
     class: usize,
     head: RequestHead,
     body: Body,
-    tunnel: Option<&Tunnel>,
+    tunnel: Option<&Pinned>,
     log: &mut LogLine,
 ) -> Response<Body> {
     let response = run(worker, class, head, body, tunnel, log).await;
@@ -117,7 +120,7 @@ async fn run(
     class: usize,
     head: RequestHead,
     body: Body,
-    tunnel: Option<&Tunnel>,
+    tunnel: Option<&Pinned>,
     log: &mut LogLine,
 ) -> Response<Body> {
     let shared = &worker.shared;
@@ -310,7 +313,7 @@ pub(super) fn identify(shared: &super::state::Shared, headers: &http::HeaderMap)
 }
 
 /// The target of a request inside a tunnel: origin-form, or absolute-form for the same host.
-fn tunnel_target(t: &Tunnel, raw: &str) -> Result<(Target, String), String> {
+fn tunnel_target(t: &Pinned, raw: &str) -> Result<(Target, String), String> {
     if raw.starts_with('/') {
         return Ok((t.target.clone(), origin_form(raw)?));
     }

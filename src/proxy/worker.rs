@@ -16,7 +16,12 @@ use crate::upstream::{Upstream, resolve::Resolver};
 pub enum ToWorker {
     /// A client connection: the socket, the index of its class, and its place under
     /// `limits.max_connections` (held for as long as the connection is served).
-    Connection { stream: std::net::TcpStream, class: usize, slot: super::admission::Slot },
+    Connection {
+        stream: std::net::TcpStream,
+        kind: super::listen::ListenerKind,
+        class: usize,
+        slot: super::admission::Slot,
+    },
     /// moat is shutting down: finish the requests in flight, keep no connection alive.
     Drain,
 }
@@ -162,8 +167,8 @@ pub fn spawn(index: usize, shared: Arc<Shared>) -> std::io::Result<mpsc::Unbound
             }
             tokio::task::spawn_local(heartbeat(worker.clone()));
             while let Some(message) = rx.recv().await {
-                let (stream, class, slot) = match message {
-                    ToWorker::Connection { stream, class, slot } => (stream, class, slot),
+                let (stream, kind, class, slot) = match message {
+                    ToWorker::Connection { stream, kind, class, slot } => (stream, kind, class, slot),
                     ToWorker::Drain => {
                         worker.start_draining();
                         continue;
@@ -174,7 +179,9 @@ pub fn spawn(index: usize, shared: Arc<Shared>) -> std::io::Result<mpsc::Unbound
                     let _slot = slot;
                     let _ = stream.set_nonblocking(true);
                     match tokio::net::TcpStream::from_std(stream) {
-                        Ok(stream) => super::conn::serve(worker, stream, class).await,
+                        Ok(stream) => match kind {
+                            super::listen::ListenerKind::Explicit => super::conn::serve(worker, stream, class).await,
+                        },
                         Err(e) => tracing::warn!("could not adopt connection: {e}"),
                     }
                 });
