@@ -74,10 +74,23 @@ pub fn new_state(opts: StateOptions<'_>) -> Result<Lua> {
     let libs = StdLib::STRING | StdLib::TABLE | StdLib::MATH | StdLib::UTF8 | StdLib::COROUTINE | StdLib::OS;
     let lua = Lua::new_with(libs, LuaOptions::new().thread_pool_size(64))?;
     lua.load(BOOTSTRAP).set_name("=moat-bootstrap").exec()?;
-    lua.set_global_hook(HookTriggers::new().every_nth_instruction(HOOK_EVERY), |_, _| match scope::hook_action() {
-        scope::HookAction::Continue => Ok(VmState::Continue),
-        scope::HookAction::Yield => Ok(VmState::Yield),
-        scope::HookAction::Raise => Err(mlua::Error::runtime("CPU budget exceeded (limits.lua_cpu)")),
+    lua.set_global_hook(HookTriggers::new().every_nth_instruction(HOOK_EVERY), |_, debug| {
+        match scope::hook_action() {
+            scope::HookAction::Continue => Ok(VmState::Continue),
+            scope::HookAction::Yield => Ok(VmState::Yield),
+            // Never inside mlua's async wrapper, the Lua loop that polls a Rust future (`fetch`,
+            // a bucket put) and yields its "pending" marker: cut there, on a loaded machine, a
+            // streaming upload stopped for good (its task was never woken again). The slice ends
+            // at the handler's own next instructions instead.
+            scope::HookAction::Slice if debug.source().source.as_deref() == Some("=__mlua_async_poll") => {
+                Ok(VmState::Continue)
+            }
+            scope::HookAction::Slice => {
+                scope::slice_ends();
+                Ok(VmState::Yield)
+            }
+            scope::HookAction::Raise => Err(mlua::Error::runtime("CPU budget exceeded (limits.lua_cpu)")),
+        }
     })?;
     api::install(&lua, opts.upstream, opts.sink, opts.body_buffer)?;
     lua.set_app_data(opts.modules);

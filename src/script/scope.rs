@@ -106,8 +106,7 @@ impl Scope {
             return if n.is_multiple_of(2) { HookAction::Raise } else { HookAction::Yield };
         }
         if running > TIME_SLICE {
-            self.sliced.set(true);
-            return HookAction::Yield;
+            return HookAction::Slice;
         }
         HookAction::Continue
     }
@@ -138,6 +137,19 @@ pub enum HookAction {
     /// Lua 5.4 lets a count hook yield wherever the coroutine may (mlua skips it inside a C
     /// call that cannot yield, e.g. a `table.sort` comparator).
     Yield,
+    /// The time slice is used up: yield (see [`slice_ends`]) unless the hook is in code that
+    /// must not be cut.
+    Slice,
+}
+
+/// The hook yields at the end of a time slice: the handler's next poll lets the worker's
+/// other connections run first.
+pub fn slice_ends() {
+    CURRENT.with(|c| {
+        if let Some(s) = c.borrow().as_ref() {
+            s.sliced.set(true);
+        }
+    });
 }
 
 /// For the instruction hook: should the running Lua code go on, yield, or be stopped?

@@ -398,3 +398,56 @@ outboundByHost = {
     assert!(log.contains("exceeded limits.lua_memory") && log.contains("exceeded limits.lua_cpu"), "{log}");
     assert!(!log.contains("panicked"));
 }
+
+#[test]
+fn streamed_uploads_into_a_bucket_finish_while_the_machine_is_busy() {
+    // Found on a loaded machine: a time slice that ended inside mlua's async wrapper left the
+    // handler's task unwoken, and a 100 MiB upload stopped for good (4 of 8 under load).
+    let policy = r#"outboundByHost = { ["up.test"] = function(request, env)
+        return Response.new("size " .. env.BUCKET:put("k", request.body).size) end }"#;
+    let moat = Moat::start_with(policy, None, &[], &[]);
+    let file = moat.dir.path().join("up.bin");
+    std::fs::write(&file, vec![b'u'; 32 << 20]).unwrap();
+    let busy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let load: Vec<_> = (0..3)
+        .map(|i| {
+            let (busy, dir) = (busy.clone(), moat.dir.path().to_path_buf());
+            std::thread::spawn(move || {
+                // Two threads of CPU, one of synchronous disk writes.
+                let mut f = std::fs::File::create(dir.join(format!("load{i}"))).unwrap();
+                while busy.load(std::sync::atomic::Ordering::Relaxed) {
+                    if i == 0 {
+                        let _ = f.write_all(&[0u8; 1 << 20]).and_then(|_| f.sync_data());
+                    }
+                }
+            })
+        })
+        .collect();
+    let outcomes: Vec<_> = (0..4)
+        .map(|_| curl(&moat, "http://up.test/", &["-T", file.to_str().unwrap(), "--max-time", "40"]))
+        .map(|r| (r.status, r.body))
+        .collect();
+    busy.store(false, std::sync::atomic::Ordering::Relaxed);
+    for t in load {
+        t.join().unwrap();
+    }
+    let want = (200, format!("size {}", 32 << 20));
+    assert!(outcomes.iter().all(|o| *o == want), "{outcomes:?}");
+}
+
+#[test]
+fn an_upload_cut_off_by_the_handler_timeout_leaves_no_file_behind() {
+    let policy = r#"outboundByHost = { ["up.test"] = function(request, env)
+        return Response.new("size " .. env.BUCKET:put("k", request.body).size) end }"#;
+    let moat = Moat::start_with(policy, Some("[limits]\nhandler_timeout = \"1s\"\n"), &[], &[]);
+    let file = moat.dir.path().join("up.bin");
+    std::fs::write(&file, vec![b'u'; 1 << 20]).unwrap();
+    let r = curl(&moat, "http://up.test/", &["-T", file.to_str().unwrap(), "--limit-rate", "100K"]);
+    assert_eq!(r.status, 504, "{}", r.body);
+    let blobs = moat.dir.path().join("data/blobs");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while bytes_under(&blobs) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(bytes_under(&blobs), 0, "the cut-off upload's temporary file is removed");
+}

@@ -172,6 +172,18 @@ fn prepare_put(lua: &Lua, key: &str, value: Value, opts: Option<Table>) -> Resul
     Ok((body, http, custom))
 }
 
+/// An upload's temporary file, removed unless the upload completed: a handler call cancelled
+/// mid-upload (its timeout, the client gone) must not leave it behind.
+struct Unfinished(Option<std::path::PathBuf>);
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 async fn put(
     b: &LuaBucket,
     key: String,
@@ -185,6 +197,7 @@ async fn put(
     let (file, tmp) = crate::bindings::blob::new_file_names(&key);
     let tmp = dir.join(tmp);
     let mut out = tokio::fs::File::create(&tmp).await.map_err(io)?;
+    let mut unfinished = Unfinished(Some(tmp.clone()));
     let mut hash = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     let mut size = 0u64;
     let written: std::result::Result<(), String> = async {
@@ -205,6 +218,7 @@ async fn put(
     }
     drop(out);
     tokio::fs::rename(&tmp, dir.join(&file)).await.map_err(io)?;
+    unfinished.0 = None;
     let meta = ObjectMeta {
         key,
         size,
