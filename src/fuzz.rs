@@ -167,7 +167,7 @@ pub fn stdlib_codecs(data: &[u8]) {
 }
 
 /// `URL.new(input[, base])` and its setters, as a policy calls them: never a panic; a URL
-/// that parses re-parses from its `href` to the same `href`. The input is split at the first
+/// that parses re-parses from its `href` to the same `href` (before any setter ran). The input is split at the first
 /// two newlines into input, base and a value given to every setter.
 pub fn url_new(data: &[u8]) {
     use mlua::ObjectLike;
@@ -199,8 +199,11 @@ pub fn url_new(data: &[u8]) {
         params.call_method::<()>("set", (input, value)).expect("set");
         let _: Option<String> = params.call_method("get", value).expect("get");
         params.call_method::<()>("delete", value).expect("delete");
+        // An href made by setters need not parse again: the url crate's setters can leave a
+        // non-special URL whose serialization is not a URL (fuzzing found one, kept in the
+        // corpus). A policy that fetches it gets a Lua error; what must hold is no panic.
         let href: String = url.get("href").expect("href");
-        new.call::<mlua::AnyUserData>(href.as_str()).expect("an edited href re-parses");
+        let _ = new.call::<mlua::AnyUserData>(href.as_str());
     });
 }
 
