@@ -36,7 +36,6 @@ fn storage(e: impl Into<redb::Error>) -> BlobError {
     BlobError::Storage(crate::db::describe(e.into()))
 }
 
-/// A file failure.
 /// Index entries are moat's own JSON: one that does not parse is a damaged database.
 fn bad_entry(e: serde_json::Error) -> BlobError {
     BlobError::Storage(format!("damaged index entry: {e}"))
