@@ -23,7 +23,7 @@ use moat::policy::CanonicalHost;
 use moat::policy::HandlerChoice;
 use moat::script::api::body::{BodySlot, SharedBody};
 use moat::script::api::headers::LuaHeaders;
-use moat::script::api::request::{LuaRequest, Redirect};
+use moat::script::api::request::LuaRequest;
 use moat::script::{CallContext, ClassRuntime};
 use moat::upstream::{DialRules, Target, Upstream, resolve::Resolver, tls::UpstreamTls};
 
@@ -104,13 +104,12 @@ fn main() {
                 let mut headers = http::HeaderMap::new();
                 headers.insert(http::header::HOST, upstream_addr.parse().unwrap());
                 headers.insert(http::header::USER_AGENT, http::HeaderValue::from_static("moat-bench"));
-                let request = LuaRequest {
-                    method: http::Method::GET,
-                    url: url.clone(),
-                    headers: LuaHeaders::new(headers),
-                    body: SharedBody::new(BodySlot::Empty),
-                    redirect: Redirect::Manual,
-                };
+                let request = LuaRequest::incoming(
+                    http::Method::GET,
+                    url.clone(),
+                    LuaHeaders::detached(headers),
+                    SharedBody::new(BodySlot::Empty),
+                );
                 async move {
                     if send_only {
                         let mut req = http::Request::new(moat::body::empty());

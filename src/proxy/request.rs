@@ -15,7 +15,7 @@ use crate::policy::{CanonicalHost, Decision, decide, host::split_authority};
 use crate::script::CallContext;
 use crate::script::api::body::{BodySlot, SharedBody};
 use crate::script::api::headers::LuaHeaders;
-use crate::script::api::request::{LuaRequest, Redirect};
+use crate::script::api::request::LuaRequest;
 use crate::upstream::{self, DialRules, Target};
 
 /// The access-log fields, filled in as the request travels.
@@ -205,17 +205,13 @@ async fn run(
             if let Ok(v) = HeaderValue::from_str(&authority) {
                 headers.insert(http::header::HOST, v);
             }
-            let lua_req = LuaRequest {
-                method: head.method,
-                url: format!("{}://{authority}{path}", target.scheme()),
-                headers: LuaHeaders::detached(headers),
-                body: SharedBody::new(if http_body::Body::is_end_stream(&body) {
-                    BodySlot::Empty
-                } else {
-                    BodySlot::Stream(body)
-                }),
-                redirect: Redirect::Manual,
-            };
+            let body = SharedBody::new(if http_body::Body::is_end_stream(&body) {
+                BodySlot::Empty
+            } else {
+                BodySlot::Stream(body)
+            });
+            let url = format!("{}://{authority}{path}", target.scheme());
+            let lua_req = LuaRequest::incoming(head.method, url, LuaHeaders::detached(headers), body);
             let who =
                 CallContext { request_id: &log.request_id, container_id: container.as_str(), class: log.class.clone() };
             let limits = &shared.config.limits;

@@ -92,10 +92,10 @@ pub fn new_state(opts: StateOptions<'_>) -> Result<Lua> {
             scope::HookAction::Raise => Err(mlua::Error::runtime("CPU budget exceeded (limits.lua_cpu)")),
         }
     })?;
-    api::install(&lua, opts.upstream, opts.sink, opts.body_buffer)?;
+    // The memory limit (with what objects hold outside Lua, see api::meter) applies from here.
+    api::install(&lua, opts.upstream, opts.sink, opts.body_buffer, opts.memory_limit)?;
     lua.set_app_data(opts.modules);
     install_require(&lua)?;
-    lua.set_memory_limit(opts.memory_limit)?;
     // Handlers make many short-lived objects (requests, header tables, strings): the
     // generational collector reclaims them in cheap minor collections.
     lua.gc_set_mode(mlua::prelude::LuaGcMode::Generational(Default::default()));

@@ -185,19 +185,6 @@ fn an_upload_the_client_cuts_off_is_not_stored() {
     assert_eq!(r2(&moat, "c:", "obj", &[]).body, "whole", "the old object stays");
 }
 
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .unwrap()
-        .trim()
-        .trim_end_matches(" kB")
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 #[test]
 fn a_100_mib_blob_streams_without_buffering() {
     // A generous wall clock: this moves 200 MiB through a handler on a shared 2-core machine.
@@ -215,7 +202,7 @@ fn a_100_mib_blob_streams_without_buffering() {
     }
     // Warm up (Lua states, pools) so the measurement sees only the transfer.
     r2(&moat, "big:", "warm", &["-X", "PUT", "--data-binary", "x"]);
-    let before = peak_rss_kib(moat.pid());
+    let before = memory_kib(moat.pid(), "VmHWM");
     let up = Command::new("curl")
         .args(["-sS", "--noproxy", "", "-x", &moat.proxy_url(), "-U", "big:", "-X", "PUT", "-T"])
         .arg(&file)
@@ -236,7 +223,7 @@ fn a_100_mib_blob_streams_without_buffering() {
         .unwrap();
     assert!(down.success());
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&file).unwrap());
-    let grown = peak_rss_kib(moat.pid()).saturating_sub(before);
+    let grown = memory_kib(moat.pid(), "VmHWM").saturating_sub(before);
     eprintln!("peak RSS grew by {grown} KiB for a 100 MiB upload and download");
     assert!(grown < 32 * 1024, "peak RSS grew by {grown} KiB");
 }

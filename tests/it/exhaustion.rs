@@ -12,12 +12,6 @@ interceptHttps = true
 outboundByHost = { ["ok.test"] = function() return Response.new("fine") end }
 "#;
 
-/// moat's resident memory in KiB (VmRSS).
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse().ok()).unwrap()
-}
-
 /// `moat_open_connections` from the admin API.
 fn open_connections(moat: &Moat) -> u64 {
     let (_, text) = admin(&moat.dir.path().join("data/admin.sock"), "GET", "/metrics", None);
@@ -60,7 +54,7 @@ fn ten_thousand_connections_are_accepted_at_once_keep_rss_bounded_and_one_more_g
     assert!(n >= 1_000, "this machine allows too few open files for the test ({n})");
     let toml = format!("[limits]\nmax_connections = {n}\nrequest_head_timeout = \"5m\"\nidle_timeout = \"5m\"\n");
     let moat = Moat::start_with(POLICY, Some(&toml), &[], &[]);
-    let before = rss_kib(moat.pid());
+    let before = memory_kib(moat.pid(), "VmRSS");
 
     // Half of them made a request and are kept alive, half never sent a byte.
     let mut held = Vec::with_capacity(n);
@@ -87,10 +81,10 @@ fn ten_thousand_connections_are_accepted_at_once_keep_rss_bounded_and_one_more_g
     }
     assert_eq!(resent, 0, "connections that waited for their SYN to be sent again");
     assert_eq!(wait_open(&moat, |o| o == n as u64), n as u64, "every connection is open in moat");
-    let held_rss = rss_kib(moat.pid());
+    let held_rss = memory_kib(moat.pid(), "VmRSS");
     // Kept-alive connections give back their buffers after two idle heartbeats.
     std::thread::sleep(Duration::from_secs(3));
-    let idle_rss = rss_kib(moat.pid());
+    let idle_rss = memory_kib(moat.pid(), "VmRSS");
     eprintln!(
         "RSS: {} MiB at start, {} MiB with {n} connections open, {} MiB once they idled",
         before / 1024,

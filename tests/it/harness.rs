@@ -509,3 +509,10 @@ pub fn admin(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u1
     let (body, code) = text.rsplit_once('\n').unwrap();
     (code.parse().unwrap(), body.to_string())
 }
+
+/// A memory figure of process `pid` in KiB, from /proc/PID/status (`VmRSS`, `VmHWM`, …).
+pub fn memory_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')).unwrap();
+    line.trim().trim_end_matches("kB").trim().parse().unwrap()
+}

@@ -15,6 +15,7 @@ mod intercept;
 mod layering;
 mod limits;
 mod lua_api;
+mod memory;
 mod parsing;
 mod reload;
 mod runtime_policy;

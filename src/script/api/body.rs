@@ -4,20 +4,30 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use bytes::Bytes;
-use mlua::{UserData, UserDataFields};
+use mlua::{Lua, UserData, UserDataFields};
 
+use super::meter::Charge;
 use crate::body::{self, Body};
 
 /// The state of a body, shared between its Request/Response and any `.body` handle.
 pub enum BodySlot {
     Empty,
-    Bytes(Bytes),
+    /// In memory, charged to the state (released when the bytes are sent or dropped).
+    Bytes(Bytes, Charge),
     Stream(Body),
     /// Read or moved away; a second read is an error (as in the Fetch API).
     Used,
     /// A stream closed unread when the handler call that got it ended (see
     /// [`crate::script::scope::Scope::end`]).
     Ended,
+}
+
+impl BodySlot {
+    /// Bytes in memory, charged to `lua`'s state.
+    pub fn bytes(lua: &Lua, data: Bytes) -> mlua::Result<Self> {
+        let charge = Charge::new(lua, data.len())?;
+        Ok(Self::Bytes(data, charge))
+    }
 }
 
 const ENDED: &str =
@@ -69,7 +79,7 @@ impl SharedBody {
                 *self.0.borrow_mut() = BodySlot::Empty;
                 Ok(body::empty())
             }
-            BodySlot::Bytes(b) => Ok(body::full(b)),
+            BodySlot::Bytes(b, _) => Ok(body::full(b)),
             BodySlot::Stream(s) => Ok(s),
             BodySlot::Used => Err(mlua::Error::runtime("body has already been used")),
             BodySlot::Ended => {
@@ -101,7 +111,7 @@ impl SharedBody {
     pub fn peek_bytes(&self) -> Option<Bytes> {
         match &*self.0.borrow() {
             BodySlot::Empty => Some(Bytes::new()),
-            BodySlot::Bytes(b) => Some(b.clone()),
+            BodySlot::Bytes(b, _) => Some(b.clone()),
             _ => None,
         }
     }
@@ -113,12 +123,13 @@ impl SharedBody {
     }
 
     /// Reads the body into memory and leaves a copy in place (for `:clone()`).
-    pub async fn buffer(&self, limit: usize) -> mlua::Result<Bytes> {
+    pub async fn buffer(&self, lua: &Lua, limit: usize) -> mlua::Result<Bytes> {
         if let Some(b) = self.peek_bytes() {
             return Ok(b);
         }
         let data = self.read_all(limit).await?;
-        *self.0.borrow_mut() = BodySlot::Bytes(data.clone());
+        let slot = BodySlot::bytes(lua, data.clone())?;
+        *self.0.borrow_mut() = slot;
         Ok(data)
     }
 }

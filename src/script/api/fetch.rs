@@ -8,6 +8,7 @@ use mlua::{Lua, Result, Value};
 
 use super::body::{BodySlot, SharedBody};
 use super::headers::LuaHeaders;
+use super::meter::STREAM_HOLD;
 use super::request::{LuaRequest, Redirect};
 use super::response::LuaResponse;
 use crate::body;
@@ -34,7 +35,7 @@ pub fn install(lua: &Lua, upstream: Option<Rc<Upstream>>) -> Result<()> {
         let upstream = upstream.clone();
         async move {
             let upstream = upstream.ok_or_else(|| mlua::Error::runtime("fetch can only be called inside a handler"))?;
-            let req = LuaRequest::construct(input, init)?;
+            let req = LuaRequest::construct(&lua, input, init)?;
             // mlua keeps a finished future's allocation until Lua collects the call's objects,
             // and Lua's collector does not count it. Boxed, the request's state (about 3 KB)
             // is freed when the fetch ends; what Lua holds on to is this small wrapper.
@@ -45,7 +46,7 @@ pub fn install(lua: &Lua, upstream: Option<Rc<Upstream>>) -> Result<()> {
 }
 
 async fn fetch(lua: &Lua, upstream: &Upstream, req: LuaRequest) -> Result<LuaResponse> {
-    let LuaRequest { mut method, url, headers, body: req_body, redirect } = req;
+    let LuaRequest { mut method, url, headers, body: req_body, redirect, .. } = req;
     let mut url = url::Url::parse(&url).map_err(mlua::Error::external)?;
     let mut headers = headers.into_map();
     if super::redacts_secrets(lua) {
@@ -115,9 +116,8 @@ async fn fetch(lua: &Lua, upstream: &Upstream, req: LuaRequest) -> Result<LuaRes
             url = next;
             continue;
         }
-        return Ok(response_from_upstream(resp, url.to_string()));
+        return response_from_upstream(lua, resp, url.to_string());
     }
-    let _ = lua;
     Err(mlua::Error::runtime(format!("fetch: more than {MAX_REDIRECTS} redirects")))
 }
 
@@ -143,22 +143,26 @@ fn drop_secret_headers(headers: &mut http::HeaderMap, next: &url::Url) {
     }
 }
 
-/// Wraps an upstream response for Lua, without its hop-by-hop headers.
-pub fn response_from_upstream(resp: http::Response<hyper::body::Incoming>, url: String) -> LuaResponse {
+/// Wraps an upstream response for Lua, without its hop-by-hop headers, charged to the state.
+pub fn response_from_upstream(
+    lua: &Lua,
+    resp: http::Response<hyper::body::Incoming>,
+    url: String,
+) -> Result<LuaResponse> {
     let (mut parts, incoming) = resp.into_parts();
     if parts.status == http::StatusCode::SWITCHING_PROTOCOLS {
         crate::headers::strip_hop_by_hop_keep_upgrade(&mut parts.headers);
     } else {
         crate::headers::strip_hop_by_hop(&mut parts.headers);
     }
-    LuaResponse {
-        status: parts.status,
-        status_text: String::new(),
-        headers: LuaHeaders::detached(parts.headers),
-        body: SharedBody::new(BodySlot::Stream(body::boxed(incoming))),
-        url,
-        extensions: std::cell::RefCell::new(parts.extensions),
-    }
+    let headers = LuaHeaders::detached(parts.headers);
+    headers.charge_to(lua)?;
+    let streaming = !hyper::body::Body::is_end_stream(&incoming);
+    let mut r = LuaResponse::empty(SharedBody::new(BodySlot::Stream(body::boxed(incoming))));
+    r.charge.add(lua, url.len() + if streaming { STREAM_HOLD } else { 0 })?;
+    (r.status, r.headers, r.url) = (parts.status, headers, url);
+    *r.extensions.get_mut() = parts.extensions;
+    Ok(r)
 }
 
 /// The host and port a URL dials (canonical, SPEC 4.1).

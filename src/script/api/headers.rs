@@ -1,22 +1,53 @@
 //! `Headers` (SPEC 3): a case-insensitive multimap shared by reference with its Request or
 //! Response, so `request.headers:set(…)` changes the request.
 
-use std::cell::RefCell;
+use std::cell::{Ref, RefCell, RefMut};
 use std::rc::Rc;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use mlua::{Lua, MetaMethod, Result, Table, UserData, UserDataMethods, Value};
 
-/// A Headers object; clones share the same map.
+use super::meter::{Charge, header_bytes};
+
+/// A Headers object; clones share the same map (and its charge).
 #[derive(Clone, Default)]
-pub struct LuaHeaders(pub Rc<RefCell<HeaderMap>>);
+pub struct LuaHeaders(Rc<Shared>);
+
+#[derive(Default)]
+struct Shared {
+    map: RefCell<HeaderMap>,
+    /// What the map holds, charged to the state's `lua_memory` (see [`super::meter`]).
+    charge: Charge,
+}
 
 impl LuaHeaders {
-    pub fn new(map: HeaderMap) -> Self {
-        Self(Rc::new(RefCell::new(map)))
+    /// Headers made by a script: charged to its state.
+    pub fn new(lua: &Lua, map: HeaderMap) -> Result<Self> {
+        let headers = Self::uncharged(map);
+        headers.charge_to(lua)?;
+        Ok(headers)
     }
 
-    /// Headers parsed off a connection, made independent of its read buffer.
+    fn uncharged(map: HeaderMap) -> Self {
+        Self(Rc::new(Shared { map: RefCell::new(map), charge: Charge::default() }))
+    }
+
+    /// Charges the map to `lua`'s state (for headers made before the state was known).
+    pub fn charge_to(&self, lua: &Lua) -> Result<()> {
+        let bytes = header_bytes(&self.0.map.borrow());
+        self.0.charge.add(lua, bytes)
+    }
+
+    pub fn map(&self) -> Ref<'_, HeaderMap> {
+        self.0.map.borrow()
+    }
+
+    pub fn map_mut(&self) -> RefMut<'_, HeaderMap> {
+        self.0.map.borrow_mut()
+    }
+
+    /// Headers parsed off a connection, made independent of its read buffer; not charged
+    /// yet (see [`LuaHeaders::charge_to`]).
     ///
     /// A parser's header values are slices of the connection's read buffer. Lua frees a
     /// Request or Response only when its collector runs, and the collector counts only Lua's
@@ -41,17 +72,17 @@ impl LuaHeaders {
             }
             at = end;
         }
-        Self::new(map)
+        Self::uncharged(map)
     }
 
     /// A copy of the map.
     pub fn snapshot(&self) -> HeaderMap {
-        self.0.borrow().clone()
+        self.map().clone()
     }
 
     /// The map itself when nothing else shares it (a Request made for `fetch`), else a copy.
     pub fn into_map(self) -> HeaderMap {
-        Rc::try_unwrap(self.0).map_or_else(|shared| shared.borrow().clone(), RefCell::into_inner)
+        Rc::try_unwrap(self.0).map_or_else(|shared| shared.map.borrow().clone(), |own| own.map.into_inner())
     }
 }
 
@@ -112,31 +143,35 @@ fn joined(map: &HeaderMap, name: &HeaderName) -> Option<String> {
 
 impl UserData for LuaHeaders {
     fn add_methods<M: UserDataMethods<Self>>(m: &mut M) {
-        m.add_method("get", |_, this, name: String| Ok(joined(&this.0.borrow(), &header_name(&name)?)));
+        m.add_method("get", |_, this, name: String| Ok(joined(&this.map(), &header_name(&name)?)));
         m.add_method("getAll", |lua, this, name: String| {
-            let map = this.0.borrow();
+            let map = this.map();
             let values =
                 map.get_all(header_name(&name)?).iter().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
             lua.create_sequence_from(values)
         });
-        m.add_method("has", |_, this, name: String| Ok(this.0.borrow().contains_key(header_name(&name)?)));
-        m.add_method("set", |_, this, (name, value): (String, String)| {
-            let v = header_value(&name, &value)?;
-            this.0.borrow_mut().insert(header_name(&name)?, v);
+        m.add_method("has", |_, this, name: String| Ok(this.map().contains_key(header_name(&name)?)));
+        // A set or an append is charged whole; a delete gives nothing back until the object
+        // goes (a map keeps its capacity too).
+        m.add_method("set", |lua, this, (name, value): (String, String)| {
+            let (n, v) = (header_name(&name)?, header_value(&name, &value)?);
+            this.0.charge.add(lua, name.len() + value.len() + 32)?;
+            this.map_mut().insert(n, v);
             Ok(())
         });
-        m.add_method("append", |_, this, (name, value): (String, String)| {
-            let v = header_value(&name, &value)?;
-            this.0.borrow_mut().append(header_name(&name)?, v);
+        m.add_method("append", |lua, this, (name, value): (String, String)| {
+            let (n, v) = (header_name(&name)?, header_value(&name, &value)?);
+            this.0.charge.add(lua, name.len() + value.len() + 32)?;
+            this.map_mut().append(n, v);
             Ok(())
         });
         m.add_method("delete", |_, this, name: String| {
-            this.0.borrow_mut().remove(header_name(&name)?);
+            this.map_mut().remove(header_name(&name)?);
             Ok(())
         });
-        m.add_method("entries", |lua, this, ()| entries_iterator(lua, &this.0.borrow()));
+        m.add_method("entries", |lua, this, ()| entries_iterator(lua, &this.map()));
         m.add_meta_method(MetaMethod::Pairs, |lua, this, ()| {
-            let it = entries_iterator(lua, &this.0.borrow())?;
+            let it = entries_iterator(lua, &this.map())?;
             Ok((it, Value::Nil, Value::Nil))
         });
     }
@@ -200,7 +235,7 @@ mod tests {
 
         let headers = LuaHeaders::detached(map);
         assert!(buffer.is_unique(), "a header handed to Lua still holds the connection's read buffer");
-        let map = headers.0.borrow();
+        let map = headers.map();
         assert_eq!(map[HOST], "a.test");
         assert_eq!(map.get_all(ACCEPT).iter().collect::<Vec<_>>(), ["*/*", "text/html"]);
         assert_eq!(map[AUTHORIZATION], "s3cret");

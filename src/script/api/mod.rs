@@ -10,6 +10,7 @@ pub mod env;
 pub mod fetch;
 pub mod headers;
 pub mod kv;
+pub mod meter;
 pub mod natives;
 pub mod request;
 pub mod response;
@@ -41,17 +42,19 @@ pub fn install(
     upstream: Option<Rc<Upstream>>,
     sink: Option<Rc<dyn container::OverrideSink>>,
     body_buffer: usize,
+    memory_limit: usize,
 ) -> Result<()> {
     lua.set_app_data(ApiContext { body_buffer, redact_secrets: false });
+    meter::Meter::install(lua, memory_limit)?;
     let g = lua.globals();
     let request = lua.create_table()?;
     request.set(
         "new",
-        lua.create_function(|_, (input, init): (Value, Option<Value>)| LuaRequest::construct(input, init))?,
+        lua.create_function(|lua, (input, init): (Value, Option<Value>)| LuaRequest::construct(lua, input, init))?,
     )?;
     g.set("Request", request)?;
     let headers = lua.create_table()?;
-    headers.set("new", lua.create_function(|_, init: Value| Ok(LuaHeaders::new(headers_from_lua(&init)?)))?)?;
+    headers.set("new", lua.create_function(|lua, init: Value| LuaHeaders::new(lua, headers_from_lua(&init)?))?)?;
     g.set("Headers", headers)?;
     response::install(lua)?;
     url::install(lua)?;
@@ -79,10 +82,10 @@ pub fn body_limit(lua: &Lua) -> usize {
 }
 
 /// A body from Lua: nil, a string, or a `.body` handle (moved, not copied).
-pub fn body_from_lua(v: Value) -> Result<SharedBody> {
+pub fn body_from_lua(lua: &Lua, v: Value) -> Result<SharedBody> {
     match v {
         Value::Nil => Ok(SharedBody::new(BodySlot::Empty)),
-        Value::String(s) => Ok(SharedBody::new(BodySlot::Bytes(Bytes::copy_from_slice(&s.as_bytes())))),
+        Value::String(s) => Ok(SharedBody::new(BodySlot::bytes(lua, Bytes::copy_from_slice(&s.as_bytes()))?)),
         Value::UserData(ud) if ud.is::<BodyHandle>() => ud.borrow::<BodyHandle>()?.0.transfer(),
         other => {
             Err(mlua::Error::runtime(format!("body must be a string or a .body stream, not {}", other.type_name())))

@@ -1,10 +1,11 @@
 //! `Request` (SPEC 3).
 
 use http::Method;
-use mlua::{Result, Table, UserData, UserDataFields, UserDataMethods, Value};
+use mlua::{Lua, Result, Table, UserData, UserDataFields, UserDataMethods, Value};
 
 use super::body::{BodySlot, SharedBody};
 use super::headers::{LuaHeaders, headers_from_lua};
+use super::meter::Charge;
 use super::{add_body_methods, body_from_lua};
 
 /// What `fetch` does with a 3xx answer.
@@ -22,34 +23,50 @@ pub struct LuaRequest {
     pub headers: LuaHeaders,
     pub body: SharedBody,
     pub redirect: Redirect,
+    /// The URL's bytes, charged to the state (headers and body carry their own charges).
+    pub charge: Charge,
 }
 
 impl LuaRequest {
+    /// A client's request for a handler, before its state is known (see
+    /// [`LuaRequest::charge_to`]). Its redirects go back to the client: `manual`.
+    pub fn incoming(method: Method, url: String, headers: LuaHeaders, body: SharedBody) -> Self {
+        Self { method, url, headers, body, redirect: Redirect::Manual, charge: Charge::default() }
+    }
+
+    /// Charges what this request holds to `lua`'s state.
+    pub fn charge_to(&self, lua: &Lua) -> Result<()> {
+        self.headers.charge_to(lua)?;
+        self.charge.add(lua, self.url.len())
+    }
+
+    fn made(
+        lua: &Lua,
+        method: Method,
+        url: String,
+        headers: LuaHeaders,
+        body: SharedBody,
+        redirect: Redirect,
+    ) -> Result<Self> {
+        let charge = Charge::new(lua, url.len())?;
+        Ok(Self { method, url, headers, body, redirect, charge })
+    }
+
     /// Copies a request: method, URL, headers copied; the body moved.
-    fn copy(&self) -> Result<Self> {
-        Ok(Self {
-            method: self.method.clone(),
-            url: self.url.clone(),
-            headers: LuaHeaders::new(self.headers.snapshot()),
-            body: self.body.transfer()?,
-            redirect: self.redirect,
-        })
+    fn copy(&self, lua: &Lua) -> Result<Self> {
+        let headers = LuaHeaders::new(lua, self.headers.snapshot())?;
+        Self::made(lua, self.method.clone(), self.url.clone(), headers, self.body.transfer()?, self.redirect)
     }
 
     /// `Request.new(input, init?)`.
-    pub fn construct(input: Value, init: Option<Value>) -> Result<Self> {
+    pub fn construct(lua: &Lua, input: Value, init: Option<Value>) -> Result<Self> {
         let from_url = |url: &str| -> Result<Self> {
-            Ok(Self {
-                method: Method::GET,
-                url: absolute_url(url)?,
-                headers: LuaHeaders::default(),
-                body: SharedBody::new(BodySlot::Empty),
-                redirect: Redirect::Follow,
-            })
+            let body = SharedBody::new(BodySlot::Empty);
+            Self::made(lua, Method::GET, absolute_url(url)?, LuaHeaders::default(), body, Redirect::Follow)
         };
         let mut req = match input {
             Value::String(s) => from_url(&s.to_str()?)?,
-            Value::UserData(ud) if ud.is::<LuaRequest>() => ud.borrow::<LuaRequest>()?.copy()?,
+            Value::UserData(ud) if ud.is::<LuaRequest>() => ud.borrow::<LuaRequest>()?.copy(lua)?,
             Value::UserData(ud) if ud.is::<super::url::LuaUrl>() => {
                 from_url(&ud.borrow::<super::url::LuaUrl>()?.href())?
             }
@@ -57,9 +74,9 @@ impl LuaRequest {
         };
         match init {
             None | Some(Value::Nil) => {}
-            Some(Value::Table(t)) => req.apply_init(&t)?,
+            Some(Value::Table(t)) => req.apply_init(lua, &t)?,
             Some(Value::UserData(ud)) if ud.is::<LuaRequest>() => {
-                let other = ud.borrow::<LuaRequest>()?.copy()?;
+                let other = ud.borrow::<LuaRequest>()?.copy(lua)?;
                 req.method = other.method;
                 req.headers = other.headers;
                 req.body = other.body;
@@ -73,7 +90,7 @@ impl LuaRequest {
         Ok(req)
     }
 
-    fn apply_init(&mut self, init: &Table) -> Result<()> {
+    fn apply_init(&mut self, lua: &Lua, init: &Table) -> Result<()> {
         if let Some(m) = init.get::<Option<String>>("method")? {
             self.method = Method::from_bytes(m.to_ascii_uppercase().as_bytes())
                 .map_err(|_| mlua::Error::runtime(format!("invalid method {m:?}")))?;
@@ -85,11 +102,11 @@ impl LuaRequest {
         }
         let headers: Value = init.get("headers")?;
         if !headers.is_nil() {
-            self.headers = LuaHeaders::new(headers_from_lua(&headers)?);
+            self.headers = LuaHeaders::new(lua, headers_from_lua(&headers)?)?;
         }
         let body: Value = init.get("body")?;
         if !body.is_nil() {
-            self.body = body_from_lua(body)?;
+            self.body = body_from_lua(lua, body)?;
         }
         match init.get::<Option<String>>("redirect")?.as_deref() {
             None => {}
@@ -131,14 +148,9 @@ impl UserData for LuaRequest {
                 (this.method.clone(), this.url.clone(), this.headers.snapshot(), this.redirect);
             drop(this);
             async move {
-                let data = body.buffer(super::body_limit(&lua)).await?;
-                Ok(LuaRequest {
-                    method,
-                    url,
-                    headers: LuaHeaders::new(headers),
-                    body: SharedBody::new(BodySlot::Bytes(data)),
-                    redirect,
-                })
+                let data = body.buffer(&lua, super::body_limit(&lua)).await?;
+                let body = SharedBody::new(BodySlot::bytes(&lua, data)?);
+                LuaRequest::made(&lua, method, url, LuaHeaders::new(&lua, headers)?, body, redirect)
             }
         });
     }

@@ -5,6 +5,7 @@ use mlua::{Lua, Result, UserData, UserDataFields, UserDataMethods, Value};
 
 use super::body::{BodySlot, SharedBody};
 use super::headers::{LuaHeaders, headers_from_lua};
+use super::meter::Charge;
 use super::{add_body_methods, body_from_lua};
 use crate::body::Body;
 
@@ -19,21 +20,17 @@ pub struct LuaResponse {
     /// The upstream response's extensions (for a `101`, the pending protocol switch), moved
     /// into the HTTP response when the handler returns this one.
     pub extensions: std::cell::RefCell<http::Extensions>,
+    /// The URL and status text, charged to the state (and, for an upstream answer, what its
+    /// connection holds while the body streams; see [`super::meter`]).
+    pub charge: Charge,
 }
 
 impl LuaResponse {
     /// `Response.new(body?, init?)`. `init` is a table, or a Response whose status, status
     /// text and headers are copied (`Response.new(r.body, r)`, the Workers idiom for a
     /// changeable copy of a fetched response).
-    pub fn construct(body: Value, init: Value) -> Result<Self> {
-        let mut r = Self {
-            status: StatusCode::OK,
-            status_text: String::new(),
-            headers: LuaHeaders::default(),
-            body: body_from_lua(body)?,
-            url: String::new(),
-            extensions: Default::default(),
-        };
+    pub fn construct(lua: &Lua, body: Value, init: Value) -> Result<Self> {
+        let mut r = Self::empty(body_from_lua(lua, body)?);
         match init {
             Value::Nil => {}
             Value::Table(init) => {
@@ -48,18 +45,20 @@ impl LuaResponse {
                             "Response.new: statusText must not contain control characters",
                         ));
                     }
+                    r.charge.add(lua, t.len())?;
                     r.status_text = t;
                 }
                 let headers: Value = init.get("headers")?;
                 if !headers.is_nil() {
-                    r.headers = LuaHeaders::new(headers_from_lua(&headers)?);
+                    r.headers = LuaHeaders::new(lua, headers_from_lua(&headers)?)?;
                 }
             }
             Value::UserData(ud) if ud.is::<LuaResponse>() => {
                 let from = ud.borrow::<LuaResponse>()?;
                 r.status = status(from.status.as_u16())?;
+                r.charge.add(lua, from.status_text.len())?;
                 r.status_text = from.status_text.clone();
-                r.headers = LuaHeaders::new(from.headers.snapshot());
+                r.headers = LuaHeaders::new(lua, from.headers.snapshot())?;
             }
             other => {
                 return Err(mlua::Error::runtime(format!(
@@ -72,6 +71,19 @@ impl LuaResponse {
             return Err(mlua::Error::runtime(format!("a {} response cannot have a body", r.status.as_u16())));
         }
         Ok(r)
+    }
+
+    /// A 200 with `body` and nothing else.
+    pub fn empty(body: SharedBody) -> Self {
+        Self {
+            status: StatusCode::OK,
+            status_text: String::new(),
+            headers: LuaHeaders::default(),
+            body,
+            url: String::new(),
+            extensions: Default::default(),
+            charge: Charge::default(),
+        }
     }
 
     /// Converts into the HTTP response sent to the client (the body moves).
@@ -95,16 +107,15 @@ fn status(code: u16) -> Result<StatusCode> {
 /// Installs the `Response` global table.
 pub fn install(lua: &Lua) -> Result<()> {
     let t = lua.create_table()?;
-    t.set("new", lua.create_function(|_, (body, init): (Value, Value)| LuaResponse::construct(body, init))?)?;
+    t.set("new", lua.create_function(|lua, (body, init): (Value, Value)| LuaResponse::construct(lua, body, init))?)?;
     t.set(
         "json",
         lua.create_function(|lua, (value, init): (Value, Value)| {
             let text = super::natives::json_encode(lua, value)?;
-            let r = LuaResponse::construct(Value::String(lua.create_string(&text)?), init)?;
-            if !r.headers.0.borrow().contains_key(http::header::CONTENT_TYPE) {
+            let r = LuaResponse::construct(lua, Value::String(lua.create_string(&text)?), init)?;
+            if !r.headers.map().contains_key(http::header::CONTENT_TYPE) {
                 r.headers
-                    .0
-                    .borrow_mut()
+                    .map_mut()
                     .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
             }
             Ok(r)
@@ -112,7 +123,7 @@ pub fn install(lua: &Lua) -> Result<()> {
     )?;
     t.set(
         "redirect",
-        lua.create_function(|_, (url, code): (String, Option<u16>)| {
+        lua.create_function(|lua, (url, code): (String, Option<u16>)| {
             let code = code.unwrap_or(302);
             if ![301, 302, 303, 307, 308].contains(&code) {
                 return Err(mlua::Error::runtime(format!(
@@ -122,14 +133,10 @@ pub fn install(lua: &Lua) -> Result<()> {
             let location = super::request::absolute_url(&url)?;
             let mut headers = http::HeaderMap::new();
             headers.insert(http::header::LOCATION, super::headers::header_value("location", &location)?);
-            Ok(LuaResponse {
-                status: status(code)?,
-                status_text: String::new(),
-                headers: LuaHeaders::new(headers),
-                body: SharedBody::new(BodySlot::Empty),
-                url: String::new(),
-                extensions: Default::default(),
-            })
+            let mut r = LuaResponse::empty(SharedBody::new(BodySlot::Empty));
+            r.status = status(code)?;
+            r.headers = LuaHeaders::new(lua, headers)?;
+            Ok(r)
         })?,
     )?;
     lua.globals().set("Response", t)
@@ -160,15 +167,12 @@ impl UserData for LuaResponse {
                 (this.status, this.status_text.clone(), this.headers.snapshot(), this.url.clone());
             drop(this);
             async move {
-                let data = body.buffer(super::body_limit(&lua)).await?;
-                Ok(LuaResponse {
-                    status,
-                    status_text,
-                    headers: LuaHeaders::new(headers),
-                    body: SharedBody::new(BodySlot::Bytes(data)),
-                    url,
-                    extensions: Default::default(),
-                })
+                let data = body.buffer(&lua, super::body_limit(&lua)).await?;
+                let mut r = LuaResponse::empty(SharedBody::new(BodySlot::bytes(&lua, data)?));
+                r.charge.add(&lua, status_text.len() + url.len())?;
+                (r.status, r.status_text, r.url) = (status, status_text, url);
+                r.headers = LuaHeaders::new(&lua, headers)?;
+                Ok(r)
             }
         });
     }

@@ -6,9 +6,11 @@ use std::rc::Rc;
 use mlua::{Lua, MetaMethod, Result, UserData, UserDataFields, UserDataMethods, Value};
 use url::{Url, quirks};
 
-/// A URL; its `searchParams` share it, so editing them edits the URL.
+use super::meter::Charge;
+
+/// A URL; its `searchParams` share it (and its charge), so editing them edits the URL.
 #[derive(Clone)]
-pub struct LuaUrl(Rc<RefCell<Url>>);
+pub struct LuaUrl(Rc<RefCell<Url>>, Rc<Charge>);
 
 impl LuaUrl {
     pub fn href(&self) -> String {
@@ -17,15 +19,19 @@ impl LuaUrl {
 }
 
 /// `url.searchParams`.
-pub struct SearchParams(Rc<RefCell<Url>>);
+pub struct SearchParams {
+    url: Rc<RefCell<Url>>,
+    /// Kept for as long as the URL is held through its params.
+    _charge: Rc<Charge>,
+}
 
 impl SearchParams {
     fn pairs(&self) -> Vec<(String, String)> {
-        self.0.borrow().query_pairs().into_owned().collect()
+        self.url.borrow().query_pairs().into_owned().collect()
     }
 
     fn replace(&self, pairs: &[(String, String)]) {
-        let mut u = self.0.borrow_mut();
+        let mut u = self.url.borrow_mut();
         if pairs.is_empty() {
             u.set_query(None);
         } else {
@@ -38,7 +44,7 @@ pub fn install(lua: &Lua) -> Result<()> {
     let t = lua.create_table()?;
     t.set(
         "new",
-        lua.create_function(|_, (input, base): (String, Option<Value>)| {
+        lua.create_function(|lua, (input, base): (String, Option<Value>)| {
             let base = match base {
                 None | Some(Value::Nil) => None,
                 Some(Value::String(s)) => Some(parse(&s.to_str()?)?),
@@ -49,7 +55,9 @@ pub fn install(lua: &Lua) -> Result<()> {
                 Some(b) => b.join(&input).map_err(|e| mlua::Error::runtime(format!("invalid URL {input:?}: {e}")))?,
                 None => parse(&input)?,
             };
-            Ok(LuaUrl(Rc::new(RefCell::new(url))))
+            // Charged as parsed; setters that lengthen it later are not.
+            let charge = Charge::new(lua, url.as_str().len())?;
+            Ok(LuaUrl(Rc::new(RefCell::new(url)), Rc::new(charge)))
         })?,
     )?;
     lua.globals().set("URL", t)
@@ -83,7 +91,9 @@ impl UserData for LuaUrl {
         url_prop!(f, "username", quirks::username, quirks::set_username);
         url_prop!(f, "password", quirks::password, quirks::set_password);
         f.add_field_method_get("origin", |_, this| Ok(quirks::origin(&this.0.borrow())));
-        f.add_field_method_get("searchParams", |_, this| Ok(SearchParams(this.0.clone())));
+        f.add_field_method_get("searchParams", |_, this| {
+            Ok(SearchParams { url: this.0.clone(), _charge: this.1.clone() })
+        });
     }
 
     fn add_methods<M: UserDataMethods<Self>>(m: &mut M) {
@@ -126,7 +136,7 @@ impl UserData for SearchParams {
             this.replace(&pairs);
             Ok(())
         });
-        m.add_method("toString", |_, this, ()| Ok(this.0.borrow().query().unwrap_or("").to_string()));
-        m.add_meta_method(MetaMethod::ToString, |_, this, ()| Ok(this.0.borrow().query().unwrap_or("").to_string()));
+        m.add_method("toString", |_, this, ()| Ok(this.url.borrow().query().unwrap_or("").to_string()));
+        m.add_meta_method(MetaMethod::ToString, |_, this, ()| Ok(this.url.borrow().query().unwrap_or("").to_string()));
     }
 }
