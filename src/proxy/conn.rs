@@ -3,12 +3,10 @@
 
 use std::cell::RefCell;
 use std::pin::pin;
-use std::rc::Rc;
 use std::time::Instant;
 
 use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::net::TcpStream;
 
 use super::answer;
 use super::h1::{BodyError, ConnReader, Framing, HeadError, RequestHead, WriteOptions, write_response};
@@ -16,19 +14,6 @@ use super::request::{Pinned, new_log, respond};
 use super::worker::Worker;
 use crate::body::{self, ChannelBody};
 use crate::config::Limits;
-
-pub async fn serve(worker: Rc<Worker>, stream: TcpStream, class: usize) {
-    let _ = stream.set_nodelay(true);
-    let _open = OpenConnection::new(&worker.shared.metrics.open_connections);
-    let (rd, wr) = stream.into_split();
-    let reader = ConnReader::new(rd);
-    let writer = BufWriter::with_capacity(super::WRITE_BUFFER, wr);
-    if let Some(Connect { head, reader, writer }) = serve_requests(&worker, class, reader, writer, None).await {
-        // A tunnel takes over the connection (or ends it when refused). Boxed: a tunnel's
-        // state (TLS, HTTP/2) is large, and inline it would grow every connection's task.
-        Box::pin(super::connect::serve(&worker, class, head, reader, writer)).await;
-    }
-}
 
 /// A CONNECT request read on the listener: the connection now belongs to the tunnel.
 pub struct Connect<R, W> {
@@ -373,22 +358,6 @@ where
         }
     }
     (sent.unwrap_or(0), received.unwrap_or(0))
-}
-
-/// Counts a client connection in `moat_open_connections` while it lives.
-struct OpenConnection(prometheus_client::metrics::gauge::Gauge);
-
-impl OpenConnection {
-    fn new(g: &prometheus_client::metrics::gauge::Gauge) -> Self {
-        g.inc();
-        Self(g.clone())
-    }
-}
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
 }
 
 fn expects_continue(h: &http::HeaderMap) -> bool {

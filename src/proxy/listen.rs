@@ -1,17 +1,24 @@
 //! The listener layer: binds the proxy's ports, accepts connections and hands each to a
-//! worker under `limits.max_connections`, and drains the workers at shutdown. What a
-//! connection then carries (requests, CONNECT tunnels) is `conn` and `connect`'s business.
+//! worker under `limits.max_connections`, starts each connection by its listener's kind, and
+//! drains the workers at shutdown. What a connection then carries (requests, CONNECT
+//! tunnels) is `conn` and `connect`'s business: this is the only file that knows every way in.
 //!
 //! Listener kinds: today the explicit proxy listener (HTTP requests and CONNECT), one per
 //! class; transparent HTTP, transparent TLS and DNS arrive with the sandbox.
 
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
+use tokio::io::BufWriter;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 
+use super::admission::{Admission, Slot};
+use super::conn::{Connect, serve_requests};
+use super::h1::ConnReader;
 use super::state::Shared;
-use super::worker::{self, ToWorker};
+use super::worker::{Worker, heartbeat};
 
 /// What a listener accepts: each kind has its own way into the worker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,20 +38,96 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(l)
 }
 
+/// What the accept side tells a worker.
+pub enum ToWorker {
+    /// A client connection: the socket, its listener's kind, the index of its class, and its
+    /// place under `limits.max_connections` (held for as long as the connection is served).
+    Connection { stream: std::net::TcpStream, kind: ListenerKind, class: usize, slot: Slot },
+    /// moat is shutting down: finish the requests in flight, keep no connection alive.
+    Drain,
+}
+
+/// Where the accept side sends a worker its connections.
+pub type WorkerTx = mpsc::UnboundedSender<ToWorker>;
+
 /// Starts the worker threads (`MOAT_WORKERS`, default one per core); connections go to them
 /// through the returned senders.
-pub fn start_workers(shared: &Arc<Shared>) -> std::io::Result<Vec<tokio::sync::mpsc::UnboundedSender<ToWorker>>> {
+pub fn start_workers(shared: &Arc<Shared>) -> std::io::Result<Vec<WorkerTx>> {
     let threads = std::env::var("MOAT_WORKERS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
         .clamp(1, 64);
-    (0..threads).map(|i| worker::spawn(i, shared.clone())).collect()
+    (0..threads).map(|i| spawn_worker(i, shared.clone())).collect()
+}
+
+/// Starts a worker thread; connections arrive on the returned sender.
+fn spawn_worker(index: usize, shared: Arc<Shared>) -> std::io::Result<WorkerTx> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<ToWorker>();
+    std::thread::Builder::new().name(format!("moat-worker-{index}")).spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("worker runtime");
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async move {
+            let worker = Worker::new(shared);
+            tokio::task::spawn_local(heartbeat(worker.clone()));
+            while let Some(message) = rx.recv().await {
+                let (stream, kind, class, slot) = match message {
+                    ToWorker::Connection { stream, kind, class, slot } => (stream, kind, class, slot),
+                    ToWorker::Drain => {
+                        worker.start_draining();
+                        continue;
+                    }
+                };
+                let worker = worker.clone();
+                tokio::task::spawn_local(async move {
+                    let _slot = slot;
+                    let _ = stream.set_nonblocking(true);
+                    match TcpStream::from_std(stream) {
+                        Ok(stream) => match kind {
+                            ListenerKind::Explicit => serve_explicit(worker, stream, class).await,
+                        },
+                        Err(e) => tracing::warn!("could not adopt connection: {e}"),
+                    }
+                });
+            }
+        });
+    })?;
+    Ok(tx)
+}
+
+/// A connection on the explicit listener: HTTP requests, until a CONNECT takes it over.
+async fn serve_explicit(worker: Rc<Worker>, stream: TcpStream, class: usize) {
+    let _ = stream.set_nodelay(true);
+    let _open = OpenConnection::new(&worker.shared.metrics.open_connections);
+    let (rd, wr) = stream.into_split();
+    let reader = ConnReader::new(rd);
+    let writer = BufWriter::with_capacity(super::WRITE_BUFFER, wr);
+    if let Some(Connect { head, reader, writer }) = serve_requests(&worker, class, reader, writer, None).await {
+        // A tunnel takes over the connection (or ends it when refused). Boxed: a tunnel's
+        // state (TLS, HTTP/2) is large, and inline it would grow every connection's task.
+        Box::pin(super::connect::serve(&worker, class, head, reader, writer)).await;
+    }
+}
+
+/// Counts a client connection in `moat_open_connections` while it lives.
+struct OpenConnection(prometheus_client::metrics::gauge::Gauge);
+
+impl OpenConnection {
+    fn new(g: &prometheus_client::metrics::gauge::Gauge) -> Self {
+        g.inc();
+        Self(g.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Tells every worker that moat is shutting down: requests in flight finish, no connection
 /// is kept alive.
-pub fn start_draining(workers: &[tokio::sync::mpsc::UnboundedSender<ToWorker>]) {
+pub fn start_draining(workers: &[WorkerTx]) {
     for w in workers {
         let _ = w.send(ToWorker::Drain);
     }
@@ -65,11 +148,7 @@ pub struct Listener {
 
 /// Accepts connections on `listener` and hands each to the next worker, as long as
 /// `admission` has room (else it is refused with a 503).
-pub async fn accept_loop(
-    listener: Listener,
-    workers: Vec<tokio::sync::mpsc::UnboundedSender<ToWorker>>,
-    admission: Arc<super::admission::Admission>,
-) {
+pub async fn accept_loop(listener: Listener, workers: Vec<WorkerTx>, admission: Arc<Admission>) {
     let Listener { socket: listener, kind, class } = listener;
     let Ok(local) = listener.local_addr() else { return };
     let mut next = 0usize;

@@ -5,26 +5,11 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
-use tokio::sync::mpsc;
 
 use super::state::Shared;
 use crate::rt::{HEARTBEAT, Ticks};
 use crate::script::ClassRuntime;
 use crate::upstream::{Upstream, resolve::Resolver};
-
-/// What the accept side tells a worker.
-pub enum ToWorker {
-    /// A client connection: the socket, the index of its class, and its place under
-    /// `limits.max_connections` (held for as long as the connection is served).
-    Connection {
-        stream: std::net::TcpStream,
-        kind: super::listen::ListenerKind,
-        class: usize,
-        slot: super::admission::Slot,
-    },
-    /// moat is shutting down: finish the requests in flight, keep no connection alive.
-    Drain,
-}
 
 /// One worker's state.
 pub struct Worker {
@@ -33,13 +18,38 @@ pub struct Worker {
     /// The heartbeat clock (shared with `upstream`).
     pub ticks: Rc<Ticks>,
     runtimes: RefCell<HashMap<usize, Rc<ClassRuntime>>>,
-    /// Set once moat shuts down (see [`ToWorker::Drain`]); `drain` wakes the connections that
-    /// wait for their next request, so that they close.
+    /// Set once moat shuts down; `drain` wakes the connections that wait for their next
+    /// request, so that they close.
     draining: std::cell::Cell<bool>,
     drain: tokio::sync::Notify,
 }
 
 impl Worker {
+    /// The worker of the calling thread: its upstream pool and heartbeat clock, and a Lua
+    /// state for every class that has a loaded policy.
+    pub fn new(shared: Arc<Shared>) -> Rc<Worker> {
+        let ticks = Rc::new(Ticks::default());
+        let upstream = Rc::new(Upstream::new(
+            Resolver::new(shared.dns_hosts.clone()),
+            shared.upstream_tls.clone(),
+            &shared.config.limits,
+            shared.own_listeners.clone(),
+            ticks.clone(),
+        ));
+        let worker = Rc::new(Worker {
+            shared,
+            upstream,
+            ticks,
+            runtimes: RefCell::new(HashMap::new()),
+            draining: Default::default(),
+            drain: Default::default(),
+        });
+        for class in 0..worker.shared.classes.len() {
+            let _ = worker.runtime(class);
+        }
+        worker
+    }
+
     /// Whether moat is shutting down: answers close their connection.
     pub fn draining(&self) -> bool {
         self.draining.get()
@@ -53,7 +63,8 @@ impl Worker {
         }
     }
 
-    fn start_draining(&self) {
+    /// moat is shutting down: requests in flight finish, no connection is kept alive.
+    pub fn start_draining(&self) {
         self.draining.set(true);
         self.drain.notify_waiters();
     }
@@ -125,7 +136,7 @@ const SWEEP_EVERY: u64 = 15;
 /// timer. Under load that was one `write` per five requests. With this heartbeat the planned
 /// wake is always at most a second away, so only timers shorter than that (small configured
 /// limits) still need the eventfd. Costs one wake per second per worker.
-async fn heartbeat(worker: Rc<Worker>) {
+pub async fn heartbeat(worker: Rc<Worker>) {
     let mut beat = tokio::time::interval(HEARTBEAT);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for n in 1u64.. {
@@ -137,56 +148,4 @@ async fn heartbeat(worker: Rc<Worker>) {
             worker.upstream.sweep_idle();
         }
     }
-}
-
-/// Starts a worker thread; connections arrive on the returned sender.
-pub fn spawn(index: usize, shared: Arc<Shared>) -> std::io::Result<mpsc::UnboundedSender<ToWorker>> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<ToWorker>();
-    std::thread::Builder::new().name(format!("moat-worker-{index}")).spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("worker runtime");
-        let local = tokio::task::LocalSet::new();
-        local.block_on(&rt, async move {
-            let ticks = Rc::new(Ticks::default());
-            let upstream = Rc::new(Upstream::new(
-                Resolver::new(shared.dns_hosts.clone()),
-                shared.upstream_tls.clone(),
-                &shared.config.limits,
-                shared.own_listeners.clone(),
-                ticks.clone(),
-            ));
-            let worker = Rc::new(Worker {
-                shared: shared.clone(),
-                upstream,
-                ticks,
-                runtimes: RefCell::new(HashMap::new()),
-                draining: Default::default(),
-                drain: Default::default(),
-            });
-            for class in 0..shared.classes.len() {
-                let _ = worker.runtime(class);
-            }
-            tokio::task::spawn_local(heartbeat(worker.clone()));
-            while let Some(message) = rx.recv().await {
-                let (stream, kind, class, slot) = match message {
-                    ToWorker::Connection { stream, kind, class, slot } => (stream, kind, class, slot),
-                    ToWorker::Drain => {
-                        worker.start_draining();
-                        continue;
-                    }
-                };
-                let worker = worker.clone();
-                tokio::task::spawn_local(async move {
-                    let _slot = slot;
-                    let _ = stream.set_nonblocking(true);
-                    match tokio::net::TcpStream::from_std(stream) {
-                        Ok(stream) => match kind {
-                            super::listen::ListenerKind::Explicit => super::conn::serve(worker, stream, class).await,
-                        },
-                        Err(e) => tracing::warn!("could not adopt connection: {e}"),
-                    }
-                });
-            }
-        });
-    })?;
-    Ok(tx)
 }

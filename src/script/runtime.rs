@@ -136,7 +136,7 @@ impl ClassRuntime {
         self.calls.set(self.calls.get() + 1);
         let scope =
             Scope::new(who.request_id.into(), who.container_id.into(), who.class, limits.lua_cpu, limits.subrequests);
-        scope.hold_stream(&request.body);
+        request.body.end_with(&scope);
         request.charge_to(&self.lua).map_err(|e| self.classify(e))?;
         let req = self.lua.create_userdata(request).map_err(lua_err)?;
         let ctx = self

@@ -12,7 +12,12 @@ use std::rc::{Rc, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use super::api::body::{BodySlot, SharedBody};
+/// What a handler call's objects hold that must end with the call: a streamed body (see
+/// [`Scope::end`]). Implemented where the body lives, so that the scope needs no API type.
+pub trait EndsWithCall {
+    /// The call has ended: close what is still open.
+    fn end(&self);
+}
 
 /// One handler call (or one script load).
 pub struct Scope {
@@ -35,7 +40,7 @@ pub struct Scope {
     /// Upstream requests (`fetch`, each redirect followed) this call may still make.
     subrequests_left: Cell<u32>,
     /// Streamed bodies (from the client, an upstream, a bucket) this call's objects hold.
-    streams: RefCell<Vec<Weak<RefCell<BodySlot>>>>,
+    streams: RefCell<Vec<Weak<dyn EndsWithCall>>>,
 }
 
 impl Scope {
@@ -61,12 +66,10 @@ impl Scope {
         })
     }
 
-    /// Notes a body that holds a stream, for [`Scope::end`] (others need no closing, and most
-    /// requests have no body: no allocation for them).
-    pub fn hold_stream(&self, body: &SharedBody) {
-        if body.is_stream() {
-            self.streams.borrow_mut().push(Rc::downgrade(&body.0));
-        }
+    /// Notes a streamed body, for [`Scope::end`] (the caller passes streams only: others
+    /// need no closing, and most requests have no body, so no allocation for them).
+    pub fn hold_stream(&self, stream: Weak<dyn EndsWithCall>) {
+        self.streams.borrow_mut().push(stream);
     }
 
     /// The call has ended: streams that its objects still hold, neither read nor handed on,
@@ -75,9 +78,9 @@ impl Scope {
     /// open and a bucket object its file. As in Workers, a streamed body belongs to the
     /// request that got it.
     pub fn end(&self) {
-        for slot in self.streams.take() {
-            if let Some(slot) = slot.upgrade() {
-                SharedBody(slot).end_stream();
+        for stream in self.streams.take() {
+            if let Some(stream) = stream.upgrade() {
+                stream.end();
             }
         }
     }

@@ -8,6 +8,7 @@ use mlua::{Lua, UserData, UserDataFields};
 
 use super::meter::Charge;
 use crate::body::{self, Body};
+use crate::script::scope::{EndsWithCall, Scope};
 
 /// The state of a body, shared between its Request/Response and any `.body` handle.
 pub enum BodySlot {
@@ -42,12 +43,18 @@ impl SharedBody {
     /// was read or handed on (returned, or sent with `fetch`) by then.
     pub fn new(slot: BodySlot) -> Self {
         let body = Self(Rc::new(RefCell::new(slot)));
-        if body.is_stream()
-            && let Some(scope) = crate::script::scope::current()
-        {
-            scope.hold_stream(&body);
+        if let Some(scope) = crate::script::scope::current() {
+            body.end_with(&scope);
         }
         body
+    }
+
+    /// A stream is closed when `scope`'s call ends, unless read or handed on by then.
+    pub fn end_with(&self, scope: &Scope) {
+        if self.is_stream() {
+            let slot: Rc<dyn EndsWithCall> = self.0.clone();
+            scope.hold_stream(Rc::downgrade(&slot));
+        }
     }
 
     pub fn is_stream(&self) -> bool {
@@ -56,15 +63,6 @@ impl SharedBody {
 
     pub fn is_used(&self) -> bool {
         matches!(*self.0.borrow(), BodySlot::Used | BodySlot::Ended)
-    }
-
-    /// Closes the stream this body still holds (its handler call has ended).
-    pub fn end_stream(&self) {
-        if let Ok(mut slot) = self.0.try_borrow_mut()
-            && matches!(*slot, BodySlot::Stream(_))
-        {
-            *slot = BodySlot::Ended;
-        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -131,6 +129,17 @@ impl SharedBody {
         let slot = BodySlot::bytes(lua, data.clone())?;
         *self.0.borrow_mut() = slot;
         Ok(data)
+    }
+}
+
+/// Closes the stream a body still holds when its handler call has ended.
+impl EndsWithCall for RefCell<BodySlot> {
+    fn end(&self) {
+        if let Ok(mut slot) = self.try_borrow_mut()
+            && matches!(*slot, BodySlot::Stream(_))
+        {
+            *slot = BodySlot::Ended;
+        }
     }
 }
 
