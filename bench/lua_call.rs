@@ -18,22 +18,18 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
-use moat::config::Limits;
-use moat::policy::CanonicalHost;
-use moat::policy::HandlerChoice;
-use moat::script::api::body::{BodySlot, SharedBody};
-use moat::script::api::headers::LuaHeaders;
-use moat::script::api::request::LuaRequest;
-use moat::script::{CallContext, ClassRuntime};
-use moat::upstream::{DialRules, Target, Upstream, resolve::Resolver, tls::UpstreamTls};
+use moat::bench::{
+    BodySlot, CallContext, CanonicalHost, ClassRuntime, DialRules, HandlerChoice, Limits, LuaHeaders, LuaRequest,
+    Resolver, SharedBody, Target, Upstream, UpstreamTls,
+};
 
 // The same allocator as the moat binary: allocation is a good part of a handler call.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 struct NoSink;
-impl moat::script::api::container::OverrideSink for NoSink {
-    fn apply(&self, _: &str, _: moat::policy::overrides::Setter) -> Result<(), String> {
+impl moat::bench::OverrideSink for NoSink {
+    fn apply(&self, _: &str, _: moat::bench::Setter) -> Result<(), String> {
         Err("not in this benchmark".into())
     }
 }
@@ -70,7 +66,7 @@ fn main() {
     )
     .unwrap();
     let limits = Limits::default();
-    let generation = Arc::new(moat::script::load_generation("bench", &policy, 1, &limits).unwrap());
+    let generation = Arc::new(moat::bench::load_generation("bench", &policy, 1, &limits).unwrap());
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let local = tokio::task::LocalSet::new();
@@ -112,10 +108,10 @@ fn main() {
                 );
                 async move {
                     if send_only {
-                        let mut req = http::Request::new(moat::body::empty());
+                        let mut req = http::Request::new(moat::bench::empty_body());
                         *req.uri_mut() = http::Uri::from_static("/");
                         *req.headers_mut() = request.headers.snapshot();
-                        let req = moat::upstream::to_upstream_request(req, &target);
+                        let req = moat::bench::to_upstream_request(req, &target);
                         let resp = upstream.send(req, &target, DialRules::Trusted).await.unwrap();
                         http_body_util::BodyExt::collect(resp.into_body()).await.unwrap();
                         return;

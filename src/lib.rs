@@ -29,26 +29,35 @@
 //!   place failures become answers.
 //! - [`admin`]: the admin API (Unix socket, optional TCP) and its CLI client.
 //! - [`serve`]: `moat serve`'s wiring; [`cli`]: check, explain, init, ca, kv, blob; `fuzz`: the
-//!   fuzz targets' entry points and their corpus replay.
+//!   fuzz targets' entry points and their corpus replay; `bench`: what the benchmarks reach.
+//!
+//! # Public surface
+//!
+//! What the `moat` binary needs, documented: [`serve::run`], the [`cli`] commands, the
+//! [`admin::commands`] that talk to a running instance, [`config::Config`] and
+//! [`log::init`]. Everything else is crate-private; `fuzz` and `bench` (hidden) re-export the
+//! few internals that the fuzz targets and the benchmarks drive directly.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
 pub mod admin;
-pub mod bindings;
-pub mod body;
+#[doc(hidden)]
+pub mod bench;
+pub(crate) mod bindings;
+pub(crate) mod body;
 pub mod cli;
 pub mod config;
-pub mod db;
+pub(crate) mod db;
 #[doc(hidden)]
 pub mod fuzz;
-pub mod headers;
-pub mod identity;
+pub(crate) mod headers;
+pub(crate) mod identity;
 pub mod log;
-pub mod metrics;
-pub mod policy;
-pub mod proxy;
-pub mod rt;
-pub mod script;
+pub(crate) mod metrics;
+pub(crate) mod policy;
+pub(crate) mod proxy;
+pub(crate) mod rt;
+pub(crate) mod script;
 pub mod serve;
-pub mod tls;
-pub mod upstream;
+pub(crate) mod tls;
+pub(crate) mod upstream;

@@ -162,7 +162,7 @@ fn main() -> ExitCode {
             let _log = moat::log::init(log_format);
             let flags = config::Overrides { config: cfg.config, policy: cfg.policy, listen, data_dir, resolve, admin };
             load_config(&flags).and_then(|c| {
-                if c.classes.is_empty() {
+                if !c.has_policy() {
                     return Err(usage(
                         "no policy: pass --policy FILE or add a [[class]] to moat.toml (moat init writes one)",
                     ));

@@ -17,11 +17,6 @@ use crate::proxy::state::Shared;
 /// sends whole objects).
 const MAX_BODY: usize = 256 << 20;
 
-/// The default socket path: `data_dir/admin.sock`.
-pub fn default_socket(data_dir: &Path) -> PathBuf {
-    data_dir.join("admin.sock")
-}
-
 /// Binds the admin socket (replacing a stale one), mode 0600.
 pub async fn bind(path: &Path) -> std::io::Result<UnixListener> {
     if let Some(dir) = path.parent() {

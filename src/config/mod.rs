@@ -23,29 +23,27 @@ pub struct ConfigError(pub String);
 /// Everything a running instance needs to know, after defaults and command-line flags.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// The file this came from, if any (for messages).
-    pub source: Option<PathBuf>,
     /// Database, blobs, admin socket, CA if persisted.
-    pub data_dir: PathBuf,
+    pub(crate) data_dir: PathBuf,
     /// One policy script per class, each with its listener.
-    pub classes: Vec<ClassConfig>,
+    pub(crate) classes: Vec<ClassConfig>,
     /// Explicit-proxy authentication: container → token. Empty: no authentication.
-    pub containers: BTreeMap<ContainerId, ContainerAuth>,
+    pub(crate) containers: BTreeMap<ContainerId, ContainerAuth>,
     /// Static answers for moat's resolver (`[dns] hosts` and `--resolve`).
-    pub dns_hosts: BTreeMap<String, IpAddr>,
+    pub(crate) dns_hosts: BTreeMap<String, IpAddr>,
     /// SPEC 9.
-    pub limits: Limits,
+    pub(crate) limits: Limits,
     /// The admin API's Unix socket.
     pub admin_socket: PathBuf,
     /// `[vars]`: plain strings for `env`.
-    pub vars: BTreeMap<String, String>,
+    pub(crate) vars: BTreeMap<String, String>,
     /// The sections that later parts of moat read, kept as parsed.
-    pub file: ConfigFile,
+    pub(crate) file: ConfigFile,
 }
 
 /// One class: a policy script served on one listener.
 #[derive(Clone, Debug)]
-pub struct ClassConfig {
+pub(crate) struct ClassConfig {
     /// `ctx.className`: the config's name, else the policy's file stem. Shared (not copied) by
     /// every request's log line and handler scope.
     pub name: std::sync::Arc<str>,
@@ -55,7 +53,7 @@ pub struct ClassConfig {
 
 /// How a container proves its identity on the explicit proxy.
 #[derive(Clone)]
-pub struct ContainerAuth {
+pub(crate) struct ContainerAuth {
     /// The expected `Proxy-Authorization` password.
     pub token: String,
 }
@@ -69,7 +67,7 @@ impl std::fmt::Debug for ContainerAuth {
 /// `moat.toml` as written.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ConfigFile {
+pub(crate) struct ConfigFile {
     pub data_dir: Option<PathBuf>,
     #[serde(default)]
     pub class: Vec<ClassEntry>,
@@ -92,7 +90,7 @@ pub struct ConfigFile {
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ClassEntry {
+pub(crate) struct ClassEntry {
     pub name: Option<String>,
     pub policy: PathBuf,
     pub listen: Option<String>,
@@ -100,7 +98,7 @@ pub struct ClassEntry {
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AdminSection {
+pub(crate) struct AdminSection {
     pub listen: Option<String>,
     pub tcp: Option<String>,
     pub token_env: Option<String>,
@@ -109,25 +107,25 @@ pub struct AdminSection {
 /// Options of one KV namespace or bucket (none yet; the table must be empty).
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct BindingOptions {}
+pub(crate) struct BindingOptions {}
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SecretSource {
+pub(crate) struct SecretSource {
     pub env: Option<String>,
     pub file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ContainerEntry {
+pub(crate) struct ContainerEntry {
     pub token_env: Option<String>,
     pub token_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TlsSection {
+pub(crate) struct TlsSection {
     #[serde(default)]
     pub extra_ca: Vec<PathBuf>,
     pub ca_dir: Option<PathBuf>,
@@ -135,7 +133,7 @@ pub struct TlsSection {
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct DnsSection {
+pub(crate) struct DnsSection {
     #[serde(default)]
     pub hosts: BTreeMap<String, String>,
 }
@@ -143,15 +141,26 @@ pub struct DnsSection {
 /// Command-line flags that override the file.
 #[derive(Clone, Debug, Default)]
 pub struct Overrides {
+    /// `--config F`: the file to read instead of `./moat.toml`.
     pub config: Option<PathBuf>,
+    /// `--policy F`: one class serving this policy (instead of the file's `[[class]]`).
     pub policy: Option<PathBuf>,
+    /// `--listen ADDR`: the explicit proxy's address for that class.
     pub listen: Option<String>,
+    /// `--data-dir D`: the data folder.
     pub data_dir: Option<PathBuf>,
+    /// `--resolve HOST=IP`, repeatable: static answers for moat's resolver.
     pub resolve: Vec<String>,
+    /// `--admin PATH|ADDR`: the admin socket (or TCP address) to serve or talk to.
     pub admin: Option<String>,
 }
 
 impl Config {
+    /// Whether any class has a policy to serve (`moat serve` needs one).
+    pub fn has_policy(&self) -> bool {
+        !self.classes.is_empty()
+    }
+
     /// `[tls] ca_dir`: where a persisted CA lives (None: an ephemeral CA per process).
     pub fn ca_dir(&self) -> Option<&Path> {
         self.file.tls.as_ref().and_then(|t| t.ca_dir.as_deref())
@@ -262,17 +271,7 @@ impl Config {
                 }
             },
         };
-        Ok(Self {
-            source,
-            data_dir,
-            classes,
-            containers,
-            dns_hosts,
-            limits,
-            admin_socket,
-            vars: file.vars.clone(),
-            file,
-        })
+        Ok(Self { data_dir, classes, containers, dns_hosts, limits, admin_socket, vars: file.vars.clone(), file })
     }
 }
 
@@ -284,7 +283,7 @@ impl ConfigFile {
 }
 
 /// Parses a config file's text; errors name the file, the line and the key.
-pub fn parse_file(text: &str, path: &Path) -> Result<ConfigFile, ConfigError> {
+pub(crate) fn parse_file(text: &str, path: &Path) -> Result<ConfigFile, ConfigError> {
     toml::from_str(text).map_err(|e| {
         let line = e.span().map(|s| text[..s.start].matches('\n').count() + 1);
         let msg = e.message().lines().next().unwrap_or("invalid").replace("field", "key");

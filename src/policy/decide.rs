@@ -52,8 +52,6 @@ pub enum DenyReason {
     InternetDisabled,
     /// The egress address check refused every address (SPEC 8.3); decided at dial time.
     BlockedAddress,
-    /// The request was addressed to moat itself (SPEC 8.4).
-    Loop,
 }
 
 impl DenyReason {
@@ -63,7 +61,6 @@ impl DenyReason {
             Self::NotAllowed => "not-allowed",
             Self::InternetDisabled => "internet-disabled",
             Self::BlockedAddress => "blocked-address",
-            Self::Loop => "loop",
         }
     }
 }
@@ -78,9 +75,17 @@ impl fmt::Display for DenyReason {
 #[derive(Clone, Debug, PartialEq)]
 pub enum HandlerChoice {
     /// Step 3: the container's `setOutboundByHost` override.
-    InstanceByHost { key: String, handler: Arc<NamedHandler> },
+    InstanceByHost {
+        /// The override's host pattern that matched.
+        key: String,
+        /// The handler it names, with its params.
+        handler: Arc<NamedHandler>,
+    },
     /// Step 4: the class's `outboundByHost[key]`.
-    ClassByHost { key: String },
+    ClassByHost {
+        /// The `outboundByHost` key that matched.
+        key: String,
+    },
     /// Step 5: the container's `setOutboundHandler` override.
     InstanceOutbound(Arc<NamedHandler>),
     /// Step 6: the class's `outbound`.

@@ -41,8 +41,6 @@ pub enum SetterError {
     UnknownHandler { method: String, class: String },
     #[error("{0}")]
     BadPattern(String),
-    #[error("{0}")]
-    BadArgument(String),
 }
 
 impl SetterError {
@@ -51,7 +49,6 @@ impl SetterError {
         match self {
             Self::UnknownHandler { .. } => "unknown_handler",
             Self::BadPattern(_) => "bad_pattern",
-            Self::BadArgument(_) => "bad_argument",
         }
     }
 }
@@ -59,17 +56,29 @@ impl SetterError {
 /// One setter call (the instance methods of Cloudflare's Container class).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Setter {
+    /// `setOutboundHandler(name, params?)`: one handler for every host.
     SetOutboundHandler(HandlerSpec),
+    /// `removeOutboundHandler()`.
     RemoveOutboundHandler,
+    /// `setOutboundByHost(host, name, params?)`: a handler for one host pattern.
     SetOutboundByHost(String, HandlerSpec),
+    /// `setOutboundByHosts{host = name, …}`: replaces every per-host handler.
     SetOutboundByHosts(BTreeMap<String, HandlerSpec>),
+    /// `removeOutboundByHost(host)`.
     RemoveOutboundByHost(String),
+    /// `setAllowedHosts{…}`: replaces the allow list.
     SetAllowedHosts(Vec<String>),
+    /// `setDeniedHosts{…}`: replaces the deny list.
     SetDeniedHosts(Vec<String>),
+    /// `allowHost(host)`: adds to the allow list.
     AllowHost(String),
+    /// `denyHost(host)`: adds to the deny list.
     DenyHost(String),
+    /// `removeAllowedHost(host)`.
     RemoveAllowedHost(String),
+    /// `removeDeniedHost(host)`.
     RemoveDeniedHost(String),
+    /// `clearOverrides()`: back to the class policy.
     ClearOverrides,
 }
 

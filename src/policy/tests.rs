@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use super::decide::{NamedHandler, Verdict};
 use super::*;
 
 fn host(s: &str) -> CanonicalHost {

@@ -84,10 +84,10 @@ pub fn handler_failure_detail(f: &HandlerFailure) -> String {
 /// 502/504/520 for an upstream failure, with a one-line reason.
 pub fn upstream_failure(e: &UpstreamError) -> Response<Body> {
     match e {
-        UpstreamError::Blocked { .. } | UpstreamError::Loop(_) => denied(DenyReason::BlockedAddress),
-        UpstreamError::ConnectTimeout(_) | UpstreamError::TlsTimeout(_) | UpstreamError::ResponseTimeout(..) => {
-            text(StatusCode::GATEWAY_TIMEOUT, format!("moat: {e}"))
-        }
+        UpstreamError::Blocked { .. } | UpstreamError::Loop { .. } => denied(DenyReason::BlockedAddress),
+        UpstreamError::ConnectTimeout { .. }
+        | UpstreamError::TlsTimeout { .. }
+        | UpstreamError::ResponseTimeout { .. } => text(StatusCode::GATEWAY_TIMEOUT, format!("moat: {e}")),
         _ => text(StatusCode::BAD_GATEWAY, format!("moat: {e}")),
     }
 }

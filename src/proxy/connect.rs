@@ -89,7 +89,7 @@ async fn resolve(worker: &Worker, plan: &Plan) -> Result<Result<Vec<std::net::Ip
     let rules = DialRules::Egress { allowed: plan.allowed.as_ref(), denied: plan.denied.as_ref() };
     match worker.upstream.resolve_checked(&plan.target, rules).await {
         Ok(addrs) => Ok(Ok(addrs)),
-        Err(UpstreamError::Dns(msg)) => Ok(Err(msg)),
+        Err(UpstreamError::Dns { message }) => Ok(Err(message)),
         Err(e) => Err(e),
     }
 }

@@ -21,6 +21,7 @@ use crate::upstream::Upstream;
 
 /// One worker's running copy of a generation.
 pub struct ClassRuntime {
+    /// The policy generation this state runs.
     pub generation: Arc<Generation>,
     lua: Lua,
     by_host: HashMap<String, Function>,
@@ -37,8 +38,11 @@ pub struct ClassRuntime {
 
 /// Who a handler call is for.
 pub struct CallContext<'a> {
+    /// The request's id (log lines, `ctx.requestId`).
     pub request_id: &'a str,
+    /// `ctx.containerId`.
     pub container_id: &'a str,
+    /// `ctx.className`.
     pub class: std::sync::Arc<str>,
 }
 
@@ -153,7 +157,7 @@ impl ClassRuntime {
             Err(_) => Err(HandlerFailure::Timeout),
             Ok(_) if scope.exceeded() => Err(HandlerFailure::Cpu),
             Ok(Ok(Value::UserData(ud))) if ud.is::<LuaResponse>() => {
-                ud.borrow::<LuaResponse>().map_err(lua_err).and_then(|resp| resp.into_http().map_err(lua_err))
+                ud.borrow::<LuaResponse>().map_err(lua_err).and_then(|resp| resp.take_http().map_err(lua_err))
             }
             Ok(Ok(other)) => Err(HandlerFailure::NotResponse(other.type_name().to_string())),
             Ok(Err(e)) => Err(self.classify(e)),

@@ -26,11 +26,6 @@ const STDLIB: &[(&str, &str, &str)] = &[
     ("moat.auth", "stdlib/moat/auth.lua", include_str!("../../stdlib/moat/auth.lua")),
 ];
 
-/// Names of the bundled modules (for `moat check`).
-pub fn stdlib_modules() -> impl Iterator<Item = &'static str> {
-    STDLIB.iter().map(|(n, _, _)| *n)
-}
-
 /// Where `require` finds modules, and what it has loaded from the policy folder.
 pub struct ModuleSource {
     /// The policy's folder.

@@ -87,11 +87,8 @@ impl LeafCache {
         })
     }
 
-    pub fn ca(&self) -> &Ca {
-        &self.ca
-    }
-
     /// Leaf certificates made since start (each cache miss makes exactly one).
+    #[cfg(test)]
     pub fn generated(&self) -> u64 {
         self.generated.get()
     }

@@ -27,12 +27,16 @@ use pool::{Pool, Pooled, Shared2};
 /// Where a request goes: the canonical host and the port that was evaluated (SPEC 8.2).
 #[derive(Clone, Debug)]
 pub struct Target {
+    /// TLS to the upstream (an `https://` URL or an intercepted tunnel).
     pub https: bool,
+    /// Canonical host (SPEC 4.1): the one name every check uses.
     pub host: CanonicalHost,
+    /// Port as dialled.
     pub port: u16,
 }
 
 impl Target {
+    /// `https` or `http`.
     pub fn scheme(&self) -> &'static str {
         if self.https { "https" } else { "http" }
     }
@@ -52,32 +56,48 @@ impl Target {
 /// Which addresses a request may dial.
 pub enum DialRules<'a> {
     /// Container egress: the full check of SPEC 8.3.
-    Egress { allowed: Option<&'a HostList>, denied: Option<&'a HostList> },
+    Egress {
+        /// `allowedHosts` in force (the class's or the container's override): IP/CIDR entries
+        /// let special addresses be dialled.
+        allowed: Option<&'a HostList>,
+        /// `deniedHosts` in force: an address they name is refused.
+        denied: Option<&'a HostList>,
+    },
     /// A handler's `fetch` (trusted code): only moat's own listeners are refused (SPEC 8.4).
     Trusted,
 }
 
-/// Why an upstream request failed; each maps to one answer (SPEC 9).
+/// Why an upstream request failed; each maps to one answer (SPEC 9): the refusals to 520,
+/// the timeouts to 504, the rest to 502. `authority` is `host[:port]` as dialled.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum UpstreamError {
-    #[error("{0}")]
-    Dns(String),
+    /// moat's resolver found no address (the message says why, naming the host).
+    #[error("{message}")]
+    Dns { message: String },
+    /// Every address the host resolved to failed the dial-time check (SPEC 8.3).
     #[error("every address of {host} is refused ({why})")]
     Blocked { host: String, why: String },
-    #[error("{0} is moat itself")]
-    Loop(String),
-    #[error("connect to {0} failed: {1}")]
-    Connect(String, String),
-    #[error("connect to {0} timed out")]
-    ConnectTimeout(String),
-    #[error("TLS to {0} failed: {1}")]
-    Tls(String, String),
-    #[error("TLS handshake with {0} timed out")]
-    TlsTimeout(String),
-    #[error("upstream {0}: {1}")]
-    Protocol(String, String),
-    #[error("{0} sent no response for {1:?} after the request (limits.response_head_timeout)")]
-    ResponseTimeout(String, Duration),
+    /// The target is one of moat's own listeners (SPEC 8.4): a request to itself.
+    #[error("{authority} is moat itself")]
+    Loop { authority: String },
+    /// TCP connect failed on every address (the last error).
+    #[error("connect to {authority} failed: {error}")]
+    Connect { authority: String, error: String },
+    /// TCP connect took longer than `limits.connect_timeout`.
+    #[error("connect to {authority} timed out")]
+    ConnectTimeout { authority: String },
+    /// The TLS handshake or the certificate check failed.
+    #[error("TLS to {authority} failed: {error}")]
+    Tls { authority: String, error: String },
+    /// The TLS handshake took longer than `limits.tls_handshake_timeout`.
+    #[error("TLS handshake with {authority} timed out")]
+    TlsTimeout { authority: String },
+    /// The upstream broke HTTP (a malformed head, a reset before the response).
+    #[error("upstream {authority}: {error}")]
+    Protocol { authority: String, error: String },
+    /// No response head within `limits.response_head_timeout` after the request went out.
+    #[error("{authority} sent no response for {waited:?} after the request (limits.response_head_timeout)")]
+    ResponseTimeout { authority: String, waited: Duration },
 }
 
 /// One worker's upstream client.
@@ -134,11 +154,14 @@ impl Upstream {
         target: &Target,
         rules: DialRules<'_>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let addrs = self.resolver.resolve(&target.host).await.map_err(UpstreamError::Dns)?;
+        let addrs = self.resolver.resolve(&target.host).await.map_err(|message| UpstreamError::Dns { message })?;
         let checked = self.check(&addrs, target, &rules)?;
         let key = (target.host.clone(), target.port, target.https);
         let h2_ok = target.https && !crate::headers::is_upgrade(req.headers());
-        let protocol = |e: hyper::Error| UpstreamError::Protocol(target.authority(), describe_hyper_error(&e));
+        let protocol = |e: hyper::Error| UpstreamError::Protocol {
+            authority: target.authority(),
+            error: describe_hyper_error(&e),
+        };
         let mut upload = head_wait::UploadClock::default();
         let mut req = req.map(|body| upload.track(body));
         // Each wait for a response head is bounded on its own (not the whole of `send`): the
@@ -192,9 +215,9 @@ impl Upstream {
         upload: &head_wait::UploadClock,
         target: &Target,
     ) -> Result<T, UpstreamError> {
-        head_wait::within(sending, upload, self.response_head_timeout, &self.ticks)
-            .await
-            .ok_or_else(|| UpstreamError::ResponseTimeout(target.authority(), self.response_head_timeout))
+        head_wait::within(sending, upload, self.response_head_timeout, &self.ticks).await.ok_or_else(|| {
+            UpstreamError::ResponseTimeout { authority: target.authority(), waited: self.response_head_timeout }
+        })
     }
 
     fn check(&self, addrs: &[IpAddr], target: &Target, rules: &DialRules<'_>) -> Result<Vec<IpAddr>, UpstreamError> {
@@ -219,7 +242,7 @@ impl Upstream {
             return Ok(ok);
         }
         if refusals.iter().any(|(_, r)| *r == Refusal::OwnListener) {
-            return Err(UpstreamError::Loop(target.authority()));
+            return Err(UpstreamError::Loop { authority: target.authority() });
         }
         let why = refusals
             .iter()
@@ -237,14 +260,14 @@ impl Upstream {
     /// it), else HTTP/1.1 over TCP.
     async fn dial(&self, addrs: &[IpAddr], target: &Target, h2: bool) -> Result<Dialed, UpstreamError> {
         let (stream, peer) = self.connect(addrs, target).await?;
-        let failed = |e: hyper::Error| UpstreamError::Connect(target.authority(), e.to_string());
+        let failed = |e: hyper::Error| UpstreamError::Connect { authority: target.authority(), error: e.to_string() };
         if !target.https {
             return Ok(Dialed::H1(Pooled::new(handshake_h1(TokioIo::new(stream)).await.map_err(failed)?, peer)));
         }
         let tls = tokio::time::timeout(self.tls_timeout, self.tls.connect(&target.host, stream, h2))
             .await
-            .map_err(|_| UpstreamError::TlsTimeout(target.authority()))?
-            .map_err(|e| UpstreamError::Tls(target.authority(), e))?;
+            .map_err(|_| UpstreamError::TlsTimeout { authority: target.authority() })?
+            .map_err(|error| UpstreamError::Tls { authority: target.authority(), error })?;
         if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
             let (sender, conn) = hyper::client::conn::http2::Builder::new(crate::rt::LocalExec)
                 .handshake(TokioIo::new(tls))
@@ -266,27 +289,27 @@ impl Upstream {
             let peer = SocketAddr::new(ip, target.port);
             let left = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, TcpStream::connect(peer)).await {
-                Err(_) => return Err(UpstreamError::ConnectTimeout(target.authority())),
+                Err(_) => return Err(UpstreamError::ConnectTimeout { authority: target.authority() }),
                 Ok(Err(e)) => last_err = format!("{peer}: {e}"),
                 Ok(Ok(stream)) => {
                     if stream
                         .local_addr()
                         .is_ok_and(|local| addr::reached_own_listener(&self.own_listeners, local, peer))
                     {
-                        return Err(UpstreamError::Loop(target.authority()));
+                        return Err(UpstreamError::Loop { authority: target.authority() });
                     }
                     let _ = stream.set_nodelay(true);
                     return Ok((stream, peer));
                 }
             }
         }
-        Err(UpstreamError::Connect(target.authority(), last_err))
+        Err(UpstreamError::Connect { authority: target.authority(), error: last_err })
     }
 
     /// The addresses a tunnel may dial: resolved and checked exactly as egress (SPEC 8.3),
     /// before the tunnel is promised to the client.
     pub async fn resolve_checked(&self, target: &Target, rules: DialRules<'_>) -> Result<Vec<IpAddr>, UpstreamError> {
-        let addrs = self.resolver.resolve(&target.host).await.map_err(UpstreamError::Dns)?;
+        let addrs = self.resolver.resolve(&target.host).await.map_err(|message| UpstreamError::Dns { message })?;
         self.check(&addrs, target, &rules)
     }
 

@@ -16,6 +16,7 @@ pub struct Resolver {
 }
 
 impl Resolver {
+    /// A resolver that answers `static_hosts` (`[dns] hosts`, `--resolve`) itself and asks the system for the rest.
     pub fn new(static_hosts: Arc<BTreeMap<String, IpAddr>>) -> Self {
         Self { static_hosts, dns: OnceCell::new() }
     }

@@ -12,7 +12,7 @@ const LAYERS: [&[&str]; 7] = [
     &["script"],
     &["proxy"],
     &["admin"],
-    &["serve", "cli", "fuzz"],
+    &["serve", "cli", "fuzz", "bench"],
 ];
 
 fn layer_of(module: &str) -> Option<usize> {

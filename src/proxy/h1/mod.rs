@@ -15,4 +15,4 @@ mod write;
 
 pub use head::{Framing, HeadError, RequestHead, parse_request_head};
 pub use reader::{BodyError, ConnReader, Pace};
-pub use write::{WriteOptions, Written, write_response};
+pub use write::{WriteOptions, write_response};

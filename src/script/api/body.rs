@@ -12,9 +12,11 @@ use crate::script::scope::{EndsWithCall, Scope};
 
 /// The state of a body, shared between its Request/Response and any `.body` handle.
 pub enum BodySlot {
+    /// No body at all.
     Empty,
     /// In memory, charged to the state (released when the bytes are sent or dropped).
     Bytes(Bytes, Charge),
+    /// Not read yet: streamed when sent on, read when a script asks.
     Stream(Body),
     /// Read or moved away; a second read is an error (as in the Fetch API).
     Used,
@@ -57,14 +59,17 @@ impl SharedBody {
         }
     }
 
+    /// Still a stream nobody has read.
     pub fn is_stream(&self) -> bool {
         matches!(*self.0.borrow(), BodySlot::Stream(_))
     }
 
+    /// Read or moved away already (`bodyUsed`).
     pub fn is_used(&self) -> bool {
         matches!(*self.0.borrow(), BodySlot::Used | BodySlot::Ended)
     }
 
+    /// No body at all (`.body` is nil).
     pub fn is_empty(&self) -> bool {
         matches!(*self.0.borrow(), BodySlot::Empty)
     }

@@ -38,10 +38,12 @@ impl LuaHeaders {
         self.0.charge.add(lua, bytes)
     }
 
+    /// The map, to read.
     pub fn map(&self) -> Ref<'_, HeaderMap> {
         self.0.map.borrow()
     }
 
+    /// The map, to change (every holder of this Headers sees it).
     pub fn map_mut(&self) -> RefMut<'_, HeaderMap> {
         self.0.map.borrow_mut()
     }

@@ -56,6 +56,7 @@ impl Meter {
     }
 
     /// Bytes held outside Lua by this state's live objects.
+    #[cfg(test)]
     pub fn held(lua: &Lua) -> usize {
         Self::of(lua).map_or(0, |m| m.held.get())
     }

@@ -17,11 +17,15 @@ pub enum Redirect {
 
 /// A Request as Lua sees it. `headers` and `body` are shared handles.
 pub struct LuaRequest {
+    /// GET unless the script said otherwise.
     pub method: Method,
     /// Absolute URL: `scheme://host[:port]/path?query`.
     pub url: String,
+    /// Shared with `request.headers`: changing one changes the other.
     pub headers: LuaHeaders,
+    /// Shared with `request.body`.
     pub body: SharedBody,
+    /// What `fetch` does with a 3xx (`redirect = "follow"|"manual"`).
     pub redirect: Redirect,
     /// The URL's bytes, charged to the state (headers and body carry their own charges).
     pub charge: Charge,

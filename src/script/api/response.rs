@@ -86,8 +86,8 @@ impl LuaResponse {
         }
     }
 
-    /// Converts into the HTTP response sent to the client (the body moves).
-    pub fn into_http(&self) -> Result<http::Response<Body>> {
+    /// The HTTP response sent to the client; the body moves out (a second take fails).
+    pub fn take_http(&self) -> Result<http::Response<Body>> {
         let body = self.body.take()?;
         let mut resp = http::Response::new(body);
         *resp.status_mut() = self.status;

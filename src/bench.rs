@@ -1,0 +1,15 @@
+//! The internals the benchmarks drive directly (`bench/lua_call.rs` builds a worker's Lua
+//! state and calls its handler without a client). Not an API: hidden, and free to change.
+
+pub use crate::body::empty as empty_body;
+pub use crate::config::Limits;
+pub use crate::policy::overrides::Setter;
+pub use crate::policy::{CanonicalHost, HandlerChoice};
+pub use crate::script::api::body::{BodySlot, SharedBody};
+pub use crate::script::api::container::OverrideSink;
+pub use crate::script::api::headers::LuaHeaders;
+pub use crate::script::api::request::LuaRequest;
+pub use crate::script::{CallContext, ClassRuntime, load_generation};
+pub use crate::upstream::resolve::Resolver;
+pub use crate::upstream::tls::UpstreamTls;
+pub use crate::upstream::{DialRules, Target, Upstream, to_upstream_request};
