@@ -68,12 +68,8 @@ fn sigv4_matches_aws_published_and_independent_vectors() {
 #[test]
 fn every_recipe_reaches_the_upstream_and_the_container_never_holds_the_secret() {
     let up = Upstream::start();
-    let moat = Moat::start_with(
-        &POLICY.replace("%UP%", &up.addr.port().to_string()),
-        None,
-        &[],
-        &[("MOAT_SECRET_TOKEN", "real-token-123456")],
-    );
+    let moat =
+        Moat::policy(&POLICY.replace("%UP%", &up.addr.port().to_string())).secret("TOKEN", "real-token-123456").start();
     let seen = |kind: &str, extra: &[&str]| {
         let r = curl(&moat, &format!("http://recipes.test/{kind}"), extra);
         assert_eq!(r.status, 200, "{kind}: {}", r.body);

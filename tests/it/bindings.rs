@@ -111,7 +111,7 @@ fn storage_is_private_per_container_and_data_survives_restart() {
 fn secrets_reach_the_upstream_but_never_the_log_or_an_error_body() {
     let up = Upstream::start();
     let secret = "sk-live-5f1e2d3c4b5a69788796";
-    let moat = Moat::start_with(KV_POLICY, None, &[], &[("MOAT_SECRET_API_TOKEN", secret)]);
+    let moat = Moat::policy(KV_POLICY).secret("API_TOKEN", secret).start();
     let r = curl(&moat, "http://secret.test/", &["-H", &format!("x-port: {}", up.addr.port())]);
     assert_eq!(r.status, 500);
     assert!(!r.body.contains(secret), "{}", r.body);
@@ -260,7 +260,7 @@ outboundByHost = {
     return fetch(r)
   end,
 }"#;
-    let moat = Moat::start_with(policy, None, &[], &[("MOAT_SECRET_GITHUB_TOKEN", secret)]);
+    let moat = Moat::policy(policy).secret("GITHUB_TOKEN", secret).start();
     let r = curl(&moat, "http://gh.test/", &["-H", &format!("x-port: {}", up.addr.port())]);
     assert_eq!(
         up.last().unwrap().headers["authorization"],
@@ -284,12 +284,7 @@ outboundByHost = {
     let r = curl(&moat, &format!("http://{split}/"), &[]);
     assert_eq!(r.body, "before [secret GITHUB_TOKEN] after");
     // Without redactSecrets, the reflection passes (the policy author chose so).
-    let plain = Moat::start_with(
-        &policy.replace("redactSecrets = true", ""),
-        None,
-        &[],
-        &[("MOAT_SECRET_GITHUB_TOKEN", secret)],
-    );
+    let plain = Moat::policy(&policy.replace("redactSecrets = true", "")).secret("GITHUB_TOKEN", secret).start();
     let r = curl(&plain, "http://gh.test/", &["-H", &format!("x-port: {}", up.addr.port())]);
     assert!(r.body.contains(secret));
 }

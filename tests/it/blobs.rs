@@ -190,7 +190,7 @@ fn a_100_mib_blob_streams_without_buffering() {
     // A generous wall clock: this moves 200 MiB through a handler on a shared 2-core machine.
     // lua_cpu counts the wall clock of the handler's polls, which carry the bytes; under load the
     // machine's other work lands in them.
-    let moat = Moat::start_with(POLICY, Some("[limits]\nhandler_timeout = \"300s\"\nlua_cpu = \"60s\"\n"), &[], &[]);
+    let moat = Moat::policy(POLICY).limit("handler_timeout", "300s").limit("lua_cpu", "60s").start();
     let file = moat.dir.path().join("big.bin");
     {
         use std::io::Write;

@@ -241,12 +241,7 @@ fn sigterm_lets_requests_in_flight_finish_and_closes_idle_connections() {
 fn shutdown_timeout_bounds_the_wait_and_a_second_signal_ends_it() {
     let (port, arrived) = slow_upstream(std::time::Duration::from_secs(3600));
     for (second_signal, limit) in [(false, "1s"), (true, "1h")] {
-        let mut moat = Moat::start_with(
-            r#"allowedHosts = { "127.0.0.1" }"#,
-            Some(&format!("[limits]\nshutdown_timeout = \"{limit}\"\n")),
-            &[],
-            &[],
-        );
+        let mut moat = Moat::policy(r#"allowedHosts = { "127.0.0.1" }"#).limit("shutdown_timeout", limit).start();
         let proxy = moat.proxy_url();
         let url = format!("http://127.0.0.1:{port}/");
         let _never = std::thread::spawn(move || curl_via(&proxy, &url, &["-m", "30"]));

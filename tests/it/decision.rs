@@ -72,7 +72,7 @@ fn allowed_hosts_gate_egress_and_internet_switch() {
 enableInternet = false
 allowedHosts = { "api.test", "127.0.0.1" }
 "#;
-    let moat = Moat::start_with(policy, None, &["--resolve", "api.test=127.0.0.1"], &[]);
+    let moat = Moat::policy(policy).resolve("api.test", "127.0.0.1").start();
     // Step 7: listed host → egress (loopback is dialable because 127.0.0.1 is listed).
     let r = curl(&moat, &format!("http://api.test:{port}/echo?x=1"), &[]);
     assert_eq!(r.status, 200, "{}", r.body);

@@ -9,7 +9,7 @@ use crate::harness::*;
 fn loopback_forms_are_refused_without_an_ip_entry() {
     let up = Upstream::start();
     let port = up.addr.port();
-    let moat = Moat::start_with("", None, &["--resolve", "sneaky.test=127.0.0.1"], &[]);
+    let moat = Moat::policy("").resolve("sneaky.test", "127.0.0.1").start();
     for host in
         ["127.0.0.1", "2130706433", "0x7f000001", "0x7f.1", "0177.0.0.1", "127.1", "[::ffff:127.0.0.1]", "sneaky.test"]
     {
@@ -24,12 +24,11 @@ fn loopback_forms_are_refused_without_an_ip_entry() {
 fn ip_entry_opens_loopback_but_denied_cidr_and_moat_itself_stay_closed() {
     let up = Upstream::start();
     let port = up.addr.port();
-    let moat = Moat::start_with(
-        r#"allowedHosts = { "127.0.0.0/8", "loop.test", "ddd.test" } deniedHosts = { "127.0.0.9" }"#,
-        None,
-        &["--resolve", "loop.test=127.0.0.1", "--resolve", "ddd.test=127.0.0.9"],
-        &[],
-    );
+    let moat =
+        Moat::policy(r#"allowedHosts = { "127.0.0.0/8", "loop.test", "ddd.test" } deniedHosts = { "127.0.0.9" }"#)
+            .resolve("loop.test", "127.0.0.1")
+            .resolve("ddd.test", "127.0.0.9")
+            .start();
     assert_eq!(curl(&moat, &format!("http://loop.test:{port}/ok"), &[]).status, 200);
     // A name whose address is inside a deniedHosts CIDR is refused at dial time.
     let r = curl(&moat, &format!("http://ddd.test:{port}/"), &[]);
@@ -140,7 +139,7 @@ fn upstream_failures_are_502_with_a_reason() {
 #[test]
 fn access_log_has_one_line_per_request_without_query() {
     let up = Upstream::start();
-    let moat = Moat::start_with(r#"allowedHosts = { "127.0.0.1" }"#, None, &["--log-format", "json"], &[]);
+    let moat = Moat::policy(r#"allowedHosts = { "127.0.0.1" }"#).arg("--log-format").arg("json").start();
     curl(&moat, &up.url("/path?token=SECRETQUERY"), &["-U", "c-7:", "--data", "twelve bytes"]);
     let log = moat.wait_log("\"status\":200");
     let line = log.lines().find(|l| l.contains("moat::access")).expect("an access line");
@@ -180,8 +179,7 @@ fn a_body_that_stalls_for_the_body_idle_timeout_is_cut_off_in_either_direction()
     let up = Upstream::start();
     // An upstream that sends half of its body and then nothing, keeping the connection open.
     let stalling = raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf.", true);
-    let moat =
-        Moat::start_with(r#"allowedHosts = { "127.0.0.1" }"#, Some("[limits]\nbody_idle_timeout = \"1s\"\n"), &[], &[]);
+    let moat = Moat::policy(r#"allowedHosts = { "127.0.0.1" }"#).limit("body_idle_timeout", "1s").start();
     // A client that sends 3 of its 10 body bytes and then nothing: 408, closed.
     let mut s = std::net::TcpStream::connect(moat.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -210,7 +208,7 @@ fn an_upstream_that_never_answers_is_a_504_after_the_response_head_timeout() {
     use std::io::{Read, Write};
     // Reads the request, then holds the connection without a byte.
     let silent = raw_upstream(b"", true);
-    let moat = Moat::start_with(VIA_HANDLER, Some("[limits]\nresponse_head_timeout = \"2s\"\n"), &[], &[]);
+    let moat = Moat::policy(VIA_HANDLER).limit("response_head_timeout", "2s").start();
     let url = format!("http://127.0.0.1:{silent}/");
     let r = curl(&moat, &url, &[]);
     assert_eq!(r.status, 504, "{}", r.body);
@@ -243,13 +241,11 @@ fn an_upstream_that_never_answers_is_a_504_after_the_response_head_timeout() {
 fn a_client_that_goes_away_cancels_its_waiting_request_upstream() {
     use std::io::Write;
     let (port, ended) = silent_upstream();
-    let moat = Moat::start_with(
-        VIA_HANDLER,
+    let moat = Moat::policy(VIA_HANDLER)
         // Long bounds: what ends the upstream request here is the client leaving.
-        Some("[limits]\nresponse_head_timeout = \"5m\"\nhandler_timeout = \"5m\"\n"),
-        &[],
-        &[],
-    );
+        .limit("response_head_timeout", "5m")
+        .limit("handler_timeout", "5m")
+        .start();
     for (request, path) in [
         (format!("GET http://127.0.0.1:{port}/egress HTTP/1.1\r\n\r\n"), "path=\"/egress\""),
         (format!("GET http://via.handler/handler HTTP/1.1\r\nx-port: {port}\r\n\r\n"), "path=\"/handler\""),

@@ -53,7 +53,7 @@ fn ten_thousand_connections_are_accepted_at_once_keep_rss_bounded_and_one_more_g
     let n: usize = 10_000.min(raise_own_limit().saturating_sub(200) as usize);
     assert!(n >= 1_000, "this machine allows too few open files for the test ({n})");
     let toml = format!("[limits]\nmax_connections = {n}\nrequest_head_timeout = \"5m\"\nidle_timeout = \"5m\"\n");
-    let moat = Moat::start_with(POLICY, Some(&toml), &[], &[]);
+    let moat = Moat::policy(POLICY).config(&toml).start();
     let before = memory_kib(moat.pid(), "VmRSS");
 
     // Half of them made a request and are kept alive, half never sent a byte.
@@ -150,7 +150,7 @@ fn slow_client(moat: std::net::SocketAddr, start: &[u8], trickle: &[u8]) -> Ende
 #[test]
 fn slowloris_on_the_head_the_connect_head_the_first_bytes_and_the_tls_handshake_is_closed_by_its_timeout() {
     let toml = "[limits]\nrequest_head_timeout = \"1s\"\ntls_handshake_timeout = \"1s\"\n";
-    let moat = Moat::start_with(POLICY, Some(toml), &[], &[]);
+    let moat = Moat::policy(POLICY).config(toml).start();
     // A TLS record header announcing a 16 KiB handshake record, then its bytes one at a time.
     const HELLO_START: &[u8] = b"\x16\x03\x01\x40\x00\x01\x00\x3f\xfc\x03\x03";
     let cases: [(&str, Vec<u8>, &'static [u8]); 4] = [
@@ -194,7 +194,7 @@ fn an_http2_connection_gets_at_most_100_concurrent_streams_and_the_next_is_refus
         r#"interceptHttps = true
 outboundByHost = {{ ["slow.test"] = function() return fetch("http://127.0.0.1:{port}/") end }}"#
     );
-    let moat = Moat::start_with(&policy, None, &[], &[]);
+    let moat = Moat::policy(&policy).start();
     let mut tls = tls_through(&moat, "slow.test", 443, b"h2");
     let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     out.extend(h2_frame(0x4, 0, 0, &[]));

@@ -68,7 +68,7 @@ fn an_upstream_that_resets_mid_body_stalls_mid_head_or_sends_a_broken_head_is_a_
         false
     });
     let toml = "[limits]\nresponse_head_timeout = \"1s\"\n";
-    let moat = Moat::start_with(POLICY, Some(toml), &[], &[]);
+    let moat = Moat::policy(POLICY).config(toml).start();
 
     // Egress: the head went out before the reset, so the client sees its connection cut
     // (never a complete answer); a stalled head is a 504, a broken one a 502.
@@ -98,7 +98,7 @@ fn a_pooled_connection_the_upstream_closes_as_it_is_reused_is_retried_for_a_get_
     // closes without a byte, as a server does whose keep-alive timer fired as the request came.
     let port =
         scripted_upstream(|n, c| n == 0 && c.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirst").is_ok());
-    let moat = Moat::start_with(POLICY, None, &[], &[("MOAT_WORKERS", "1")]);
+    let moat = Moat::policy(POLICY).workers(1).start();
     let url = format!("http://127.0.0.1:{port}/");
     assert_eq!(curl(&moat, &url, &[]).body, "first");
     // Idle long enough for a server's keep-alive timer to matter.
@@ -405,7 +405,7 @@ fn streamed_uploads_into_a_bucket_finish_while_the_machine_is_busy() {
     // handler's task unwoken, and a 100 MiB upload stopped for good (4 of 8 under load).
     let policy = r#"outboundByHost = { ["up.test"] = function(request, env)
         return Response.new("size " .. env.BUCKET:put("k", request.body).size) end }"#;
-    let moat = Moat::start_with(policy, None, &[], &[]);
+    let moat = Moat::policy(policy).start();
     let file = moat.dir.path().join("up.bin");
     std::fs::write(&file, vec![b'u'; 32 << 20]).unwrap();
     let busy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -439,7 +439,7 @@ fn streamed_uploads_into_a_bucket_finish_while_the_machine_is_busy() {
 fn an_upload_cut_off_by_the_handler_timeout_leaves_no_file_behind() {
     let policy = r#"outboundByHost = { ["up.test"] = function(request, env)
         return Response.new("size " .. env.BUCKET:put("k", request.body).size) end }"#;
-    let moat = Moat::start_with(policy, Some("[limits]\nhandler_timeout = \"1s\"\n"), &[], &[]);
+    let moat = Moat::policy(policy).limit("handler_timeout", "1s").start();
     let file = moat.dir.path().join("up.bin");
     std::fs::write(&file, vec![b'u'; 1 << 20]).unwrap();
     let r = curl(&moat, "http://up.test/", &["-T", file.to_str().unwrap(), "--limit-rate", "100K"]);

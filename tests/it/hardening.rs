@@ -29,8 +29,7 @@ interceptHttps = true
 enableInternet = true
 outboundByHost = { ["tls.test"] = function(request) return Response.new("from the handler " .. request.url) end }
 "#;
-    let moat =
-        Moat::start_with(policy, None, &["--resolve", "tls.test=127.0.0.1", "--resolve", "out.test=127.0.0.1"], &[]);
+    let moat = Moat::policy(policy).resolve("tls.test", "127.0.0.1").resolve("out.test", "127.0.0.1").start();
     let ca = moat.dir.path().join("data/ca.pem");
     let ca = ca.to_str().unwrap();
     let r = curl(&moat, "https://tls.test:8443/x", &["--cacert", ca]);
@@ -323,7 +322,7 @@ fn chunk_sizes_with_white_space_are_refused() {
 fn a_request_body_trickled_below_the_minimum_rate_is_cut_off_with_408() {
     let up = Upstream::start();
     let toml = "[limits]\nrequest_body_min_rate = \"1KiB\"\nrequest_body_rate_grace = \"1s\"\n";
-    let moat = Moat::start_with(r#"allowedHosts = { "127.0.0.1" }"#, Some(toml), &[], &[]);
+    let moat = Moat::policy(r#"allowedHosts = { "127.0.0.1" }"#).config(toml).start();
     for framing in ["Content-Length: 1000", "Transfer-Encoding: chunked"] {
         let mut s = TcpStream::connect(moat.addr).unwrap();
         s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
@@ -400,7 +399,7 @@ outboundByHost = { ["built.test"] = function(request, env)
   return Response.new("token " .. env.TOKEN, { headers = { ["x-token"] = "Bearer " .. env.TOKEN } })
 end }
 "#;
-    let moat = Moat::start_with(policy, None, &["--resolve", "built.test=127.0.0.1"], &[("MOAT_SECRET_TOKEN", secret)]);
+    let moat = Moat::policy(policy).resolve("built.test", "127.0.0.1").secret("TOKEN", secret).start();
     let ca = moat.dir.path().join("data/ca.pem");
     for (url, flag) in
         [("http://built.test/", "--http1.1"), ("https://built.test/", "--http1.1"), ("https://built.test/", "--http2")]
@@ -424,7 +423,7 @@ end }
 "#;
     // One worker, so that the loops and the request below share its thread.
     let toml = "[limits]\nlua_cpu = \"2s\"\nhandler_timeout = \"30s\"\n";
-    let moat = Moat::start_with(policy, Some(toml), &[], &[("MOAT_WORKERS", "1")]);
+    let moat = Moat::policy(policy).config(toml).workers(1).start();
     let finished = Arc::new(AtomicUsize::new(0));
     let loops: Vec<_> = (0..2)
         .map(|_| {
@@ -483,7 +482,7 @@ allowedHosts = { "127.0.0.1", "h.test" }
 outboundByHost = { ["h.test"] = function() return Response.new("handled") end }
 "#;
     // A ceiling below what any process holds: over from the first heartbeat on.
-    let moat = Moat::start_with(policy, Some("[limits]\nmemory_ceiling = \"1MiB\"\n"), &[], &[]);
+    let moat = Moat::policy(policy).limit("memory_ceiling", "1MiB").start();
     let log = moat.wait_log("over limits.memory_ceiling");
     assert!(log.contains("new handler calls get 503"), "{log}");
     let r = curl(&moat, "http://h.test/", &[]);

@@ -19,6 +19,82 @@ use hyper_util::rt::TokioIo;
 
 pub const MOAT: &str = env!("CARGO_BIN_EXE_moat");
 
+/// How a test's `moat serve` is started: `Moat::policy(p).limit("lua_cpu", "1s").start()`.
+#[derive(Default)]
+pub struct MoatBuilder {
+    policy: String,
+    config: Option<String>,
+    limits: Vec<(String, String)>,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl MoatBuilder {
+    /// A moat.toml (passed with `--config`).
+    pub fn config(mut self, toml: &str) -> Self {
+        self.config = Some(toml.to_string());
+        self
+    }
+
+    /// One `[limits]` key; a number stays a number, anything else is written as a string.
+    pub fn limit(mut self, key: &str, value: &str) -> Self {
+        let value = if value.parse::<u64>().is_ok() { value.to_string() } else { format!("{value:?}") };
+        self.limits.push((key.to_string(), value));
+        self
+    }
+
+    /// `--resolve host=ip`: moat's resolver answers `host` with `ip`.
+    pub fn resolve(self, host: &str, ip: &str) -> Self {
+        self.arg("--resolve").arg(&format!("{host}={ip}"))
+    }
+
+    /// A secret `name` with `value` (from the environment, `MOAT_SECRET_<name>`).
+    pub fn secret(self, name: &str, value: &str) -> Self {
+        self.env(&format!("MOAT_SECRET_{name}"), value)
+    }
+
+    /// The number of worker threads (two unless a test asks otherwise).
+    pub fn workers(self, n: usize) -> Self {
+        self.env("MOAT_WORKERS", &n.to_string())
+    }
+
+    /// An environment variable of the moat process.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// One more command-line argument of `moat serve`.
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.args.push(arg.to_string());
+        self
+    }
+
+    /// Starts it in a fresh temporary folder and waits until it serves.
+    pub fn start(self) -> Moat {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("policy.lua"), &self.policy).unwrap();
+        let mut cmd = Command::new(MOAT);
+        cmd.arg("serve").arg("--listen").arg("127.0.0.1:0");
+        cmd.arg("--policy").arg(dir.path().join("policy.lua"));
+        cmd.arg("--data-dir").arg(dir.path().join("data"));
+        let mut toml = self.config.unwrap_or_default();
+        if !self.limits.is_empty() {
+            assert!(!toml.contains("[limits]"), "set limits with .limit() or in .config(), not both");
+            toml.push_str("\n[limits]\n");
+            for (key, value) in &self.limits {
+                toml.push_str(&format!("{key} = {value}\n"));
+            }
+        }
+        if !toml.is_empty() {
+            std::fs::write(dir.path().join("moat.toml"), toml).unwrap();
+            cmd.arg("--config").arg(dir.path().join("moat.toml"));
+        }
+        cmd.args(&self.args).env("MOAT_WORKERS", "2").envs(self.env).current_dir(dir.path());
+        Moat::spawn(cmd, dir)
+    }
+}
+
 /// A running `moat serve`, killed on drop.
 pub struct Moat {
     child: Child,
@@ -32,24 +108,12 @@ pub struct Moat {
 impl Moat {
     /// Serves `policy` (Lua source) with no config.
     pub fn start(policy: &str) -> Moat {
-        Self::start_with(policy, None, &[], &[])
+        Self::policy(policy).start()
     }
 
-    /// Serves `policy` with an optional moat.toml, extra flags and environment.
-    pub fn start_with(policy: &str, toml: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Moat {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("policy.lua"), policy).unwrap();
-        let mut cmd = Command::new(MOAT);
-        cmd.arg("serve").arg("--listen").arg("127.0.0.1:0");
-        cmd.arg("--policy").arg(dir.path().join("policy.lua"));
-        cmd.arg("--data-dir").arg(dir.path().join("data"));
-        if let Some(t) = toml {
-            std::fs::write(dir.path().join("moat.toml"), t).unwrap();
-            cmd.arg("--config").arg(dir.path().join("moat.toml"));
-        }
-        // Two workers unless a test asks otherwise.
-        cmd.args(args).env("MOAT_WORKERS", "2").envs(env.iter().copied()).current_dir(dir.path());
-        Self::spawn(cmd, dir)
+    /// A moat that will serve `policy` (Lua source): say how, then [`MoatBuilder::start`].
+    pub fn policy(policy: &str) -> MoatBuilder {
+        MoatBuilder { policy: policy.to_string(), ..Default::default() }
     }
 
     /// Serves `folder/policy.lua` with its data in `folder/data`, for tests that restart moat

@@ -31,7 +31,7 @@ outboundByHost = {
 /// moat with `tls.test` on loopback and the test CA trusted upstream.
 fn intercepting_moat(policy: &str, ca: &TestCa) -> Moat {
     let toml = format!("[tls]\nextra_ca = [\"{}\"]\n", ca.pem.display());
-    Moat::start_with(policy, Some(&toml), &["--resolve", "tls.test=127.0.0.1"], &[])
+    Moat::policy(policy).config(&toml).resolve("tls.test", "127.0.0.1").start()
 }
 
 /// The CA certificate the running moat wrote for clients.
@@ -102,7 +102,7 @@ fn an_ip_host_gets_an_ip_san_and_egress_verifies_the_upstream() {
     }
     // An upstream whose certificate moat does not trust: 502 with the reason, for this
     // request only.
-    let untrusting = Moat::start_with(POLICY, None, &["--resolve", "tls.test=127.0.0.1"], &[]);
+    let untrusting = Moat::policy(POLICY).resolve("tls.test", "127.0.0.1").start();
     let r = curl(&untrusting, &url, &["--cacert", &moat_ca(&untrusting)]);
     assert_eq!(r.status, 502, "{}", r.body);
     assert!(r.body.contains("TLS to 127.0.0.1:") && r.body.contains("certificate"), "{}", r.body);
@@ -176,7 +176,7 @@ fn an_intercepted_tunnel_still_needs_the_sni_to_be_the_connect_host() {
 #[test]
 fn an_idle_intercepted_http2_connection_is_sent_away() {
     let toml = "[limits]\nidle_timeout = \"1s\"\n";
-    let moat = Moat::start_with("interceptHttps = true\nallowedHosts = { \"idle.test\" }", Some(toml), &[], &[]);
+    let moat = Moat::policy("interceptHttps = true\nallowedHosts = { \"idle.test\" }").config(toml).start();
     let mut tls = tls_through(&moat, "idle.test", 443, b"h2");
     // The client preface and an empty SETTINGS frame, then nothing.
     tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").unwrap();
@@ -347,7 +347,7 @@ fn an_http2_response_body_that_stalls_is_cut_off_after_the_body_idle_timeout() {
         r#"interceptHttps = true
 outboundByHost = {{ ["stall.test"] = function() return fetch("http://127.0.0.1:{port}/") end }}"#
     );
-    let moat = Moat::start_with(&policy, Some("[limits]\nbody_idle_timeout = \"1s\"\n"), &[], &[]);
+    let moat = Moat::policy(&policy).limit("body_idle_timeout", "1s").start();
     let started = std::time::Instant::now();
     let out = std::process::Command::new("curl")
         .args(["-sS", "--http2", "--max-time", "15", "--noproxy", "", "-x", &moat.proxy_url()])
@@ -363,7 +363,7 @@ outboundByHost = {{ ["stall.test"] = function() return fetch("http://127.0.0.1:{
 fn an_http2_request_body_that_stalls_is_a_408_as_over_http1() {
     let policy = r#"interceptHttps = true
 outboundByHost = { ["upload.test"] = function(request) return Response.new("got " .. request:text()) end }"#;
-    let moat = Moat::start_with(policy, Some("[limits]\nbody_idle_timeout = \"1s\"\n"), &[], &[]);
+    let moat = Moat::policy(policy).limit("body_idle_timeout", "1s").start();
     let mut tls = tls_through(&moat, "upload.test", 443, b"h2");
     let frame = h2_frame;
     let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
@@ -425,7 +425,7 @@ fn an_http2_stream_the_client_resets_cancels_its_upstream_request_and_is_logged(
         r#"interceptHttps = true
 outboundByHost = {{ ["slow.test"] = function() return fetch("http://127.0.0.1:{port}/") end }}"#
     );
-    let moat = Moat::start_with(&policy, Some("[limits]\nhandler_timeout = \"5m\"\n"), &[], &[]);
+    let moat = Moat::policy(&policy).limit("handler_timeout", "5m").start();
     let mut tls = tls_through(&moat, "slow.test", 443, b"h2");
     let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     out.extend(h2_frame(0x4, 0, 0, &[]));

@@ -32,7 +32,7 @@ fn toml() -> &'static str {
 
 #[test]
 fn handler_errors_are_500_with_the_request_id() {
-    let moat = Moat::start_with(POLICY, Some(toml()), &[], &[]);
+    let moat = Moat::policy(POLICY).config(toml()).start();
     for host in ["raise.test", "nil.test", "table.test"] {
         let r = curl(&moat, &format!("http://{host}/"), &[]);
         assert_eq!(r.status, 500, "{host}");
@@ -48,7 +48,7 @@ fn handler_errors_are_500_with_the_request_id() {
 #[test]
 fn cpu_memory_and_wall_clock_limits_while_others_keep_succeeding() {
     let up = Upstream::start();
-    let moat = Moat::start_with(POLICY, Some(toml()), &[], &[]);
+    let moat = Moat::policy(POLICY).config(toml()).start();
     let port = up.addr.port().to_string();
     // Run the bad handlers concurrently with good requests.
     let bad = ["loop.test", "pcall-loop.test", "bomb.test", "sleep.test"].map(|h| {
@@ -87,7 +87,7 @@ outboundByHost = {{ ["read.test"] = function(request)
 end }}"#,
         up.addr.port()
     );
-    let moat = Moat::start_with(&policy, Some("[limits]\nbody_buffer = \"4KiB\"\n"), &[], &[]);
+    let moat = Moat::policy(&policy).limit("body_buffer", "4KiB").start();
     let r = curl(&moat, "http://read.test/", &[]);
     assert!(r.body.contains("larger than the body_buffer limit"), "{}", r.body);
 }

@@ -226,7 +226,7 @@ fn a_redirect_to_another_origin_does_not_carry_injected_secrets() {
 end }}"#,
         a.addr.port()
     );
-    let moat = Moat::start_with(&policy, None, &[], &[("MOAT_SECRET_API_KEY", "key-0123456789")]);
+    let moat = Moat::policy(&policy).secret("API_KEY", "key-0123456789").start();
     // Same origin: the injected headers follow.
     let r = curl(&moat, &format!("http://inject.test/?{}", a.url("/same")), &[]);
     assert_eq!(r.status, 200, "{}", r.body);
@@ -301,7 +301,7 @@ outboundByHost = {{
 }}"#
     );
     // One worker, so that the later call runs on the state that kept the answer.
-    let moat = Moat::start_with(&policy, None, &[], &[("MOAT_WORKERS", "1")]);
+    let moat = Moat::policy(&policy).workers(1).start();
     let r = curl(&moat, "http://peek.test/", &[]);
     assert_eq!((r.status, r.body.as_str()), (200, "upstream said 200"));
     assert!(
@@ -322,7 +322,7 @@ fn what_a_container_sends_cannot_forge_log_lines() {
       end }"#;
     let forged = "x\n2026-01-01T00:00:00.000000Z  INFO moat::access: access forged\r\n\x1b[2Jcleared";
     for format in ["human", "json"] {
-        let moat = Moat::start_with(policy, None, &["--log-format", format], &[]);
+        let moat = Moat::policy(policy).arg("--log-format").arg(format).start();
         let r = curl(&moat, "http://log.test/", &["--data-binary", forged, "-H", "x-note: tab\there"]);
         assert_eq!(r.status, 500);
         let logs = moat.wait_log("failed on");

@@ -50,7 +50,7 @@ fn memory_held_outside_lua_counts_against_lua_memory_so_rss_stays_bounded_and_is
     let up = Upstream::start();
     // The case wants thousands of fetches; a debug build is slow, hence the time.
     let toml = "[limits]\nsubrequests = 1000\nhandler_timeout = \"120s\"\nlua_cpu = \"60s\"\n";
-    let moat = Moat::start_with(&policy(&up), Some(toml), &[], &[]);
+    let moat = Moat::policy(&policy(&up)).config(toml).start();
     let start = memory_kib(moat.pid(), "VmRSS");
 
     for _ in 0..3 {

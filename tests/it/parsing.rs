@@ -81,7 +81,7 @@ fn raw_half_closed(moat: &Moat, bytes: &[u8]) -> String {
 
 #[test]
 fn oversized_head_is_431() {
-    let moat = Moat::start_with(open_policy(), Some("[limits]\nrequest_head_bytes = \"8KiB\"\n"), &[], &[]);
+    let moat = Moat::policy(open_policy()).limit("request_head_bytes", "8KiB").start();
     let req = format!("GET http://127.0.0.1:9/ HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(10_000));
     assert!(raw(&moat, req.as_bytes()).starts_with("HTTP/1.1 431 "));
 }
@@ -114,7 +114,7 @@ fn container_identity_and_407() {
     let toml = "[containers]\nagent-1 = { token_env = \"AGENT1_TOKEN\" }\n";
     let policy =
         r#"outboundByHost = { ["who.test"] = function(r, env, ctx) return Response.new(ctx.containerId) end }"#;
-    let moat = Moat::start_with(policy, Some(toml), &[], &[("AGENT1_TOKEN", "s3cret")]);
+    let moat = Moat::policy(policy).config(toml).env("AGENT1_TOKEN", "s3cret").start();
     let ok = curl(&moat, "http://who.test/", &["-U", "agent-1:s3cret"]);
     assert_eq!((ok.status, ok.body.as_str()), (200, "agent-1"));
     for creds in [None, Some("agent-1:wrong"), Some("agent-2:s3cret"), Some("agent-1:"), Some("bad/id:s3cret")] {

@@ -222,7 +222,7 @@ fn tcp_admin_needs_the_token_and_is_never_a_proxy_destination() {
         "[admin]\ntcp = \"127.0.0.1:{port}\"\ntoken_env = \"ADMIN_TOKEN\"\n[limits]\nrequest_head_timeout = \"1s\"\n"
     );
     let token = "0123456789abcdef-admin";
-    let moat = Moat::start_with(r#"allowedHosts = { "127.0.0.1" }"#, Some(&toml), &[], &[("ADMIN_TOKEN", token)]);
+    let moat = Moat::policy(r#"allowedHosts = { "127.0.0.1" }"#).config(&toml).env("ADMIN_TOKEN", token).start();
     let url = format!("http://127.0.0.1:{port}/v1/status");
     let out = |args: &[&str]| {
         let o = Command::new("curl")

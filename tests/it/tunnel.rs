@@ -61,7 +61,7 @@ fn tls_upstream() -> TlsUpstream {
 
 /// moat serving `policy`, with `tls.test` resolving to loopback.
 fn tls_moat(policy: &str) -> Moat {
-    Moat::start_with(policy, None, &["--resolve", "tls.test=127.0.0.1"], &[])
+    Moat::policy(policy).resolve("tls.test", "127.0.0.1").start()
 }
 
 fn https(moat: &Moat, up: &TlsUpstream, host: &str) -> CurlOut {
@@ -266,11 +266,11 @@ end }}"#,
         up.addr.port()
     );
     let toml = format!("[tls]\nextra_ca = [\"{}\"]\n", up.ca_pem.display());
-    let moat = Moat::start_with(&policy, Some(&toml), &["--resolve", "tls.test=127.0.0.1"], &[]);
+    let moat = Moat::policy(&policy).config(&toml).resolve("tls.test", "127.0.0.1").start();
     let r = curl(&moat, "http://gh.local/", &[]);
     assert_eq!((r.status, r.body.as_str()), (200, "hello over tls"));
     // Without the CA the upstream's certificate is not trusted: 502 with the reason.
-    let untrusted = Moat::start_with(&policy, None, &["--resolve", "tls.test=127.0.0.1"], &[]);
+    let untrusted = Moat::policy(&policy).resolve("tls.test", "127.0.0.1").start();
     let r = curl(&untrusted, "http://gh.local/", &[]);
     assert_eq!(r.status, 502, "{}", r.body);
     assert!(r.body.contains("TLS to tls.test:") && r.body.contains("certificate"), "{}", r.body);
