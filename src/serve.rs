@@ -66,19 +66,19 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     // The proxy listeners last (see above). Their addresses are part of the loop check
     // (SPEC 8.4), so the state workers share is made after them.
     let mut listeners = Vec::new();
-    for (i, class) in config.classes.iter().enumerate() {
+    for class in &config.classes {
         let l = listen::bind(class.listen)
             .map_err(|e| anyhow::anyhow!("cannot listen on {} for class {}: {e}", class.listen, class.name))?;
-        listeners.push((i, l));
+        listeners.push(l);
     }
-    let mut own: Vec<SocketAddr> = listeners.iter().filter_map(|(_, l)| l.local_addr().ok()).collect();
+    let mut own: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
     if let Some((l, _)) = &admin_tcp {
         own.extend(l.local_addr().ok());
     }
     let shared = Arc::new(Shared::new(config, bindings, overrides, upstream_tls, leaves, metrics, own));
 
-    for i in 0..shared.classes.len() {
-        crate::proxy::reload::reload_class(&shared, i);
+    for (id, _) in shared.classes() {
+        crate::proxy::reload::reload_class(&shared, id);
     }
 
     let reloads = crate::proxy::reload::start(shared.clone())?;
@@ -92,10 +92,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         if let Some(listener) = admin_listener {
             tasks.spawn(crate::admin::server::serve(shared.clone(), listener, admin));
         }
-        for (class, std_listener) in listeners {
+        // The listeners were bound in the config's order of classes.
+        for ((class, c), std_listener) in shared.classes().zip(listeners) {
             let listener = TcpListener::from_std(std_listener)?;
             let addr = listener.local_addr()?;
-            let name = &shared.classes[class].config.name;
+            let name = &c.config.name;
             println!("moat: listening on {addr} (class {name})");
             let workers = workers.clone();
             let listener = listen::Listener { socket: listener, kind: listen::ListenerKind::Explicit, class };

@@ -41,8 +41,8 @@ pub fn route(shared: &Shared, method: &Method, path: &str, query: Option<&str>, 
         },
         (&Method::GET, ["v1", "status"]) => json_answer(StatusCode::OK, status(shared)),
         (&Method::POST, ["v1", "reload"]) => {
-            for i in 0..shared.classes.len() {
-                crate::proxy::reload::reload_class(shared, i);
+            for (id, _) in shared.classes() {
+                crate::proxy::reload::reload_class(shared, id);
             }
             json_answer(StatusCode::OK, status(shared))
         }
@@ -196,9 +196,8 @@ fn blob_route(shared: &Shared, method: &Method, bucket: &str, key: &str, query: 
 
 fn status(shared: &Shared) -> Value {
     let classes: Vec<Value> = shared
-        .classes
-        .iter()
-        .map(|c| {
+        .classes()
+        .map(|(_, c)| {
             let g = c.current();
             json!({
                 "name": &*c.config.name,
@@ -226,7 +225,7 @@ fn effective_policy(shared: &Shared, spec: &crate::policy::overrides::OverrideSp
         None => json!({ "handler": format!("outboundHandlers.{}", h.method) }),
     };
     let mut out = serde_json::Map::new();
-    for class in shared.classes.iter() {
+    for (_, class) in shared.classes() {
         let Some(g) = class.current() else {
             out.insert(class.config.name.to_string(), json!({ "generation": null, "error": "policy not loaded" }));
             continue;
@@ -333,9 +332,9 @@ fn apply(shared: &Shared, id: &str, setter: Setter, query: Option<&str>) -> Answ
         return error(StatusCode::BAD_REQUEST, "bad_container_id", e.to_string());
     }
     let wanted = query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("class=")));
-    let class = match (wanted, shared.classes.len()) {
-        (Some(name), _) => shared.classes.iter().find(|c| &*c.config.name == name),
-        (None, 1) => shared.classes.first(),
+    let class = match (wanted, shared.class_count()) {
+        (Some(name), _) => shared.classes().map(|(_, c)| c).find(|c| &*c.config.name == name),
+        (None, 1) => shared.classes().map(|(_, c)| c).next(),
         (None, _) => {
             return error(StatusCode::BAD_REQUEST, "class_required", "several classes are served: add ?class=NAME");
         }

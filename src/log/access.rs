@@ -31,7 +31,7 @@ pub(super) fn via_tracing(r: &AccessRecord<'_>, detail: &str) {
         host = r.host,
         port = r.port,
         path = r.path,
-        decision = r.decision,
+        decision = r.decision.as_str(),
         detail = detail,
         status = r.status,
         bytes_up = r.bytes_up,
@@ -79,7 +79,7 @@ fn human(out: &mut Vec<u8>, now: SystemTime, r: &AccessRecord<'_>, detail: &str)
         r.host,
         r.port,
         r.path,
-        r.decision,
+        r.decision.as_str(),
         detail,
         r.status,
         r.bytes_up,
@@ -106,7 +106,7 @@ fn json(out: &mut Vec<u8>, now: SystemTime, r: &AccessRecord<'_>, detail: &str) 
     text(out, "host", r.host)?;
     write!(out, ",\"port\":{}", r.port)?;
     text(out, "path", r.path)?;
-    text(out, "decision", r.decision)?;
+    text(out, "decision", r.decision.as_str())?;
     text(out, "detail", detail)?;
     write!(out, ",\"status\":{},\"bytes_up\":{},\"bytes_down\":{}", r.status, r.bytes_up, r.bytes_down)?;
     out.extend_from_slice(b",\"duration_ms\":");
@@ -134,7 +134,7 @@ mod tests {
             host: "api.github.com",
             port: 8080,
             path: "/a \"quoted\"\\path/é\t",
-            decision: "handler",
+            decision: crate::log::Logged::Handler,
             detail: "",
             status: 200,
             bytes_up: 12,

@@ -35,6 +35,35 @@ pub fn redact(text: &str) -> String {
     out
 }
 
+/// What moat did with a request, as the access log and `moat_requests_total` name it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Logged {
+    /// Nothing decided yet (the client went away first, or the request was malformed).
+    #[default]
+    Undecided,
+    /// Denied by the policy (a 520 `moat-denied`).
+    Deny,
+    /// Answered by a handler.
+    Handler,
+    /// Sent upstream, or tunnelled.
+    Egress,
+    /// Refused before a decision: bad request, no identity, no policy loaded.
+    Error,
+}
+
+impl Logged {
+    /// The name in the log line and the metric's `decision` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Undecided => "",
+            Self::Deny => "deny",
+            Self::Handler => "handler",
+            Self::Egress => "egress",
+            Self::Error => "error",
+        }
+    }
+}
+
 /// One access-log line (SPEC 11).
 pub(crate) struct AccessRecord<'a> {
     pub request_id: &'a str,
@@ -47,8 +76,8 @@ pub(crate) struct AccessRecord<'a> {
     pub port: u16,
     /// Path only: the query string may carry secrets and is never logged.
     pub path: &'a str,
-    /// `deny`, `handler`, `egress` or `error`.
-    pub decision: &'a str,
+    /// What moat did with the request.
+    pub decision: Logged,
     /// The deny reason, the handler's name, or the error.
     pub detail: &'a str,
     pub status: u16,

@@ -1,4 +1,5 @@
-//! One client connection on the explicit listener: read a request, decide, answer, repeat
+//! The HTTP/1.1 request loop of a client connection (on the explicit listener, or inside a
+//! CONNECT tunnel or an intercepted TLS connection): read a request, decide, answer, repeat
 //! while the connection is kept alive.
 
 use std::cell::RefCell;
@@ -10,7 +11,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
 
 use super::answer;
 use super::h1::{BodyError, ConnReader, Framing, HeadError, RequestHead, WriteOptions, write_response};
-use super::request::{Pinned, new_log, respond};
+use super::request::{LogLine, Pinned, new_log, respond};
+use super::state::ClassId;
 use super::worker::Worker;
 use crate::body::{self, ChannelBody};
 use crate::config::Limits;
@@ -25,9 +27,13 @@ pub struct Connect<R, W> {
 /// The request loop of a client connection, or of HTTP inside a CONNECT tunnel (then every
 /// request is for the tunnel's host, on behalf of the tunnel's container). Returns the
 /// connection when a CONNECT outside a tunnel asks to take it over.
+///
+/// Each turn has three phases: [`read_head`] (wait for the next request and parse its head),
+/// [`exchange`] (pump its body while [`respond`] decides and answers, then write the answer),
+/// and what the exchange left the connection fit for ([`After`]).
 pub async fn serve_requests<R, W>(
     worker: &Worker,
-    class: usize,
+    class: ClassId,
     mut reader: ConnReader<R>,
     mut writer: BufWriter<W>,
     tunnel: Option<Pinned>,
@@ -39,165 +45,212 @@ where
     let limits = worker.shared.config.limits.clone();
     let mut first = true;
     loop {
-        // A new connection must start its request within the head timeout; a kept-alive one
-        // may sit idle for the idle timeout.
-        let wait = if first { limits.request_head_timeout } else { limits.idle_timeout };
-        match tokio::time::timeout(wait, next_request(worker, &mut reader, writer)).await {
-            Ok((Ok(true), w)) => writer = w,
-            _ => return None,
-        }
+        let head;
+        (head, writer) = read_head(worker, &mut reader, writer, first, &limits).await?;
         first = false;
-        let head = match tokio::time::timeout(limits.request_head_timeout, reader.read_head(limits.request_head_bytes))
-            .await
-        {
-            Err(_) => {
-                let _ = reply_and_close(
-                    &mut writer,
-                    answer::text(
-                        StatusCode::REQUEST_TIMEOUT,
-                        "moat: request head took too long (limits.request_head_timeout)",
-                    ),
-                )
-                .await;
-                return None;
-            }
-            Ok(Err(HeadError::Closed | HeadError::Io(_))) => return None,
-            Ok(Err(HeadError::TooLarge(n))) => {
-                let msg = format!("moat: request head larger than {n} bytes (limits.request_head_bytes)");
-                let _ =
-                    reply_and_close(&mut writer, answer::text(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, msg)).await;
-                return None;
-            }
-            Ok(Err(HeadError::Bad(why))) => {
-                let _ = reply_and_close(
-                    &mut writer,
-                    answer::text(StatusCode::BAD_REQUEST, format!("moat: bad request: {why}")),
-                )
-                .await;
-                return None;
-            }
-            Ok(Ok(h)) => h,
-        };
         if head.method == http::Method::CONNECT && tunnel.is_none() {
             return Some(Connect { head, reader, writer });
         }
-        let started = Instant::now();
-        let version = head.version;
-        let client_upgrade = crate::headers::is_upgrade(&head.headers);
-        let is_head = head.method == http::Method::HEAD;
-        let framing = head.framing;
-        let client_keep_alive = head.keep_alive;
+        match exchange(worker, class, head, &mut reader, &mut writer, tunnel.as_ref(), &limits).await {
+            After::KeepAlive => {}
+            After::Close => {
+                let _ = writer.shutdown().await;
+                return None;
+            }
+            After::Gone => return None,
+            After::Upgrade(upgrading) => {
+                let Upgrading { response, mut log, started } = *upgrading;
+                // The upstream agreed to switch protocols (WebSocket): relay the 101, then
+                // both directions byte for byte until either side closes.
+                relay_upgrade(response, reader, writer, &mut log, started).await;
+                log.emit();
+                log.record(&worker.shared.metrics);
+                return None;
+            }
+        }
+    }
+}
 
-        let send_continue =
-            framing != Framing::None && version == http::Version::HTTP_11 && expects_continue(&head.headers);
-        if send_continue
-            && (writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() || writer.flush().await.is_err())
-        {
-            return None;
-        }
-        let (tx, request_body) = match framing {
-            Framing::None => (None, body::empty()),
-            Framing::Length(n) => {
-                let (tx, b) = ChannelBody::new(Some(n));
-                (Some(tx), body::boxed(b))
-            }
-            Framing::Chunked => {
-                let (tx, b) = ChannelBody::new(None);
-                (Some(tx), body::boxed(b))
-            }
-        };
+/// What an exchange left the connection fit for.
+enum After {
+    /// Another request may follow.
+    KeepAlive,
+    /// The answer is written; close our side.
+    Close,
+    /// Nothing more to write (the client went away, or a write failed).
+    Gone,
+    /// A `101` to relay: the connection becomes the upgraded stream (boxed: rare, and large).
+    Upgrade(Box<Upgrading>),
+}
 
-        let body_before = reader.body_bytes();
-        // The client side of the connection while the request is handled and answered: the
-        // body is fed from it *also* while the response is written (a handler may stream the
-        // request body into its response, `Response.new(request.body)`, or an upstream may
-        // answer before reading it all); then, once the request has waited a heartbeat or two,
-        // it watches for the client closing the connection. Boxed per request, so that it can
-        // outlive the handling phase and be dropped before the reader is used again.
-        let pumped = RefCell::new(Pumped { complete: tx.is_none(), error: None });
-        let mut client = Box::pin(client_side(&mut reader, tx.map(|tx| (framing, tx)), &pumped, worker, &limits));
-        let mut log = new_log(worker, class, &head.method, tunnel.as_ref());
-        // Boxed per request: the handling state (handler call, upstream send) is several KiB,
-        // and inline it would be held by every idle keep-alive connection's task.
-        let handling = Box::pin(respond(worker, class, head, request_body, tunnel.as_ref(), &mut log));
-        let answered = tokio::select! {
-            biased;
-            response = handling => Some(response),
-            () = &mut client => None,
-        };
-        let Some(mut response) = answered else {
-            // Nobody is left to answer: dropping the handling cancels its handler and upstream
-            // request (an upstream still working on it sees its connection close).
-            drop(client);
-            log.status = CLIENT_CLOSED;
-            log.add_failure("request", &"the client closed the connection before the answer");
-            log.duration = started.elapsed();
-            log.bytes_up = reader.body_bytes() - body_before;
-            log.emit();
-            log.record(&worker.shared.metrics);
-            return None;
-        };
-        // How the body went so far; a pump still running now leaves `complete` false.
-        let Pumped { complete: body_complete, error: body_error } =
-            pumped.replace(Pumped { complete: false, error: None });
-        if let Some(e) = &body_error {
-            // A malformed or cut-off body is the client's error, whatever the handler or the
-            // upstream made of the failed stream (SPEC 8.6: 400 and the connection closed).
-            let status = if matches!(e, BodyError::Stalled(_) | BodyError::TooSlow(_)) {
-                StatusCode::REQUEST_TIMEOUT
-            } else {
-                StatusCode::BAD_REQUEST
-            };
-            response = answer::text(status, format!("moat: {e}"));
-            log.status = status.as_u16();
-            log.detail = e.to_string();
+/// A `101` and the log line of the request that asked for it.
+struct Upgrading {
+    response: http::Response<crate::body::Body>,
+    log: LogLine,
+    started: Instant,
+}
+
+/// Waits for the next request and reads its head, within the idle (or, for a new connection,
+/// the head) timeout and then the head timeout. A bad or late head is answered here and ends
+/// the connection (`None`).
+async fn read_head<R, W>(
+    worker: &Worker,
+    reader: &mut ConnReader<R>,
+    writer: BufWriter<W>,
+    first: bool,
+    limits: &Limits,
+) -> Option<(RequestHead, BufWriter<W>)>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    // A new connection must start its request within the head timeout; a kept-alive one
+    // may sit idle for the idle timeout.
+    let wait = if first { limits.request_head_timeout } else { limits.idle_timeout };
+    let mut writer = match tokio::time::timeout(wait, next_request(worker, reader, writer)).await {
+        Ok((Ok(true), w)) => w,
+        _ => return None,
+    };
+    let refusal = match tokio::time::timeout(limits.request_head_timeout, reader.read_head(limits.request_head_bytes))
+        .await
+    {
+        Ok(Ok(head)) => return Some((head, writer)),
+        Ok(Err(HeadError::Closed | HeadError::Io(_))) => return None,
+        Err(_) => {
+            answer::text(StatusCode::REQUEST_TIMEOUT, "moat: request head took too long (limits.request_head_timeout)")
         }
-        if response.status() == http::StatusCode::SWITCHING_PROTOCOLS && client_upgrade && body_complete {
-            // The upstream agreed to switch protocols (WebSocket): relay the 101, then both
-            // directions byte for byte until either side closes.
-            drop(client);
-            relay_upgrade(response, reader, writer, &mut log, started).await;
-            log.emit();
-            log.record(&worker.shared.metrics);
-            return None;
+        Ok(Err(HeadError::TooLarge(n))) => answer::text(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!("moat: request head larger than {n} bytes (limits.request_head_bytes)"),
+        ),
+        Ok(Err(HeadError::Bad(why))) => answer::text(StatusCode::BAD_REQUEST, format!("moat: bad request: {why}")),
+    };
+    let _ = reply_and_close(&mut writer, refusal).await;
+    None
+}
+
+/// One request and its answer: the body is pumped from the client while [`respond`] decides
+/// and answers (a handler may stream the request body into its response, or an upstream may
+/// answer before reading it all), then the answer is written.
+async fn exchange<R, W>(
+    worker: &Worker,
+    class: ClassId,
+    head: RequestHead,
+    reader: &mut ConnReader<R>,
+    writer: &mut BufWriter<W>,
+    tunnel: Option<&Pinned>,
+    limits: &Limits,
+) -> After
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let started = Instant::now();
+    let version = head.version;
+    let client_upgrade = crate::headers::is_upgrade(&head.headers);
+    let is_head = head.method == http::Method::HEAD;
+    let framing = head.framing;
+    let client_keep_alive = head.keep_alive;
+
+    let send_continue =
+        framing != Framing::None && version == http::Version::HTTP_11 && expects_continue(&head.headers);
+    if send_continue
+        && (writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() || writer.flush().await.is_err())
+    {
+        return After::Gone;
+    }
+    let (tx, request_body) = match framing {
+        Framing::None => (None, body::empty()),
+        Framing::Length(n) => {
+            let (tx, b) = ChannelBody::new(Some(n));
+            (Some(tx), body::boxed(b))
         }
-        // Whether the body will have been read to its end is not known yet when it is still
-        // being pumped: such a response closes the connection.
-        let keep_alive = client_keep_alive
-            && body_complete
-            && body_error.is_none()
-            && !answer::closes_connection(&response)
-            && !worker.draining();
-        let options = WriteOptions { version, head_request: is_head, keep_alive, stall: limits.body_idle_timeout };
-        // A client that closes its side now may still read the answer (a half-close): keep
-        // writing; a write to a client that is gone fails by itself.
-        let mut client_closed = false;
-        let written = {
-            let mut writing = pin!(write_response(&mut writer, response, options));
-            loop {
-                tokio::select! {
-                    biased;
-                    written = &mut writing => break written,
-                    () = &mut client, if !client_closed => client_closed = true,
-                }
-            }
-        };
-        // Whatever is left of a body nobody reads is not read: the connection closes.
+        Framing::Chunked => {
+            let (tx, b) = ChannelBody::new(None);
+            (Some(tx), body::boxed(b))
+        }
+    };
+
+    let body_before = reader.body_bytes();
+    // The client side of the connection while the request is handled and answered: the body
+    // is fed from it *also* while the response is written; then, once the request has waited
+    // a heartbeat or two, it watches for the client closing the connection. Boxed per
+    // request, so that it can outlive the handling phase and be dropped before the reader is
+    // used again.
+    let pumped = RefCell::new(Pumped { complete: tx.is_none(), error: None });
+    let mut client = Box::pin(client_side(reader, tx.map(|tx| (framing, tx)), &pumped, worker, limits));
+    let mut log = new_log(worker, class, &head.method, tunnel);
+    // Boxed per request: the handling state (handler call, upstream send) is several KiB, and
+    // inline it would be held by every idle keep-alive connection's task.
+    let handling = Box::pin(respond(worker, class, head, request_body, tunnel, &mut log));
+    let answered = tokio::select! {
+        biased;
+        response = handling => Some(response),
+        () = &mut client => None,
+    };
+    let Some(mut response) = answered else {
+        // Nobody is left to answer: dropping the handling cancels its handler and upstream
+        // request (an upstream still working on it sees its connection close).
         drop(client);
+        log.status = CLIENT_CLOSED;
+        log.add_failure("request", &"the client closed the connection before the answer");
         log.duration = started.elapsed();
-        log.bytes_down = written.bytes;
-        let keep = written.outcome.unwrap_or_else(|e| {
-            log.add_failure("response", &e);
-            false
-        }) && !client_closed;
         log.bytes_up = reader.body_bytes() - body_before;
         log.emit();
         log.record(&worker.shared.metrics);
-        if !keep {
-            let _ = writer.shutdown().await;
-            return None;
-        }
+        return After::Gone;
+    };
+    // How the body went so far; a pump still running now leaves `complete` false.
+    let Pumped { complete: body_complete, error: body_error } = pumped.replace(Pumped { complete: false, error: None });
+    if let Some(e) = &body_error {
+        // A malformed or cut-off body is the client's error, whatever the handler or the
+        // upstream made of the failed stream (SPEC 8.6: 400 and the connection closed).
+        let status = if matches!(e, BodyError::Stalled(_) | BodyError::TooSlow(_)) {
+            StatusCode::REQUEST_TIMEOUT
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        response = answer::text(status, format!("moat: {e}"));
+        log.status = status.as_u16();
+        log.detail = e.to_string();
     }
+    if response.status() == http::StatusCode::SWITCHING_PROTOCOLS && client_upgrade && body_complete {
+        drop(client);
+        return After::Upgrade(Box::new(Upgrading { response, log, started }));
+    }
+    // Whether the body will have been read to its end is not known yet when it is still being
+    // pumped: such a response closes the connection.
+    let keep_alive = client_keep_alive
+        && body_complete
+        && body_error.is_none()
+        && !answer::closes_connection(&response)
+        && !worker.draining();
+    let options = WriteOptions { version, head_request: is_head, keep_alive, stall: limits.body_idle_timeout };
+    // A client that closes its side now may still read the answer (a half-close): keep
+    // writing; a write to a client that is gone fails by itself.
+    let mut client_closed = false;
+    let written = {
+        let mut writing = pin!(write_response(writer, response, options));
+        loop {
+            tokio::select! {
+                biased;
+                written = &mut writing => break written,
+                () = &mut client, if !client_closed => client_closed = true,
+            }
+        }
+    };
+    // Whatever is left of a body nobody reads is not read: the connection closes.
+    drop(client);
+    log.duration = started.elapsed();
+    log.bytes_down = written.bytes;
+    let keep = written.outcome.unwrap_or_else(|e| {
+        log.add_failure("response", &e);
+        false
+    }) && !client_closed;
+    log.bytes_up = reader.body_bytes() - body_before;
+    log.emit();
+    log.record(&worker.shared.metrics);
+    if keep { After::KeepAlive } else { After::Close }
 }
 
 /// How many heartbeats a connection waits for its next request before it gives back its
@@ -289,7 +342,7 @@ async fn relay_upgrade<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     mut response: http::Response<crate::body::Body>,
     reader: ConnReader<R>,
     mut writer: BufWriter<W>,
-    log: &mut super::request::LogLine,
+    log: &mut LogLine,
     started: Instant,
 ) {
     let on_upgrade = hyper::upgrade::on(&mut response);

@@ -18,7 +18,9 @@ use super::answer;
 use super::h1::{ConnReader, Framing, RequestHead, WriteOptions, write_response};
 use super::request::{LogLine, identify};
 use super::sniff::{Inside, Sniffed, classify, sniff};
+use super::state::ClassId;
 use super::worker::Worker;
+use crate::log::Logged;
 use crate::policy::decide::{effective_allowed, effective_denied};
 use crate::policy::{CanonicalHost, Decision, decide, decide_tunnel, host::split_authority};
 use crate::upstream::{DialRules, Target, UpstreamError};
@@ -26,7 +28,7 @@ use crate::upstream::{DialRules, Target, UpstreamError};
 /// Serves a CONNECT request; the client connection ends with it.
 pub async fn serve(
     worker: &Rc<Worker>,
-    class: usize,
+    class: ClassId,
     head: RequestHead,
     reader: ConnReader<OwnedReadHalf>,
     mut writer: BufWriter<OwnedWriteHalf>,
@@ -35,7 +37,7 @@ pub async fn serve(
     let started = Instant::now();
     let mut log = LogLine {
         request_id: shared.next_request_id(),
-        class: shared.classes[class].config.name.clone(),
+        class: shared.class(class).config.name.clone(),
         method: http::Method::CONNECT,
         scheme: "tunnel",
         ..Default::default()
@@ -59,7 +61,7 @@ pub async fn serve(
                         log.detail = e.to_string();
                         let resp = answer::upstream_failure(&e);
                         if resp.status().as_u16() == 520 {
-                            log.decision = "deny";
+                            log.decision = Logged::Deny;
                         }
                         return refuse(shared, writer, resp, log, started).await;
                     }
@@ -120,7 +122,7 @@ struct Plan {
     /// `interceptHttps`: TLS inside is terminated with moat's leaf and each request decided.
     intercept: bool,
     container: crate::identity::ContainerId,
-    class: usize,
+    class: ClassId,
     /// The checked addresses: resolved before the 200, or (intercepted tunnels) only when
     /// bytes are relayed to the host itself.
     addrs: Option<Vec<std::net::IpAddr>>,
@@ -136,19 +138,19 @@ struct Plan {
 /// Identity, target, decision: everything before the 200. Errors are the answer to send.
 fn prepare(
     worker: &Worker,
-    class: usize,
+    class: ClassId,
     head: &RequestHead,
     log: &mut LogLine,
 ) -> Result<Plan, Box<http::Response<crate::body::Body>>> {
     let shared = &worker.shared;
     let container = identify(shared, &head.headers).map_err(|e| {
-        log.decision = "error";
+        log.decision = Logged::Error;
         log.detail = e.to_string();
         Box::new(answer::auth_required(&e.to_string()))
     })?;
     log.container = container.to_string();
     let bad = |log: &mut LogLine, msg: &str| {
-        log.decision = "error";
+        log.decision = Logged::Error;
         log.detail = msg.to_string();
         Box::new(answer::text(StatusCode::BAD_REQUEST, format!("moat: {msg}")))
     };
@@ -164,7 +166,7 @@ fn prepare(
     log.host = host.to_string();
     log.port = port;
     let runtime = worker.runtime(class).ok_or_else(|| {
-        log.decision = "error";
+        log.decision = Logged::Error;
         log.detail = "policy not loaded".into();
         Box::new(answer::not_loaded())
     })?;
@@ -179,15 +181,15 @@ fn prepare(
         decide_tunnel(&host, port, &g.policy, overrides.as_deref())
     };
     if let Decision::Deny(reason) = verdict.decision {
-        log.decision = "deny";
+        log.decision = Logged::Deny;
         log.detail = reason.to_string();
         return Err(Box::new(answer::denied(reason)));
     }
     let allowed = effective_allowed(&g.policy, overrides.as_deref()).cloned();
     let denied = effective_denied(&g.policy, overrides.as_deref()).cloned();
     log.decision = match verdict.decision {
-        Decision::Handler(_) => "handler",
-        _ => "egress",
+        Decision::Handler(_) => Logged::Handler,
+        _ => Logged::Egress,
     };
     Ok(Plan {
         port_named: allowed.as_ref().is_some_and(|a| a.names_port(&host, port)),
@@ -232,7 +234,7 @@ async fn run_tunnel(
                 (CanonicalHost::Name(_), None) => false,
             };
             if !matches {
-                log.decision = "deny";
+                log.decision = Logged::Deny;
                 log.detail = format!("TLS server name {sni:?} is not the CONNECT host {}", plan.target.host);
                 return;
             }
@@ -258,7 +260,7 @@ async fn run_tunnel(
         }
         Inside::Raw | Inside::ServerFirst => {
             if !raw_allowed {
-                log.decision = "deny";
+                log.decision = Logged::Deny;
                 log.detail = "raw TCP tunnel: needs enableInternet or an allowedHosts entry with this port".into();
                 return;
             }
@@ -282,7 +284,7 @@ async fn run_tunnel(
                 return;
             }
             Err(e) => {
-                log.decision = "deny";
+                log.decision = Logged::Deny;
                 log.detail = format!("{}: {e}", log.detail);
                 return;
             }

@@ -22,9 +22,10 @@ use tokio::net::TcpStream;
 use super::answer;
 use super::h1::{ConnReader, Framing, RequestHead};
 use super::request::{LogLine, Pinned, new_log, respond};
-use super::state::Shared;
+use super::state::{ClassId, Shared};
 use super::worker::Worker;
 use crate::body::{Body, BoxError, StallLimit};
+use crate::log::Logged;
 use crate::policy::CanonicalHost;
 
 /// Most concurrent HTTP/2 streams per intercepted connection.
@@ -34,7 +35,7 @@ const MAX_STREAMS: u32 = 100;
 /// already read from `tcp` (the ClientHello), which the handshake reads again.
 pub async fn serve(
     worker: &Rc<Worker>,
-    class: usize,
+    class: ClassId,
     tunnel: Pinned,
     tcp: TcpStream,
     first: BytesMut,
@@ -82,7 +83,7 @@ pub async fn serve(
     }
 }
 
-async fn serve_h2<S>(worker: Rc<Worker>, class: usize, tunnel: Rc<Pinned>, tls: S)
+async fn serve_h2<S>(worker: Rc<Worker>, class: ClassId, tunnel: Rc<Pinned>, tls: S)
 where
     S: AsyncRead + AsyncWrite + Unpin + 'static,
 {
@@ -164,7 +165,7 @@ impl Drop for OpenStream {
 /// origin-form target and a check that `:authority` is the tunnel's host.
 async fn h2_request(
     worker: &Worker,
-    class: usize,
+    class: ClassId,
     tunnel: &Pinned,
     req: Request<Incoming>,
     stream: OpenStream,
@@ -180,12 +181,12 @@ async fn h2_request(
         let log = LogLine {
             request_id: shared.next_request_id(),
             container: tunnel.container.to_string(),
-            class: shared.classes[class].config.name.clone(),
+            class: shared.class(class).config.name.clone(),
             method: parts.method.clone(),
             scheme: "https",
             host: tunnel.target.host.to_string(),
             port: tunnel.target.port,
-            decision: "error",
+            decision: Logged::Error,
             detail: msg.clone(),
             status: 421,
             ..Default::default()
@@ -229,7 +230,7 @@ async fn h2_request(
     }
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         // HTTP/2 has no Upgrade; a WebSocket client uses HTTP/1.1 for it.
-        log.decision = "error";
+        log.decision = Logged::Error;
         log.detail = "upstream switched protocols on an HTTP/2 request".into();
         response = answer::text(StatusCode::BAD_GATEWAY, "moat: upstream switched protocols on an HTTP/2 request");
         log.status = 502;

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use super::admission::{Admission, Slot};
 use super::conn::{Connect, serve_requests};
 use super::h1::ConnReader;
-use super::state::Shared;
+use super::state::{ClassId, Shared};
 use super::worker::{Worker, heartbeat};
 
 /// What a listener accepts: each kind has its own way into the worker.
@@ -42,7 +42,7 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 pub enum ToWorker {
     /// A client connection: the socket, its listener's kind, the index of its class, and its
     /// place under `limits.max_connections` (held for as long as the connection is served).
-    Connection { stream: std::net::TcpStream, kind: ListenerKind, class: usize, slot: Slot },
+    Connection { stream: std::net::TcpStream, kind: ListenerKind, class: ClassId, slot: Slot },
     /// moat is shutting down: finish the requests in flight, keep no connection alive.
     Drain,
 }
@@ -96,7 +96,7 @@ fn spawn_worker(index: usize, shared: Arc<Shared>) -> std::io::Result<WorkerTx> 
 }
 
 /// A connection on the explicit listener: HTTP requests, until a CONNECT takes it over.
-async fn serve_explicit(worker: Rc<Worker>, stream: TcpStream, class: usize) {
+async fn serve_explicit(worker: Rc<Worker>, stream: TcpStream, class: ClassId) {
     let _ = stream.set_nodelay(true);
     let _open = OpenConnection::new(&worker.shared.metrics.open_connections);
     let (rd, wr) = stream.into_split();
@@ -143,7 +143,7 @@ const ACCEPTS_PER_TURN: usize = 64;
 pub struct Listener {
     pub socket: TcpListener,
     pub kind: ListenerKind,
-    pub class: usize,
+    pub class: ClassId,
 }
 
 /// Accepts connections on `listener` and hands each to the next worker, as long as

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
 
-use super::state::Shared;
+use super::state::{ClassId, Shared};
 
 /// Quiet time after the last change before reloading: editors write a file in several steps.
 const DEBOUNCE: Duration = Duration::from_millis(100);
@@ -34,7 +34,7 @@ pub enum ReloadRequest {
 pub fn start(shared: Arc<Shared>) -> std::io::Result<mpsc::Sender<ReloadRequest>> {
     let (tx, rx) = mpsc::channel::<ReloadRequest>();
     let events = tx.clone();
-    let policies: Vec<PathBuf> = shared.classes.iter().map(|c| absolute(&c.config.policy)).collect();
+    let policies: Vec<PathBuf> = shared.classes().map(|(_, c)| absolute(&c.config.policy)).collect();
     let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         // Opening or reading a file is not a change (and moat's own reads would otherwise
         // trigger reloads of their own). Only policies and Lua modules matter: a log file or
@@ -76,9 +76,9 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<mpsc::Sender<ReloadRequest>
                     Err(RecvTimeoutError::Disconnected) => return,
                 }
             }
-            for i in 0..shared.classes.len() {
-                if all || affects(&shared, i, &changed) {
-                    reload_class(&shared, i);
+            for (id, _) in shared.classes() {
+                if all || affects(&shared, id, &changed) {
+                    reload_class(&shared, id);
                 }
             }
             if let Some(w) = watcher.as_mut() {
@@ -89,14 +89,14 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<mpsc::Sender<ReloadRequest>
     Ok(tx)
 }
 
-/// Loads class `i` again and logs the outcome.
-pub fn reload_class(shared: &Shared, i: usize) {
+/// Loads class `id` again and logs the outcome.
+pub fn reload_class(shared: &Shared, id: ClassId) {
     // Secrets are read "at start and at reload" (SPEC 6): a changed secret file takes effect
     // with the next generation.
     if let Err(e) = shared.bindings.refresh_secrets(&shared.config) {
         tracing::error!(target: "moat::reload", "secrets not re-read, keeping the previous values: {e}");
     }
-    let class = &shared.classes[i];
+    let class = shared.class(id);
     let label = crate::metrics::Metrics::class_label(&class.config.name);
     match class.reload(&shared.config.limits) {
         Ok(g) => {
@@ -113,9 +113,9 @@ pub fn reload_class(shared: &Shared, i: usize) {
     }
 }
 
-/// The files whose change reloads class `i`: its policy and the modules it required.
-fn files_of(shared: &Shared, i: usize) -> Vec<PathBuf> {
-    let class = &shared.classes[i];
+/// The files whose change reloads class `id`: its policy and the modules it required.
+fn files_of(shared: &Shared, id: ClassId) -> Vec<PathBuf> {
+    let class = shared.class(id);
     let mut files = vec![absolute(&class.config.policy)];
     if let Some(g) = class.current() {
         files.extend(g.modules.values().map(|(p, _)| absolute(p)));
@@ -123,10 +123,10 @@ fn files_of(shared: &Shared, i: usize) -> Vec<PathBuf> {
     files
 }
 
-fn affects(shared: &Shared, i: usize, changed: &[PathBuf]) -> bool {
-    let files = files_of(shared, i);
+fn affects(shared: &Shared, id: ClassId, changed: &[PathBuf]) -> bool {
+    let files = files_of(shared, id);
     let policy_dir = files[0].parent().map(Path::to_path_buf).unwrap_or_default();
-    let unloaded = shared.classes[i].current().is_none();
+    let unloaded = shared.class(id).current().is_none();
     changed.iter().any(|c| {
         files.contains(c)
             // A class that never loaded may be missing a module it has not named yet.
@@ -135,8 +135,8 @@ fn affects(shared: &Shared, i: usize, changed: &[PathBuf]) -> bool {
 }
 
 fn update_watches(w: &mut notify::RecommendedWatcher, shared: &Shared, watched: &mut BTreeSet<PathBuf>) {
-    for i in 0..shared.classes.len() {
-        for file in files_of(shared, i) {
+    for (id, _) in shared.classes() {
+        for file in files_of(shared, id) {
             let Some(dir) = file.parent().map(Path::to_path_buf) else { continue };
             if !watched.contains(&dir) {
                 match w.watch(&dir, RecursiveMode::NonRecursive) {

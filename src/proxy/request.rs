@@ -1,6 +1,7 @@
 //! One request on the explicit listener: identify, find the target, decide, then deny, run
 //! the handler, or egress (SPEC 4.3, 5.1, 8).
 
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,14 +9,16 @@ use http::{HeaderValue, Request, Response, StatusCode};
 
 use super::answer;
 use super::h1::RequestHead;
+use super::state::{ClassId, Shared};
 use super::worker::Worker;
 use crate::body::Body;
 use crate::identity::{self, AuthError, ContainerId};
-use crate::policy::{CanonicalHost, Decision, decide, host::split_authority};
-use crate::script::CallContext;
+use crate::log::Logged;
+use crate::policy::{CanonicalHost, Decision, DenyReason, HandlerChoice, Overrides, decide, host::split_authority};
 use crate::script::api::body::{BodySlot, SharedBody};
 use crate::script::api::headers::LuaHeaders;
 use crate::script::api::request::LuaRequest;
+use crate::script::{CallContext, ClassRuntime};
 use crate::upstream::{self, DialRules, Target};
 
 /// The access-log fields, filled in as the request travels.
@@ -30,7 +33,7 @@ pub struct LogLine {
     pub host: String,
     pub port: u16,
     pub path: String,
-    pub decision: &'static str,
+    pub decision: Logged,
     pub detail: String,
     pub status: u16,
     pub bytes_up: u64,
@@ -51,7 +54,7 @@ impl LogLine {
 
     /// Counts the request in the metrics.
     pub fn record(&self, m: &crate::metrics::Metrics) {
-        m.count_request(&self.class, self.decision, self.status);
+        m.count_request(&self.class, self.decision.as_str(), self.status);
         m.duration.observe(self.duration.as_secs_f64());
         if self.handler_failed {
             m.handler_errors.get_or_create(&crate::metrics::Metrics::class_label(&self.class)).inc();
@@ -90,68 +93,121 @@ pub struct Pinned {
 }
 
 /// The log line of a new request, before anything is known but who asked how.
-pub fn new_log(worker: &Worker, class: usize, method: &http::Method, tunnel: Option<&Pinned>) -> LogLine {
+pub fn new_log(worker: &Worker, class: ClassId, method: &http::Method, tunnel: Option<&Pinned>) -> LogLine {
     LogLine {
         request_id: worker.shared.next_request_id(),
-        class: worker.shared.classes[class].config.name.clone(),
+        class: worker.shared.class(class).config.name.clone(),
         method: method.clone(),
         scheme: tunnel.map_or("http", |t| t.target.scheme()),
         ..Default::default()
     }
 }
 
-/// [`handle`] with a log line the caller keeps: a caller that gives up on the request
+/// Runs one request with a log line the caller keeps: a caller that gives up on the request
 /// (the client went away) still has what was decided so far to log.
 pub async fn respond(
     worker: &Worker,
-    class: usize,
+    class: ClassId,
     head: RequestHead,
     body: Body,
     tunnel: Option<&Pinned>,
     log: &mut LogLine,
 ) -> Response<Body> {
-    let response = run(worker, class, head, body, tunnel, log).await;
+    let response = match run(worker, class, head, body, tunnel, log).await {
+        Ok(answer) => answer,
+        Err(stop) => *stop,
+    };
     log.status = response.status().as_u16();
     response
 }
 
+/// What a phase that cannot go on answers instead (boxed: a response is large, and most
+/// requests pass every phase).
+type Stop = Box<Response<Body>>;
+
+/// One request's path, phase by phase (as pingora's proxy names its phases): [`identify_phase`]
+/// (whose is it), [`target_phase`] (where does it go), [`decide_phase`] (what does the policy
+/// say), then exactly one of [`deny`], [`call_handler`] or [`egress`]. Nothing is dialled
+/// before the decision.
 async fn run(
     worker: &Worker,
-    class: usize,
+    class: ClassId,
     head: RequestHead,
     body: Body,
     tunnel: Option<&Pinned>,
     log: &mut LogLine,
-) -> Response<Body> {
-    let shared = &worker.shared;
-    let fail = |log: &mut LogLine, msg: String| {
-        log.decision = "error";
-        log.detail = msg.clone();
-        answer::bad_request(format!("moat: {msg}"))
-    };
+) -> Result<Response<Body>, Stop> {
+    let container = identify_phase(worker, &head, tunnel, log)?;
+    let (target, path) = target_phase(&head, tunnel, log)?;
+    let (decided, decision) = decide_phase(worker, class, &container, &target, log)?;
+    let request = Routed { head, body, target, path, container };
+    Ok(match decision {
+        Decision::Deny(reason) => deny(reason, log),
+        Decision::Handler(choice) => call_handler(worker, &decided, choice, request, log).await,
+        Decision::Egress => egress(worker, &decided, request, log).await?,
+    })
+}
 
-    // Who: the container id from Proxy-Authorization (SPEC 5.1), or the tunnel's.
+/// A request whose owner and target are known.
+struct Routed {
+    head: RequestHead,
+    body: Body,
+    target: Target,
+    /// Origin-form path and query, as passed on.
+    path: String,
+    container: ContainerId,
+}
+
+/// The generation that decided, with the container's overrides: the request runs start to
+/// end on the generation current when it arrived (SPEC 7.1), so its decision and its handler
+/// come from the same runtime.
+struct Decided {
+    runtime: Rc<ClassRuntime>,
+    overrides: Option<Arc<Overrides>>,
+}
+
+/// Marks the request refused before a decision and answers 400 with `msg`.
+fn refuse(log: &mut LogLine, msg: String) -> Stop {
+    log.decision = Logged::Error;
+    log.detail = msg.clone();
+    Box::new(answer::bad_request(format!("moat: {msg}")))
+}
+
+/// Who: the container id from Proxy-Authorization (SPEC 5.1), or the tunnel's.
+fn identify_phase(
+    worker: &Worker,
+    head: &RequestHead,
+    tunnel: Option<&Pinned>,
+    log: &mut LogLine,
+) -> Result<ContainerId, Stop> {
     let identified = match tunnel {
         Some(t) => Ok(t.container.clone()),
-        None => identify(shared, &head.headers),
+        None => identify(&worker.shared, &head.headers),
     };
-    let container = match identified {
-        Ok(id) => id,
-        Err(e) => {
-            log.decision = "error";
-            log.detail = e.to_string();
-            return answer::auth_required(&e.to_string());
+    match identified {
+        Ok(id) => {
+            log.container = id.to_string();
+            Ok(id)
         }
-    };
-    log.container = container.to_string();
+        Err(e) => {
+            log.decision = Logged::Error;
+            log.detail = e.to_string();
+            Err(Box::new(answer::auth_required(&e.to_string())))
+        }
+    }
+}
 
+/// Where: the absolute-form target, whose authority wins over Host (SPEC 8.2); inside a
+/// tunnel, the tunnel's host (an absolute-form target must name that same authority).
+fn target_phase(head: &RequestHead, tunnel: Option<&Pinned>, log: &mut LogLine) -> Result<(Target, String), Stop> {
     if head.method == http::Method::CONNECT {
         // Only reached inside a tunnel (the listener hands a CONNECT to `connect::serve`): a
         // tunnel reaches its one host, it does not open others.
-        return fail(log, "CONNECT inside a tunnel is not allowed; send each CONNECT to the proxy itself".into());
+        return Err(refuse(
+            log,
+            "CONNECT inside a tunnel is not allowed; send each CONNECT to the proxy itself".into(),
+        ));
     }
-    // Where: the absolute-form target, whose authority wins over Host (SPEC 8.2); inside a
-    // tunnel, the tunnel's host (an absolute-form target must name that same authority).
     let parsed = match tunnel {
         Some(t) => tunnel_target(t, &head.target),
         None => parse_target(&head.target).and_then(|(t, path)| {
@@ -162,123 +218,139 @@ async fn run(
             }
         }),
     };
-    let (target, path) = match parsed {
-        Ok(t) => t,
-        Err(msg) => return fail(log, msg),
-    };
+    let (target, path) = parsed.map_err(|msg| refuse(log, msg))?;
     log.host = target.host.to_string();
     log.port = target.port;
     log.path = path.split('?').next().unwrap_or("/").to_string();
+    Ok((target, path))
+}
 
-    // The request runs start to end on the generation current when it arrived (SPEC 7.1):
-    // its decision and its handler come from the same runtime.
+/// What: the decision order (SPEC 4.3) on the class's current generation and the
+/// container's overrides.
+fn decide_phase(
+    worker: &Worker,
+    class: ClassId,
+    container: &ContainerId,
+    target: &Target,
+    log: &mut LogLine,
+) -> Result<(Decided, Decision), Stop> {
     let Some(runtime) = worker.runtime(class) else {
-        log.decision = "error";
+        log.decision = Logged::Error;
         log.detail = "policy not loaded".into();
-        return answer::not_loaded();
+        return Err(Box::new(answer::not_loaded()));
     };
     let generation = &runtime.generation;
     log.generation = generation.number;
-    let overrides = shared.overrides.get(container.as_str(), generation);
+    let overrides = worker.shared.overrides.get(container.as_str(), generation);
     let verdict = decide(&target.host, target.port, &generation.policy, overrides.as_deref());
+    Ok((Decided { runtime, overrides }, verdict.decision))
+}
 
-    match verdict.decision {
-        Decision::Deny(reason) => {
-            log.decision = "deny";
-            log.detail = reason.to_string();
-            answer::denied(reason)
+/// The policy denied it: a 520 that says why.
+fn deny(reason: DenyReason, log: &mut LogLine) -> Response<Body> {
+    log.decision = Logged::Deny;
+    log.detail = reason.to_string();
+    answer::denied(reason)
+}
+
+/// A handler answers: it sees the request with the URI's authority as Host and no proxy
+/// credentials, and its answer goes back without hop-by-hop headers, redacted if asked.
+async fn call_handler(
+    worker: &Worker,
+    decided: &Decided,
+    choice: HandlerChoice,
+    request: Routed,
+    log: &mut LogLine,
+) -> Response<Body> {
+    let shared = &worker.shared;
+    log.decision = Logged::Handler;
+    log.detail = choice.label();
+    if shared.memory.over() {
+        log.detail = format!("{}: not called, moat is over limits.memory_ceiling", choice.label());
+        return answer::text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "moat: over its memory ceiling (limits.memory_ceiling); try again shortly",
+        );
+    }
+    let Routed { head, body, target, path, container } = request;
+    let mut headers = head.headers;
+    crate::headers::strip_hop_by_hop_keep_upgrade(&mut headers);
+    let authority = target.authority();
+    if let Ok(v) = HeaderValue::from_str(&authority) {
+        headers.insert(http::header::HOST, v);
+    }
+    let body =
+        SharedBody::new(if http_body::Body::is_end_stream(&body) { BodySlot::Empty } else { BodySlot::Stream(body) });
+    let url = format!("{}://{authority}{path}", target.scheme());
+    let lua_req = LuaRequest::incoming(head.method, url, LuaHeaders::detached(headers), body);
+    let who = CallContext { request_id: &log.request_id, container_id: container.as_str(), class: log.class.clone() };
+    let limits = &shared.config.limits;
+    let redact = decided.runtime.generation.policy.redact_secrets;
+    match decided.runtime.call(&choice, lua_req, who, limits).await {
+        Ok(mut resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            crate::headers::strip_hop_by_hop_keep_upgrade(resp.headers_mut());
+            if redact {
+                super::redact::redact_upgrade_headers(resp.headers_mut());
+            }
+            resp
         }
-        Decision::Handler(choice) => {
-            log.decision = "handler";
-            log.detail = choice.label();
-            if shared.memory.over() {
-                log.detail = format!("{}: not called, moat is over limits.memory_ceiling", choice.label());
-                return answer::text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "moat: over its memory ceiling (limits.memory_ceiling); try again shortly",
-                );
-            }
-            // The request the handler sees: URI authority as Host, no proxy credentials.
-            let mut headers = head.headers;
-            crate::headers::strip_hop_by_hop_keep_upgrade(&mut headers);
-            let authority = target.authority();
-            if let Ok(v) = HeaderValue::from_str(&authority) {
-                headers.insert(http::header::HOST, v);
-            }
-            let body = SharedBody::new(if http_body::Body::is_end_stream(&body) {
-                BodySlot::Empty
-            } else {
-                BodySlot::Stream(body)
-            });
-            let url = format!("{}://{authority}{path}", target.scheme());
-            let lua_req = LuaRequest::incoming(head.method, url, LuaHeaders::detached(headers), body);
-            let who =
-                CallContext { request_id: &log.request_id, container_id: container.as_str(), class: log.class.clone() };
-            let limits = &shared.config.limits;
-            match runtime.call(&choice, lua_req, who, limits).await {
-                Ok(mut resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
-                    crate::headers::strip_hop_by_hop_keep_upgrade(resp.headers_mut());
-                    if generation.policy.redact_secrets {
-                        super::redact::redact_upgrade_headers(resp.headers_mut());
-                    }
-                    resp
-                }
-                Ok(mut resp) => {
-                    crate::headers::strip_hop_by_hop(resp.headers_mut());
-                    redact_if(generation.policy.redact_secrets, resp)
-                }
-                Err(f) => {
-                    log.handler_failed = true;
-                    log.detail = format!("{}: {}", choice.label(), answer::handler_failure_detail(&f));
-                    tracing::warn!(target: "moat::handler", request_id = %log.request_id, container = %log.container, class = %log.class, "{}", crate::log::redact(&log.detail));
-                    answer::handler_failure(&f, &log.request_id, limits.handler_timeout)
-                }
-            }
+        Ok(mut resp) => {
+            crate::headers::strip_hop_by_hop(resp.headers_mut());
+            redact_if(redact, resp)
         }
-        Decision::Egress => {
-            log.decision = "egress";
-            let policy = &generation.policy;
-            let rules = DialRules::Egress {
-                allowed: crate::policy::decide::effective_allowed(policy, overrides.as_deref()),
-                denied: crate::policy::decide::effective_denied(policy, overrides.as_deref()),
-            };
-            let uri = match http::Uri::try_from(path.as_str()) {
-                Ok(uri) => uri,
-                Err(e) => return fail(log, format!("bad request target: {e}")),
-            };
-            let mut headers = head.headers;
-            if policy.redact_secrets {
-                // A compressed body would hide a reflected secret from the redactor.
-                headers.remove(http::header::ACCEPT_ENCODING);
-            }
-            let mut req = Request::new(body);
-            *req.method_mut() = head.method;
-            *req.uri_mut() = uri;
-            *req.headers_mut() = headers;
-            let req = upstream::to_upstream_request(req, &target);
-            match worker.upstream.send(req, &target, rules).await {
-                Ok(resp) => {
-                    let (mut parts, incoming) = resp.into_parts();
-                    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
-                        crate::headers::strip_hop_by_hop_keep_upgrade(&mut parts.headers);
-                        if policy.redact_secrets {
-                            super::redact::redact_upgrade_headers(&mut parts.headers);
-                        }
-                        return Response::from_parts(parts, crate::body::boxed(incoming));
-                    }
-                    crate::headers::strip_hop_by_hop(&mut parts.headers);
-                    redact_if(
-                        generation.policy.redact_secrets,
-                        Response::from_parts(parts, crate::body::boxed(incoming)),
-                    )
-                }
-                Err(e) => {
-                    log.detail = e.to_string();
-                    answer::upstream_failure(&e)
-                }
-            }
+        Err(f) => {
+            log.handler_failed = true;
+            log.detail = format!("{}: {}", choice.label(), answer::handler_failure_detail(&f));
+            tracing::warn!(target: "moat::handler", request_id = %log.request_id, container = %log.container, class = %log.class, "{}", crate::log::redact(&log.detail));
+            answer::handler_failure(&f, &log.request_id, limits.handler_timeout)
         }
     }
+}
+
+/// Upstream: dialled under the effective host lists (the dial-time address check, SPEC 8.3),
+/// and the answer relayed without hop-by-hop headers, redacted if asked.
+async fn egress(
+    worker: &Worker,
+    decided: &Decided,
+    request: Routed,
+    log: &mut LogLine,
+) -> Result<Response<Body>, Stop> {
+    log.decision = Logged::Egress;
+    let policy = &decided.runtime.generation.policy;
+    let overrides = decided.overrides.as_deref();
+    let rules = DialRules::Egress {
+        allowed: crate::policy::decide::effective_allowed(policy, overrides),
+        denied: crate::policy::decide::effective_denied(policy, overrides),
+    };
+    let Routed { head, body, target, path, .. } = request;
+    let uri = http::Uri::try_from(path.as_str()).map_err(|e| refuse(log, format!("bad request target: {e}")))?;
+    let mut headers = head.headers;
+    if policy.redact_secrets {
+        // A compressed body would hide a reflected secret from the redactor.
+        headers.remove(http::header::ACCEPT_ENCODING);
+    }
+    let mut req = Request::new(body);
+    *req.method_mut() = head.method;
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    let req = upstream::to_upstream_request(req, &target);
+    let resp = match worker.upstream.send(req, &target, rules).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            log.detail = e.to_string();
+            return Ok(answer::upstream_failure(&e));
+        }
+    };
+    let (mut parts, incoming) = resp.into_parts();
+    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+        crate::headers::strip_hop_by_hop_keep_upgrade(&mut parts.headers);
+        if policy.redact_secrets {
+            super::redact::redact_upgrade_headers(&mut parts.headers);
+        }
+        return Ok(Response::from_parts(parts, crate::body::boxed(incoming)));
+    }
+    crate::headers::strip_hop_by_hop(&mut parts.headers);
+    Ok(redact_if(policy.redact_secrets, Response::from_parts(parts, crate::body::boxed(incoming))))
 }
 
 /// Applies `redactSecrets` (SPEC 8.5) to what goes back to the container.
@@ -287,7 +359,7 @@ fn redact_if(enabled: bool, resp: Response<Body>) -> Response<Body> {
 }
 
 /// The container id, checked against `[containers]` tokens when the config lists any.
-pub(super) fn identify(shared: &super::state::Shared, headers: &http::HeaderMap) -> Result<ContainerId, AuthError> {
+pub(super) fn identify(shared: &Shared, headers: &http::HeaderMap) -> Result<ContainerId, AuthError> {
     let mut given = headers.get_all(http::header::PROXY_AUTHORIZATION).iter();
     let creds = match (given.next(), given.next()) {
         (Some(v), None) => Some(identity::parse_proxy_authorization(v.as_bytes())?),

@@ -49,10 +49,17 @@ impl ClassShared {
     }
 }
 
+/// Which class a listener, connection or request belongs to: its place in the config's list
+/// of classes, fixed for the life of the process (classes are not added or removed while
+/// moat runs, only their policies reloaded).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ClassId(usize);
+
 /// Everything workers share.
 pub struct Shared {
     pub config: Config,
-    pub classes: Vec<ClassShared>,
+    /// Indexed by [`ClassId`].
+    classes: Vec<ClassShared>,
     pub bindings: Bindings,
     pub overrides: OverrideStore,
     pub metrics: crate::metrics::Metrics,
@@ -100,6 +107,21 @@ impl Shared {
             request_prefix: prefix,
             request_counter: AtomicU64::new(0),
         }
+    }
+
+    /// The class `id` names.
+    pub fn class(&self, id: ClassId) -> &ClassShared {
+        &self.classes[id.0]
+    }
+
+    /// Every class with its id, in the config's order.
+    pub fn classes(&self) -> impl Iterator<Item = (ClassId, &ClassShared)> {
+        self.classes.iter().enumerate().map(|(i, c)| (ClassId(i), c))
+    }
+
+    /// How many classes there are.
+    pub fn class_count(&self) -> usize {
+        self.classes.len()
     }
 
     /// A new request id: unique in this process, unguessable across processes.

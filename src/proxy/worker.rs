@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use super::state::Shared;
+use super::state::{ClassId, Shared};
 use crate::rt::{HEARTBEAT, Ticks};
 use crate::script::ClassRuntime;
 use crate::upstream::{Upstream, resolve::Resolver};
@@ -17,7 +17,7 @@ pub struct Worker {
     pub upstream: Rc<Upstream>,
     /// The heartbeat clock (shared with `upstream`).
     pub ticks: Rc<Ticks>,
-    runtimes: RefCell<HashMap<usize, Rc<ClassRuntime>>>,
+    runtimes: RefCell<HashMap<ClassId, Rc<ClassRuntime>>>,
     /// Set once moat shuts down; `drain` wakes the connections that wait for their next
     /// request, so that they close.
     draining: std::cell::Cell<bool>,
@@ -44,7 +44,7 @@ impl Worker {
             draining: Default::default(),
             drain: Default::default(),
         });
-        for class in 0..worker.shared.classes.len() {
+        for (class, _) in worker.shared.classes() {
             let _ = worker.runtime(class);
         }
         worker
@@ -81,8 +81,8 @@ impl Worker {
 
     /// The runtime for the class's current generation, rebuilt when the generation changed.
     /// `None` when the class has no loaded generation.
-    pub fn runtime(&self, class: usize) -> Option<Rc<ClassRuntime>> {
-        let current = self.shared.classes[class].current()?;
+    pub fn runtime(&self, class: ClassId) -> Option<Rc<ClassRuntime>> {
+        let current = self.shared.class(class).current()?;
         if let Some(rt) = self.runtimes.borrow().get(&class).filter(|rt| Arc::ptr_eq(&rt.generation, &current)) {
             return Some(rt.clone());
         }
@@ -100,7 +100,7 @@ impl Worker {
                 Some(rt)
             }
             Err(e) => {
-                tracing::error!(class = %self.shared.classes[class].config.name, "worker could not build its Lua state: {e}");
+                tracing::error!(class = %self.shared.class(class).config.name, "worker could not build its Lua state: {e}");
                 self.runtimes.borrow().get(&class).cloned()
             }
         }
@@ -111,12 +111,12 @@ impl Worker {
 /// generation and written to the store (a short, durable redb commit on the worker).
 struct StoreSink {
     shared: Arc<Shared>,
-    class: usize,
+    class: ClassId,
 }
 
 impl crate::script::api::container::OverrideSink for StoreSink {
     fn apply(&self, container: &str, setter: crate::policy::overrides::Setter) -> Result<(), String> {
-        let class = &self.shared.classes[self.class];
+        let class = self.shared.class(self.class);
         let generation = class.current().ok_or("policy not loaded")?;
         self.shared.overrides.apply(container, setter, &generation).map(|_| ()).map_err(|e| e.to_string())
     }
