@@ -5,8 +5,8 @@
 //!
 //! A request travels: [`proxy`] accepts and parses it, [`identity`] says whose it is,
 //! [`policy`] decides (pure), then [`script`] runs a handler or [`upstream`] egresses.
-//! [`serve`] wires everything at start. Modules use only lower layers (docs/architecture.md,
-//! checked by a test), lowest first:
+//! [`serve`] wires everything at start. Modules use only lower layers and no two files import
+//! each other (docs/architecture.md, both checked by a test), lowest first:
 //!
 //! - [`policy`]: pure decision logic: canonical hosts, host patterns, the decision order,
 //!   per-container override specs and their setters. [`identity`]: container ids and proxy
