@@ -57,6 +57,7 @@ pub(crate) mod metrics;
 pub(crate) mod policy;
 pub(crate) mod proxy;
 pub(crate) mod rt;
+pub(crate) mod sandbox;
 pub(crate) mod script;
 pub mod serve;
 pub(crate) mod tls;

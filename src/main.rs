@@ -62,6 +62,39 @@ enum Command {
         #[arg(long, value_enum, default_value = "human")]
         log_format: LogFormat,
     },
+    /// Run CMD in a sandbox whose only way out is the policy (one container).
+    Run {
+        #[command(flatten)]
+        cfg: ConfigFlags,
+        /// Folder for the database, blobs and admin socket (default .moat).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Static DNS answer for moat's resolver, like /etc/hosts (repeatable).
+        #[arg(long, value_name = "HOST=IP")]
+        resolve: Vec<String>,
+        /// The container id (default: a fresh run-… id, printed at start).
+        #[arg(long)]
+        id: Option<String>,
+        /// The class whose policy runs (needed when the config has several).
+        #[arg(long)]
+        class: Option<String>,
+        /// Log format.
+        #[arg(long, value_enum, default_value = "human")]
+        log_format: LogFormat,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// The sandbox's first process (started by `moat run`, not by hand).
+    #[command(name = "__sandbox-init", hide = true)]
+    SandboxInit {
+        handover: PathBuf,
+        /// A folder to hide from CMD (repeatable).
+        #[arg(long)]
+        hide: Vec<PathBuf>,
+        #[arg(last = true)]
+        cmd: Vec<String>,
+    },
     /// Load and validate policies; print what they define.
     Check {
         #[command(flatten)]
@@ -169,6 +202,27 @@ fn main() -> ExitCode {
                 }
                 moat::serve::run(c).map_err(|e| Failure::Runtime(format!("{e:#}")))
             })
+        }
+        Command::Run { cfg, data_dir, resolve, id, class, log_format, cmd } => {
+            let _log = moat::log::init(log_format);
+            let flags =
+                config::Overrides { config: cfg.config, policy: cfg.policy, data_dir, resolve, ..Default::default() };
+            return match load_config(&flags) {
+                Ok(c) => match moat::cli::run::run(c, id.as_deref(), class, &cmd) {
+                    Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+                    Err(msg) => {
+                        eprintln!("moat: {msg}");
+                        ExitCode::from(1)
+                    }
+                },
+                Err(Failure::Usage(msg) | Failure::Runtime(msg)) => {
+                    eprintln!("moat: {msg}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+        Command::SandboxInit { handover, hide, cmd } => {
+            return ExitCode::from(u8::try_from(moat::cli::sandbox_init(&handover, &hide, &cmd)).unwrap_or(1));
         }
         Command::Check { cfg } => {
             let flags = config::Overrides { config: cfg.config, policy: cfg.policy, ..Default::default() };

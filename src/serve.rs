@@ -19,6 +19,24 @@ use crate::proxy::state::Shared;
 /// loaded policies) exists before the proxy listeners are bound, so a port that accepts
 /// means a moat that serves; `moat: listening on` is printed once they are.
 pub fn run(config: Config) -> anyhow::Result<()> {
+    run_with(config, None)
+}
+
+/// What `moat run` adds to a serve: its sandbox's transparent listener, whose every
+/// connection is `container`'s, served by class `class` (the only one when `None`), and the
+/// end of the run (the sandbox's exit), which replaces SIGINT/SIGTERM as the signal to stop.
+pub(crate) struct SandboxServing {
+    pub http: std::net::TcpListener,
+    pub container: crate::identity::ContainerId,
+    pub class: Option<String>,
+    pub ended: tokio::sync::oneshot::Receiver<()>,
+}
+
+/// [`run`], with a sandbox's listener when `sandbox` is given. moat's own messages then go
+/// to stderr: stdout belongs to the sandboxed command.
+pub(crate) fn run_with(config: Config, sandbox: Option<SandboxServing>) -> anyhow::Result<()> {
+    let sandboxed = sandbox.is_some();
+    let announce = move |line: String| if sandboxed { eprintln!("{line}") } else { println!("{line}") };
     // Everything moat creates in its data folder (database, blobs, the admin socket) is its
     // owner's alone, whatever umask moat was started with.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
@@ -51,7 +69,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     for class in &config.classes {
         metrics.start_class(&class.name);
     }
-    let leaves = start_ca(&config, &metrics)?;
+    let leaves = start_ca(&config, &metrics, &announce)?;
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let admin = config.admin_socket.clone();
@@ -66,7 +84,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     // The proxy listeners last (see above). Their addresses are part of the loop check
     // (SPEC 8.4), so the state workers share is made after them.
     let mut listeners = Vec::new();
-    for class in &config.classes {
+    // A sandbox reaches moat only through its own listener: `moat run` binds no explicit one.
+    for class in config.classes.iter().filter(|_| !sandboxed) {
         let l = listen::bind(class.listen)
             .map_err(|e| anyhow::anyhow!("cannot listen on {} for class {}: {e}", class.listen, class.name))?;
         listeners.push(l);
@@ -97,7 +116,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             let listener = TcpListener::from_std(std_listener)?;
             let addr = listener.local_addr()?;
             let name = &c.config.name;
-            println!("moat: listening on {addr} (class {name})");
+            announce(format!("moat: listening on {addr} (class {name})"));
             let workers = workers.clone();
             let listener = listen::Listener { socket: listener, kind: listen::ListenerKind::Explicit, class };
             tasks.spawn(listen::accept_loop(listener, workers, shared.admission.clone()));
@@ -112,7 +131,21 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         }
         use std::io::Write;
         let _ = std::io::stdout().flush();
-        signals.until_shutdown(&reloads).await;
+        match sandbox {
+            None => signals.until_shutdown(&reloads).await,
+            Some(s) => {
+                let class = sandbox_class(&shared, s.class.as_deref())?;
+                let socket = TcpListener::from_std({
+                    s.http.set_nonblocking(true)?;
+                    s.http
+                })?;
+                let kind = listen::ListenerKind::TransparentHttp(s.container);
+                let listener = listen::Listener { socket, kind, class };
+                tasks.spawn(listen::accept_loop(listener, workers.clone(), shared.admission.clone()));
+                // SIGINT and SIGTERM reach the sandbox through its init step, which ends it.
+                let _ = s.ended.await;
+            }
+        }
         // Stop accepting (the listeners close, so that a new moat can bind at once), then let
         // the requests in flight finish.
         tasks.abort_all();
@@ -123,12 +156,27 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     })
 }
 
+/// The class a sandbox's requests run on: the one named, or the only one.
+fn sandbox_class(shared: &Shared, wanted: Option<&str>) -> anyhow::Result<crate::proxy::state::ClassId> {
+    let mut classes = shared.classes();
+    let found = match wanted {
+        Some(name) => classes.find(|(_, c)| &*c.config.name == name),
+        None if shared.class_count() == 1 => classes.next(),
+        None => anyhow::bail!("the config has several classes: pass --class NAME"),
+    };
+    found.map(|(id, _)| id).ok_or_else(|| anyhow::anyhow!("no class {:?} in the config", wanted.unwrap_or_default()))
+}
+
 /// Hosts whose leaf certificates stay cached (each ~2 KB); the oldest is dropped beyond that.
 const LEAF_CACHE_HOSTS: usize = 4096;
 
 /// moat's CA (persisted under `[tls] ca_dir`, else made now), its certificate written to
 /// `data_dir/ca.pem` for clients to trust, and the leaf cache on top of it.
-fn start_ca(config: &Config, metrics: &crate::metrics::Metrics) -> anyhow::Result<crate::tls::LeafCache> {
+fn start_ca(
+    config: &Config,
+    metrics: &crate::metrics::Metrics,
+    announce: &dyn Fn(String),
+) -> anyhow::Result<crate::tls::LeafCache> {
     let ca = match config.ca_dir() {
         Some(dir) => crate::tls::Ca::load_or_create(dir),
         None => crate::tls::Ca::ephemeral(),
@@ -139,7 +187,7 @@ fn start_ca(config: &Config, metrics: &crate::metrics::Metrics) -> anyhow::Resul
     ca.write_cert(&path, 0o600)
         .map_err(|e| anyhow::anyhow!("cannot write the CA certificate to {}: {e}", path.display()))?;
     let kind = if config.ca_dir().is_some() { "persisted" } else { "ephemeral" };
-    println!("moat: CA certificate ({kind}) {} SHA-256 {}", path.display(), ca.fingerprint());
+    announce(format!("moat: CA certificate ({kind}) {} SHA-256 {}", path.display(), ca.fingerprint()));
     crate::tls::LeafCache::new(
         ca,
         LEAF_CACHE_HOSTS,

@@ -1,6 +1,13 @@
 //! `moat check`, `moat explain`, `moat init`: commands that inspect or scaffold policies;
 //! [`store`]: `moat kv` and `moat blob`.
 
+pub mod run;
+
+/// `moat __sandbox-init SOCKET -- CMD`: the sandbox's first process (see `sandbox::init`);
+/// returns its exit code.
+pub fn sandbox_init(handover: &std::path::Path, hide: &[std::path::PathBuf], cmd: &[String]) -> i32 {
+    crate::sandbox::init::main(handover, hide, cmd)
+}
 pub mod store;
 
 use std::fmt::Write as _;

@@ -239,10 +239,10 @@ async fn run_tunnel(
                 return;
             }
             if plan.intercept {
-                let tunnel = super::request::Pinned {
-                    container: plan.container.clone(),
-                    target: Target { https: true, ..plan.target.clone() },
-                };
+                let tunnel = super::request::Pinned::tunnel(
+                    plan.container.clone(),
+                    Target { https: true, ..plan.target.clone() },
+                );
                 let Ok(tcp) = rd.reunite(writer.into_inner()) else { return };
                 super::intercept::serve(worker, plan.class, tunnel, tcp, first, log).await;
                 return;
@@ -252,7 +252,7 @@ async fn run_tunnel(
         Inside::Http => {
             // Every request inside runs the full decision order, as on the listener.
             log.detail = "plain http tunnel: each request is decided and logged on its own".into();
-            let tunnel = super::request::Pinned { container: plan.container.clone(), target: plan.target.clone() };
+            let tunnel = super::request::Pinned::tunnel(plan.container.clone(), plan.target.clone());
             let reader = ConnReader::from_parts(rd, first);
             // Inside a tunnel a CONNECT is answered as a request, so nothing comes back here.
             let _ = super::conn::serve_requests(worker, plan.class, reader, writer, Some(tunnel)).await;

@@ -17,14 +17,19 @@ use tokio::sync::mpsc;
 use super::admission::{Admission, Slot};
 use super::conn::{Connect, serve_requests};
 use super::h1::ConnReader;
+use super::request::Pinned;
 use super::state::{ClassId, Shared};
 use super::worker::{Worker, heartbeat};
+use crate::identity::ContainerId;
 
 /// What a listener accepts: each kind has its own way into the worker.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ListenerKind {
     /// The explicit proxy, one per class: HTTP requests in absolute form, and CONNECT.
     Explicit,
+    /// A sandbox's port 80 (`moat run`): plain HTTP the kernel delivered, whatever address the
+    /// program dialled; every connection is the sandbox's container.
+    TransparentHttp(ContainerId),
 }
 
 /// Binds a class's explicit proxy listener (non-blocking, with a deep accept queue).
@@ -85,6 +90,9 @@ fn spawn_worker(index: usize, shared: Arc<Shared>) -> std::io::Result<WorkerTx> 
                     match TcpStream::from_std(stream) {
                         Ok(stream) => match kind {
                             ListenerKind::Explicit => serve_explicit(worker, stream, class).await,
+                            ListenerKind::TransparentHttp(container) => {
+                                serve_transparent_http(worker, stream, class, container).await
+                            }
                         },
                         Err(e) => tracing::warn!("could not adopt connection: {e}"),
                     }
@@ -107,6 +115,20 @@ async fn serve_explicit(worker: Rc<Worker>, stream: TcpStream, class: ClassId) {
         // state (TLS, HTTP/2) is large, and inline it would grow every connection's task.
         Box::pin(super::connect::serve(&worker, class, head, reader, writer)).await;
     }
+}
+
+/// A connection on a sandbox's transparent HTTP listener: its requests, each decided on the
+/// host it names, on behalf of the sandbox.
+async fn serve_transparent_http(worker: Rc<Worker>, stream: TcpStream, class: ClassId, container: ContainerId) {
+    let _ = stream.set_nodelay(true);
+    let _open = OpenConnection::new(&worker.shared.metrics.open_connections);
+    // With every address local in the sandbox, the address accepted on is the one dialled.
+    let Ok(dialled) = stream.local_addr() else { return };
+    let pinned = Pinned::transparent(container, dialled, false);
+    let (rd, wr) = stream.into_split();
+    let writer = BufWriter::with_capacity(super::WRITE_BUFFER, wr);
+    // A CONNECT on a pinned connection is answered as a request: nothing comes back.
+    let _ = serve_requests(&worker, class, ConnReader::new(rd), writer, Some(pinned)).await;
 }
 
 /// Counts a client connection in `moat_open_connections` while it lives.
@@ -172,7 +194,12 @@ pub async fn accept_loop(listener: Listener, workers: Vec<WorkerTx>, admission: 
                     continue;
                 };
                 let Ok(stream) = stream.into_std() else { continue };
-                let _ = workers[next % workers.len()].send(ToWorker::Connection { stream, kind, class, slot });
+                let _ = workers[next % workers.len()].send(ToWorker::Connection {
+                    stream,
+                    kind: kind.clone(),
+                    class,
+                    slot,
+                });
                 next = next.wrapping_add(1);
             }
             Err(e) => errors.failed(&local, &e).await,

@@ -89,7 +89,27 @@ pub struct Pinned {
     /// Whose every request on the connection is.
     pub container: ContainerId,
     /// Where every request on the connection goes: a request for another authority is refused.
+    /// For a transparent connection ([`Pinned::transparent`]) only its scheme and port are
+    /// fixed: the host is the one the request names.
     pub target: Target,
+    /// The host comes from each request (Host, or an absolute-form target), not from the
+    /// connection: a transparent connection knows only the address the program dialled.
+    pub named_by_request: bool,
+}
+
+impl Pinned {
+    /// A connection inside a CONNECT tunnel to `target`.
+    pub fn tunnel(container: ContainerId, target: Target) -> Self {
+        Self { container, target, named_by_request: false }
+    }
+
+    /// A connection the kernel delivered to a transparent listener: `dialled` is the address
+    /// the program connected to (the accepted socket's local address), its owner the
+    /// listener's container.
+    pub fn transparent(container: ContainerId, dialled: std::net::SocketAddr, https: bool) -> Self {
+        let host = CanonicalHost::parse(&dialled.ip().to_string()).expect("an IP address is a canonical host");
+        Self { container, target: Target { https, host, port: dialled.port() }, named_by_request: true }
+    }
 }
 
 /// The log line of a new request, before anything is known but who asked how.
@@ -173,7 +193,9 @@ fn refuse(log: &mut LogLine, msg: String) -> Stop {
     Box::new(answer::bad_request(format!("moat: {msg}")))
 }
 
-/// Who: the container id from Proxy-Authorization (SPEC 5.1), or the tunnel's.
+/// Who: the container id from Proxy-Authorization (SPEC 5.1), or the pinned connection's (a
+/// tunnel's, a sandbox's: there Proxy-Authorization means nothing, and as a hop-by-hop header
+/// it goes no further).
 fn identify_phase(
     worker: &Worker,
     head: &RequestHead,
@@ -209,6 +231,7 @@ fn target_phase(head: &RequestHead, tunnel: Option<&Pinned>, log: &mut LogLine) 
         ));
     }
     let parsed = match tunnel {
+        Some(t) if t.named_by_request => transparent_target(t, head),
         Some(t) => tunnel_target(t, &head.target),
         None => parse_target(&head.target).and_then(|(t, path)| {
             if t.https {
@@ -378,6 +401,26 @@ pub(super) fn identify(shared: &Shared, headers: &http::HeaderMap) -> Result<Con
         }
         _ => Err(AuthError::WrongToken(creds.id.to_string())),
     }
+}
+
+/// The target of a request on a transparent connection: the host the request names (an
+/// absolute-form target, else Host; without either, the address dialled), on the port that
+/// was dialled. A Host naming another port is refused: the program dialled this one.
+fn transparent_target(t: &Pinned, head: &RequestHead) -> Result<(Target, String), String> {
+    let (authority, path) = if head.target.starts_with('/') {
+        let host = head.headers.get(http::header::HOST).and_then(|h| h.to_str().ok());
+        (host.map(str::to_string), origin_form(&head.target)?)
+    } else {
+        let (target, path) = parse_target(&head.target)?;
+        (Some(target.authority()), path)
+    };
+    let Some(authority) = authority else { return Ok((t.target.clone(), path)) };
+    let (host, port) = split_authority(&authority).map_err(|e| e.to_string())?;
+    if port.is_some_and(|p| p != t.target.port) {
+        return Err(format!("Host {authority} names another port than the {} that was dialled", t.target.port));
+    }
+    let host = CanonicalHost::parse(host).map_err(|e| e.to_string())?;
+    Ok((Target { host, ..t.target.clone() }, path))
 }
 
 /// The target of a request inside a tunnel: origin-form, or absolute-form for the same host.

@@ -5,14 +5,15 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Lowest first; the same table as docs/architecture.md.
-const LAYERS: [&[&str]; 7] = [
-    &["identity", "policy", "body", "rt", "log", "headers", "metrics", "db"],
+const LAYERS: [&[&str]; 8] = [
+    &["identity", "policy", "body", "rt", "log", "headers", "metrics", "db", "sandbox"],
     &["config"],
     &["tls", "bindings", "upstream"],
     &["script"],
     &["proxy"],
     &["admin"],
-    &["serve", "cli", "fuzz", "bench"],
+    &["serve", "fuzz", "bench"],
+    &["cli"],
 ];
 
 fn layer_of(module: &str) -> Option<usize> {

@@ -19,5 +19,6 @@ mod memory;
 mod parsing;
 mod reload;
 mod runtime_policy;
+mod sandbox;
 mod tunnel;
 mod websocket;

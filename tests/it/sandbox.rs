@@ -1,0 +1,127 @@
+//! `moat run` (SPEC 5.2) in real namespaces: what CMD can reach, who it is, what it sees.
+//! Every address CMD dials here is a documentation address (192.0.2.0/24) or a name a handler
+//! answers: the policies deny everything else before any dial, so nothing leaves the machine.
+//! Without user namespaces the tests are skipped, unless MOAT_REQUIRE_SANDBOX=1 (CI sets it).
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::harness::*;
+
+fn policy(upstream: &Upstream) -> String {
+    format!(
+        r#"
+allowedHosts = {{ "a.test", "up.test" }}
+outboundByHost = {{
+  ["a.test"] = function(request, env, ctx)
+    local auth = request.headers:get("proxy-authorization")
+    return Response.new("hi " .. ctx.containerId .. " " .. request.url .. " auth=" .. tostring(auth) .. "\n")
+  end,
+  -- The host's loopback is reached only by moat, on the handler's behalf.
+  ["up.test"] = function(request)
+    local r = fetch("{}")
+    return Response.new("upstream " .. r.status .. "\n")
+  end,
+}}
+"#,
+        upstream.url("/echo")
+    )
+}
+
+/// Whether this machine can make the sandbox's namespaces; panics when it must.
+fn sandbox_available() -> bool {
+    let ok = Command::new("unshare")
+        .args(["--user", "--map-root-user", "--net", "--mount", "--pid", "--fork", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok && std::env::var("MOAT_REQUIRE_SANDBOX").is_ok_and(|v| v == "1") {
+        panic!("MOAT_REQUIRE_SANDBOX=1 but this machine cannot make user and network namespaces");
+    }
+    if !ok {
+        eprintln!("skipped: no user namespaces here");
+    }
+    ok
+}
+
+/// `moat run --policy P --data-dir D --id agent-1 -- sh -c SCRIPT`: (exit code, stdout, stderr).
+fn run_sh(dir: &Path, policy: &str, script: &str, prefix: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    std::fs::write(dir.join("policy.lua"), policy).unwrap();
+    let mut cmd = Command::new(prefix.first().copied().unwrap_or(MOAT));
+    cmd.args(prefix.iter().skip(1));
+    if !prefix.is_empty() {
+        cmd.arg(MOAT);
+    }
+    cmd.args(["run", "--policy"])
+        .arg(dir.join("policy.lua"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args(["--id", "agent-1", "--", "sh", "-c", script])
+        .envs(env.iter().copied())
+        .current_dir(dir);
+    let out = cmd.output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+}
+
+#[test]
+fn a_sandbox_reaches_only_the_policy_on_port_80_of_any_address_as_its_own_container_and_passes_its_exit_code() {
+    if !sandbox_available() {
+        return;
+    }
+    let up = Upstream::start();
+    let dir = tempfile::tempdir().unwrap();
+    let script = r#"
+curl -s -m 10 --noproxy '*' --resolve a.test:80:192.0.2.1 -H 'Proxy-Authorization: Basic b3RoZXI6eA==' http://a.test/x
+printf 'GET /raw HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n' | curl -s -m 10 telnet://192.0.2.77:80 | tail -1
+curl -s -m 10 --resolve up.test:80:192.0.2.2 http://up.test/
+echo "other host $(curl -s -m 10 -o /dev/null -w '%{http_code}' http://192.0.2.9/)"
+curl -s -m 5 http://192.0.2.9:8080/ >/dev/null; echo "other port rc=$?"
+echo "data: $(ls -A "$DATA" | wc -l) entries"
+echo "secret: ${MOAT_SECRET_TOKEN:-none}"
+umount "$DATA" 2>/dev/null; echo "umount rc=$?"
+exit 3
+"#;
+    let data = dir.path().join("data");
+    let env = [("MOAT_SECRET_TOKEN", "tok-0123456789"), ("DATA", data.to_str().unwrap())];
+    let (code, out, err) = run_sh(dir.path(), &policy(&up), script, &[], &env);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(code, 3, "CMD's exit code passes through\n{out}\n{err}");
+    // The kernel's identity, whatever the program claims; the forged credentials go no further.
+    assert_eq!(lines[0], "hi agent-1 http://a.test/x auth=nil", "{out}\n{err}");
+    // A program that ignores proxies and dials a literal address is captured just the same.
+    assert_eq!(lines[1], "hi agent-1 http://a.test/raw auth=nil", "{out}\n{err}");
+    assert_eq!(lines[2], "upstream 200", "{out}\n{err}");
+    assert_eq!(lines[3], "other host 520", "{out}\n{err}");
+    assert_eq!(lines[4], "other port rc=7", "a port moat does not capture is refused: {out}");
+    assert_eq!(lines[5], "data: 0 entries", "moat's data folder is hidden: {out}");
+    assert_eq!(lines[6], "secret: none", "moat's variables never reach CMD: {out}");
+    assert_ne!(lines[7], "umount rc=0", "CMD cannot unhide the data folder: {out}");
+    assert!(err.contains(r#"container="agent-1""#) && err.contains(r#"host="a.test""#), "{err}");
+    assert!(up.count() == 1, "only the handler's fetch reached the upstream");
+    // Nothing of the run is left in the data folder but moat's own files.
+    assert!(
+        !std::fs::read_dir(&data)
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".sock") && e.file_name() != "admin.sock")
+    );
+}
+
+#[test]
+fn an_ordinary_user_gets_the_same_sandbox_where_user_namespaces_are_enabled() {
+    if !sandbox_available() || !rustix::process::geteuid().is_root() {
+        return;
+    }
+    let up = Upstream::start();
+    let dir = tempfile::tempdir().unwrap();
+    // The unprivileged user writes its data folder in a folder of its own.
+    Command::new("chown").args(["65534:65534"]).arg(dir.path()).status().unwrap();
+    let nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"];
+    let script = "curl -s -m 10 --resolve a.test:80:192.0.2.1 http://a.test/u; id -u; exit 5";
+    let (code, out, err) = run_sh(dir.path(), &policy(&up), script, &nobody, &[("HOME", "/nonexistent")]);
+    assert_eq!(code, 5, "{out}\n{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "hi agent-1 http://a.test/u auth=nil", "{out}\n{err}");
+    // Root of its user namespace only: outside, it is still uid 65534.
+    assert_eq!(lines[1], "0", "{out}");
+}
