@@ -27,6 +27,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 /// end of the run (the sandbox's exit), which replaces SIGINT/SIGTERM as the signal to stop.
 pub(crate) struct SandboxServing {
     pub http: std::net::TcpListener,
+    /// The sandbox's DNS: answered by [`crate::proxy::dns`].
+    pub dns: std::net::UdpSocket,
     pub container: crate::identity::ContainerId,
     pub class: Option<String>,
     pub ended: tokio::sync::oneshot::Receiver<()>,
@@ -139,6 +141,8 @@ pub(crate) fn run_with(config: Config, sandbox: Option<SandboxServing>) -> anyho
                     s.http.set_nonblocking(true)?;
                     s.http
                 })?;
+                s.dns.set_nonblocking(true)?;
+                tasks.spawn(crate::proxy::dns::serve(tokio::net::UdpSocket::from_std(s.dns)?, s.container.clone()));
                 let kind = listen::ListenerKind::TransparentHttp(s.container);
                 let listener = listen::Listener { socket, kind, class };
                 tasks.spawn(listen::accept_loop(listener, workers.clone(), shared.admission.clone()));

@@ -4,6 +4,7 @@ pub mod admission;
 pub mod answer;
 pub mod conn;
 pub mod connect;
+pub mod dns;
 pub mod h1;
 pub mod intercept;
 pub mod listen;

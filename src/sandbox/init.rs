@@ -1,8 +1,8 @@
 //! `moat __sandbox-init SOCKET -- CMD…`: the sandbox's first process, run by `unshare` inside
 //! the new namespaces as their root. It brings up the network (loopback and the AnyIP route),
-//! binds the listener moat serves, hands it over on SOCKET, then runs CMD as its child,
-//! forwarding SIGINT, SIGTERM and SIGHUP to it, and exits with CMD's exit code. As PID 1 of
-//! the namespace, its end ends every process CMD left behind.
+//! binds the sockets moat serves (TCP 80, UDP 53), hands them over on SOCKET, then runs CMD
+//! as its child, forwarding SIGINT, SIGTERM and SIGHUP to it, and exits with CMD's exit code.
+//! As PID 1 of the namespace, its end ends every process CMD left behind.
 
 use std::io::IoSlice;
 use std::mem::MaybeUninit;
@@ -28,8 +28,9 @@ fn run(handover: &Path, hide: &[PathBuf], cmd: &[String]) -> Result<i32, String>
     let socket = std::os::unix::net::UnixStream::connect(handover)
         .map_err(|e| format!("cannot reach moat on {}: {e}", handover.display()))?;
     let http = std::net::TcpListener::bind("0.0.0.0:80").map_err(|e| format!("cannot listen on port 80: {e}"))?;
-    send_listener(&socket, http.as_fd())?;
-    drop(http);
+    let dns = std::net::UdpSocket::bind("0.0.0.0:53").map_err(|e| format!("cannot listen on UDP port 53: {e}"))?;
+    send_listener(&socket, &[http.as_fd(), dns.as_fd()])?;
+    drop((http, dns));
     drop(socket);
     for dir in hide {
         hide_folder(dir)?;
@@ -109,12 +110,14 @@ fn network_up() -> Result<(), String> {
     Ok(())
 }
 
-/// Sends `fd` over `socket` with one byte of payload.
-fn send_listener(socket: &std::os::unix::net::UnixStream, fd: std::os::fd::BorrowedFd<'_>) -> Result<(), String> {
-    let fds = [fd];
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+/// Sends `fds` over `socket` with one byte of payload.
+fn send_listener(
+    socket: &std::os::unix::net::UnixStream,
+    fds: &[std::os::fd::BorrowedFd<'_>; 2],
+) -> Result<(), String> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
     let mut control = SendAncillaryBuffer::new(&mut space);
-    control.push(SendAncillaryMessage::ScmRights(&fds));
+    control.push(SendAncillaryMessage::ScmRights(fds));
     rustix::net::sendmsg(socket.as_fd(), &[IoSlice::new(b"l")], &mut control, SendFlags::empty())
         .map_err(|e| format!("cannot hand the listener to moat: {e}"))?;
     Ok(())

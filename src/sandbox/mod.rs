@@ -28,12 +28,15 @@ use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
 /// How long the init step may take to hand over its listener.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A running sandbox: its process tree (through `unshare`) and the listener it handed over.
+/// A running sandbox: its process tree (through `unshare`) and the sockets it handed over.
 pub struct Sandbox {
     /// `unshare`, whose child is the init step; it exits with CMD's exit code.
     pub child: Child,
     /// The sandbox's port 80: every TCP connection CMD makes to port 80 of any address.
     pub http: std::net::TcpListener,
+    /// The sandbox's UDP port 53: every DNS query CMD sends, to whatever server it names
+    /// (the host's `resolv.conf` included: its address is local in the sandbox too).
+    pub dns: std::net::UdpSocket,
 }
 
 /// Starts `cmd` in a new sandbox with `env` as its whole environment; `handover` is a path
@@ -74,7 +77,7 @@ fn start_with(
         _ => format!("cannot start the sandbox: {e}"),
     })?;
     match accept_listener(socket, &mut child) {
-        Ok(fd) => Ok(Sandbox { child, http: std::net::TcpListener::from(fd) }),
+        Ok([http, dns]) => Ok(Sandbox { child, http: http.into(), dns: dns.into() }),
         Err(e) => {
             let _ = child.kill();
             let status = child.wait().ok();
@@ -87,7 +90,7 @@ fn start_with(
 }
 
 /// Waits for the init step to connect and send its listener, while it runs.
-fn accept_listener(socket: &UnixListener, child: &mut Child) -> Result<OwnedFd, String> {
+fn accept_listener(socket: &UnixListener, child: &mut Child) -> Result<[OwnedFd; 2], String> {
     socket.set_nonblocking(true).map_err(|e| e.to_string())?;
     let deadline = Instant::now() + SETUP_TIMEOUT;
     loop {
@@ -115,10 +118,10 @@ pub fn exit_code(status: std::process::ExitStatus) -> i32 {
     status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }
 
-/// Reads the one descriptor the init step sends.
-fn receive_listener(socket: &UnixStream) -> Result<OwnedFd, String> {
+/// Reads the descriptors the init step sends: its TCP port 80 and its UDP port 53.
+fn receive_listener(socket: &UnixStream) -> Result<[OwnedFd; 2], String> {
     socket.set_read_timeout(Some(SETUP_TIMEOUT)).map_err(|e| e.to_string())?;
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let mut byte = [0u8; 1];
     let got =
@@ -129,9 +132,9 @@ fn receive_listener(socket: &UnixStream) -> Result<OwnedFd, String> {
     }
     for message in control.drain() {
         if let RecvAncillaryMessage::ScmRights(mut fds) = message
-            && let Some(fd) = fds.next()
+            && let (Some(http), Some(dns)) = (fds.next(), fds.next())
         {
-            return Ok(fd);
+            return Ok([http, dns]);
         }
     }
     Err("the init step sent no listener".into())

@@ -79,10 +79,16 @@ curl -s -m 5 http://192.0.2.9:8080/ >/dev/null; echo "other port rc=$?"
 echo "data: $(ls -A "$DATA" | wc -l) entries"
 echo "secret: ${MOAT_SECRET_TOKEN:-none}"
 umount "$DATA" 2>/dev/null; echo "umount rc=$?"
+curl -s -m 10 http://a.test/dns
+bash -c "echo query > /dev/udp/127.0.0.1/$UDP_PORT" 2>/dev/null; bash -c "echo query > /dev/udp/192.0.2.5/$UDP_PORT" 2>/dev/null
 exit 3
 "#;
     let data = dir.path().join("data");
-    let env = [("MOAT_SECRET_TOKEN", "tok-0123456789"), ("DATA", data.to_str().unwrap())];
+    // A UDP server on the host's loopback standing in for an outside resolver.
+    let outside = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    outside.set_read_timeout(Some(std::time::Duration::from_millis(300))).unwrap();
+    let udp_port = outside.local_addr().unwrap().port().to_string();
+    let env = [("MOAT_SECRET_TOKEN", "tok-0123456789"), ("DATA", data.to_str().unwrap()), ("UDP_PORT", &udp_port)];
     let (code, out, err) = run_sh(dir.path(), &policy(&up), script, &[], &env);
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(code, 3, "CMD's exit code passes through\n{out}\n{err}");
@@ -96,6 +102,10 @@ exit 3
     assert_eq!(lines[5], "data: 0 entries", "moat's data folder is hidden: {out}");
     assert_eq!(lines[6], "secret: none", "moat's variables never reach CMD: {out}");
     assert_ne!(lines[7], "umount rc=0", "CMD cannot unhide the data folder: {out}");
+    // A name with no --resolve: moat's DNS answered it (every server address is moat's inside).
+    assert_eq!(lines[8], "hi agent-1 http://a.test/dns auth=nil", "{out}\n{err}");
+    assert!(err.contains("dns A a.test.: 198.18.0.1 container=agent-1"), "{err}");
+    assert!(outside.recv(&mut [0u8; 64]).is_err(), "a datagram left the sandbox");
     assert!(err.contains(r#"container="agent-1""#) && err.contains(r#"host="a.test""#), "{err}");
     assert!(up.count() == 1, "only the handler's fetch reached the upstream");
     // Nothing of the run is left in the data folder but moat's own files.
