@@ -27,6 +27,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 /// end of the run (the sandbox's exit), which replaces SIGINT/SIGTERM as the signal to stop.
 pub(crate) struct SandboxServing {
     pub http: std::net::TcpListener,
+    pub tls: std::net::TcpListener,
+    /// Told when moat serves (with the CA certificate), so that the sandbox's command starts.
+    pub handover: std::os::unix::net::UnixStream,
     /// The sandbox's DNS: answered by [`crate::proxy::dns`].
     pub dns: std::net::UdpSocket,
     pub container: crate::identity::ContainerId,
@@ -143,9 +146,16 @@ pub(crate) fn run_with(config: Config, sandbox: Option<SandboxServing>) -> anyho
                 })?;
                 s.dns.set_nonblocking(true)?;
                 tasks.spawn(crate::proxy::dns::serve(tokio::net::UdpSocket::from_std(s.dns)?, s.container.clone()));
-                let kind = listen::ListenerKind::TransparentHttp(s.container);
+                let kind = listen::ListenerKind::TransparentHttp(s.container.clone());
                 let listener = listen::Listener { socket, kind, class };
                 tasks.spawn(listen::accept_loop(listener, workers.clone(), shared.admission.clone()));
+                s.tls.set_nonblocking(true)?;
+                let socket = TcpListener::from_std(s.tls)?;
+                let kind = listen::ListenerKind::TransparentTls(s.container);
+                let listener = listen::Listener { socket, kind, class };
+                tasks.spawn(listen::accept_loop(listener, workers.clone(), shared.admission.clone()));
+                let ca = std::fs::read(crate::tls::ca::cert_path(&shared.config))?;
+                crate::sandbox::release(s.handover, &ca)?;
                 // SIGINT and SIGTERM reach the sandbox through its init step, which ends it.
                 let _ = s.ended.await;
             }

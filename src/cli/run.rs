@@ -38,7 +38,15 @@ pub fn run(config: Config, id: Option<&str>, class: Option<String>, cmd: &[Strin
             let _ = done.send(());
         })
     };
-    let serving = crate::serve::SandboxServing { http: sandbox.http, dns: sandbox.dns, container, class, ended };
+    let serving = crate::serve::SandboxServing {
+        http: sandbox.http,
+        tls: sandbox.tls,
+        handover: sandbox.handover,
+        dns: sandbox.dns,
+        container,
+        class,
+        ended,
+    };
     if let Err(e) = crate::serve::run_with(config, Some(serving)) {
         // moat could not serve: the sandbox must not outlive it.
         if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {

@@ -85,6 +85,57 @@ pub async fn serve(
     refuse(shared, writer, refusal, log, started).await;
 }
 
+/// A connection on a sandbox's port 443 (SPEC 5.2): TLS whose ClientHello names the host
+/// (without a name, the address dialled is the host). It is decided as a CONNECT to that
+/// host's port 443 would be, then intercepted or relayed the same way. A refusal ends the
+/// connection (the log says why: TLS has no place for an HTTP answer).
+pub async fn serve_transparent_tls(
+    worker: &Rc<Worker>,
+    class: ClassId,
+    container: crate::identity::ContainerId,
+    stream: tokio::net::TcpStream,
+) {
+    let shared = &worker.shared;
+    let started = Instant::now();
+    let Ok(dialled) = stream.local_addr() else { return };
+    let mut log = LogLine {
+        request_id: shared.next_request_id(),
+        class: shared.class(class).config.name.clone(),
+        method: http::Method::from_bytes(b"TLS").expect("a token"),
+        scheme: "tunnel",
+        container: container.to_string(),
+        ..Default::default()
+    };
+    let (mut rd, wr) = stream.into_split();
+    let mut first = BytesMut::with_capacity(4096);
+    let limit = shared.config.limits.tls_handshake_timeout;
+    let host = match sniff(&mut rd, &mut first, None, limit).await {
+        Ok(Inside::Tls(Some(sni))) => CanonicalHost::parse(&sni).ok(),
+        Ok(Inside::Tls(None)) => CanonicalHost::parse(&dialled.ip().to_string()).ok(),
+        Ok(_) => None,
+        Err(_) => return,
+    };
+    let Some(host) = host else {
+        log.decision = Logged::Error;
+        log.host = dialled.ip().to_string();
+        log.port = dialled.port();
+        log.detail = "port 443 carries TLS with a valid server name only".into();
+        log.emit();
+        log.record(&shared.metrics);
+        return;
+    };
+    if let Ok(plan) = plan_for(worker, class, container, host, dialled.port(), &mut log) {
+        log.status = 200;
+        let reader = ConnReader::from_parts(rd, first);
+        run_tunnel(worker, plan, reader, BufWriter::new(wr), &mut log).await;
+    } else {
+        log.status = 520;
+    }
+    log.duration = started.elapsed();
+    log.emit();
+    log.record(&shared.metrics);
+}
+
 /// Resolves and checks the tunnel's host (SPEC 8.3): its addresses, or (inner `Err`) why
 /// the name has no DNS answer; an outer `Err` is a refusal (a blocked address).
 async fn resolve(worker: &Worker, plan: &Plan) -> Result<Result<Vec<std::net::IpAddr>, String>, UpstreamError> {
@@ -163,6 +214,20 @@ fn prepare(
     let (host, port) = split_authority(&head.target).map_err(|e| bad(log, &e.to_string()))?;
     let port = port.ok_or_else(|| bad(log, "CONNECT needs host:port"))?;
     let host = CanonicalHost::parse(host).map_err(|e| bad(log, &e.to_string()))?;
+    plan_for(worker, class, container, host, port, log)
+}
+
+/// The decision for a tunnel to `host:port` on behalf of `container` (steps 1, 2, 7, 8, 9,
+/// or the whole order when the policy intercepts). Errors are the answer to send.
+fn plan_for(
+    worker: &Worker,
+    class: ClassId,
+    container: crate::identity::ContainerId,
+    host: CanonicalHost,
+    port: u16,
+    log: &mut LogLine,
+) -> Result<Plan, Box<http::Response<crate::body::Body>>> {
+    let shared = &worker.shared;
     log.host = host.to_string();
     log.port = port;
     let runtime = worker.runtime(class).ok_or_else(|| {

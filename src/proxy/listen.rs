@@ -30,6 +30,8 @@ pub enum ListenerKind {
     /// A sandbox's port 80 (`moat run`): plain HTTP the kernel delivered, whatever address the
     /// program dialled; every connection is the sandbox's container.
     TransparentHttp(ContainerId),
+    /// A sandbox's port 443: TLS the kernel delivered, decided on its server name.
+    TransparentTls(ContainerId),
 }
 
 /// Binds a class's explicit proxy listener (non-blocking, with a deep accept queue).
@@ -92,6 +94,13 @@ fn spawn_worker(index: usize, shared: Arc<Shared>) -> std::io::Result<WorkerTx> 
                             ListenerKind::Explicit => serve_explicit(worker, stream, class).await,
                             ListenerKind::TransparentHttp(container) => {
                                 serve_transparent_http(worker, stream, class, container).await
+                            }
+                            ListenerKind::TransparentTls(container) => {
+                                let _ = stream.set_nodelay(true);
+                                let _open = OpenConnection::new(&worker.shared.metrics.open_connections);
+                                let serving = super::connect::serve_transparent_tls(&worker, class, container, stream);
+                                // Boxed: a tunnel's state (TLS, HTTP/2) is large.
+                                Box::pin(serving).await
                             }
                         },
                         Err(e) => tracing::warn!("could not adopt connection: {e}"),

@@ -232,7 +232,7 @@ fn target_phase(head: &RequestHead, tunnel: Option<&Pinned>, log: &mut LogLine) 
     }
     let parsed = match tunnel {
         Some(t) if t.named_by_request => transparent_target(t, head),
-        Some(t) => tunnel_target(t, &head.target),
+        Some(t) => tunnel_target(t, head),
         None => parse_target(&head.target).and_then(|(t, path)| {
             if t.https {
                 Err("https:// URLs go through CONNECT; set HTTPS_PROXY to this proxy".into())
@@ -424,7 +424,23 @@ fn transparent_target(t: &Pinned, head: &RequestHead) -> Result<(Target, String)
 }
 
 /// The target of a request inside a tunnel: origin-form, or absolute-form for the same host.
-fn tunnel_target(t: &Pinned, raw: &str) -> Result<(Target, String), String> {
+/// An origin-form request whose Host names another authority is refused (SPEC 8.2: one
+/// authority, the one the tunnel and its TLS server name were decided on).
+fn tunnel_target(t: &Pinned, head: &RequestHead) -> Result<(Target, String), String> {
+    let raw = head.target.as_str();
+    // An absolute-form target's authority wins over Host (RFC 9112 §3.2.2), and is checked below.
+    if let Some(host) = head.headers.get(http::header::HOST).filter(|_| raw.starts_with('/')) {
+        let same = host.to_str().ok().and_then(|h| split_authority(h).ok()).is_some_and(|(name, port)| {
+            CanonicalHost::parse(name).is_ok_and(|n| n == t.target.host) && port.is_none_or(|p| p == t.target.port)
+        });
+        if !same {
+            return Err(format!(
+                "Host {:?} is not the tunnel's host {}",
+                String::from_utf8_lossy(host.as_bytes()),
+                t.target.authority()
+            ));
+        }
+    }
     if raw.starts_with('/') {
         return Ok((t.target.clone(), origin_form(raw)?));
     }

@@ -1,7 +1,8 @@
 //! `moat __sandbox-init SOCKET -- CMD…`: the sandbox's first process, run by `unshare` inside
 //! the new namespaces as their root. It brings up the network (loopback and the AnyIP route),
-//! binds the sockets moat serves (TCP 80, UDP 53), hands them over on SOCKET, then runs CMD
-//! as its child, forwarding SIGINT, SIGTERM and SIGHUP to it, and exits with CMD's exit code.
+//! binds the sockets moat serves (TCP 80 and 443, UDP 53), hands them over on SOCKET, waits
+//! for moat's CA certificate (moat serves from then on), shows it in place of moat's data
+//! folder with the CA variables set, then runs CMD as its child, forwarding SIGINT, SIGTERM and SIGHUP to it, and exits with CMD's exit code.
 //! As PID 1 of the namespace, its end ends every process CMD left behind.
 
 use std::io::IoSlice;
@@ -28,12 +29,25 @@ fn run(handover: &Path, hide: &[PathBuf], cmd: &[String]) -> Result<i32, String>
     let socket = std::os::unix::net::UnixStream::connect(handover)
         .map_err(|e| format!("cannot reach moat on {}: {e}", handover.display()))?;
     let http = std::net::TcpListener::bind("0.0.0.0:80").map_err(|e| format!("cannot listen on port 80: {e}"))?;
+    let tls = std::net::TcpListener::bind("0.0.0.0:443").map_err(|e| format!("cannot listen on port 443: {e}"))?;
     let dns = std::net::UdpSocket::bind("0.0.0.0:53").map_err(|e| format!("cannot listen on UDP port 53: {e}"))?;
-    send_listener(&socket, &[http.as_fd(), dns.as_fd()])?;
-    drop((http, dns));
+    send_listener(&socket, &[http.as_fd(), tls.as_fd(), dns.as_fd()])?;
+    drop((http, tls, dns));
+    // moat answers with its CA certificate once it serves: CMD starts only then.
+    let mut ca = Vec::new();
+    std::io::Read::read_to_end(&mut &socket, &mut ca).map_err(|e| format!("no word from moat: {e}"))?;
+    if ca.is_empty() {
+        return Err("moat did not start serving".into());
+    }
     drop(socket);
-    for dir in hide {
-        hide_folder(dir)?;
+    let mut trust = Vec::new();
+    for (i, dir) in hide.iter().enumerate() {
+        // The first hidden folder (moat's data folder) shows the sandbox moat's CA instead.
+        let files = if i == 0 { trust_files(&ca) } else { Vec::new() };
+        hide_folder(dir, &files)?;
+        if i == 0 {
+            trust = trust_variables(dir);
+        }
     }
     drop_privileges()?;
     let (program, args) = cmd.split_first().ok_or("no command to run")?;
@@ -41,6 +55,7 @@ fn run(handover: &Path, hide: &[PathBuf], cmd: &[String]) -> Result<i32, String>
     rt.block_on(async {
         let mut child = tokio::process::Command::new(program)
             .args(args)
+            .envs(trust)
             .spawn()
             .map_err(|e| format!("cannot run {program}: {e}"))?;
         let pid = child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32));
@@ -62,12 +77,54 @@ fn run(handover: &Path, hide: &[PathBuf], cmd: &[String]) -> Result<i32, String>
     })
 }
 
-/// Mounts an empty, read-only tmpfs over `dir` (moat's data folder: database, CA key, admin
-/// socket), in the sandbox's own mount namespace.
-fn hide_folder(dir: &Path) -> Result<(), String> {
-    use rustix::mount::{MountFlags, mount};
-    mount("none", dir, "tmpfs", MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV, c"size=4k,mode=0500")
-        .map_err(|e| format!("cannot hide {}: {e}", dir.display()))
+/// The CA certificate moat signs intercepted hosts with, and a bundle of it over the
+/// system's roots (for clients that take one file for every root).
+const CA_FILE: &str = "ca.pem";
+const BUNDLE_FILE: &str = "ca-bundle.pem";
+const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+fn trust_files(ca: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
+    let mut bundle = std::fs::read(SYSTEM_ROOTS).unwrap_or_default();
+    if !bundle.is_empty() && !bundle.ends_with(b"\n") {
+        bundle.push(b'\n');
+    }
+    bundle.extend_from_slice(ca);
+    vec![(CA_FILE, ca.to_vec()), (BUNDLE_FILE, bundle)]
+}
+
+/// The variables that make common clients trust moat's CA (SPEC 5.2).
+fn trust_variables(dir: &Path) -> Vec<(&'static str, PathBuf)> {
+    let (ca, bundle) = (dir.join(CA_FILE), dir.join(BUNDLE_FILE));
+    let mut vars: Vec<(&'static str, PathBuf)> = [
+        "SSL_CERT_FILE",
+        "REQUESTS_CA_BUNDLE",
+        "CURL_CA_BUNDLE",
+        "GIT_SSL_CAINFO",
+        "CARGO_HTTP_CAINFO",
+        "DENO_CERT",
+        "AWS_CA_BUNDLE",
+        "PIP_CERT",
+        "npm_config_cafile",
+    ]
+    .into_iter()
+    .map(|k| (k, bundle.clone()))
+    .collect();
+    // Node adds these to its own roots (a bundle there would only repeat them).
+    vars.push(("NODE_EXTRA_CA_CERTS", ca));
+    vars
+}
+
+/// Covers `dir` (moat's data folder: database, CA key, admin socket) with a tmpfs that holds
+/// only `files`, read-only, in the sandbox's own mount namespace.
+fn hide_folder(dir: &Path, files: &[(&str, Vec<u8>)]) -> Result<(), String> {
+    use rustix::mount::{MountFlags, mount, mount_remount};
+    let failed = |e: &dyn std::fmt::Display| format!("cannot hide {}: {e}", dir.display());
+    let flags = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+    mount("none", dir, "tmpfs", flags, c"size=4m,mode=0555").map_err(|e| failed(&e))?;
+    for (name, bytes) in files {
+        std::fs::write(dir.join(name), bytes).map_err(|e| failed(&e))?;
+    }
+    mount_remount(dir, flags | MountFlags::RDONLY, "").map_err(|e| failed(&e))
 }
 
 /// CMD gets no capability in the sandbox's namespaces, and cannot gain one: without that,
@@ -113,9 +170,9 @@ fn network_up() -> Result<(), String> {
 /// Sends `fds` over `socket` with one byte of payload.
 fn send_listener(
     socket: &std::os::unix::net::UnixStream,
-    fds: &[std::os::fd::BorrowedFd<'_>; 2],
+    fds: &[std::os::fd::BorrowedFd<'_>; 3],
 ) -> Result<(), String> {
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
     let mut control = SendAncillaryBuffer::new(&mut space);
     control.push(SendAncillaryMessage::ScmRights(fds));
     rustix::net::sendmsg(socket.as_fd(), &[IoSlice::new(b"l")], &mut control, SendFlags::empty())

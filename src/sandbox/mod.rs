@@ -34,9 +34,22 @@ pub struct Sandbox {
     pub child: Child,
     /// The sandbox's port 80: every TCP connection CMD makes to port 80 of any address.
     pub http: std::net::TcpListener,
+    /// The sandbox's port 443, likewise.
+    pub tls: std::net::TcpListener,
     /// The sandbox's UDP port 53: every DNS query CMD sends, to whatever server it names
     /// (the host's `resolv.conf` included: its address is local in the sandbox too).
     pub dns: std::net::UdpSocket,
+    /// The init step waits on this for moat's CA certificate before it runs CMD (see
+    /// [`release`]).
+    pub handover: UnixStream,
+}
+
+/// Lets the sandbox's command start, now that moat serves: sends the CA certificate it
+/// should trust (PEM).
+pub fn release(mut handover: UnixStream, ca_pem: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    handover.write_all(ca_pem)?;
+    handover.shutdown(std::net::Shutdown::Write)
 }
 
 /// Starts `cmd` in a new sandbox with `env` as its whole environment; `handover` is a path
@@ -77,7 +90,9 @@ fn start_with(
         _ => format!("cannot start the sandbox: {e}"),
     })?;
     match accept_listener(socket, &mut child) {
-        Ok([http, dns]) => Ok(Sandbox { child, http: http.into(), dns: dns.into() }),
+        Ok((handover, [http, tls, dns])) => {
+            Ok(Sandbox { child, http: http.into(), tls: tls.into(), dns: dns.into(), handover })
+        }
         Err(e) => {
             let _ = child.kill();
             let status = child.wait().ok();
@@ -90,14 +105,16 @@ fn start_with(
 }
 
 /// Waits for the init step to connect and send its listener, while it runs.
-fn accept_listener(socket: &UnixListener, child: &mut Child) -> Result<[OwnedFd; 2], String> {
+fn accept_listener(socket: &UnixListener, child: &mut Child) -> Result<(UnixStream, [OwnedFd; 3]), String> {
     socket.set_nonblocking(true).map_err(|e| e.to_string())?;
     let deadline = Instant::now() + SETUP_TIMEOUT;
     loop {
         match socket.accept() {
             Ok((stream, _)) => {
                 stream.set_nonblocking(false).map_err(|e| e.to_string())?;
-                return receive_listener(&stream);
+                let fds = receive_listener(&stream)?;
+                stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+                return Ok((stream, fds));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e.to_string()),
@@ -118,10 +135,10 @@ pub fn exit_code(status: std::process::ExitStatus) -> i32 {
     status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }
 
-/// Reads the descriptors the init step sends: its TCP port 80 and its UDP port 53.
-fn receive_listener(socket: &UnixStream) -> Result<[OwnedFd; 2], String> {
+/// Reads the descriptors the init step sends: its TCP ports 80 and 443, its UDP port 53.
+fn receive_listener(socket: &UnixStream) -> Result<[OwnedFd; 3], String> {
     socket.set_read_timeout(Some(SETUP_TIMEOUT)).map_err(|e| e.to_string())?;
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let mut byte = [0u8; 1];
     let got =
@@ -132,9 +149,9 @@ fn receive_listener(socket: &UnixStream) -> Result<[OwnedFd; 2], String> {
     }
     for message in control.drain() {
         if let RecvAncillaryMessage::ScmRights(mut fds) = message
-            && let (Some(http), Some(dns)) = (fds.next(), fds.next())
+            && let (Some(http), Some(tls), Some(dns)) = (fds.next(), fds.next(), fds.next())
         {
-            return Ok([http, dns]);
+            return Ok([http, tls, dns]);
         }
     }
     Err("the init step sent no listener".into())

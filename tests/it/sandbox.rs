@@ -11,6 +11,7 @@ use crate::harness::*;
 fn policy(upstream: &Upstream) -> String {
     format!(
         r#"
+interceptHttps = true
 allowedHosts = {{ "a.test", "up.test" }}
 outboundByHost = {{
   ["a.test"] = function(request, env, ctx)
@@ -64,7 +65,8 @@ fn run_sh(dir: &Path, policy: &str, script: &str, prefix: &[&str], env: &[(&str,
 }
 
 #[test]
-fn a_sandbox_reaches_only_the_policy_on_port_80_of_any_address_as_its_own_container_and_passes_its_exit_code() {
+fn a_sandbox_reaches_only_the_policy_on_ports_80_and_443_of_any_address_and_its_dns_as_its_own_container_and_passes_its_exit_code()
+ {
     if !sandbox_available() {
         return;
     }
@@ -76,11 +78,14 @@ printf 'GET /raw HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n' | curl -
 curl -s -m 10 --resolve up.test:80:192.0.2.2 http://up.test/
 echo "other host $(curl -s -m 10 -o /dev/null -w '%{http_code}' http://192.0.2.9/)"
 curl -s -m 5 http://192.0.2.9:8080/ >/dev/null; echo "other port rc=$?"
-echo "data: $(ls -A "$DATA" | wc -l) entries"
+echo "data: $(ls -A "$DATA" | tr '\n' ' ')"
 echo "secret: ${MOAT_SECRET_TOKEN:-none}"
 umount "$DATA" 2>/dev/null; echo "umount rc=$?"
 curl -s -m 10 http://a.test/dns
 bash -c "echo query > /dev/udp/127.0.0.1/$UDP_PORT" 2>/dev/null; bash -c "echo query > /dev/udp/192.0.2.5/$UDP_PORT" 2>/dev/null
+curl -s -m 10 https://a.test/tls
+echo "https other $(curl -s -m 10 -o /dev/null -w '%{http_code}' https://denied.example/)"
+echo "host is not sni $(curl -s --http1.1 -m 10 -o /dev/null -w '%{http_code}' -H 'Host: up.test' https://a.test/)"
 exit 3
 "#;
     let data = dir.path().join("data");
@@ -99,13 +104,18 @@ exit 3
     assert_eq!(lines[2], "upstream 200", "{out}\n{err}");
     assert_eq!(lines[3], "other host 520", "{out}\n{err}");
     assert_eq!(lines[4], "other port rc=7", "a port moat does not capture is refused: {out}");
-    assert_eq!(lines[5], "data: 0 entries", "moat's data folder is hidden: {out}");
+    assert_eq!(lines[5], "data: ca-bundle.pem ca.pem ", "moat's data folder shows only its CA: {out}");
     assert_eq!(lines[6], "secret: none", "moat's variables never reach CMD: {out}");
     assert_ne!(lines[7], "umount rc=0", "CMD cannot unhide the data folder: {out}");
     // A name with no --resolve: moat's DNS answered it (every server address is moat's inside).
     assert_eq!(lines[8], "hi agent-1 http://a.test/dns auth=nil", "{out}\n{err}");
     assert!(err.contains("dns A a.test.: 198.18.0.1 container=agent-1"), "{err}");
     assert!(outside.recv(&mut [0u8; 64]).is_err(), "a datagram left the sandbox");
+    // HTTPS to any address: decided on the server name, intercepted with moat's CA, which
+    // the sandbox trusts through the bundle and variables moat put there (no curl flag).
+    assert_eq!(lines[9], "hi agent-1 https://a.test/tls auth=nil", "{out}\n{err}");
+    assert_eq!(lines[10], "https other 000", "a denied name gets no TLS at all: {out}");
+    assert_eq!(lines[11], "host is not sni 400", "{out}\n{err}");
     assert!(err.contains(r#"container="agent-1""#) && err.contains(r#"host="a.test""#), "{err}");
     assert!(up.count() == 1, "only the handler's fetch reached the upstream");
     // Nothing of the run is left in the data folder but moat's own files.
