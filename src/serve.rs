@@ -30,6 +30,8 @@ pub(crate) struct SandboxServing {
     pub tls: std::net::TcpListener,
     /// Told when moat serves (with the CA certificate), so that the sandbox's command starts.
     pub handover: std::os::unix::net::UnixStream,
+    /// The sandbox's init step, which passes signals on to the command.
+    pub init: rustix::process::Pid,
     /// The sandbox's DNS: answered by [`crate::proxy::dns`].
     pub dns: std::net::UdpSocket,
     pub container: crate::identity::ContainerId,
@@ -156,8 +158,18 @@ pub(crate) fn run_with(config: Config, sandbox: Option<SandboxServing>) -> anyho
                 tasks.spawn(listen::accept_loop(listener, workers.clone(), shared.admission.clone()));
                 let ca = std::fs::read(crate::tls::ca::cert_path(&shared.config))?;
                 crate::sandbox::release(s.handover, &ca)?;
-                // SIGINT and SIGTERM reach the sandbox through its init step, which ends it.
-                let _ = s.ended.await;
+                // moat stops when the sandbox has ended. SIGTERM and SIGHUP to `moat run` go to
+                // the command (through the init step); SIGINT from a terminal reaches the
+                // command directly, and its end ends the run.
+                let mut ended = s.ended;
+                loop {
+                    tokio::select! {
+                        _ = &mut ended => break,
+                        _ = signals.term.recv() => crate::sandbox::Sandbox::signal(s.init, rustix::process::Signal::TERM),
+                        _ = signals.hup.recv() => crate::sandbox::Sandbox::signal(s.init, rustix::process::Signal::HUP),
+                        _ = signals.int.recv() => {}
+                    }
+                }
             }
         }
         // Stop accepting (the listeners close, so that a new moat can bind at once), then let

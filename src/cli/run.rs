@@ -25,7 +25,10 @@ pub fn run(config: Config, id: Option<&str>, class: Option<String>, cmd: &[Strin
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| format!("cannot create the data folder {}: {e}", config.data_dir.display()))?;
     let handover = config.data_dir.join(format!("run-{container}.sock"));
-    let sandbox = crate::sandbox::start(cmd, &sandbox_env(&config), &handover, &[&config.data_dir])?;
+    // The data folder, and a persisted CA's folder (its private key) wherever it is.
+    let mut hidden = vec![config.data_dir.as_path()];
+    hidden.extend(config.ca_dir().filter(|d| !d.starts_with(&config.data_dir)));
+    let sandbox = crate::sandbox::start(cmd, &sandbox_env(&config), &handover, &hidden)?;
     let mut child = sandbox.child;
     let (done, ended) = tokio::sync::oneshot::channel();
     let code = Arc::new(Mutex::new(None));
@@ -42,6 +45,7 @@ pub fn run(config: Config, id: Option<&str>, class: Option<String>, cmd: &[Strin
         http: sandbox.http,
         tls: sandbox.tls,
         handover: sandbox.handover,
+        init: sandbox.init,
         dns: sandbox.dns,
         container,
         class,

@@ -2,8 +2,9 @@
 //! the new namespaces as their root. It brings up the network (loopback and the AnyIP route),
 //! binds the sockets moat serves (TCP 80 and 443, UDP 53), hands them over on SOCKET, waits
 //! for moat's CA certificate (moat serves from then on), shows it in place of moat's data
-//! folder with the CA variables set, then runs CMD as its child, forwarding SIGINT, SIGTERM and SIGHUP to it, and exits with CMD's exit code.
-//! As PID 1 of the namespace, its end ends every process CMD left behind.
+//! folder with the CA variables set, then runs CMD as its child, forwarding SIGTERM and
+//! SIGHUP to it, and exits with CMD's exit code. As PID 1 of the namespace, its end ends
+//! every process CMD left behind.
 
 use std::io::IoSlice;
 use std::mem::MaybeUninit;
@@ -67,7 +68,9 @@ fn run(handover: &Path, hide: &[PathBuf], cmd: &[String]) -> Result<i32, String>
             let forward = tokio::select! {
                 status = child.wait() => return Ok(super::exit_code(status.map_err(|e| e.to_string())?)),
                 _ = term.recv() => rustix::process::Signal::TERM,
-                _ = int.recv() => rustix::process::Signal::INT,
+                // From a terminal, CMD (in the same process group) has it already; passing it
+                // on would make one Ctrl-C two. PID 1 must not die of it either.
+                _ = int.recv() => continue,
                 _ = hup.recv() => rustix::process::Signal::HUP,
             };
             if let Some(pid) = pid {

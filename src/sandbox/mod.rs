@@ -42,6 +42,16 @@ pub struct Sandbox {
     /// The init step waits on this for moat's CA certificate before it runs CMD (see
     /// [`release`]).
     pub handover: UnixStream,
+    /// The init step's process id as moat sees it (signals to the command go through it).
+    pub init: rustix::process::Pid,
+}
+
+impl Sandbox {
+    /// Passes `signal` to the command (through the init step, which forwards SIGTERM and
+    /// SIGHUP; SIGINT from a terminal reaches the command directly, as its process group's).
+    pub fn signal(init: rustix::process::Pid, signal: rustix::process::Signal) {
+        let _ = rustix::process::kill_process(init, signal);
+    }
 }
 
 /// Lets the sandbox's command start, now that moat serves: sends the CA certificate it
@@ -91,7 +101,8 @@ fn start_with(
     })?;
     match accept_listener(socket, &mut child) {
         Ok((handover, [http, tls, dns])) => {
-            Ok(Sandbox { child, http: http.into(), tls: tls.into(), dns: dns.into(), handover })
+            let init = rustix::net::sockopt::socket_peercred(&handover).map_err(|e| format!("init step: {e}"))?.pid;
+            Ok(Sandbox { child, http: http.into(), tls: tls.into(), dns: dns.into(), handover, init })
         }
         Err(e) => {
             let _ = child.kill();

@@ -145,3 +145,48 @@ fn an_ordinary_user_gets_the_same_sandbox_where_user_namespaces_are_enabled() {
     // Root of its user namespace only: outside, it is still uid 65534.
     assert_eq!(lines[1], "0", "{out}");
 }
+
+/// Whether a process whose command line contains `needle` is running on the host.
+fn running(needle: &str) -> bool {
+    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+        std::fs::read(e.path().join("cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle))
+    })
+}
+
+#[test]
+fn nothing_the_command_started_outlives_the_run_and_sigterm_reaches_the_command() {
+    if !sandbox_available() {
+        return;
+    }
+    let up = Upstream::start();
+    let dir = tempfile::tempdir().unwrap();
+    // A background process left running when the command exits.
+    let (code, out, err) = run_sh(dir.path(), &policy(&up), "sleep 4321 & echo started; exit 0", &[], &[]);
+    assert_eq!((code, out.as_str()), (0, "started\n"), "{err}");
+    assert!(!running("sleep 4321"), "a process of the sandbox outlived it");
+
+    // SIGTERM to moat run: the command sees it and its exit code is the run's.
+    std::fs::write(dir.path().join("policy.lua"), policy(&up)).unwrap();
+    let mut child = Command::new(MOAT)
+        .args(["run", "--policy"])
+        .arg(dir.path().join("policy.lua"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--", "sh", "-c", "trap 'echo got-term; exit 9' TERM; echo ready; sleep 4322 & wait"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    assert_eq!((status.code(), rest.as_str()), (Some(9), "got-term\n"));
+    assert!(!running("sleep 4322"), "the command's child outlived the run");
+}
