@@ -157,7 +157,7 @@ pub(crate) fn run_with(config: Config, sandbox: Option<SandboxServing>) -> anyho
                 let listener = listen::Listener { socket, kind, class };
                 tasks.spawn(listen::accept_loop(listener, workers.clone(), shared.admission.clone()));
                 let ca = std::fs::read(crate::tls::ca::cert_path(&shared.config))?;
-                crate::sandbox::release(s.handover, &ca)?;
+                crate::sandbox::release(&s.handover, &ca)?;
                 // moat stops when the sandbox has ended. SIGTERM and SIGHUP to `moat run` go to
                 // the command (through the init step); SIGINT from a terminal reaches the
                 // command directly, and its end ends the run.

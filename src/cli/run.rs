@@ -24,7 +24,7 @@ pub fn run(config: Config, id: Option<&str>, class: Option<String>, cmd: &[Strin
     eprintln!("moat run: container {container}");
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| format!("cannot create the data folder {}: {e}", config.data_dir.display()))?;
-    let handover = config.data_dir.join(format!("run-{container}.sock"));
+    let handover = config.data_dir.join(format!("{container}.sandbox.sock"));
     // The data folder, and a persisted CA's folder (its private key) wherever it is.
     let mut hidden = vec![config.data_dir.as_path()];
     hidden.extend(config.ca_dir().filter(|d| !d.starts_with(&config.data_dir)));

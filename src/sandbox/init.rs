@@ -34,13 +34,9 @@ fn run(handover: &Path, hide: &[PathBuf], cmd: &[String]) -> Result<i32, String>
     let dns = std::net::UdpSocket::bind("0.0.0.0:53").map_err(|e| format!("cannot listen on UDP port 53: {e}"))?;
     send_listener(&socket, &[http.as_fd(), tls.as_fd(), dns.as_fd()])?;
     drop((http, tls, dns));
-    // moat answers with its CA certificate once it serves: CMD starts only then.
-    let mut ca = Vec::new();
-    std::io::Read::read_to_end(&mut &socket, &mut ca).map_err(|e| format!("no word from moat: {e}"))?;
-    if ca.is_empty() {
-        return Err("moat did not start serving".into());
-    }
-    drop(socket);
+    // moat answers with its CA certificate once it serves: CMD starts only then. The socket
+    // stays open for as long as moat runs: its end is moat's end, whatever killed it.
+    let ca = super::read_message(&socket).map_err(|e| format!("moat did not start serving: {e}"))?;
     let mut trust = Vec::new();
     for (i, dir) in hide.iter().enumerate() {
         // The first hidden folder (moat's data folder) shows the sandbox moat's CA instead.
@@ -64,9 +60,20 @@ fn run(handover: &Path, hide: &[PathBuf], cmd: &[String]) -> Result<i32, String>
         let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
         let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
         let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+        socket.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let moat = tokio::net::UnixStream::from_std(socket).map_err(|e| e.to_string())?;
         loop {
             let forward = tokio::select! {
                 status = child.wait() => return Ok(super::exit_code(status.map_err(|e| e.to_string())?)),
+                // moat is gone (killed, say): nothing serves the sandbox any more, so it ends;
+                // as PID 1 exits, the kernel kills every process left in the namespace.
+                _ = moat.readable() => {
+                    if moat.try_read(&mut [0u8; 1]).is_ok_and(|n| n == 0) {
+                        eprintln!("moat run: moat has gone; ending the sandbox");
+                        return Ok(137);
+                    }
+                    continue;
+                }
                 _ = term.recv() => rustix::process::Signal::TERM,
                 // From a terminal, CMD (in the same process group) has it already; passing it
                 // on would make one Ctrl-C two. PID 1 must not die of it either.

@@ -55,11 +55,23 @@ impl Sandbox {
 }
 
 /// Lets the sandbox's command start, now that moat serves: sends the CA certificate it
-/// should trust (PEM).
-pub fn release(mut handover: UnixStream, ca_pem: &[u8]) -> std::io::Result<()> {
+/// should trust (PEM). `handover` must then stay open for as long as moat serves the
+/// sandbox: its closing (moat's exit, however it happens) ends the sandbox.
+pub fn release(mut handover: &UnixStream, ca_pem: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    handover.write_all(ca_pem)?;
-    handover.shutdown(std::net::Shutdown::Write)
+    let len = u32::try_from(ca_pem.len()).map_err(std::io::Error::other)?;
+    handover.write_all(&len.to_be_bytes())?;
+    handover.write_all(ca_pem)
+}
+
+/// Reads one message [`release`] wrote.
+fn read_message(mut socket: &UnixStream) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut len = [0u8; 4];
+    socket.read_exact(&mut len)?;
+    let mut message = vec![0u8; u32::from_be_bytes(len) as usize];
+    socket.read_exact(&mut message)?;
+    Ok(message)
 }
 
 /// Starts `cmd` in a new sandbox with `env` as its whole environment; `handover` is a path

@@ -155,7 +155,7 @@ fn running(needle: &str) -> bool {
 }
 
 #[test]
-fn nothing_the_command_started_outlives_the_run_and_sigterm_reaches_the_command() {
+fn nothing_the_command_started_outlives_the_run_not_even_a_killed_moat_and_sigterm_reaches_the_command() {
     if !sandbox_available() {
         return;
     }
@@ -189,4 +189,30 @@ fn nothing_the_command_started_outlives_the_run_and_sigterm_reaches_the_command(
     std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
     assert_eq!((status.code(), rest.as_str()), (Some(9), "got-term\n"));
     assert!(!running("sleep 4322"), "the command's child outlived the run");
+
+    // moat itself killed: the sandbox ends with it, leaving nothing.
+    let mut child = Command::new(MOAT)
+        .args(["run", "--policy"])
+        .arg(dir.path().join("policy.lua"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--", "sh", "-c", "echo ready; sleep 4323"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    assert!(running("sleep 4323"));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let init = format!("__sandbox-init {}", dir.path().join("data").display());
+    while (running("sleep 4323") || running(&init)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(!running("sleep 4323"), "the sandbox outlived moat");
+    assert!(!running(&init), "the init step outlived moat");
 }
