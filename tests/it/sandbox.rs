@@ -146,6 +146,26 @@ fn an_ordinary_user_gets_the_same_sandbox_where_user_namespaces_are_enabled() {
     assert_eq!(lines[1], "0", "{out}");
 }
 
+/// Starts `moat run -- sh -c SCRIPT` on `dir/policy.lua` and waits for SCRIPT's first line,
+/// `ready`; returns the process and the rest of its output.
+fn start_ready(dir: &Path, script: &str) -> (std::process::Child, std::io::BufReader<std::process::ChildStdout>) {
+    let mut child = Command::new(MOAT)
+        .args(["run", "--policy"])
+        .arg(dir.join("policy.lua"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args(["--", "sh", "-c", script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    (child, stdout)
+}
+
 /// Whether a process whose command line contains `needle` is running on the host.
 fn running(needle: &str) -> bool {
     std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
@@ -168,20 +188,8 @@ fn nothing_the_command_started_outlives_the_run_not_even_a_killed_moat_and_sigte
 
     // SIGTERM to moat run: the command sees it and its exit code is the run's.
     std::fs::write(dir.path().join("policy.lua"), policy(&up)).unwrap();
-    let mut child = Command::new(MOAT)
-        .args(["run", "--policy"])
-        .arg(dir.path().join("policy.lua"))
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .args(["--", "sh", "-c", "trap 'echo got-term; exit 9' TERM; echo ready; sleep 4322 & wait"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
-    assert_eq!(line, "ready\n");
+    let (mut child, mut stdout) =
+        start_ready(dir.path(), "trap 'echo got-term; exit 9' TERM; echo ready; sleep 4322 & wait");
     let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
     let status = child.wait().unwrap();
@@ -191,20 +199,7 @@ fn nothing_the_command_started_outlives_the_run_not_even_a_killed_moat_and_sigte
     assert!(!running("sleep 4322"), "the command's child outlived the run");
 
     // moat itself killed: the sandbox ends with it, leaving nothing.
-    let mut child = Command::new(MOAT)
-        .args(["run", "--policy"])
-        .arg(dir.path().join("policy.lua"))
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .args(["--", "sh", "-c", "echo ready; sleep 4323"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
-    assert_eq!(line, "ready\n");
+    let (mut child, _stdout) = start_ready(dir.path(), "echo ready; sleep 4323");
     assert!(running("sleep 4323"));
     child.kill().unwrap();
     child.wait().unwrap();
