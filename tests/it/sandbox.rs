@@ -181,10 +181,21 @@ fn nothing_the_command_started_outlives_the_run_not_even_a_killed_moat_and_sigte
     }
     let up = Upstream::start();
     let dir = tempfile::tempdir().unwrap();
+    // The host's links, routes and mounts, which a sandbox must leave as it found them.
+    let host_state = || {
+        let ip = |args: &[&str]| String::from_utf8(Command::new("ip").args(args).output().unwrap().stdout).unwrap();
+        // Only mounts at this test's folder: other tests mount a tmpfs of their own meanwhile.
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+        let ours: Vec<String> =
+            mounts.lines().filter(|l| l.contains(&*dir.path().to_string_lossy())).map(str::to_string).collect();
+        (ip(&["-o", "link"]), ip(&["route"]), ours)
+    };
+    let before = host_state();
     // A background process left running when the command exits.
     let (code, out, err) = run_sh(dir.path(), &policy(&up), "sleep 4321 & echo started; exit 0", &[], &[]);
     assert_eq!((code, out.as_str()), (0, "started\n"), "{err}");
     assert!(!running("sleep 4321"), "a process of the sandbox outlived it");
+    assert!(before == host_state(), "the run changed the host's links, routes or mounts");
 
     // SIGTERM to moat run: the command sees it and its exit code is the run's.
     std::fs::write(dir.path().join("policy.lua"), policy(&up)).unwrap();
