@@ -118,10 +118,9 @@ fn start_with(
         }
         Err(e) => {
             let _ = child.kill();
-            let status = child.wait().ok();
+            let _ = child.wait();
             Err(format!(
-                "the sandbox did not start: {e}{}; where user namespaces are disabled (kernel.unprivileged_userns_clone, AppArmor's restrict_unprivileged_userns) run as root",
-                status.map(|s| format!(" ({s})")).unwrap_or_default()
+                "the sandbox did not start: {e}; where user namespaces are disabled (kernel.unprivileged_userns_clone, AppArmor's restrict_unprivileged_userns) run as root"
             ))
         }
     }

@@ -45,13 +45,24 @@ fn sandbox_available() -> bool {
 }
 
 /// `moat run --policy P --data-dir D --id agent-1 -- sh -c SCRIPT`: (exit code, stdout, stderr).
-fn run_sh(dir: &Path, policy: &str, script: &str, prefix: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+/// `prefix` runs moat through another program (setpriv), with the binary `moat`.
+fn run_sh(
+    dir: &Path,
+    policy: &str,
+    script: &str,
+    prefix: &[&str],
+    moat: &Path,
+    env: &[(&str, &str)],
+) -> (i32, String, String) {
     std::fs::write(dir.join("policy.lua"), policy).unwrap();
-    let mut cmd = Command::new(prefix.first().copied().unwrap_or(MOAT));
-    cmd.args(prefix.iter().skip(1));
-    if !prefix.is_empty() {
-        cmd.arg(MOAT);
-    }
+    let mut cmd = match prefix.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(moat);
+            c
+        }
+        None => Command::new(moat),
+    };
     cmd.args(["run", "--policy"])
         .arg(dir.join("policy.lua"))
         .arg("--data-dir")
@@ -94,7 +105,7 @@ exit 3
     outside.set_read_timeout(Some(std::time::Duration::from_millis(300))).unwrap();
     let udp_port = outside.local_addr().unwrap().port().to_string();
     let env = [("MOAT_SECRET_TOKEN", "tok-0123456789"), ("DATA", data.to_str().unwrap()), ("UDP_PORT", &udp_port)];
-    let (code, out, err) = run_sh(dir.path(), &policy(&up), script, &[], &env);
+    let (code, out, err) = run_sh(dir.path(), &policy(&up), script, &[], MOAT.as_ref(), &env);
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(code, 3, "CMD's exit code passes through\n{out}\n{err}");
     // The kernel's identity, whatever the program claims; the forged credentials go no further.
@@ -137,8 +148,11 @@ fn an_ordinary_user_gets_the_same_sandbox_where_user_namespaces_are_enabled() {
     // The unprivileged user writes its data folder in a folder of its own.
     Command::new("chown").args(["65534:65534"]).arg(dir.path()).status().unwrap();
     let nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"];
+    // The build may live where that user cannot read (a root-only checkout): a copy it can.
+    let bin = dir.path().join("moat");
+    std::fs::hard_link(MOAT, &bin).or_else(|_| std::fs::copy(MOAT, &bin).map(drop)).unwrap();
     let script = "curl -s -m 10 --resolve a.test:80:192.0.2.1 http://a.test/u; id -u; exit 5";
-    let (code, out, err) = run_sh(dir.path(), &policy(&up), script, &nobody, &[("HOME", "/nonexistent")]);
+    let (code, out, err) = run_sh(dir.path(), &policy(&up), script, &nobody, &bin, &[("HOME", "/nonexistent")]);
     assert_eq!(code, 5, "{out}\n{err}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], "hi agent-1 http://a.test/u auth=nil", "{out}\n{err}");
@@ -192,7 +206,8 @@ fn nothing_the_command_started_outlives_the_run_not_even_a_killed_moat_and_sigte
     };
     let before = host_state();
     // A background process left running when the command exits.
-    let (code, out, err) = run_sh(dir.path(), &policy(&up), "sleep 4321 & echo started; exit 0", &[], &[]);
+    let (code, out, err) =
+        run_sh(dir.path(), &policy(&up), "sleep 4321 & echo started; exit 0", &[], MOAT.as_ref(), &[]);
     assert_eq!((code, out.as_str()), (0, "started\n"), "{err}");
     assert!(!running("sleep 4321"), "a process of the sandbox outlived it");
     assert!(before == host_state(), "the run changed the host's links, routes or mounts");
