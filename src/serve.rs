@@ -142,20 +142,17 @@ pub(crate) fn run_with(config: Config, sandbox: Option<SandboxServing>) -> anyho
             None => signals.until_shutdown(&reloads).await,
             Some(s) => {
                 let class = sandbox_class(&shared, s.class.as_deref())?;
-                let socket = TcpListener::from_std({
-                    s.http.set_nonblocking(true)?;
-                    s.http
-                })?;
                 s.dns.set_nonblocking(true)?;
                 tasks.spawn(crate::proxy::dns::serve(tokio::net::UdpSocket::from_std(s.dns)?, s.container.clone()));
-                let kind = listen::ListenerKind::TransparentHttp(s.container.clone());
-                let listener = listen::Listener { socket, kind, class };
-                tasks.spawn(listen::accept_loop(listener, workers.clone(), shared.admission.clone()));
-                s.tls.set_nonblocking(true)?;
-                let socket = TcpListener::from_std(s.tls)?;
-                let kind = listen::ListenerKind::TransparentTls(s.container);
-                let listener = listen::Listener { socket, kind, class };
-                tasks.spawn(listen::accept_loop(listener, workers.clone(), shared.admission.clone()));
+                let transparent = [
+                    (s.http, listen::ListenerKind::TransparentHttp(s.container.clone())),
+                    (s.tls, listen::ListenerKind::TransparentTls(s.container)),
+                ];
+                for (socket, kind) in transparent {
+                    socket.set_nonblocking(true)?;
+                    let listener = listen::Listener { socket: TcpListener::from_std(socket)?, kind, class };
+                    tasks.spawn(listen::accept_loop(listener, workers.clone(), shared.admission.clone()));
+                }
                 let ca = std::fs::read(crate::tls::ca::cert_path(&shared.config))?;
                 crate::sandbox::release(&s.handover, &ca)?;
                 // moat stops when the sandbox has ended. SIGTERM and SIGHUP to `moat run` go to

@@ -11,8 +11,9 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
 
 use super::answer;
 use super::h1::{BodyError, ConnReader, Framing, HeadError, RequestHead, WriteOptions, write_response};
-use super::request::{LogLine, Pinned, new_log, respond};
+use super::request::{LogLine, new_log, respond};
 use super::state::ClassId;
+use super::target::Pinned;
 use super::worker::Worker;
 use crate::body::{self, ChannelBody};
 use crate::config::Limits;

@@ -304,7 +304,7 @@ async fn run_tunnel(
                 return;
             }
             if plan.intercept {
-                let tunnel = super::request::Pinned::tunnel(
+                let tunnel = super::target::Pinned::tunnel(
                     plan.container.clone(),
                     Target { https: true, ..plan.target.clone() },
                 );
@@ -317,7 +317,7 @@ async fn run_tunnel(
         Inside::Http => {
             // Every request inside runs the full decision order, as on the listener.
             log.detail = "plain http tunnel: each request is decided and logged on its own".into();
-            let tunnel = super::request::Pinned::tunnel(plan.container.clone(), plan.target.clone());
+            let tunnel = super::target::Pinned::tunnel(plan.container.clone(), plan.target.clone());
             let reader = ConnReader::from_parts(rd, first);
             // Inside a tunnel a CONNECT is answered as a request, so nothing comes back here.
             let _ = super::conn::serve_requests(worker, plan.class, reader, writer, Some(tunnel)).await;

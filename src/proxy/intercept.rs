@@ -21,8 +21,9 @@ use tokio::net::TcpStream;
 
 use super::answer;
 use super::h1::{ConnReader, Framing, RequestHead};
-use super::request::{LogLine, Pinned, new_log, respond};
+use super::request::{LogLine, new_log, respond};
 use super::state::{ClassId, Shared};
+use super::target::Pinned;
 use super::worker::Worker;
 use crate::body::{Body, BoxError, StallLimit};
 use crate::log::Logged;

@@ -17,8 +17,8 @@ use tokio::sync::mpsc;
 use super::admission::{Admission, Slot};
 use super::conn::{Connect, serve_requests};
 use super::h1::ConnReader;
-use super::request::Pinned;
 use super::state::{ClassId, Shared};
+use super::target::Pinned;
 use super::worker::{Worker, heartbeat};
 use crate::identity::ContainerId;
 
@@ -89,21 +89,24 @@ fn spawn_worker(index: usize, shared: Arc<Shared>) -> std::io::Result<WorkerTx> 
                 tokio::task::spawn_local(async move {
                     let _slot = slot;
                     let _ = stream.set_nonblocking(true);
-                    match TcpStream::from_std(stream) {
-                        Ok(stream) => match kind {
-                            ListenerKind::Explicit => serve_explicit(worker, stream, class).await,
-                            ListenerKind::TransparentHttp(container) => {
-                                serve_transparent_http(worker, stream, class, container).await
-                            }
-                            ListenerKind::TransparentTls(container) => {
-                                let _ = stream.set_nodelay(true);
-                                let _open = OpenConnection::new(&worker.shared.metrics.open_connections);
-                                let serving = super::connect::serve_transparent_tls(&worker, class, container, stream);
-                                // Boxed: a tunnel's state (TLS, HTTP/2) is large.
-                                Box::pin(serving).await
-                            }
-                        },
-                        Err(e) => tracing::warn!("could not adopt connection: {e}"),
+                    let stream = match TcpStream::from_std(stream) {
+                        Ok(stream) => stream,
+                        Err(e) => return tracing::warn!("could not adopt connection: {e}"),
+                    };
+                    // Every kind: small writes go out at once, and the connection is counted
+                    // in `moat_open_connections` while it lives.
+                    let _ = stream.set_nodelay(true);
+                    let _open = OpenConnection::new(&worker.shared.metrics.open_connections);
+                    match kind {
+                        ListenerKind::Explicit => serve_explicit(worker, stream, class).await,
+                        ListenerKind::TransparentHttp(container) => {
+                            serve_transparent_http(worker, stream, class, container).await
+                        }
+                        ListenerKind::TransparentTls(container) => {
+                            let serving = super::connect::serve_transparent_tls(&worker, class, container, stream);
+                            // Boxed: a tunnel's state (TLS, HTTP/2) is large.
+                            Box::pin(serving).await
+                        }
                     }
                 });
             }
@@ -114,8 +117,6 @@ fn spawn_worker(index: usize, shared: Arc<Shared>) -> std::io::Result<WorkerTx> 
 
 /// A connection on the explicit listener: HTTP requests, until a CONNECT takes it over.
 async fn serve_explicit(worker: Rc<Worker>, stream: TcpStream, class: ClassId) {
-    let _ = stream.set_nodelay(true);
-    let _open = OpenConnection::new(&worker.shared.metrics.open_connections);
     let (rd, wr) = stream.into_split();
     let reader = ConnReader::new(rd);
     let writer = BufWriter::with_capacity(super::WRITE_BUFFER, wr);
@@ -129,8 +130,6 @@ async fn serve_explicit(worker: Rc<Worker>, stream: TcpStream, class: ClassId) {
 /// A connection on a sandbox's transparent HTTP listener: its requests, each decided on the
 /// host it names, on behalf of the sandbox.
 async fn serve_transparent_http(worker: Rc<Worker>, stream: TcpStream, class: ClassId, container: ContainerId) {
-    let _ = stream.set_nodelay(true);
-    let _open = OpenConnection::new(&worker.shared.metrics.open_connections);
     // With every address local in the sandbox, the address accepted on is the one dialled.
     let Ok(dialled) = stream.local_addr() else { return };
     let pinned = Pinned::transparent(container, dialled, false);

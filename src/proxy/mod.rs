@@ -15,6 +15,7 @@ pub mod reload;
 pub mod request;
 pub mod sniff;
 pub mod state;
+pub mod target;
 pub mod worker;
 
 /// Write buffer per client connection: a response head and a small body leave in one write;

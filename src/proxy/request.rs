@@ -10,11 +10,12 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use super::answer;
 use super::h1::RequestHead;
 use super::state::{ClassId, Shared};
+use super::target::{self, Pinned};
 use super::worker::Worker;
 use crate::body::Body;
 use crate::identity::{self, AuthError, ContainerId};
 use crate::log::Logged;
-use crate::policy::{CanonicalHost, Decision, DenyReason, HandlerChoice, Overrides, decide, host::split_authority};
+use crate::policy::{Decision, DenyReason, HandlerChoice, Overrides, decide};
 use crate::script::api::body::{BodySlot, SharedBody};
 use crate::script::api::headers::LuaHeaders;
 use crate::script::api::request::LuaRequest;
@@ -79,36 +80,6 @@ impl LogLine {
             bytes_down: self.bytes_down,
             duration: self.duration,
         });
-    }
-}
-
-/// A connection pinned to one owner and one destination before its first request: HTTP
-/// inside a CONNECT tunnel (plain, or intercepted TLS when `target.https`), and, with the
-/// sandbox, a transparent connection (owner from the kernel, destination from the socket).
-pub struct Pinned {
-    /// Whose every request on the connection is.
-    pub container: ContainerId,
-    /// Where every request on the connection goes: a request for another authority is refused.
-    /// For a transparent connection ([`Pinned::transparent`]) only its scheme and port are
-    /// fixed: the host is the one the request names.
-    pub target: Target,
-    /// The host comes from each request (Host, or an absolute-form target), not from the
-    /// connection: a transparent connection knows only the address the program dialled.
-    pub named_by_request: bool,
-}
-
-impl Pinned {
-    /// A connection inside a CONNECT tunnel to `target`.
-    pub fn tunnel(container: ContainerId, target: Target) -> Self {
-        Self { container, target, named_by_request: false }
-    }
-
-    /// A connection the kernel delivered to a transparent listener: `dialled` is the address
-    /// the program connected to (the accepted socket's local address), its owner the
-    /// listener's container.
-    pub fn transparent(container: ContainerId, dialled: std::net::SocketAddr, https: bool) -> Self {
-        let host = CanonicalHost::parse(&dialled.ip().to_string()).expect("an IP address is a canonical host");
-        Self { container, target: Target { https, host, port: dialled.port() }, named_by_request: true }
     }
 }
 
@@ -231,9 +202,9 @@ fn target_phase(head: &RequestHead, tunnel: Option<&Pinned>, log: &mut LogLine) 
         ));
     }
     let parsed = match tunnel {
-        Some(t) if t.named_by_request => transparent_target(t, head),
-        Some(t) => tunnel_target(t, head),
-        None => parse_target(&head.target).and_then(|(t, path)| {
+        Some(t) if t.named_by_request => target::transparent(t, head),
+        Some(t) => target::tunnel(t, head),
+        None => target::absolute(&head.target).and_then(|(t, path)| {
             if t.https {
                 Err("https:// URLs go through CONNECT; set HTTPS_PROXY to this proxy".into())
             } else {
@@ -401,105 +372,4 @@ pub(super) fn identify(shared: &Shared, headers: &http::HeaderMap) -> Result<Con
         }
         _ => Err(AuthError::WrongToken(creds.id.to_string())),
     }
-}
-
-/// The target of a request on a transparent connection: the host the request names (an
-/// absolute-form target, else Host; without either, the address dialled), on the port that
-/// was dialled. A Host naming another port is refused: the program dialled this one.
-fn transparent_target(t: &Pinned, head: &RequestHead) -> Result<(Target, String), String> {
-    let (authority, path) = if head.target.starts_with('/') {
-        let host = head.headers.get(http::header::HOST).and_then(|h| h.to_str().ok());
-        (host.map(str::to_string), origin_form(&head.target)?)
-    } else {
-        let (target, path) = parse_target(&head.target)?;
-        (Some(target.authority()), path)
-    };
-    let Some(authority) = authority else { return Ok((t.target.clone(), path)) };
-    let (host, port) = split_authority(&authority).map_err(|e| e.to_string())?;
-    if port.is_some_and(|p| p != t.target.port) {
-        return Err(format!("Host {authority} names another port than the {} that was dialled", t.target.port));
-    }
-    let host = CanonicalHost::parse(host).map_err(|e| e.to_string())?;
-    Ok((Target { host, ..t.target.clone() }, path))
-}
-
-/// The target of a request inside a tunnel: origin-form, or absolute-form for the same host.
-/// An origin-form request whose Host names another authority is refused (SPEC 8.2: one
-/// authority, the one the tunnel and its TLS server name were decided on).
-fn tunnel_target(t: &Pinned, head: &RequestHead) -> Result<(Target, String), String> {
-    let raw = head.target.as_str();
-    // An absolute-form target's authority wins over Host (RFC 9112 §3.2.2), and is checked below.
-    if let Some(host) = head.headers.get(http::header::HOST).filter(|_| raw.starts_with('/')) {
-        let same = host.to_str().ok().and_then(|h| split_authority(h).ok()).is_some_and(|(name, port)| {
-            CanonicalHost::parse(name).is_ok_and(|n| n == t.target.host) && port.is_none_or(|p| p == t.target.port)
-        });
-        if !same {
-            return Err(format!(
-                "Host {:?} is not the tunnel's host {}",
-                String::from_utf8_lossy(host.as_bytes()),
-                t.target.authority()
-            ));
-        }
-    }
-    if raw.starts_with('/') {
-        return Ok((t.target.clone(), origin_form(raw)?));
-    }
-    let (target, path) = parse_target(raw)?;
-    if target.host != t.target.host || target.port != t.target.port || target.https != t.target.https {
-        return Err(format!("request for {} inside a tunnel to {}", target.authority(), t.target.authority()));
-    }
-    Ok((target, path))
-}
-
-/// Parses an absolute-form `http[s]://authority/path?query` target (RFC 9112 §3.2.2) into
-/// the canonical target and the origin-form path.
-fn parse_target(raw: &str) -> Result<(Target, String), String> {
-    let lower = raw.get(..8).map(str::to_ascii_lowercase).unwrap_or_default();
-    let (https, rest) = if lower.starts_with("http://") {
-        (false, &raw[7..])
-    } else if lower.starts_with("https://") {
-        (true, &raw[8..])
-    } else {
-        return Err(
-            "moat is a proxy: send absolute-form requests (e.g. curl -x http://127.0.0.1:3128 http://host/)".into()
-        );
-    };
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(end);
-    let (host, port) = split_authority(authority).map_err(|e| e.to_string())?;
-    let host = CanonicalHost::parse(host).map_err(|e| e.to_string())?;
-    let path = if path.is_empty() {
-        "/".to_string()
-    } else if path.starts_with('?') {
-        origin_form(&format!("/{path}"))?
-    } else {
-        origin_form(path)?
-    };
-    let default_port = if https { 443 } else { 80 };
-    Ok((Target { https, host, port: port.unwrap_or(default_port) }, path))
-}
-
-/// The path and query of a request as moat passes them on: a fragment is refused (RFC 9112
-/// §3.2: a request-target has none, and a proxy that drops it silently forwards a different
-/// resource than the client named); the bytes a browser would percent-encode (`<`, `>`, `"`,
-/// a backtick, `{`, `}`, `|`, `\`, `^`, and non-ASCII) are encoded as a browser would, so
-/// that the handler's `request.url`, the log and the upstream see one and the same URL.
-pub(crate) fn origin_form(path: &str) -> Result<String, String> {
-    if path.contains('#') {
-        return Err("a request target cannot contain a fragment (#...)".into());
-    }
-    let needs =
-        |b: u8| matches!(b, b'"' | b'<' | b'>' | b'`' | b'{' | b'}' | b'|' | b'\\' | b'^') || !b.is_ascii_graphic();
-    if !path.bytes().any(needs) {
-        return Ok(path.to_string());
-    }
-    let mut out = String::with_capacity(path.len() + 16);
-    for b in path.bytes() {
-        if needs(b) {
-            out.push_str(&format!("%{b:02X}"));
-        } else {
-            out.push(char::from(b));
-        }
-    }
-    Ok(out)
 }
