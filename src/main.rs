@@ -81,6 +81,25 @@ enum Command {
         /// Log format.
         #[arg(long, value_enum, default_value = "human")]
         log_format: LogFormat,
+        /// A variable for CMD's environment (repeatable).
+        #[arg(long, value_name = "K=V")]
+        env: Vec<String>,
+        /// Relay every other TCP port and let names be looked up (enableInternet for this
+        /// container; default: the class's).
+        #[arg(long, overrides_with = "no_internet")]
+        internet: bool,
+        /// Only ports 80 and 443, and no lookups (enableInternet = false for this container).
+        #[arg(long)]
+        no_internet: bool,
+        /// Intercept HTTPS for this container (interceptHttps), whatever the class says.
+        #[arg(long)]
+        intercept_https: bool,
+        /// Run CMD as this user (NAME or UID[:GID]; default: the invoking user, SUDO_UID under sudo).
+        #[arg(long)]
+        user: Option<String>,
+        /// No sandbox: only set proxy and CA variables for CMD (nothing is enforced).
+        #[arg(long)]
+        weak: bool,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
@@ -92,6 +111,12 @@ enum Command {
         /// A folder to hide from CMD (repeatable).
         #[arg(long)]
         hide: Vec<PathBuf>,
+        /// Who CMD runs as (same, switch:UID:GID or nest:UID:GID).
+        #[arg(long, default_value = "same")]
+        r#become: String,
+        /// Redirect every other TCP port to the relay.
+        #[arg(long)]
+        relay: bool,
         #[arg(last = true)]
         cmd: Vec<String>,
     },
@@ -203,12 +228,35 @@ fn main() -> ExitCode {
                 moat::serve::run(c).map_err(|e| Failure::Runtime(format!("{e:#}")))
             })
         }
-        Command::Run { cfg, data_dir, resolve, id, class, log_format, cmd } => {
+        Command::Run {
+            cfg,
+            data_dir,
+            resolve,
+            id,
+            class,
+            log_format,
+            env,
+            internet,
+            no_internet,
+            intercept_https,
+            user,
+            weak,
+            cmd,
+        } => {
             let _log = moat::log::init(log_format);
             let flags =
                 config::Overrides { config: cfg.config, policy: cfg.policy, data_dir, resolve, ..Default::default() };
+            let options = moat::cli::run::RunOptions {
+                id,
+                class,
+                env,
+                internet: (internet || no_internet).then_some(internet),
+                intercept_https,
+                user,
+                weak,
+            };
             return match load_config(&flags) {
-                Ok(c) => match moat::cli::run::run(c, id.as_deref(), class, &cmd) {
+                Ok(c) => match moat::cli::run::run(c, options, &cmd) {
                     Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
                     Err(msg) => {
                         eprintln!("moat: {msg}");
@@ -221,8 +269,9 @@ fn main() -> ExitCode {
                 }
             };
         }
-        Command::SandboxInit { handover, hide, cmd } => {
-            return ExitCode::from(u8::try_from(moat::cli::sandbox_init(&handover, &hide, &cmd)).unwrap_or(1));
+        Command::SandboxInit { handover, hide, r#become, relay, cmd } => {
+            let code = moat::cli::sandbox_init(handover, hide, &r#become, relay, cmd);
+            return ExitCode::from(u8::try_from(code).unwrap_or(1));
         }
         Command::Check { cfg } => {
             let flags = config::Overrides { config: cfg.config, policy: cfg.policy, ..Default::default() };

@@ -19,31 +19,53 @@ use crate::proxy::state::Shared;
 /// loaded policies) exists before the proxy listeners are bound, so a port that accepts
 /// means a moat that serves; `moat: listening on` is printed once they are.
 pub fn run(config: Config) -> anyhow::Result<()> {
-    run_with(config, None)
+    run_with(config, None).map(drop)
 }
 
-/// What `moat run` adds to a serve: its sandbox's transparent listener, whose every
-/// connection is `container`'s, served by class `class` (the only one when `None`), and the
-/// end of the run (the sandbox's exit), which replaces SIGINT/SIGTERM as the signal to stop.
-pub(crate) struct SandboxServing {
-    pub http: std::net::TcpListener,
-    pub tls: std::net::TcpListener,
-    /// Told when moat serves (with the CA certificate), so that the sandbox's command starts.
-    pub handover: std::os::unix::net::UnixStream,
-    /// The sandbox's init step, which passes signals on to the command.
-    pub init: rustix::process::Pid,
-    /// The sandbox's DNS: answered by [`crate::proxy::dns`].
-    pub dns: std::net::UdpSocket,
+/// What `moat run` adds to a serve: one container, whose command starts once moat serves
+/// and whose end (not SIGINT/SIGTERM, which go to the command) stops moat.
+pub(crate) struct Attached {
     pub container: crate::identity::ContainerId,
+    /// The class its requests run on (the only one when `None`).
     pub class: Option<String>,
-    pub ended: tokio::sync::oneshot::Receiver<()>,
+    /// What it was started with (`--internet`, `--intercept-https`), for its life.
+    pub settings: crate::policy::ContainerSettings,
+    /// A sandbox's sockets, served for the container only; `None` (`--weak`): the command
+    /// uses the explicit listeners, bound as `moat serve` binds them.
+    pub sandbox: Option<crate::sandbox::Sockets>,
+    /// Starts the command (or lets the sandbox's start) once moat serves.
+    pub start: StartCommand,
 }
 
-/// [`run`], with a sandbox's listener when `sandbox` is given. moat's own messages then go
-/// to stderr: stdout belongs to the sandboxed command.
-pub(crate) fn run_with(config: Config, sandbox: Option<SandboxServing>) -> anyhow::Result<()> {
-    let sandboxed = sandbox.is_some();
-    let announce = move |line: String| if sandboxed { eprintln!("{line}") } else { println!("{line}") };
+/// See [`Attached::start`].
+pub(crate) type StartCommand = Box<dyn FnOnce(&Serving) -> Result<Running, String>>;
+
+/// What a serving moat tells [`Attached::start`].
+pub(crate) struct Serving {
+    /// Every explicit listener's class and address.
+    pub listeners: Vec<(String, SocketAddr)>,
+    /// moat's CA certificate (PEM).
+    pub ca_pem: Vec<u8>,
+}
+
+/// The attached command, running.
+pub(crate) struct Running {
+    /// The process SIGTERM and SIGHUP (and SIGINT not from a terminal) are passed to.
+    pub signals_to: rustix::process::Pid,
+    /// Told when the command has ended.
+    pub ended: tokio::sync::oneshot::Receiver<()>,
+    /// Its exit code, once it has ended.
+    pub code: std::sync::Arc<std::sync::Mutex<Option<i32>>>,
+    /// Held until moat stops (the sandbox's handover socket, `--weak`'s CA folder).
+    pub keep: Box<dyn std::any::Any>,
+}
+
+/// [`run`], with an attached command when `attached` is given; returns its exit code. moat's
+/// own messages then go to stderr: stdout belongs to the command.
+pub(crate) fn run_with(config: Config, attached: Option<Attached>) -> anyhow::Result<Option<i32>> {
+    let sandboxed = attached.as_ref().is_some_and(|a| a.sandbox.is_some());
+    let quiet = attached.is_some();
+    let announce = move |line: String| if quiet { eprintln!("{line}") } else { println!("{line}") };
     // Everything moat creates in its data folder (database, blobs, the admin socket) is its
     // owner's alone, whatever umask moat was started with.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
@@ -119,11 +141,13 @@ pub(crate) fn run_with(config: Config, sandbox: Option<SandboxServing>) -> anyho
             tasks.spawn(crate::admin::server::serve(shared.clone(), listener, admin));
         }
         // The listeners were bound in the config's order of classes.
+        let mut explicit = Vec::new();
         for ((class, c), std_listener) in shared.classes().zip(listeners) {
             let listener = TcpListener::from_std(std_listener)?;
             let addr = listener.local_addr()?;
             let name = &c.config.name;
             announce(format!("moat: listening on {addr} (class {name})"));
+            explicit.push((name.to_string(), addr));
             let workers = workers.clone();
             let listener = listen::Listener { socket: listener, kind: listen::ListenerKind::Explicit, class };
             tasks.spawn(listen::accept_loop(listener, workers, shared.admission.clone()));
@@ -138,45 +162,87 @@ pub(crate) fn run_with(config: Config, sandbox: Option<SandboxServing>) -> anyho
         }
         use std::io::Write;
         let _ = std::io::stdout().flush();
-        match sandbox {
-            None => signals.until_shutdown(&reloads).await,
-            Some(s) => {
-                let class = sandbox_class(&shared, s.class.as_deref())?;
-                s.dns.set_nonblocking(true)?;
-                tasks.spawn(crate::proxy::dns::serve(tokio::net::UdpSocket::from_std(s.dns)?, s.container.clone()));
-                let transparent = [
-                    (s.http, listen::ListenerKind::TransparentHttp(s.container.clone())),
-                    (s.tls, listen::ListenerKind::TransparentTls(s.container)),
-                ];
-                for (socket, kind) in transparent {
-                    socket.set_nonblocking(true)?;
-                    let listener = listen::Listener { socket: TcpListener::from_std(socket)?, kind, class };
-                    tasks.spawn(listen::accept_loop(listener, workers.clone(), shared.admission.clone()));
-                }
-                let ca = std::fs::read(crate::tls::ca::cert_path(&shared.config))?;
-                crate::sandbox::release(&s.handover, &ca)?;
-                // moat stops when the sandbox has ended. SIGTERM and SIGHUP to `moat run` go to
-                // the command (through the init step); SIGINT from a terminal reaches the
-                // command directly, and its end ends the run.
-                let mut ended = s.ended;
-                loop {
-                    tokio::select! {
-                        _ = &mut ended => break,
-                        _ = signals.term.recv() => crate::sandbox::Sandbox::signal(s.init, rustix::process::Signal::TERM),
-                        _ = signals.hup.recv() => crate::sandbox::Sandbox::signal(s.init, rustix::process::Signal::HUP),
-                        _ = signals.int.recv() => {}
-                    }
-                }
+        let code = match attached {
+            None => {
+                signals.until_shutdown(&reloads).await;
+                None
             }
-        }
+            Some(a) => Some(serve_attached(&shared, &workers, &mut tasks, &mut signals, explicit, a).await?),
+        };
         // Stop accepting (the listeners close, so that a new moat can bind at once), then let
         // the requests in flight finish.
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
         listen::start_draining(&workers);
         listen::drain(&shared, signals.another_shutdown()).await;
-        anyhow::Ok(())
+        anyhow::Ok(code)
     })
+}
+
+/// Serves an attached command until it ends: its sandbox's listeners and DNS, its settings;
+/// starts it, passes signals on, and returns its exit code.
+async fn serve_attached(
+    shared: &Arc<Shared>,
+    workers: &[listen::WorkerTx],
+    tasks: &mut tokio::task::JoinSet<()>,
+    signals: &mut Signals,
+    listeners: Vec<(String, SocketAddr)>,
+    a: Attached,
+) -> anyhow::Result<i32> {
+    let class = sandbox_class(shared, a.class.as_deref())?;
+    shared.overrides.set_settings(a.container.as_str(), a.settings);
+    if let Some(sockets) = a.sandbox {
+        serve_sandbox(shared, workers, tasks, class, a.container.clone(), sockets)?;
+    }
+    let ca_pem = std::fs::read(crate::tls::ca::cert_path(&shared.config))?;
+    let running = (a.start)(&Serving { listeners, ca_pem }).map_err(anyhow::Error::msg)?;
+    let Running { signals_to, mut ended, code, keep } = running;
+    use rustix::process::Signal;
+    let pass = |signal| {
+        let _ = rustix::process::kill_process(signals_to, signal);
+    };
+    loop {
+        tokio::select! {
+            _ = &mut ended => break,
+            _ = signals.term.recv() => pass(Signal::TERM),
+            _ = signals.hup.recv() => pass(Signal::HUP),
+            // From a terminal, the command has it already.
+            _ = signals.int.recv() => if !crate::sandbox::interrupts_reach_the_command() { pass(Signal::INT) },
+        }
+    }
+    shared.overrides.set_settings(a.container.as_str(), Default::default());
+    drop(keep);
+    let code = *code.lock().unwrap_or_else(|e| e.into_inner());
+    Ok(code.unwrap_or(1))
+}
+
+/// Serves a sandbox's sockets as `container`'s: its DNS, its ports 80 and 443, its relay.
+fn serve_sandbox(
+    shared: &Arc<Shared>,
+    workers: &[listen::WorkerTx],
+    tasks: &mut tokio::task::JoinSet<()>,
+    class: crate::proxy::state::ClassId,
+    container: crate::identity::ContainerId,
+    sockets: crate::sandbox::Sockets,
+) -> anyhow::Result<()> {
+    let names = Arc::new(crate::proxy::names::SandboxNames::default());
+    let dns = Arc::new(crate::proxy::dns::Responder::new(shared.clone(), class, container.clone(), names.clone()));
+    sockets.dns_udp.set_nonblocking(true)?;
+    tasks.spawn(dns.clone().serve_udp(tokio::net::UdpSocket::from_std(sockets.dns_udp)?));
+    sockets.dns_tcp.set_nonblocking(true)?;
+    tasks.spawn(dns.serve_tcp(TcpListener::from_std(sockets.dns_tcp)?));
+    let sandbox = Arc::new(listen::Sandboxed { container, names });
+    let mut transparent = vec![
+        (sockets.http, listen::ListenerKind::TransparentHttp(sandbox.clone())),
+        (sockets.tls, listen::ListenerKind::TransparentTls(sandbox.clone())),
+    ];
+    transparent.extend(sockets.relay.map(|r| (r, listen::ListenerKind::Relay(sandbox))));
+    for (socket, kind) in transparent {
+        socket.set_nonblocking(true)?;
+        let listener = listen::Listener { socket: TcpListener::from_std(socket)?, kind, class };
+        tasks.spawn(listen::accept_loop(listener, workers.to_vec(), shared.admission.clone()));
+    }
+    Ok(())
 }
 
 /// The class a sandbox's requests run on: the one named, or the only one.

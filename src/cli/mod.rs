@@ -5,8 +5,21 @@ pub mod run;
 
 /// `moat __sandbox-init SOCKET -- CMD`: the sandbox's first process (see `sandbox::init`);
 /// returns its exit code.
-pub fn sandbox_init(handover: &std::path::Path, hide: &[std::path::PathBuf], cmd: &[String]) -> i32 {
-    crate::sandbox::init::main(handover, hide, cmd)
+pub fn sandbox_init(
+    handover: std::path::PathBuf,
+    hide: Vec<std::path::PathBuf>,
+    user: &str,
+    relay: bool,
+    cmd: Vec<String>,
+) -> i32 {
+    let user = match crate::sandbox::Become::parse(user) {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("moat: {e}");
+            return 2;
+        }
+    };
+    crate::sandbox::init::main(&crate::sandbox::init::InitArgs { handover, hide, relay, user, cmd })
 }
 pub mod store;
 

@@ -1,67 +1,200 @@
 //! `moat run -- CMD`: CMD as one container in a sandbox whose only way out is this moat's
 //! policy (SPEC 5.2). The policy engine runs in this process, as `moat serve` would run it
 //! (same workers, handlers, bindings, hot reload and access log, on the config's data
-//! folder), serving the sandbox's transparent listener only.
+//! folder), serving the sandbox's transparent listeners only. With `--weak`, no sandbox:
+//! CMD only gets proxy variables for an explicit listener of this moat.
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::config::Config;
 use crate::identity::ContainerId;
+use crate::policy::ContainerSettings;
+use crate::sandbox::Become;
+use crate::serve::{Attached, Running, Serving};
 
-/// Runs `cmd` sandboxed as container `id` (a fresh `run-…` id when `None`) on class `class`;
-/// returns CMD's exit code.
-pub fn run(config: Config, id: Option<&str>, class: Option<String>, cmd: &[String]) -> Result<i32, String> {
+/// `moat run`'s flags besides the config's.
+#[derive(Debug, Default)]
+pub struct RunOptions {
+    /// `--id` (default: a fresh `run-…` id).
+    pub id: Option<String>,
+    /// `--class`: needed when the config has several.
+    pub class: Option<String>,
+    /// `--env K=V`, in order.
+    pub env: Vec<String>,
+    /// `--internet` (true) or `--no-internet` (false); else the class's `enableInternet`.
+    pub internet: Option<bool>,
+    /// `--intercept-https`.
+    pub intercept_https: bool,
+    /// `--user NAME|UID[:GID]`.
+    pub user: Option<String>,
+    /// `--weak`: no sandbox.
+    pub weak: bool,
+}
+
+/// Runs `cmd` as one container; returns CMD's exit code.
+pub fn run(mut config: Config, options: RunOptions, cmd: &[String]) -> Result<i32, String> {
     if cmd.is_empty() {
         return Err("nothing to run: moat run [OPTIONS] -- CMD [ARGS...]".into());
     }
     if !config.has_policy() {
         return Err("no policy: pass --policy FILE or add a [[class]] to moat.toml (moat init writes one)".into());
     }
-    let container = match id {
+    let container = match &options.id {
         Some(id) => ContainerId::parse(id).map_err(|e| format!("--id: {e}"))?,
         None => fresh_id()?,
     };
+    if options.weak && options.user.is_some() {
+        return Err("--user needs the sandbox: --weak runs CMD as moat's own user".into());
+    }
+    let user = become_user(options.user.as_deref())?;
+    let mut env = sandbox_env(&config);
+    for pair in &options.env {
+        let (k, v) =
+            pair.split_once('=').filter(|(k, _)| !k.is_empty()).ok_or_else(|| format!("--env {pair:?}: write K=V"))?;
+        set(&mut env, k, v);
+    }
+    if let Become::Switch { uid, .. } = user
+        && let Some(entry) = passwd().into_iter().find(|e| e.uid == uid)
+    {
+        set(&mut env, "HOME", &entry.home);
+        set(&mut env, "USER", &entry.name);
+        set(&mut env, "LOGNAME", &entry.name);
+    }
     eprintln!("moat run: container {container}");
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| format!("cannot create the data folder {}: {e}", config.data_dir.display()))?;
+    let settings = ContainerSettings {
+        enable_internet: options.internet,
+        intercept_https: options.intercept_https.then_some(true),
+    };
+    let attached = if options.weak {
+        eprintln!(
+            "moat run: --weak: nothing is enforced; CMD gets proxy variables, and may ignore them and reach the network directly"
+        );
+        // Its own port: the class's may be a running `moat serve`'s.
+        for class in &mut config.classes {
+            class.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        }
+        weak(&config, container, options.class, settings, cmd, env)
+    } else {
+        sandboxed(&config, container, options.class, settings, options.internet, user, cmd, &env)?
+    };
+    let code = crate::serve::run_with(config, Some(attached)).map_err(|e| format!("{e:#}"))?;
+    Ok(code.unwrap_or(1))
+}
+
+/// The sandbox, started now; it runs CMD once moat serves it.
+#[allow(clippy::too_many_arguments)]
+fn sandboxed(
+    config: &Config,
+    container: ContainerId,
+    class: Option<String>,
+    settings: ContainerSettings,
+    internet: Option<bool>,
+    user: Become,
+    cmd: &[String],
+    env: &[(String, String)],
+) -> Result<Attached, String> {
+    let relay = internet.unwrap_or_else(|| {
+        let found = crate::sandbox::find_program("nft").is_some();
+        if !found {
+            eprintln!(
+                "moat run: other TCP ports than 80 and 443 are refused: relaying them (enableInternet) needs nftables' nft (apt-get install nftables); --no-internet silences this"
+            );
+        }
+        found
+    });
     let handover = config.data_dir.join(format!("{container}.sandbox.sock"));
     // The data folder, and a persisted CA's folder (its private key) wherever it is.
     let mut hidden = vec![config.data_dir.as_path()];
     hidden.extend(config.ca_dir().filter(|d| !d.starts_with(&config.data_dir)));
-    let sandbox = crate::sandbox::start(cmd, &sandbox_env(&config), &handover, &hidden)?;
-    let mut child = sandbox.child;
+    let spec = crate::sandbox::Spec { cmd, env, handover: &handover, hide: &hidden, relay, user };
+    let sandbox = crate::sandbox::start(&spec)?;
+    let (signals_to, handover) = (sandbox.init, sandbox.handover);
+    let (ended, code) = wait_in_thread(sandbox.child);
+    let start = Box::new(move |serving: &Serving| {
+        crate::sandbox::release(&handover, &serving.ca_pem).map_err(|e| format!("cannot start the command: {e}"))?;
+        // The socket stays open for as long as moat serves: its end ends the sandbox.
+        Ok(Running { signals_to, ended, code, keep: Box::new(handover) })
+    });
+    Ok(Attached { container, class, settings, sandbox: Some(sandbox.sockets), start })
+}
+
+/// `--weak`: CMD as a plain child, started once moat listens, with proxy variables naming
+/// `container` and CA variables for moat's CA.
+fn weak(
+    config: &Config,
+    container: ContainerId,
+    class: Option<String>,
+    settings: ContainerSettings,
+    cmd: &[String],
+    mut env: Vec<(String, String)>,
+) -> Attached {
+    let token = config.containers.get(&container).map_or_else(|| "moat".to_string(), |a| a.token.clone());
+    let trust_dir = config.data_dir.join(format!("{container}.trust"));
+    let (id, cmd) = (container.clone(), cmd.to_vec());
+    let wanted = class.clone();
+    let start = Box::new(move |serving: &Serving| {
+        let addr = match &wanted {
+            Some(name) => serving.listeners.iter().find(|(n, _)| n == name).map(|(_, a)| *a),
+            None => serving.listeners.first().map(|(_, a)| *a),
+        }
+        .ok_or("no listener for the container's class")?;
+        let proxy = format!("http://{id}:{token}@{addr}");
+        env.retain(|(k, _)| !k.eq_ignore_ascii_case("no_proxy"));
+        for k in ["HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"] {
+            set(&mut env, k, &proxy);
+        }
+        let trust = TrustDir::write(&trust_dir, &serving.ca_pem)?;
+        for (k, v) in crate::sandbox::init::trust_variables(&trust.0) {
+            set(&mut env, k, &v.to_string_lossy());
+        }
+        let (program, args) = cmd.split_first().ok_or("no command to run")?;
+        let child = std::process::Command::new(program)
+            .args(args)
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .spawn()
+            .map_err(|e| format!("cannot run {program}: {e}"))?;
+        let signals_to = rustix::process::Pid::from_raw(child.id() as i32).ok_or("CMD has no process id")?;
+        let (ended, code) = wait_in_thread(child);
+        Ok(Running { signals_to, ended, code, keep: Box::new(trust) })
+    });
+    Attached { container, class, settings, sandbox: None, start }
+}
+
+/// A folder with moat's CA for `--weak`'s CMD, removed with this value.
+struct TrustDir(PathBuf);
+
+impl TrustDir {
+    fn write(dir: &Path, ca: &[u8]) -> Result<Self, String> {
+        let failed = |e: std::io::Error| format!("cannot write the CA for CMD to {}: {e}", dir.display());
+        std::fs::create_dir_all(dir).map_err(failed)?;
+        for (name, bytes) in crate::sandbox::init::trust_files(ca) {
+            std::fs::write(dir.join(name), bytes).map_err(failed)?;
+        }
+        Ok(Self(dir.to_path_buf()))
+    }
+}
+
+impl Drop for TrustDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Waits for `child` on a thread: told when it has ended, with its exit code.
+fn wait_in_thread(mut child: std::process::Child) -> (tokio::sync::oneshot::Receiver<()>, Arc<Mutex<Option<i32>>>) {
     let (done, ended) = tokio::sync::oneshot::channel();
     let code = Arc::new(Mutex::new(None));
-    let pid = child.id();
-    let waiter = {
-        let code = code.clone();
-        std::thread::spawn(move || {
-            let status = child.wait();
-            *code.lock().unwrap_or_else(|e| e.into_inner()) = status.ok().map(crate::sandbox::exit_code);
-            let _ = done.send(());
-        })
-    };
-    let serving = crate::serve::SandboxServing {
-        http: sandbox.http,
-        tls: sandbox.tls,
-        handover: sandbox.handover,
-        init: sandbox.init,
-        dns: sandbox.dns,
-        container,
-        class,
-        ended,
-    };
-    if let Err(e) = crate::serve::run_with(config, Some(serving)) {
-        // moat could not serve: the sandbox must not outlive it.
-        if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        }
-        let _ = waiter.join();
-        return Err(format!("{e:#}"));
-    }
-    let _ = waiter.join();
-    let code = *code.lock().unwrap_or_else(|e| e.into_inner());
-    Ok(code.unwrap_or(1))
+    let slot = code.clone();
+    std::thread::spawn(move || {
+        let status = child.wait();
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = status.ok().map(crate::sandbox::exit_code);
+        let _ = done.send(());
+    });
+    (ended, code)
 }
 
 /// A readable id that no other run is likely to have: `run-` and eight hex digits.
@@ -79,6 +212,81 @@ fn sandbox_env(config: &Config) -> Vec<(String, String)> {
     std::env::vars()
         .filter(|(k, _)| {
             !k.starts_with("MOAT_") && !secret_vars.contains(&k.as_str()) && !token_vars.contains(&k.as_str())
+        })
+        .collect()
+}
+
+fn set(env: &mut Vec<(String, String)>, key: &str, value: &str) {
+    env.retain(|(k, _)| k != key);
+    env.push((key.to_string(), value.to_string()));
+}
+
+/// Who CMD runs as (SPEC 5.2: the invoking user): `--user`, else under sudo the user who ran
+/// sudo, else moat's own user.
+fn become_user(wanted: Option<&str>) -> Result<Become, String> {
+    let root = rustix::process::geteuid().is_root();
+    let target = match wanted {
+        Some(spec) => Some(lookup_user(spec)?),
+        None if root => sudo_user(),
+        None => None,
+    };
+    let (uid, gid) = (rustix::process::getuid().as_raw(), rustix::process::getgid().as_raw());
+    Ok(match target {
+        _ if !root => match target {
+            Some((u, _)) if u != uid => {
+                return Err(format!("--user: only root can run CMD as another user (moat runs as uid {uid})"));
+            }
+            _ => Become::Nest { uid, gid },
+        },
+        None | Some((0, 0)) => Become::Same,
+        Some((uid, gid)) => Become::Switch { uid, gid },
+    })
+}
+
+/// `SUDO_UID`/`SUDO_GID`, when both are set.
+fn sudo_user() -> Option<(u32, u32)> {
+    let var = |k: &str| std::env::var(k).ok()?.parse().ok();
+    Some((var("SUDO_UID")?, var("SUDO_GID")?))
+}
+
+/// `NAME`, `UID` or either with `:GID`; a user without `:GID` gets its passwd group (its
+/// uid when it has no passwd entry).
+fn lookup_user(spec: &str) -> Result<(u32, u32), String> {
+    let (user, group) = match spec.split_once(':') {
+        Some((u, g)) => {
+            (u, Some(g.parse::<u32>().map_err(|_| format!("--user {spec:?}: the group must be a number"))?))
+        }
+        None => (spec, None),
+    };
+    let entries = passwd();
+    let entry = entries.iter().find(|e| e.name == user || e.uid.to_string() == user);
+    let uid = match (user.parse::<u32>(), entry) {
+        (Ok(uid), _) => uid,
+        (Err(_), Some(e)) => e.uid,
+        (Err(_), None) => return Err(format!("--user {spec:?}: no such user in /etc/passwd")),
+    };
+    Ok((uid, group.or(entry.map(|e| e.gid)).unwrap_or(uid)))
+}
+
+/// One line of /etc/passwd.
+struct PasswdEntry {
+    name: String,
+    uid: u32,
+    gid: u32,
+    home: String,
+}
+
+fn passwd() -> Vec<PasswdEntry> {
+    let text = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split(':').collect();
+            Some(PasswdEntry {
+                name: f.first()?.to_string(),
+                uid: f.get(2)?.parse().ok()?,
+                gid: f.get(3)?.parse().ok()?,
+                home: f.get(5)?.to_string(),
+            })
         })
         .collect()
 }

@@ -42,6 +42,36 @@ pub struct Overrides {
     pub denied: Option<HostList>,
     pub by_host: ByHost<Arc<NamedHandler>>,
     pub outbound: Option<Arc<NamedHandler>>,
+    /// What the container was started with ([`ContainerSettings`]), over the class's.
+    pub settings: ContainerSettings,
+}
+
+/// What a container was started with that changes how it is decided: `moat run
+/// --internet|--no-internet` and `--intercept-https` (Cloudflare's `start({enableInternet})`).
+/// Kept for the container's life only, never persisted with its overrides.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ContainerSettings {
+    /// `enableInternet` for this container; `None` is the class's.
+    pub enable_internet: Option<bool>,
+    /// `interceptHttps` for this container; `None` is the class's.
+    pub intercept_https: Option<bool>,
+}
+
+impl ContainerSettings {
+    /// Whether any setting differs from the class's.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// The effective `enableInternet` (the container's setting if made, else the class's).
+pub fn effective_internet(class: &ClassPolicy, inst: Option<&Overrides>) -> bool {
+    inst.and_then(|o| o.settings.enable_internet).unwrap_or(class.enable_internet)
+}
+
+/// The effective `interceptHttps` (the container's setting if made, else the class's).
+pub fn effective_intercept(class: &ClassPolicy, inst: Option<&Overrides>) -> bool {
+    inst.and_then(|o| o.settings.intercept_https).unwrap_or(class.intercept_https)
 }
 
 /// Why a request was denied; the value of the `moat-denied` header.
@@ -202,7 +232,7 @@ fn gate(host: &CanonicalHost, port: u16, class: &ClassPolicy, inst: Option<&Over
 fn fallthrough(class: &ClassPolicy, inst: Option<&Overrides>) -> Verdict {
     if effective_allowed(class, inst).is_some() {
         Verdict::new(7, Decision::Egress)
-    } else if class.enable_internet {
+    } else if effective_internet(class, inst) {
         Verdict::new(8, Decision::Egress)
     } else {
         Verdict::new(9, Decision::Deny(DenyReason::InternetDisabled))

@@ -6,7 +6,9 @@ pub mod overrides;
 pub mod pattern;
 pub mod rules;
 
-pub use decide::{ClassPolicy, Decision, DenyReason, HandlerChoice, Overrides, decide, decide_tunnel};
+pub use decide::{
+    ClassPolicy, ContainerSettings, Decision, DenyReason, HandlerChoice, Overrides, decide, decide_tunnel,
+};
 pub use host::CanonicalHost;
 pub use pattern::HostPattern;
 pub use rules::{ByHost, HostList};

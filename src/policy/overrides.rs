@@ -189,6 +189,7 @@ impl OverrideSpec {
             denied: list(&self.denied_hosts),
             by_host: ByHost::new(by_host),
             outbound,
+            settings: Default::default(),
         };
         (compiled, dropped)
     }

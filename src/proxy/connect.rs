@@ -16,12 +16,13 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::answer;
 use super::h1::{ConnReader, Framing, RequestHead, WriteOptions, write_response};
+use super::names::Sandboxed;
 use super::request::{LogLine, identify};
 use super::sniff::{Inside, Sniffed, classify, sniff};
 use super::state::ClassId;
 use super::worker::Worker;
 use crate::log::Logged;
-use crate::policy::decide::{effective_allowed, effective_denied};
+use crate::policy::decide::{effective_allowed, effective_denied, effective_intercept, effective_internet};
 use crate::policy::{CanonicalHost, Decision, decide, decide_tunnel, host::split_authority};
 use crate::upstream::{DialRules, Target, UpstreamError};
 
@@ -92,26 +93,20 @@ pub async fn serve(
 pub async fn serve_transparent_tls(
     worker: &Rc<Worker>,
     class: ClassId,
-    container: crate::identity::ContainerId,
+    sandbox: &Sandboxed,
     stream: tokio::net::TcpStream,
 ) {
     let shared = &worker.shared;
     let started = Instant::now();
     let Ok(dialled) = stream.local_addr() else { return };
-    let mut log = LogLine {
-        request_id: shared.next_request_id(),
-        class: shared.class(class).config.name.clone(),
-        method: http::Method::from_bytes(b"TLS").expect("a token"),
-        scheme: "tunnel",
-        container: container.to_string(),
-        ..Default::default()
-    };
+    let container = sandbox.container.clone();
+    let mut log = tunnel_log(shared, class, "TLS", &container);
     let (mut rd, wr) = stream.into_split();
     let mut first = BytesMut::with_capacity(4096);
     let limit = shared.config.limits.tls_handshake_timeout;
     let host = match sniff(&mut rd, &mut first, None, limit).await {
         Ok(Inside::Tls(Some(sni))) => CanonicalHost::parse(&sni).ok(),
-        Ok(Inside::Tls(None)) => CanonicalHost::parse(&dialled.ip().to_string()).ok(),
+        Ok(Inside::Tls(None)) => Some(sandbox.names.host_for(dialled.ip())),
         Ok(_) => None,
         Err(_) => return,
     };
@@ -134,6 +129,48 @@ pub async fn serve_transparent_tls(
     log.duration = started.elapsed();
     log.emit();
     log.record(&shared.metrics);
+}
+
+/// With internet on, a connection to any other TCP port of a sandbox (SPEC 5.2), redirected
+/// to the relay by the sandbox's firewall: decided as a CONNECT to the original destination
+/// would be (on the name behind a sandbox address), then relayed as such a tunnel is: TLS
+/// and HTTP inside are still seen for what they are. A refusal ends the connection.
+pub async fn serve_relay(worker: &Rc<Worker>, class: ClassId, sandbox: &Sandboxed, stream: tokio::net::TcpStream) {
+    let shared = &worker.shared;
+    let started = Instant::now();
+    let container = sandbox.container.clone();
+    let mut log = tunnel_log(shared, class, "TCP", &container);
+    // Only a connection the firewall redirected has an original destination.
+    let Ok(dialled) = rustix::net::sockopt::ip_original_dst(&stream) else { return };
+    let host = sandbox.names.host_for(std::net::IpAddr::V4(*dialled.ip()));
+    if let Ok(plan) = plan_for(worker, class, container, host, dialled.port(), &mut log) {
+        log.status = 200;
+        let (rd, wr) = stream.into_split();
+        run_tunnel(worker, plan, ConnReader::new(rd), BufWriter::new(wr), &mut log).await;
+    } else {
+        log.status = 520;
+    }
+    log.duration = started.elapsed();
+    log.emit();
+    log.record(&shared.metrics);
+}
+
+/// The log line of a sandbox's connection that is a tunnel from the start (`method` says
+/// which kind).
+fn tunnel_log(
+    shared: &super::state::Shared,
+    class: ClassId,
+    method: &str,
+    container: &crate::identity::ContainerId,
+) -> LogLine {
+    LogLine {
+        request_id: shared.next_request_id(),
+        class: shared.class(class).config.name.clone(),
+        method: http::Method::from_bytes(method.as_bytes()).expect("a token"),
+        scheme: "tunnel",
+        container: container.to_string(),
+        ..Default::default()
+    }
 }
 
 /// Resolves and checks the tunnel's host (SPEC 8.3): its addresses, or (inner `Err`) why
@@ -240,7 +277,8 @@ fn plan_for(
     let overrides = shared.overrides.get(container.as_str(), g);
     // Intercepted TLS runs each request through the whole order, so a host that a handler
     // answers opens a tunnel; otherwise only steps 1, 2, 7, 8, 9 can apply (SPEC 4.3).
-    let verdict = if g.policy.intercept_https {
+    let intercept = effective_intercept(&g.policy, overrides.as_deref());
+    let verdict = if intercept {
         decide(&host, port, &g.policy, overrides.as_deref())
     } else {
         decide_tunnel(&host, port, &g.policy, overrides.as_deref())
@@ -259,12 +297,12 @@ fn plan_for(
     Ok(Plan {
         port_named: allowed.as_ref().is_some_and(|a| a.names_port(&host, port)),
         target: Target { https: false, host, port },
-        intercept: g.policy.intercept_https,
+        intercept,
         container,
         class,
         addrs: None,
         unresolved: None,
-        enable_internet: g.policy.enable_internet,
+        enable_internet: effective_internet(&g.policy, overrides.as_deref()),
         allowed,
         denied,
     })

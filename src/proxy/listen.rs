@@ -17,21 +17,24 @@ use tokio::sync::mpsc;
 use super::admission::{Admission, Slot};
 use super::conn::{Connect, serve_requests};
 use super::h1::ConnReader;
+pub use super::names::Sandboxed;
 use super::state::{ClassId, Shared};
 use super::target::Pinned;
 use super::worker::{Worker, heartbeat};
-use crate::identity::ContainerId;
 
 /// What a listener accepts: each kind has its own way into the worker.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum ListenerKind {
     /// The explicit proxy, one per class: HTTP requests in absolute form, and CONNECT.
     Explicit,
     /// A sandbox's port 80 (`moat run`): plain HTTP the kernel delivered, whatever address the
     /// program dialled; every connection is the sandbox's container.
-    TransparentHttp(ContainerId),
+    TransparentHttp(Arc<Sandboxed>),
     /// A sandbox's port 443: TLS the kernel delivered, decided on its server name.
-    TransparentTls(ContainerId),
+    TransparentTls(Arc<Sandboxed>),
+    /// With internet on, every other TCP port of a sandbox (redirected by its firewall): a
+    /// tunnel to the original destination, decided as a CONNECT to it would be.
+    Relay(Arc<Sandboxed>),
 }
 
 /// Binds a class's explicit proxy listener (non-blocking, with a deep accept queue).
@@ -99,13 +102,15 @@ fn spawn_worker(index: usize, shared: Arc<Shared>) -> std::io::Result<WorkerTx> 
                     let _open = OpenConnection::new(&worker.shared.metrics.open_connections);
                     match kind {
                         ListenerKind::Explicit => serve_explicit(worker, stream, class).await,
-                        ListenerKind::TransparentHttp(container) => {
-                            serve_transparent_http(worker, stream, class, container).await
+                        ListenerKind::TransparentHttp(sandbox) => {
+                            serve_transparent_http(worker, stream, class, &sandbox).await
                         }
-                        ListenerKind::TransparentTls(container) => {
-                            let serving = super::connect::serve_transparent_tls(&worker, class, container, stream);
-                            // Boxed: a tunnel's state (TLS, HTTP/2) is large.
-                            Box::pin(serving).await
+                        // Boxed: a tunnel's state (TLS, HTTP/2) is large.
+                        ListenerKind::TransparentTls(sandbox) => {
+                            Box::pin(super::connect::serve_transparent_tls(&worker, class, &sandbox, stream)).await
+                        }
+                        ListenerKind::Relay(sandbox) => {
+                            Box::pin(super::connect::serve_relay(&worker, class, &sandbox, stream)).await
                         }
                     }
                 });
@@ -129,10 +134,11 @@ async fn serve_explicit(worker: Rc<Worker>, stream: TcpStream, class: ClassId) {
 
 /// A connection on a sandbox's transparent HTTP listener: its requests, each decided on the
 /// host it names, on behalf of the sandbox.
-async fn serve_transparent_http(worker: Rc<Worker>, stream: TcpStream, class: ClassId, container: ContainerId) {
+async fn serve_transparent_http(worker: Rc<Worker>, stream: TcpStream, class: ClassId, sandbox: &Sandboxed) {
     // With every address local in the sandbox, the address accepted on is the one dialled.
     let Ok(dialled) = stream.local_addr() else { return };
-    let pinned = Pinned::transparent(container, dialled, false);
+    let host = sandbox.names.host_for(dialled.ip());
+    let pinned = Pinned::transparent(sandbox.container.clone(), host, dialled.port(), false);
     let (rd, wr) = stream.into_split();
     let writer = BufWriter::with_capacity(super::WRITE_BUFFER, wr);
     // A CONNECT on a pinned connection is answered as a request: nothing comes back.

@@ -9,6 +9,7 @@ pub mod h1;
 pub mod intercept;
 pub mod listen;
 pub mod memory;
+pub mod names;
 pub mod overrides;
 pub mod redact;
 pub mod reload;

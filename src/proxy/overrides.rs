@@ -7,8 +7,8 @@ use std::sync::{Arc, RwLock};
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::policy::Overrides;
 use crate::policy::overrides::{OverrideSpec, Setter, SetterError};
+use crate::policy::{ContainerSettings, Overrides};
 use crate::script::Generation;
 
 /// container id → JSON of its [`OverrideSpec`].
@@ -32,6 +32,8 @@ pub struct OverrideStore {
     specs: RwLock<HashMap<String, OverrideSpec>>,
     /// Compiled per container for the generation it was compiled against.
     compiled: RwLock<HashMap<String, Compiled>>,
+    /// What running containers were started with: in memory only, for their life.
+    settings: RwLock<HashMap<String, ContainerSettings>>,
 }
 
 impl OverrideStore {
@@ -57,7 +59,13 @@ impl OverrideStore {
             Err(e) => return Err(err(e.to_string())),
         }
         drop(read);
-        Ok(Self { db, path: shown, specs: RwLock::new(specs), compiled: RwLock::new(HashMap::new()) })
+        Ok(Self {
+            db,
+            path: shown,
+            specs: RwLock::new(specs),
+            compiled: RwLock::new(HashMap::new()),
+            settings: RwLock::new(HashMap::new()),
+        })
     }
 
     /// The compiled overrides of `container` for `generation`, if it has any.
@@ -66,8 +74,13 @@ impl OverrideStore {
         if let Some((_, o)) = cached.filter(|(g, _)| Arc::ptr_eq(g, generation)) {
             return Some(o);
         }
-        let spec = self.specs.read().unwrap_or_else(|e| e.into_inner()).get(container)?.clone();
-        let (compiled, dropped) = spec.compile(&generation.policy);
+        let spec = self.specs.read().unwrap_or_else(|e| e.into_inner()).get(container).cloned();
+        let settings = self.settings.read().unwrap_or_else(|e| e.into_inner()).get(container).copied();
+        if spec.is_none() && settings.is_none() {
+            return None;
+        }
+        let (mut compiled, dropped) = spec.unwrap_or_default().compile(&generation.policy);
+        compiled.settings = settings.unwrap_or_default();
         for name in dropped {
             tracing::warn!(container, class = %generation.class, "override names handler {name:?}, which generation {} no longer has: ignored", generation.number);
         }
@@ -77,6 +90,18 @@ impl OverrideStore {
             .unwrap_or_else(|e| e.into_inner())
             .insert(container.to_string(), (generation.clone(), compiled.clone()));
         Some(compiled)
+    }
+
+    /// Sets what `container` runs with for as long as it runs (`moat run --internet`, …);
+    /// empty settings clear them.
+    pub fn set_settings(&self, container: &str, settings: ContainerSettings) {
+        let mut all = self.settings.write().unwrap_or_else(|e| e.into_inner());
+        if settings.is_empty() {
+            all.remove(container);
+        } else {
+            all.insert(container.to_string(), settings);
+        }
+        self.compiled.write().unwrap_or_else(|e| e.into_inner()).remove(container);
     }
 
     /// The overrides of `container` as set.

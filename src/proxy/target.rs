@@ -29,12 +29,11 @@ impl Pinned {
         Self { container, target, named_by_request: false }
     }
 
-    /// A connection the kernel delivered to a transparent listener: `dialled` is the address
-    /// the program connected to (the accepted socket's local address), its owner the
-    /// listener's container.
-    pub fn transparent(container: ContainerId, dialled: std::net::SocketAddr, https: bool) -> Self {
-        let host = CanonicalHost::parse(&dialled.ip().to_string()).expect("an IP address is a canonical host");
-        Self { container, target: Target { https, host, port: dialled.port() }, named_by_request: true }
+    /// A connection the kernel delivered to a transparent listener: `host` is what the
+    /// program dialled (the name behind the sandbox's address, else the address), `port` the
+    /// port it dialled, its owner the listener's container.
+    pub fn transparent(container: ContainerId, host: CanonicalHost, port: u16, https: bool) -> Self {
+        Self { container, target: Target { https, host, port }, named_by_request: true }
     }
 }
 

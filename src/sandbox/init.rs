@@ -1,10 +1,11 @@
 //! `moat __sandbox-init SOCKET -- CMD…`: the sandbox's first process, run by `unshare` inside
-//! the new namespaces as their root. It brings up the network (loopback and the AnyIP route),
-//! binds the sockets moat serves (TCP 80 and 443, UDP 53), hands them over on SOCKET, waits
-//! for moat's CA certificate (moat serves from then on), shows it in place of moat's data
-//! folder with the CA variables set, then runs CMD as its child, forwarding SIGTERM and
-//! SIGHUP to it, and exits with CMD's exit code. As PID 1 of the namespace, its end ends
-//! every process CMD left behind.
+//! the new namespaces as their root. It brings up the network (loopback, the AnyIP route and,
+//! with the relay, one nftables ruleset), binds the sockets moat serves (TCP 80 and 443, UDP
+//! and TCP 53, the relay's port), hands them over on SOCKET, waits for moat's CA certificate
+//! (moat serves from then on), shows it in place of moat's data folder with the CA variables
+//! set, becomes the user CMD runs as and drops every privilege, then runs CMD as its child,
+//! forwarding SIGTERM and SIGHUP to it, reaping whatever else ends, and exits with CMD's exit
+//! code. As PID 1 of the namespace, its end ends every process CMD left behind.
 
 use std::io::IoSlice;
 use std::mem::MaybeUninit;
@@ -14,9 +15,66 @@ use std::process::Command;
 
 use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 
+/// What the init step is told on its command line.
+pub struct InitArgs {
+    /// The Unix socket moat waits on for the sockets.
+    pub handover: PathBuf,
+    /// Folders to hide from CMD; the first is moat's data folder.
+    pub hide: Vec<PathBuf>,
+    /// Redirect every other TCP port to the relay (internet on).
+    pub relay: bool,
+    /// Who CMD runs as.
+    pub user: Become,
+    pub cmd: Vec<String>,
+}
+
+/// Who CMD runs as, and how the init step becomes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Become {
+    /// Whoever the init step is (root of the namespaces, without a capability).
+    Same,
+    /// moat runs as root: the init step, real root, switches to this user.
+    Switch { uid: u32, gid: u32 },
+    /// An ordinary user's sandbox: its user namespace maps only that user, as root; a nested
+    /// user namespace shows CMD its own ids again.
+    Nest { uid: u32, gid: u32 },
+}
+
+impl Become {
+    /// The command-line form (`--become`): `same`, `switch:UID:GID` or `nest:UID:GID`.
+    pub fn to_arg(self) -> String {
+        match self {
+            Self::Same => "same".into(),
+            Self::Switch { uid, gid } => format!("switch:{uid}:{gid}"),
+            Self::Nest { uid, gid } => format!("nest:{uid}:{gid}"),
+        }
+    }
+
+    /// Parses [`Become::to_arg`]'s form.
+    pub fn parse(arg: &str) -> Result<Self, String> {
+        let bad = || format!("--become {arg:?}: expected same, switch:UID:GID or nest:UID:GID");
+        let mut parts = arg.split(':');
+        let kind = parts.next().ok_or_else(bad)?;
+        if kind == "same" {
+            return Ok(Self::Same);
+        }
+        let uid = parts.next().and_then(|u| u.parse().ok()).ok_or_else(bad)?;
+        let gid = parts.next().and_then(|g| g.parse().ok()).ok_or_else(bad)?;
+        match kind {
+            "switch" => Ok(Self::Switch { uid, gid }),
+            "nest" => Ok(Self::Nest { uid, gid }),
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// The port the relay listens on inside the sandbox: below 1024, so CMD (without
+/// capabilities) could not take it even if it were free.
+pub const RELAY_PORT: u16 = 1;
+
 /// Runs the init step; returns the exit code for the process.
-pub fn main(handover: &Path, hide: &[PathBuf], cmd: &[String]) -> i32 {
-    match run(handover, hide, cmd) {
+pub fn main(args: &InitArgs) -> i32 {
+    match run(args) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("moat run: {e}");
@@ -25,15 +83,21 @@ pub fn main(handover: &Path, hide: &[PathBuf], cmd: &[String]) -> i32 {
     }
 }
 
-fn run(handover: &Path, hide: &[PathBuf], cmd: &[String]) -> Result<i32, String> {
-    network_up()?;
+fn run(args: &InitArgs) -> Result<i32, String> {
+    let InitArgs { handover, hide, relay, user, cmd } = args;
+    network_up(*relay)?;
     let socket = std::os::unix::net::UnixStream::connect(handover)
         .map_err(|e| format!("cannot reach moat on {}: {e}", handover.display()))?;
-    let http = std::net::TcpListener::bind("0.0.0.0:80").map_err(|e| format!("cannot listen on port 80: {e}"))?;
-    let tls = std::net::TcpListener::bind("0.0.0.0:443").map_err(|e| format!("cannot listen on port 443: {e}"))?;
+    let tcp = |port: u16| {
+        std::net::TcpListener::bind(("0.0.0.0", port)).map_err(|e| format!("cannot listen on port {port}: {e}"))
+    };
+    let (http, tls, dns_tcp) = (tcp(80)?, tcp(443)?, tcp(53)?);
     let dns = std::net::UdpSocket::bind("0.0.0.0:53").map_err(|e| format!("cannot listen on UDP port 53: {e}"))?;
-    send_listener(&socket, &[http.as_fd(), tls.as_fd(), dns.as_fd()])?;
-    drop((http, tls, dns));
+    let relay = if *relay { Some(tcp(RELAY_PORT)?) } else { None };
+    let mut fds = vec![http.as_fd(), tls.as_fd(), dns.as_fd(), dns_tcp.as_fd()];
+    fds.extend(relay.as_ref().map(|r| r.as_fd()));
+    send_listener(&socket, &fds)?;
+    drop((http, tls, dns, dns_tcp, relay));
     // moat answers with its CA certificate once it serves: CMD starts only then. The socket
     // stays open for as long as moat runs: its end is moat's end, whatever killed it.
     let ca = super::read_message(&socket).map_err(|e| format!("moat did not start serving: {e}"))?;
@@ -46,25 +110,40 @@ fn run(handover: &Path, hide: &[PathBuf], cmd: &[String]) -> Result<i32, String>
             trust = trust_variables(dir);
         }
     }
-    drop_privileges()?;
+    drop_privileges(*user)?;
     let (program, args) = cmd.split_first().ok_or("no command to run")?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     rt.block_on(async {
-        let mut child = tokio::process::Command::new(program)
+        use rustix::process::{Signal, WaitOptions};
+        use tokio::signal::unix::{SignalKind, signal};
+        let listen = |kind: SignalKind| signal(kind).map_err(|e| e.to_string());
+        // Before CMD exists: its end must find the handler.
+        let (mut chld, mut term, mut int, mut hup) = (
+            listen(SignalKind::child())?,
+            listen(SignalKind::terminate())?,
+            listen(SignalKind::interrupt())?,
+            listen(SignalKind::hangup())?,
+        );
+        // Not tokio's: as PID 1 this process reaps every orphan of the namespace, and CMD's
+        // end is one of the exits it reaps.
+        let child = std::process::Command::new(program)
             .args(args)
             .envs(trust)
             .spawn()
             .map_err(|e| format!("cannot run {program}: {e}"))?;
-        let pid = child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32));
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
-        let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
-        let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).ok_or("CMD has no process id")?;
+        drop(child);
         socket.set_nonblocking(true).map_err(|e| e.to_string())?;
         let moat = tokio::net::UnixStream::from_std(socket).map_err(|e| e.to_string())?;
         loop {
+            // Whatever has ended is reaped; CMD's end is the sandbox's.
+            while let Ok(Some((ended, status))) = rustix::process::wait(WaitOptions::NOHANG) {
+                if ended == pid {
+                    return Ok(status.exit_status().unwrap_or_else(|| 128 + status.terminating_signal().unwrap_or(0)));
+                }
+            }
             let forward = tokio::select! {
-                status = child.wait() => return Ok(super::exit_code(status.map_err(|e| e.to_string())?)),
+                _ = chld.recv() => continue,
                 // moat is gone (killed, say): nothing serves the sandbox any more, so it ends;
                 // as PID 1 exits, the kernel kills every process left in the namespace.
                 _ = moat.readable() => {
@@ -74,15 +153,17 @@ fn run(handover: &Path, hide: &[PathBuf], cmd: &[String]) -> Result<i32, String>
                     }
                     continue;
                 }
-                _ = term.recv() => rustix::process::Signal::TERM,
-                // From a terminal, CMD (in the same process group) has it already; passing it
-                // on would make one Ctrl-C two. PID 1 must not die of it either.
-                _ = int.recv() => continue,
-                _ = hup.recv() => rustix::process::Signal::HUP,
+                _ = term.recv() => Signal::TERM,
+                // From a terminal, CMD has it already. PID 1 must not die of it.
+                _ = int.recv() => {
+                    if super::interrupts_reach_the_command() {
+                        continue;
+                    }
+                    Signal::INT
+                }
+                _ = hup.recv() => Signal::HUP,
             };
-            if let Some(pid) = pid {
-                let _ = rustix::process::kill_process(pid, forward);
-            }
+            let _ = rustix::process::kill_process(pid, forward);
         }
     })
 }
@@ -93,7 +174,7 @@ const CA_FILE: &str = "ca.pem";
 const BUNDLE_FILE: &str = "ca-bundle.pem";
 const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
 
-fn trust_files(ca: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
+pub fn trust_files(ca: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
     let mut bundle = std::fs::read(SYSTEM_ROOTS).unwrap_or_default();
     if !bundle.is_empty() && !bundle.ends_with(b"\n") {
         bundle.push(b'\n');
@@ -103,7 +184,7 @@ fn trust_files(ca: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
 }
 
 /// The variables that make common clients trust moat's CA (SPEC 5.2).
-fn trust_variables(dir: &Path) -> Vec<(&'static str, PathBuf)> {
+pub fn trust_variables(dir: &Path) -> Vec<(&'static str, PathBuf)> {
     let (ca, bundle) = (dir.join(CA_FILE), dir.join(BUNDLE_FILE));
     let mut vars: Vec<(&'static str, PathBuf)> = [
         "SSL_CERT_FILE",
@@ -138,11 +219,19 @@ fn hide_folder(dir: &Path, files: &[(&str, Vec<u8>)]) -> Result<(), String> {
 }
 
 /// CMD gets no capability in the sandbox's namespaces, and cannot gain one: without that,
-/// root of the user namespace could unmount what hides moat's data folder. The bounding set
-/// is emptied, root's exec gains nothing (securebits), and `no_new_privs` is set.
-fn drop_privileges() -> Result<(), String> {
+/// root of the user namespace could unmount what hides moat's data folder. The init step
+/// first becomes `user` (see [`Become`]); then the bounding set is emptied, root's exec gains
+/// nothing (securebits), and `no_new_privs` is set.
+fn drop_privileges(user: Become) -> Result<(), String> {
+    use rustix::process::{Gid, Uid};
     use rustix::thread::{CapabilitiesSecureBits as Bits, CapabilitySet, CapabilitySets};
     let failed = |what: &str, e: rustix::io::Errno| format!("cannot drop privileges ({what}): {e}");
+    if let Become::Nest { uid, gid } = user {
+        // A new user namespace has every capability in it, and a full bounding set: it comes
+        // first, so that what follows removes those too.
+        nest_user_namespace(uid, gid)?;
+    }
+    // Kept across the switch below (NO_SETUID_FIXUP), so that they can be dropped after it.
     rustix::thread::set_capabilities_secure_bits(
         Bits::NO_ROOT | Bits::NO_ROOT_LOCKED | Bits::NO_SETUID_FIXUP | Bits::NO_SETUID_FIXUP_LOCKED,
     )
@@ -154,6 +243,13 @@ fn drop_privileges() -> Result<(), String> {
             Err(e) => return Err(failed("bounding set", e)),
         }
     }
+    if let Become::Switch { uid, gid } = user {
+        // One thread: the per-thread calls are the process's.
+        let (uid, gid) = (Uid::from_raw(uid), Gid::from_raw(gid));
+        rustix::thread::set_thread_groups(&[gid]).map_err(|e| failed("groups", e))?;
+        rustix::thread::set_thread_res_gid(gid, gid, gid).map_err(|e| failed("gid", e))?;
+        rustix::thread::set_thread_res_uid(uid, uid, uid).map_err(|e| failed("uid", e))?;
+    }
     let none = CapabilitySets {
         effective: CapabilitySet::empty(),
         permitted: CapabilitySet::empty(),
@@ -163,26 +259,72 @@ fn drop_privileges() -> Result<(), String> {
     rustix::thread::set_no_new_privs(true).map_err(|e| failed("no_new_privs", e))
 }
 
-/// Brings up loopback and makes every IPv4 address local (the AnyIP route).
-fn network_up() -> Result<(), String> {
+/// Moves into a new user namespace in which `uid`/`gid` (the user outside, who is root of
+/// the sandbox's first user namespace) are this process's ids again.
+fn nest_user_namespace(uid: u32, gid: u32) -> Result<(), String> {
+    let failed = |what: &str, e: &dyn std::fmt::Display| format!("cannot show CMD its own user ({what}): {e}");
+    // Safe with this flag: only FILES (sharing descriptor tables between threads) is not;
+    // and this process has one thread.
+    #[allow(deprecated)]
+    rustix::thread::unshare(rustix::thread::UnshareFlags::NEWUSER).map_err(|e| failed("unshare", &e))?;
+    // Without CAP_SETGID outside, a gid map needs setgroups denied first (user_namespaces(7)).
+    for (file, line) in
+        [("setgroups", "deny".to_string()), ("uid_map", format!("{uid} 0 1")), ("gid_map", format!("{gid} 0 1"))]
+    {
+        std::fs::write(format!("/proc/self/{file}"), line).map_err(|e| failed(file, &e))?;
+    }
+    Ok(())
+}
+
+/// Brings up loopback and makes every IPv4 address local (the AnyIP route); with `relay`,
+/// redirects every TCP port but 53, 80 and 443 of every address but loopback's to the relay.
+fn network_up(relay: bool) -> Result<(), String> {
     for args in [&["link", "set", "lo", "up"][..], &["route", "add", "local", "0.0.0.0/0", "dev", "lo"][..]] {
-        let out = Command::new("ip").args(args).output().map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => "moat run needs iproute2's ip (apt-get install iproute2)".to_string(),
-            _ => format!("ip {}: {e}", args.join(" ")),
+        tool("ip", args, None, "moat run needs iproute2's ip (apt-get install iproute2)")?;
+    }
+    if relay {
+        let rules = format!(
+            "table ip moat {{ chain output {{ type nat hook output priority -100; policy accept; \
+             ip daddr 127.0.0.0/8 return; tcp dport {{ 53, 80, 443 }} return; \
+             meta l4proto tcp redirect to :{RELAY_PORT}; }}; }}"
+        );
+        let missing =
+            "internet on needs nftables' nft to relay other ports (apt-get install nftables), or pass --no-internet";
+        tool("nft", &["-f", "-"], Some(&rules), missing)?;
+    }
+    Ok(())
+}
+
+/// Runs `program args` (with `input` on its stdin); `missing` is the error when it is not
+/// installed.
+fn tool(program: &str, args: &[&str], input: Option<&str>, missing: &str) -> Result<(), String> {
+    use std::io::Write;
+    use std::process::Stdio;
+    let shown = || format!("{program} {}", args.join(" "));
+    let found = super::find_program(program).ok_or_else(|| missing.to_string())?;
+    let mut child = Command::new(found)
+        .args(args)
+        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => missing.to_string(),
+            _ => format!("{}: {e}", shown()),
         })?;
-        if !out.status.success() {
-            return Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()));
-        }
+    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+        stdin.write_all(text.as_bytes()).map_err(|e| format!("{}: {e}", shown()))?;
+    }
+    let out = child.wait_with_output().map_err(|e| format!("{}: {e}", shown()))?;
+    if !out.status.success() {
+        return Err(format!("{}: {}", shown(), String::from_utf8_lossy(&out.stderr).trim()));
     }
     Ok(())
 }
 
 /// Sends `fds` over `socket` with one byte of payload.
-fn send_listener(
-    socket: &std::os::unix::net::UnixStream,
-    fds: &[std::os::fd::BorrowedFd<'_>; 3],
-) -> Result<(), String> {
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
+fn send_listener(socket: &std::os::unix::net::UnixStream, fds: &[std::os::fd::BorrowedFd<'_>]) -> Result<(), String> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(super::MAX_FDS))];
     let mut control = SendAncillaryBuffer::new(&mut space);
     control.push(SendAncillaryMessage::ScmRights(fds));
     rustix::net::sendmsg(socket.as_fd(), &[IoSlice::new(b"l")], &mut control, SendFlags::empty())

@@ -15,6 +15,8 @@
 
 pub mod init;
 
+pub use init::Become;
+
 use std::io::IoSliceMut;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
@@ -28,17 +30,14 @@ use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
 /// How long the init step may take to hand over its listener.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Descriptors the init step hands over: ports 80, 443, UDP and TCP 53, and the relay's.
+const MAX_FDS: usize = 5;
+
 /// A running sandbox: its process tree (through `unshare`) and the sockets it handed over.
 pub struct Sandbox {
     /// `unshare`, whose child is the init step; it exits with CMD's exit code.
     pub child: Child,
-    /// The sandbox's port 80: every TCP connection CMD makes to port 80 of any address.
-    pub http: std::net::TcpListener,
-    /// The sandbox's port 443, likewise.
-    pub tls: std::net::TcpListener,
-    /// The sandbox's UDP port 53: every DNS query CMD sends, to whatever server it names
-    /// (the host's `resolv.conf` included: its address is local in the sandbox too).
-    pub dns: std::net::UdpSocket,
+    pub sockets: Sockets,
     /// The init step waits on this for moat's CA certificate before it runs CMD (see
     /// [`release`]).
     pub handover: UnixStream,
@@ -46,12 +45,42 @@ pub struct Sandbox {
     pub init: rustix::process::Pid,
 }
 
-impl Sandbox {
-    /// Passes `signal` to the command (through the init step, which forwards SIGTERM and
-    /// SIGHUP; SIGINT from a terminal reaches the command directly, as its process group's).
-    pub fn signal(init: rustix::process::Pid, signal: rustix::process::Signal) {
-        let _ = rustix::process::kill_process(init, signal);
-    }
+/// The sockets moat serves a sandbox on, made inside its network namespace.
+pub struct Sockets {
+    /// The sandbox's port 80: every TCP connection CMD makes to port 80 of any address.
+    pub http: std::net::TcpListener,
+    /// The sandbox's port 443, likewise.
+    pub tls: std::net::TcpListener,
+    /// The sandbox's UDP port 53: every DNS query CMD sends, to whatever server it names
+    /// (the host's `resolv.conf` included: its address is local in the sandbox too).
+    pub dns_udp: std::net::UdpSocket,
+    /// TCP port 53, likewise.
+    pub dns_tcp: std::net::TcpListener,
+    /// With internet on: every other TCP connection, redirected by the sandbox's firewall.
+    pub relay: Option<std::net::TcpListener>,
+}
+
+/// What to start.
+pub struct Spec<'a> {
+    pub cmd: &'a [String],
+    /// CMD's whole environment (the CA variables are added).
+    pub env: &'a [(String, String)],
+    /// A path for the Unix socket the init step sends its sockets on (removed before
+    /// [`start`] returns).
+    pub handover: &'a Path,
+    /// Folders the sandbox must not see (moat's data folder first).
+    pub hide: &'a [&'a Path],
+    /// Relay every other TCP port (internet on).
+    pub relay: bool,
+    /// Who CMD runs as.
+    pub user: Become,
+}
+
+/// Whether a SIGINT this process got came from its terminal, and so reached the sandbox's
+/// command too (the terminal signals its whole foreground process group): passing it on
+/// would make one Ctrl-C two. A SIGINT from `kill` is passed on.
+pub fn interrupts_reach_the_command() -> bool {
+    rustix::termios::tcgetpgrp(std::io::stdin()).is_ok_and(|fg| fg == rustix::process::getpgrp())
 }
 
 /// Lets the sandbox's command start, now that moat serves: sends the CA certificate it
@@ -74,60 +103,73 @@ fn read_message(mut socket: &UnixStream) -> std::io::Result<Vec<u8>> {
     Ok(message)
 }
 
-/// Starts `cmd` in a new sandbox with `env` as its whole environment; `handover` is a path
-/// for the Unix socket the init step sends its listener on (removed before this returns).
-/// `hide` are folders the sandbox must not see (moat's data folder).
-pub fn start(cmd: &[String], env: &[(String, String)], handover: &Path, hide: &[&Path]) -> Result<Sandbox, String> {
-    let _ = std::fs::remove_file(handover);
-    let socket = UnixListener::bind(handover).map_err(|e| format!("cannot listen on {}: {e}", handover.display()))?;
-    let result = start_with(cmd, env, handover, hide, &socket);
-    let _ = std::fs::remove_file(handover);
+/// Starts a new sandbox running `spec.cmd`.
+pub fn start(spec: &Spec<'_>) -> Result<Sandbox, String> {
+    let _ = std::fs::remove_file(spec.handover);
+    let socket =
+        UnixListener::bind(spec.handover).map_err(|e| format!("cannot listen on {}: {e}", spec.handover.display()))?;
+    let result = start_with(spec, &socket);
+    let _ = std::fs::remove_file(spec.handover);
     result
 }
 
-fn start_with(
-    cmd: &[String],
-    env: &[(String, String)],
-    handover: &Path,
-    hide: &[&Path],
-    socket: &UnixListener,
-) -> Result<Sandbox, String> {
+fn start_with(spec: &Spec<'_>, socket: &UnixListener) -> Result<Sandbox, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find moat's own binary: {e}"))?;
     let mut command = Command::new("unshare");
+    // Root needs no user namespace of its own to make the others, and only without one can
+    // CMD run as another real user (the invoking one). An ordinary user's sandbox is root of
+    // a user namespace mapping that user alone.
+    if !rustix::process::geteuid().is_root() {
+        command.args(["--user", "--map-root-user"]);
+    }
     command
         // --mount-proc: a /proc of the new PID namespace, in which no host process (moat's
         // environment, with the secrets it read) is visible.
-        .args(["--user", "--map-root-user", "--net", "--mount", "--pid", "--fork", "--mount-proc"])
+        .args(["--net", "--mount", "--pid", "--fork", "--mount-proc"])
         .args(["--kill-child=SIGTERM", "--"])
         .arg(exe)
         .arg("__sandbox-init")
-        .arg(handover);
-    for dir in hide {
+        .arg(spec.handover)
+        .arg("--become")
+        .arg(spec.user.to_arg());
+    if spec.relay {
+        command.arg("--relay");
+    }
+    for dir in spec.hide {
         let dir = std::path::absolute(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         command.arg("--hide").arg(dir);
     }
-    command.arg("--").args(cmd).env_clear().envs(env.iter().map(|(k, v)| (k, v)));
+    command.arg("--").args(spec.cmd).env_clear().envs(spec.env.iter().map(|(k, v)| (k, v)));
     let mut child = command.spawn().map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => "moat run needs util-linux's unshare (apt-get install util-linux)".to_string(),
         _ => format!("cannot start the sandbox: {e}"),
     })?;
-    match accept_listener(socket, &mut child) {
-        Ok((handover, [http, tls, dns])) => {
+    match accept_listener(socket, &mut child).and_then(|(handover, fds)| Ok((handover, sockets(fds, spec.relay)?))) {
+        Ok((handover, sockets)) => {
             let init = rustix::net::sockopt::socket_peercred(&handover).map_err(|e| format!("init step: {e}"))?.pid;
-            Ok(Sandbox { child, http: http.into(), tls: tls.into(), dns: dns.into(), handover, init })
+            Ok(Sandbox { child, sockets, handover, init })
         }
         Err(e) => {
             let _ = child.kill();
             let _ = child.wait();
             Err(format!(
-                "the sandbox did not start: {e}; where user namespaces are disabled (kernel.unprivileged_userns_clone, AppArmor's restrict_unprivileged_userns) run as root"
+                "the sandbox did not start: {e}; where user namespaces are disabled (kernel.unprivileged_userns_clone, AppArmor's restrict_unprivileged_userns) run as root, or pass --weak (nothing enforced)"
             ))
         }
     }
 }
 
+/// The descriptors in the order the init step sends them.
+fn sockets(fds: Vec<OwnedFd>, relay: bool) -> Result<Sockets, String> {
+    let mut fds = fds.into_iter();
+    let mut next = || fds.next().ok_or("the init step sent too few sockets");
+    let (http, tls, dns_udp, dns_tcp) = (next()?, next()?, next()?, next()?);
+    let relay = if relay { Some(next()?.into()) } else { None };
+    Ok(Sockets { http: http.into(), tls: tls.into(), dns_udp: dns_udp.into(), dns_tcp: dns_tcp.into(), relay })
+}
+
 /// Waits for the init step to connect and send its listener, while it runs.
-fn accept_listener(socket: &UnixListener, child: &mut Child) -> Result<(UnixStream, [OwnedFd; 3]), String> {
+fn accept_listener(socket: &UnixListener, child: &mut Child) -> Result<(UnixStream, Vec<OwnedFd>), String> {
     socket.set_nonblocking(true).map_err(|e| e.to_string())?;
     let deadline = Instant::now() + SETUP_TIMEOUT;
     loop {
@@ -151,16 +193,27 @@ fn accept_listener(socket: &UnixListener, child: &mut Child) -> Result<(UnixStre
     }
 }
 
+/// Where `program` is: a folder of `PATH`, else the system folders an ordinary user's
+/// `PATH` often lacks (nft and ip are in /usr/sbin on Debian).
+pub fn find_program(program: &str) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/bin", "/sbin", "/bin"].map(std::path::PathBuf::from))
+        .map(|dir| dir.join(program))
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+}
+
 /// A process's exit code, or 128 + the signal that ended it (as shells report it).
 pub fn exit_code(status: std::process::ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
     status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }
 
-/// Reads the descriptors the init step sends: its TCP ports 80 and 443, its UDP port 53.
-fn receive_listener(socket: &UnixStream) -> Result<[OwnedFd; 3], String> {
+/// Reads the descriptors the init step sends ([`Sockets`]' order).
+fn receive_listener(socket: &UnixStream) -> Result<Vec<OwnedFd>, String> {
     socket.set_read_timeout(Some(SETUP_TIMEOUT)).map_err(|e| e.to_string())?;
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let mut byte = [0u8; 1];
     let got =
@@ -170,10 +223,8 @@ fn receive_listener(socket: &UnixStream) -> Result<[OwnedFd; 3], String> {
         return Err("the init step ended before handing over its listener".into());
     }
     for message in control.drain() {
-        if let RecvAncillaryMessage::ScmRights(mut fds) = message
-            && let (Some(http), Some(tls), Some(dns)) = (fds.next(), fds.next(), fds.next())
-        {
-            return Ok([http, tls, dns]);
+        if let RecvAncillaryMessage::ScmRights(fds) = message {
+            return Ok(fds.collect());
         }
     }
     Err("the init step sent no listener".into())

@@ -30,22 +30,7 @@ impl Resolver {
         if let Some(ip) = self.static_hosts.get(name) {
             return Ok(vec![*ip]);
         }
-        // For closed test environments: static answers only, never a DNS packet.
-        if std::env::var_os("MOAT_NO_DNS").is_some_and(|v| v == "1") {
-            return Err(format!(
-                "could not resolve {name}: DNS is disabled (MOAT_NO_DNS=1) and no --resolve entry names it"
-            ));
-        }
-        let dns = self
-            .dns
-            .get_or_init(|| async {
-                TokioResolver::builder_tokio()
-                    .and_then(|b| b.build())
-                    .map_err(|e| format!("no usable DNS configuration: {e}"))
-            })
-            .await
-            .as_ref()
-            .map_err(Clone::clone)?;
+        let dns = self.dns().await.map_err(|e| format!("could not resolve {name}: {e}"))?;
         // A trailing dot makes the name absolute, so resolv.conf search domains never apply.
         let lookup = dns.lookup_ip(format!("{name}.")).await.map_err(|e| format!("could not resolve {name}: {e}"))?;
         let addrs: Vec<IpAddr> = lookup.iter().map(|ip| ip.to_canonical()).collect();
@@ -53,5 +38,35 @@ impl Resolver {
             return Err(format!("{name} has no addresses"));
         }
         Ok(addrs)
+    }
+
+    /// Whether `name` exists: `Some(false)` when DNS says it does not (NXDOMAIN, or no
+    /// address), `None` when that cannot be known (DNS disabled or failing).
+    pub async fn name_exists(&self, name: &str) -> Option<bool> {
+        if self.static_hosts.contains_key(name) {
+            return Some(true);
+        }
+        match self.dns().await.ok()?.lookup_ip(format!("{name}.")).await {
+            Ok(found) => Some(found.iter().next().is_some()),
+            Err(e) if e.is_no_records_found() => Some(false),
+            Err(_) => None,
+        }
+    }
+
+    /// The DNS resolver, made on first use; none in closed test environments.
+    async fn dns(&self) -> Result<&TokioResolver, String> {
+        // For closed test environments: static answers only, never a DNS packet.
+        if std::env::var_os("MOAT_NO_DNS").is_some_and(|v| v == "1") {
+            return Err("DNS is disabled (MOAT_NO_DNS=1) and no --resolve entry names it".into());
+        }
+        self.dns
+            .get_or_init(|| async {
+                TokioResolver::builder_tokio()
+                    .and_then(|b| b.build())
+                    .map_err(|e| format!("no usable DNS configuration: {e}"))
+            })
+            .await
+            .as_ref()
+            .map_err(Clone::clone)
     }
 }

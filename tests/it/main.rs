@@ -20,5 +20,6 @@ mod parsing;
 mod reload;
 mod runtime_policy;
 mod sandbox;
+mod sandbox_modes;
 mod tunnel;
 mod websocket;

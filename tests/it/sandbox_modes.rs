@@ -1,0 +1,164 @@
+//! `moat run`'s modes (SPEC 5.2): internet on and off, the user CMD runs as, per-container
+//! identity across runs, and `--weak`. The "remote" servers are on the host's loopback,
+//! reached only through moat under names that `--resolve` maps there; every other address
+//! CMD dials is a documentation address that the policies deny before any dial.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use crate::sandbox::{SandboxRun, sandbox_available};
+
+/// A loopback server that answers each line with `echo LINE`, for raw TCP through the relay.
+fn line_echo() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut line = String::new();
+                let mut reader = BufReader::new(c.try_clone().unwrap());
+                if reader.read_line(&mut line).is_ok() {
+                    let _ = (&c).write_all(format!("echo {line}").as_bytes());
+                }
+            });
+        }
+    });
+    port
+}
+
+const RELAY_POLICY: &str = r#"
+-- relay.test is the host's loopback (--resolve); the address check lets that one address through.
+allowedHosts = { "relay.test", "127.0.0.1", "a.test" }
+outboundByHost = {
+  ["a.test"] = function(request, env, ctx) return Response.new("hi " .. ctx.containerId .. "\n") end,
+}
+"#;
+
+/// Raw TCP to relay.test's port, one line each way; prints `relay …` or `relay failed`.
+const RELAY_SCRIPT: &str = r#"
+line() {
+  out=$(echo hello | timeout 10 bash -c "exec 3<>/dev/tcp/$1/$ECHO_PORT && cat >&3 && head -1 <&3" 2>/dev/null)
+  echo "${out:-nothing}"
+}
+echo "relay $(line relay.test)"
+echo "literal $(line 192.0.2.44)"
+bash -c "echo udp > /dev/udp/192.0.2.45/$ECHO_PORT" 2>/dev/null
+echo "handler $(curl -s -m 10 http://a.test/)"
+"#;
+
+#[test]
+fn with_internet_other_tcp_ports_are_relayed_by_name_after_the_policy_and_without_it_refused() {
+    if !sandbox_available() {
+        return;
+    }
+    let port = line_echo().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let run = |flag: &str| {
+        SandboxRun::new(dir.path(), RELAY_POLICY, RELAY_SCRIPT)
+            .arg(flag)
+            .arg("--resolve")
+            .arg("relay.test=127.0.0.1")
+            .env("ECHO_PORT", &port)
+            .run()
+    };
+    let (code, out, err) = run("--internet");
+    assert_eq!(code, 0, "{out}\n{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    // The program dialled relay.test's sandbox address; moat decided on the name, resolved it
+    // itself (--resolve) and relayed the bytes, with a log line like a request's.
+    assert_eq!(lines[0], "relay echo hello", "{out}\n{err}");
+    assert!(
+        err.contains(&format!(
+            r#"container="agent-1" class="policy" generation=1 method="TCP" scheme="tunnel" host="relay.test" port={port}"#
+        )) && err.contains(r#"decision="egress" detail="raw tcp tunnel""#),
+        "{err}"
+    );
+    // A literal address the policy does not allow is decided (denied), never dialled.
+    assert_eq!(lines[1], "literal nothing", "{out}");
+    assert!(
+        err.contains(&format!(r#"host="192.0.2.44" port={port} path="" decision="deny" detail="not-allowed""#)),
+        "{err}"
+    );
+    assert_eq!(lines[2], "handler hi agent-1", "{out}");
+
+    let (code, out, err) = run("--no-internet");
+    assert_eq!(code, 0, "{out}\n{err}");
+    // Without internet only ports 80 and 443 exist: the same connection is refused at once.
+    assert_eq!(out.lines().next(), Some("relay nothing"), "{out}\n{err}");
+    assert!(!err.contains(r#"method="TCP""#), "nothing was relayed: {err}");
+    assert!(out.contains("handler hi agent-1"), "{out}");
+}
+
+#[test]
+fn cmd_runs_as_the_user_named_by_user_or_sudo_and_each_id_keeps_its_own_overrides_across_runs() {
+    if !sandbox_available() || !rustix::process::geteuid().is_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // CMD, as another user, must be able to reach its folder.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    Command::new("chown").arg("65534:65534").arg(&shared).status().unwrap();
+    // A handler that lets its own container reach b.test from then on (an override, persisted).
+    let policy = r#"
+allowedHosts = { "a.test" }
+outboundByHost = {
+  ["a.test"] = function(request, env, ctx)
+    moat.container(ctx.containerId):allowHost("b.test")
+    return Response.new("opened for " .. ctx.containerId .. "\n")
+  end,
+  ["b.test"] = function(request, env, ctx) return Response.new("b for " .. ctx.containerId .. "\n") end,
+}
+"#;
+    let script = r#"id -u; id -g; touch "$SHARED/by-cmd"; echo "b $(curl -s -m 10 -o /dev/null -w '%{http_code}' http://b.test/)"; curl -s -m 10 http://a.test/"#;
+    let (code, out, err) = SandboxRun::new(dir.path(), policy, script)
+        .arg("--user")
+        .arg("nobody")
+        .env("SHARED", shared.to_str().unwrap())
+        .run();
+    assert_eq!(code, 0, "{out}\n{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(&lines[..2], ["65534", "65534"], "{out}\n{err}");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(shared.join("by-cmd")).unwrap().uid(), 65534, "files CMD makes are the user's");
+    assert_eq!(lines[2], "b 520", "{out}");
+    assert_eq!(lines[3], "opened for agent-1", "{out}");
+
+    // Under sudo, the user who ran sudo; the same id finds its override again.
+    let (code, out, err) = SandboxRun::new(dir.path(), policy, "id -u; curl -s -m 10 http://b.test/")
+        .env("SUDO_UID", "65534")
+        .env("SUDO_GID", "65534")
+        .run();
+    assert_eq!((code, out.as_str()), (0, "65534\nb for agent-1\n"), "{err}");
+    // Another id is another container: the override is not its.
+    let (code, out, err) =
+        SandboxRun::new(dir.path(), policy, "curl -s -m 10 -o /dev/null -w '%{http_code}' http://b.test/")
+            .arg("--id")
+            .arg("agent-2")
+            .run();
+    assert_eq!((code, out.as_str()), (0, "520"), "{err}");
+}
+
+#[test]
+fn weak_mode_only_sets_proxy_and_ca_variables_and_says_that_nothing_is_enforced() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = r#"
+interceptHttps = true
+allowedHosts = { "a.test" }
+outboundByHost = {
+  ["a.test"] = function(request, env, ctx) return Response.new("weak " .. ctx.containerId .. " " .. request.url .. "\n") end,
+}
+"#;
+    let script = r#"curl -s -m 10 http://a.test/p; curl -s -m 10 https://a.test/s; echo "other $(curl -s -m 10 -o /dev/null -w '%{http_code}' http://192.0.2.1/)""#;
+    let (code, out, err) = SandboxRun::new(dir.path(), policy, script).arg("--weak").run();
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(out, "weak agent-1 http://a.test/p\nweak agent-1 https://a.test/s\nother 520\n", "{err}");
+    assert!(err.contains("--weak: nothing is enforced"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("data")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(
+        !left.iter().any(|n| n.to_string_lossy().ends_with(".trust")),
+        "the CA folder for CMD is removed: {left:?}"
+    );
+}
