@@ -37,9 +37,6 @@ pub fn run(mut config: Config, options: RunOptions, cmd: &[String]) -> Result<i3
     if cmd.is_empty() {
         return Err("nothing to run: moat run [OPTIONS] -- CMD [ARGS...]".into());
     }
-    if !config.has_policy() {
-        return Err("no policy: pass --policy FILE or add a [[class]] to moat.toml (moat init writes one)".into());
-    }
     let container = match &options.id {
         Some(id) => ContainerId::parse(id).map_err(|e| format!("--id: {e}"))?,
         None => fresh_id()?,
@@ -62,12 +59,20 @@ pub fn run(mut config: Config, options: RunOptions, cmd: &[String]) -> Result<i3
         set(&mut env, "LOGNAME", &entry.name);
     }
     eprintln!("moat run: container {container}");
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|e| format!("cannot create the data folder {}: {e}", config.data_dir.display()))?;
     let settings = ContainerSettings {
         enable_internet: options.internet,
         intercept_https: options.intercept_https.then_some(true),
     };
+    if !options.weak
+        && let Some(stream) = crate::sandbox::attach::connect(&config.data_dir)
+    {
+        return beside(stream, &config, container, &options, user, cmd, &env);
+    }
+    if !config.has_policy() {
+        return Err("no policy: pass --policy FILE or add a [[class]] to moat.toml (moat init writes one)".into());
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| format!("cannot create the data folder {}: {e}", config.data_dir.display()))?;
     let attached = if options.weak {
         eprintln!(
             "moat run: --weak: nothing is enforced; CMD gets proxy variables, and may ignore them and reach the network directly"
@@ -84,6 +89,123 @@ pub fn run(mut config: Config, options: RunOptions, cmd: &[String]) -> Result<i3
     Ok(code.unwrap_or(1))
 }
 
+/// A moat already serves the data folder (`moat serve`, another `moat run`): the sandbox is
+/// made here, as this user, and handed to that moat, whose policies and log then serve it.
+fn beside(
+    stream: std::os::unix::net::UnixStream,
+    config: &Config,
+    container: ContainerId,
+    options: &RunOptions,
+    user: Become,
+    cmd: &[String],
+    env: &[(String, String)],
+) -> Result<i32, String> {
+    use crate::sandbox::attach::{Reply, Request};
+    let relay = relay_wanted(options.internet);
+    let sandbox = start_sandbox(config, &container, relay, user, cmd, env)?;
+    // The class: the one named, else the one whose policy this run names.
+    let policy = match (&options.class, config.classes.as_slice()) {
+        (None, [only]) => std::path::absolute(&only.policy).ok(),
+        _ => None,
+    };
+    let request = Request {
+        container: container.to_string(),
+        class: options.class.clone(),
+        policy,
+        internet: options.internet,
+        intercept_https: options.intercept_https,
+    };
+    let ca_pem = match crate::sandbox::attach::attach(&stream, &request, &sandbox.sockets)? {
+        Reply::Serving { ca_pem, class, pid } => {
+            eprintln!(
+                "moat run: the moat (pid {pid}) serving {} runs this container on class {class}; its log shows the requests",
+                config.data_dir.display()
+            );
+            ca_pem
+        }
+        // Dropping the sandbox's handover ends its init step before CMD starts.
+        Reply::Refused(why) => return Err(format!("the moat serving {}: {why}", config.data_dir.display())),
+    };
+    crate::sandbox::release(&sandbox.handover, ca_pem.as_bytes())
+        .map_err(|e| format!("cannot start the command: {e}"))?;
+    drop(sandbox.sockets);
+    let (ended, code) = wait_in_thread(sandbox.child);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let listen = |kind| signal(kind).map_err(|e| e.to_string());
+        let (mut term, mut int, mut hup) =
+            (listen(SignalKind::terminate())?, listen(SignalKind::interrupt())?, listen(SignalKind::hangup())?);
+        stream.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let server = tokio::net::UnixStream::from_std(stream).map_err(|e| e.to_string())?;
+        let until = async {
+            tokio::select! {
+                _ = ended => {}
+                // The serving moat has gone: nothing serves the sandbox, so it ends with it.
+                _ = closed(&server) => eprintln!("moat run: the moat serving this data folder has gone; ending the sandbox"),
+            }
+        };
+        crate::sandbox::pass_signals_until(sandbox.init, until, &mut term, &mut int, &mut hup).await;
+        Ok::<_, String>(())
+    })?;
+    drop(sandbox.handover);
+    // The init step sees its socket close and ends the sandbox; its exit code is CMD's.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Some(code) = *code.lock().unwrap_or_else(|e| e.into_inner()) {
+            return Ok(code);
+        }
+        if std::time::Instant::now() > deadline {
+            return Ok(1);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Starts the sandbox of `container`, hiding the data folder and a persisted CA's folder
+/// (its private key) wherever it is.
+fn start_sandbox(
+    config: &Config,
+    container: &ContainerId,
+    relay: bool,
+    user: Become,
+    cmd: &[String],
+    env: &[(String, String)],
+) -> Result<crate::sandbox::Sandbox, String> {
+    let handover = config.data_dir.join(format!("{container}.sandbox.sock"));
+    let mut hidden = vec![config.data_dir.as_path()];
+    hidden.extend(config.ca_dir().filter(|d| !d.starts_with(&config.data_dir)));
+    crate::sandbox::start(&crate::sandbox::Spec { cmd, env, handover: &handover, hide: &hidden, relay, user })
+}
+
+/// Completes when the peer of `stream` has closed it.
+async fn closed(stream: &tokio::net::UnixStream) {
+    loop {
+        if stream.readable().await.is_err() {
+            return;
+        }
+        match stream.try_read(&mut [0u8; 64]) {
+            Ok(0) => return,
+            Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => return,
+            _ => {}
+        }
+    }
+}
+
+/// Whether the sandbox gets the relay: `--internet`/`--no-internet`, else where nft is
+/// installed (the class's `enableInternet` then decides each connection).
+fn relay_wanted(internet: Option<bool>) -> bool {
+    internet.unwrap_or_else(|| {
+        let found = crate::sandbox::find_program("nft").is_some();
+        if !found {
+            eprintln!(
+                "moat run: other TCP ports than 80 and 443 are refused: relaying them (enableInternet) needs nftables' nft (apt-get install nftables); --no-internet silences this"
+            );
+        }
+        found
+    })
+}
+
 /// The sandbox, started now; it runs CMD once moat serves it.
 #[allow(clippy::too_many_arguments)]
 fn sandboxed(
@@ -96,21 +218,8 @@ fn sandboxed(
     cmd: &[String],
     env: &[(String, String)],
 ) -> Result<Attached, String> {
-    let relay = internet.unwrap_or_else(|| {
-        let found = crate::sandbox::find_program("nft").is_some();
-        if !found {
-            eprintln!(
-                "moat run: other TCP ports than 80 and 443 are refused: relaying them (enableInternet) needs nftables' nft (apt-get install nftables); --no-internet silences this"
-            );
-        }
-        found
-    });
-    let handover = config.data_dir.join(format!("{container}.sandbox.sock"));
-    // The data folder, and a persisted CA's folder (its private key) wherever it is.
-    let mut hidden = vec![config.data_dir.as_path()];
-    hidden.extend(config.ca_dir().filter(|d| !d.starts_with(&config.data_dir)));
-    let spec = crate::sandbox::Spec { cmd, env, handover: &handover, hide: &hidden, relay, user };
-    let sandbox = crate::sandbox::start(&spec)?;
+    let relay = relay_wanted(internet);
+    let sandbox = start_sandbox(config, &container, relay, user, cmd, env)?;
     let (signals_to, handover) = (sandbox.init, sandbox.handover);
     let (ended, code) = wait_in_thread(sandbox.child);
     let start = Box::new(move |serving: &Serving| {

@@ -7,13 +7,9 @@
 //! forwarding SIGTERM and SIGHUP to it, reaping whatever else ends, and exits with CMD's exit
 //! code. As PID 1 of the namespace, its end ends every process CMD left behind.
 
-use std::io::IoSlice;
-use std::mem::MaybeUninit;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 
 /// What the init step is told on its command line.
 pub struct InitArgs {
@@ -96,11 +92,11 @@ fn run(args: &InitArgs) -> Result<i32, String> {
     let relay = if *relay { Some(tcp(RELAY_PORT)?) } else { None };
     let mut fds = vec![http.as_fd(), tls.as_fd(), dns.as_fd(), dns_tcp.as_fd()];
     fds.extend(relay.as_ref().map(|r| r.as_fd()));
-    send_listener(&socket, &fds)?;
+    super::wire::send_fds(&socket, &fds).map_err(|e| format!("cannot hand the sockets to moat: {e}"))?;
     drop((http, tls, dns, dns_tcp, relay));
     // moat answers with its CA certificate once it serves: CMD starts only then. The socket
     // stays open for as long as moat runs: its end is moat's end, whatever killed it.
-    let ca = super::read_message(&socket).map_err(|e| format!("moat did not start serving: {e}"))?;
+    let ca = super::wire::read_message(&socket).map_err(|e| format!("moat did not start serving: {e}"))?;
     let mut trust = Vec::new();
     for (i, dir) in hide.iter().enumerate() {
         // The first hidden folder (moat's data folder) shows the sandbox moat's CA instead.
@@ -319,15 +315,5 @@ fn tool(program: &str, args: &[&str], input: Option<&str>, missing: &str) -> Res
     if !out.status.success() {
         return Err(format!("{}: {}", shown(), String::from_utf8_lossy(&out.stderr).trim()));
     }
-    Ok(())
-}
-
-/// Sends `fds` over `socket` with one byte of payload.
-fn send_listener(socket: &std::os::unix::net::UnixStream, fds: &[std::os::fd::BorrowedFd<'_>]) -> Result<(), String> {
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(super::MAX_FDS))];
-    let mut control = SendAncillaryBuffer::new(&mut space);
-    control.push(SendAncillaryMessage::ScmRights(fds));
-    rustix::net::sendmsg(socket.as_fd(), &[IoSlice::new(b"l")], &mut control, SendFlags::empty())
-        .map_err(|e| format!("cannot hand the listener to moat: {e}"))?;
     Ok(())
 }

@@ -13,19 +13,17 @@
 //! socket moat listens on in its data folder for that moment only. moat accepts on it from its own namespace and dials upstreams from
 //! there, so the sandbox's identity is simply "which listener".
 
+pub mod attach;
 pub mod init;
+mod wire;
 
 pub use init::Become;
 
-use std::io::IoSliceMut;
-use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
-
-use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
 
 /// How long the init step may take to hand over its listener.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -86,21 +84,8 @@ pub fn interrupts_reach_the_command() -> bool {
 /// Lets the sandbox's command start, now that moat serves: sends the CA certificate it
 /// should trust (PEM). `handover` must then stay open for as long as moat serves the
 /// sandbox: its closing (moat's exit, however it happens) ends the sandbox.
-pub fn release(mut handover: &UnixStream, ca_pem: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let len = u32::try_from(ca_pem.len()).map_err(std::io::Error::other)?;
-    handover.write_all(&len.to_be_bytes())?;
-    handover.write_all(ca_pem)
-}
-
-/// Reads one message [`release`] wrote.
-fn read_message(mut socket: &UnixStream) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    let mut len = [0u8; 4];
-    socket.read_exact(&mut len)?;
-    let mut message = vec![0u8; u32::from_be_bytes(len) as usize];
-    socket.read_exact(&mut message)?;
-    Ok(message)
+pub fn release(handover: &UnixStream, ca_pem: &[u8]) -> std::io::Result<()> {
+    wire::write_message(handover, ca_pem)
 }
 
 /// Starts a new sandbox running `spec.cmd`.
@@ -161,11 +146,23 @@ fn start_with(spec: &Spec<'_>, socket: &UnixListener) -> Result<Sandbox, String>
 
 /// The descriptors in the order the init step sends them.
 fn sockets(fds: Vec<OwnedFd>, relay: bool) -> Result<Sockets, String> {
+    if fds.len() != 4 + usize::from(relay) {
+        return Err(format!("{} sockets from the init step, not {}", fds.len(), 4 + usize::from(relay)));
+    }
     let mut fds = fds.into_iter();
-    let mut next = || fds.next().ok_or("the init step sent too few sockets");
-    let (http, tls, dns_udp, dns_tcp) = (next()?, next()?, next()?, next()?);
-    let relay = if relay { Some(next()?.into()) } else { None };
+    let mut next = || fds.next().expect("counted");
+    let (http, tls, dns_udp, dns_tcp) = (next(), next(), next(), next());
+    let relay = relay.then(|| next().into());
     Ok(Sockets { http: http.into(), tls: tls.into(), dns_udp: dns_udp.into(), dns_tcp: dns_tcp.into(), relay })
+}
+
+impl Sockets {
+    /// The descriptors, in the order [`sockets`] reads them.
+    fn fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        let mut fds = vec![self.http.as_fd(), self.tls.as_fd(), self.dns_udp.as_fd(), self.dns_tcp.as_fd()];
+        fds.extend(self.relay.as_ref().map(|r| r.as_fd()));
+        fds
+    }
 }
 
 /// Waits for the init step to connect and send its listener, while it runs.
@@ -176,7 +173,8 @@ fn accept_listener(socket: &UnixListener, child: &mut Child) -> Result<(UnixStre
         match socket.accept() {
             Ok((stream, _)) => {
                 stream.set_nonblocking(false).map_err(|e| e.to_string())?;
-                let fds = receive_listener(&stream)?;
+                stream.set_read_timeout(Some(SETUP_TIMEOUT)).map_err(|e| e.to_string())?;
+                let fds = wire::receive_fds(&stream).map_err(|e| format!("no sockets from the init step: {e}"))?;
                 stream.set_read_timeout(None).map_err(|e| e.to_string())?;
                 return Ok((stream, fds));
             }
@@ -190,6 +188,30 @@ fn accept_listener(socket: &UnixListener, child: &mut Child) -> Result<(UnixStre
             return Err(format!("no listener within {SETUP_TIMEOUT:?}"));
         }
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Passes SIGTERM, SIGHUP and SIGINT (one not from the terminal: see
+/// [`interrupts_reach_the_command`]) as they arrive to `pid`, until `ended` completes.
+pub async fn pass_signals_until(
+    pid: rustix::process::Pid,
+    ended: impl std::future::Future<Output = ()>,
+    term: &mut tokio::signal::unix::Signal,
+    int: &mut tokio::signal::unix::Signal,
+    hup: &mut tokio::signal::unix::Signal,
+) {
+    use rustix::process::Signal;
+    let pass = |signal| {
+        let _ = rustix::process::kill_process(pid, signal);
+    };
+    let mut ended = std::pin::pin!(ended);
+    loop {
+        tokio::select! {
+            _ = &mut ended => return,
+            _ = term.recv() => pass(Signal::TERM),
+            _ = hup.recv() => pass(Signal::HUP),
+            _ = int.recv() => if !interrupts_reach_the_command() { pass(Signal::INT) },
+        }
     }
 }
 
@@ -208,24 +230,4 @@ pub fn find_program(program: &str) -> Option<std::path::PathBuf> {
 pub fn exit_code(status: std::process::ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
     status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
-}
-
-/// Reads the descriptors the init step sends ([`Sockets`]' order).
-fn receive_listener(socket: &UnixStream) -> Result<Vec<OwnedFd>, String> {
-    socket.set_read_timeout(Some(SETUP_TIMEOUT)).map_err(|e| e.to_string())?;
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
-    let mut byte = [0u8; 1];
-    let got =
-        rustix::net::recvmsg(socket.as_fd(), &mut [IoSliceMut::new(&mut byte)], &mut control, RecvFlags::CMSG_CLOEXEC)
-            .map_err(|e| format!("no listener from the init step: {e}"))?;
-    if got.bytes == 0 {
-        return Err("the init step ended before handing over its listener".into());
-    }
-    for message in control.drain() {
-        if let RecvAncillaryMessage::ScmRights(fds) = message {
-            return Ok(fds.collect());
-        }
-    }
-    Err("the init step sent no listener".into())
 }

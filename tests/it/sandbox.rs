@@ -258,7 +258,7 @@ fn an_ordinary_user_gets_the_same_sandbox_where_user_namespaces_are_enabled() {
 
 /// Starts `moat run -- sh -c SCRIPT` on `dir/policy.lua` and waits for SCRIPT's first line,
 /// `ready`; returns the process and the rest of its output.
-fn start_ready(run: SandboxRun<'_>) -> (std::process::Child, std::io::BufReader<std::process::ChildStdout>) {
+pub fn start_ready(run: SandboxRun<'_>) -> (std::process::Child, std::io::BufReader<std::process::ChildStdout>) {
     let mut child =
         run.command().stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null()).spawn().unwrap();
     let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());

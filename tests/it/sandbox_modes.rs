@@ -7,7 +7,9 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
-use crate::sandbox::{SandboxRun, sandbox_available};
+use crate::harness::{Moat, admin};
+use crate::sandbox::{SandboxRun, sandbox_available, start_ready};
+use std::time::Duration;
 
 /// A loopback server that answers each line with `echo LINE`, for raw TCP through the relay.
 fn line_echo() -> u16 {
@@ -161,4 +163,89 @@ outboundByHost = {
         !left.iter().any(|n| n.to_string_lossy().ends_with(".trust")),
         "the CA folder for CMD is removed: {left:?}"
     );
+}
+
+/// Each container's own view: its id, the previous visitor (shared KV), and whether it may
+/// reach b.test (a per-container override).
+const SHARED_POLICY: &str = r#"
+allowedHosts = { "a.test" }
+outboundByHost = {
+  ["a.test"] = function(request, env, ctx)
+    local before = env.KV:get("last")
+    env.KV:put("last", ctx.containerId)
+    return Response.new("hi " .. ctx.containerId .. " after " .. tostring(before) .. "\n")
+  end,
+  ["b.test"] = function(request, env, ctx) return Response.new("b\n") end,
+}
+"#;
+
+const SHARED_SCRIPT: &str = r#"curl -s -m 10 http://a.test/
+echo "b $(curl -s -m 10 -o /dev/null -w '%{http_code}' http://b.test/)"
+echo "forged $(curl -s -m 10 -o /dev/null -w '%{http_code}' -H 'Proxy-Authorization: Basic YWdlbnQtMTp4' http://b.test/)""#;
+
+#[test]
+fn runs_beside_a_serving_moat_share_its_data_folder_each_as_its_own_container_and_end_with_it() {
+    if !sandbox_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.lua"), SHARED_POLICY).unwrap();
+    let mut serve = Moat::serve_folder(dir.path());
+    let socket = dir.path().join("data/admin.sock");
+    assert_eq!(admin(&socket, "POST", "/v1/containers/agent-1/allowed-hosts/b.test", None).0, 200);
+    // agent-1 keeps running while agent-2 comes and goes, both on the serving moat's data.
+    let script = format!("echo ready; {SHARED_SCRIPT}; sleep 30");
+    let (mut one, mut one_out) = start_ready(SandboxRun::new(dir.path(), SHARED_POLICY, &script));
+    let mut lines = String::new();
+    for _ in 0..3 {
+        one_out.read_line(&mut lines).unwrap();
+    }
+    assert_eq!(lines, "hi agent-1 after nil\nb 200\nforged 200\n", "{}", serve.logs());
+    let (code, out, err) = SandboxRun::new(dir.path(), SHARED_POLICY, SHARED_SCRIPT).arg("--id").arg("agent-2").run();
+    assert_eq!(code, 0, "{err}");
+    // agent-1's override is not agent-2's, whatever agent-2 claims to be.
+    assert_eq!(out, "hi agent-2 after agent-1\nb 520\nforged 520\n", "{err}\n{}", serve.logs());
+    assert!(err.contains("runs this container on class policy"), "{err}");
+    // One sandbox per id at a time.
+    let (code, _, err) = SandboxRun::new(dir.path(), SHARED_POLICY, "true").run();
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("container agent-1 already runs here"), "{err}");
+    let logs = serve.logs();
+    assert!(
+        logs.contains(r#"container="agent-2" class="policy""#)
+            && logs.contains(r#"host="b.test" port=80 path="/" decision="deny""#),
+        "{logs}"
+    );
+    // The serving moat stops: the sandbox it served ends with it.
+    serve.signal("TERM");
+    assert_eq!(serve.wait_exit(Duration::from_secs(20)), Some(0));
+    let status = one.wait().unwrap();
+    assert_ne!(status.code(), Some(0), "a sandbox nothing serves any more has ended");
+}
+
+#[test]
+fn a_second_run_on_the_same_data_folder_is_served_by_the_first() {
+    if !sandbox_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (mut first, mut first_out) = start_ready(
+        SandboxRun::new(dir.path(), SHARED_POLICY, &format!("{{ {SHARED_SCRIPT}; }} >/dev/null; echo ready; sleep 30"))
+            .arg("--id")
+            .arg("agent-3"),
+    );
+    let (code, out, err) = SandboxRun::new(dir.path(), SHARED_POLICY, "curl -s -m 10 http://a.test/; exit 4")
+        .arg("--id")
+        .arg("agent-4")
+        .run();
+    assert_eq!((code, out.as_str()), (4, "hi agent-4 after agent-3\n"), "{err}");
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(first.id() as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    first.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut first_out, &mut rest).unwrap();
+    assert!(!dir.path().join("data").join("attach.sock").exists(), "the first run removed its attach socket");
 }

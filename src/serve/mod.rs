@@ -8,6 +8,11 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
+mod attach;
+mod attached;
+
+pub(crate) use attached::{Attached, Running, Serving};
+
 use crate::bindings::Bindings;
 use crate::config::Config;
 use crate::proxy::listen;
@@ -20,44 +25,6 @@ use crate::proxy::state::Shared;
 /// means a moat that serves; `moat: listening on` is printed once they are.
 pub fn run(config: Config) -> anyhow::Result<()> {
     run_with(config, None).map(drop)
-}
-
-/// What `moat run` adds to a serve: one container, whose command starts once moat serves
-/// and whose end (not SIGINT/SIGTERM, which go to the command) stops moat.
-pub(crate) struct Attached {
-    pub container: crate::identity::ContainerId,
-    /// The class its requests run on (the only one when `None`).
-    pub class: Option<String>,
-    /// What it was started with (`--internet`, `--intercept-https`), for its life.
-    pub settings: crate::policy::ContainerSettings,
-    /// A sandbox's sockets, served for the container only; `None` (`--weak`): the command
-    /// uses the explicit listeners, bound as `moat serve` binds them.
-    pub sandbox: Option<crate::sandbox::Sockets>,
-    /// Starts the command (or lets the sandbox's start) once moat serves.
-    pub start: StartCommand,
-}
-
-/// See [`Attached::start`].
-pub(crate) type StartCommand = Box<dyn FnOnce(&Serving) -> Result<Running, String>>;
-
-/// What a serving moat tells [`Attached::start`].
-pub(crate) struct Serving {
-    /// Every explicit listener's class and address.
-    pub listeners: Vec<(String, SocketAddr)>,
-    /// moat's CA certificate (PEM).
-    pub ca_pem: Vec<u8>,
-}
-
-/// The attached command, running.
-pub(crate) struct Running {
-    /// The process SIGTERM and SIGHUP (and SIGINT not from a terminal) are passed to.
-    pub signals_to: rustix::process::Pid,
-    /// Told when the command has ended.
-    pub ended: tokio::sync::oneshot::Receiver<()>,
-    /// Its exit code, once it has ended.
-    pub code: std::sync::Arc<std::sync::Mutex<Option<i32>>>,
-    /// Held until moat stops (the sandbox's handover socket, `--weak`'s CA folder).
-    pub keep: Box<dyn std::any::Any>,
 }
 
 /// [`run`], with an attached command when `attached` is given; returns its exit code. moat's
@@ -78,6 +45,10 @@ pub(crate) fn run_with(config: Config, attached: Option<Attached>) -> anyhow::Re
         other => anyhow::anyhow!("{other}"),
     })?;
     let overrides = crate::proxy::overrides::OverrideStore::open(db.clone(), &config.data_dir)?;
+    // Held with the database: a `moat run` beside this moat hands its sandbox here.
+    let attach_listener = attach::bind(&config.data_dir).map_err(|e| {
+        anyhow::anyhow!("cannot listen on {}: {e}", config.data_dir.join(crate::sandbox::attach::SOCKET).display())
+    })?;
     let kv = Arc::new(crate::bindings::kv::KvStore::new(db.clone()));
     let mut bindings = bindings;
     bindings.attach_kv(kv.clone());
@@ -140,6 +111,14 @@ pub(crate) fn run_with(config: Config, attached: Option<Attached>) -> anyhow::Re
         if let Some(listener) = admin_listener {
             tasks.spawn(crate::admin::server::serve(shared.clone(), listener, admin));
         }
+        let running = attach::Running::default();
+        if let Some(a) = &attached {
+            running.lock().unwrap_or_else(|e| e.into_inner()).insert(a.container.to_string());
+        }
+        {
+            let (shared, workers, running) = (shared.clone(), workers.clone(), running.clone());
+            tasks.spawn(attach::serve(shared, workers, attach_listener, running));
+        }
         // The listeners were bound in the config's order of classes.
         let mut explicit = Vec::new();
         for ((class, c), std_listener) in shared.classes().zip(listeners) {
@@ -167,93 +146,17 @@ pub(crate) fn run_with(config: Config, attached: Option<Attached>) -> anyhow::Re
                 signals.until_shutdown(&reloads).await;
                 None
             }
-            Some(a) => Some(serve_attached(&shared, &workers, &mut tasks, &mut signals, explicit, a).await?),
+            Some(a) => Some(attached::serve_attached(&shared, &workers, &mut tasks, &mut signals, explicit, a).await?),
         };
         // Stop accepting (the listeners close, so that a new moat can bind at once), then let
         // the requests in flight finish.
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
+        let _ = std::fs::remove_file(shared.config.data_dir.join(crate::sandbox::attach::SOCKET));
         listen::start_draining(&workers);
         listen::drain(&shared, signals.another_shutdown()).await;
         anyhow::Ok(code)
     })
-}
-
-/// Serves an attached command until it ends: its sandbox's listeners and DNS, its settings;
-/// starts it, passes signals on, and returns its exit code.
-async fn serve_attached(
-    shared: &Arc<Shared>,
-    workers: &[listen::WorkerTx],
-    tasks: &mut tokio::task::JoinSet<()>,
-    signals: &mut Signals,
-    listeners: Vec<(String, SocketAddr)>,
-    a: Attached,
-) -> anyhow::Result<i32> {
-    let class = sandbox_class(shared, a.class.as_deref())?;
-    shared.overrides.set_settings(a.container.as_str(), a.settings);
-    if let Some(sockets) = a.sandbox {
-        serve_sandbox(shared, workers, tasks, class, a.container.clone(), sockets)?;
-    }
-    let ca_pem = std::fs::read(crate::tls::ca::cert_path(&shared.config))?;
-    let running = (a.start)(&Serving { listeners, ca_pem }).map_err(anyhow::Error::msg)?;
-    let Running { signals_to, mut ended, code, keep } = running;
-    use rustix::process::Signal;
-    let pass = |signal| {
-        let _ = rustix::process::kill_process(signals_to, signal);
-    };
-    loop {
-        tokio::select! {
-            _ = &mut ended => break,
-            _ = signals.term.recv() => pass(Signal::TERM),
-            _ = signals.hup.recv() => pass(Signal::HUP),
-            // From a terminal, the command has it already.
-            _ = signals.int.recv() => if !crate::sandbox::interrupts_reach_the_command() { pass(Signal::INT) },
-        }
-    }
-    shared.overrides.set_settings(a.container.as_str(), Default::default());
-    drop(keep);
-    let code = *code.lock().unwrap_or_else(|e| e.into_inner());
-    Ok(code.unwrap_or(1))
-}
-
-/// Serves a sandbox's sockets as `container`'s: its DNS, its ports 80 and 443, its relay.
-fn serve_sandbox(
-    shared: &Arc<Shared>,
-    workers: &[listen::WorkerTx],
-    tasks: &mut tokio::task::JoinSet<()>,
-    class: crate::proxy::state::ClassId,
-    container: crate::identity::ContainerId,
-    sockets: crate::sandbox::Sockets,
-) -> anyhow::Result<()> {
-    let names = Arc::new(crate::proxy::names::SandboxNames::default());
-    let dns = Arc::new(crate::proxy::dns::Responder::new(shared.clone(), class, container.clone(), names.clone()));
-    sockets.dns_udp.set_nonblocking(true)?;
-    tasks.spawn(dns.clone().serve_udp(tokio::net::UdpSocket::from_std(sockets.dns_udp)?));
-    sockets.dns_tcp.set_nonblocking(true)?;
-    tasks.spawn(dns.serve_tcp(TcpListener::from_std(sockets.dns_tcp)?));
-    let sandbox = Arc::new(listen::Sandboxed { container, names });
-    let mut transparent = vec![
-        (sockets.http, listen::ListenerKind::TransparentHttp(sandbox.clone())),
-        (sockets.tls, listen::ListenerKind::TransparentTls(sandbox.clone())),
-    ];
-    transparent.extend(sockets.relay.map(|r| (r, listen::ListenerKind::Relay(sandbox))));
-    for (socket, kind) in transparent {
-        socket.set_nonblocking(true)?;
-        let listener = listen::Listener { socket: TcpListener::from_std(socket)?, kind, class };
-        tasks.spawn(listen::accept_loop(listener, workers.to_vec(), shared.admission.clone()));
-    }
-    Ok(())
-}
-
-/// The class a sandbox's requests run on: the one named, or the only one.
-fn sandbox_class(shared: &Shared, wanted: Option<&str>) -> anyhow::Result<crate::proxy::state::ClassId> {
-    let mut classes = shared.classes();
-    let found = match wanted {
-        Some(name) => classes.find(|(_, c)| &*c.config.name == name),
-        None if shared.class_count() == 1 => classes.next(),
-        None => anyhow::bail!("the config has several classes: pass --class NAME"),
-    };
-    found.map(|(id, _)| id).ok_or_else(|| anyhow::anyhow!("no class {:?} in the config", wanted.unwrap_or_default()))
 }
 
 /// Hosts whose leaf certificates stay cached (each ~2 KB); the oldest is dropped beyond that.
@@ -324,14 +227,14 @@ fn raise_open_files_limit() {
 }
 
 /// The signals `moat serve` acts on: SIGINT and SIGTERM shut it down, SIGHUP reloads.
-struct Signals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-    hup: tokio::signal::unix::Signal,
+pub(crate) struct Signals {
+    pub(crate) term: tokio::signal::unix::Signal,
+    pub(crate) int: tokio::signal::unix::Signal,
+    pub(crate) hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
-    fn new() -> std::io::Result<Self> {
+    pub(crate) fn new() -> std::io::Result<Self> {
         use tokio::signal::unix::{SignalKind, signal};
         Ok(Self {
             term: signal(SignalKind::terminate())?,
