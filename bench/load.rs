@@ -5,6 +5,8 @@
 //!     requests for URL to ADDR: plain HTTP sends URL as an absolute-form target (a proxy
 //!     request); with --tls each connection speaks TLS (trusting CA_PEM) to ADDR, or, with
 //!     --connect, opens a CONNECT tunnel through the proxy at ADDR to URL's host first.
+//!     With --origin, plain HTTP sends an origin-form target with URL's host as Host (what a
+//!     program that knows no proxy sends: the sandbox's transparent path).
 //! load idle [--tls CA_PEM [--connect]] ADDR URL CONNECTIONS SECONDS
 //!     open CONNECTIONS (dialled as above), one request each, and hold them
 //! load first-request ADDR CA_PEM ROUNDS
@@ -88,16 +90,18 @@ fn main() {
     }
     let mut tls = None;
     let mut connect = false;
+    let mut origin = false;
     while args.first().is_some_and(|a| a.starts_with("--")) {
         match args.remove(0).as_str() {
             "--tls" => tls = Some(tls_connector(&args.remove(0))),
             "--connect" => connect = true,
+            "--origin" => origin = true,
             other => panic!("unknown option {other}"),
         }
     }
     let url = &args[1];
     let authority = url.split("//").nth(1).and_then(|r| r.split('/').next()).unwrap_or("x").to_string();
-    let origin_form = tls.is_some();
+    let origin_form = origin || tls.is_some();
     let dial = Dial { addr: args[0].clone(), tls, connect, authority };
     let req = request(url, origin_form);
     let (conns, secs) = (args[2].parse().unwrap(), args[3].parse().unwrap());

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # moat benchmark: direct vs through moat, on loopback only, bounded in time.
-#   bash bench/run.sh            (SECS=10 CONNS=32 by default; ONLY=https runs the HTTPS part)
+#   bash bench/run.sh            (SECS=10 CONNS=32 by default; ONLY=https|sandbox runs that part)
 # Prints requests/s, p50/p99 latency, the ratio of each path to direct, the p99 added at a
 # fixed 2,000 req/s, moat's RSS (with 1,000 idle keep-alive connections, and peak), and for
 # HTTPS: intercepted handler vs direct TLS, and the cost of a new host's first request.
@@ -64,6 +64,18 @@ interceptHttps = true
 allowedHosts = { "127.0.0.1", "*.bench" }
 outboundByHost["*.bench"] = function() return Response.new("hello, moat!\n") end
 LUA
+# The sandbox part: the same header-injecting handler, for a name that a program in a
+# sandbox (moat run) asks for, its upstream the bench's.
+cat > "$work/sandbox.lua" <<'LUA'
+allowedHosts = { "up.bench" }
+outboundByHost = {
+  ["up.bench"] = function(request, env, ctx)
+    local r = Request.new("http://127.0.0.1:18080/", request)
+    r.headers:set("x-moat-container", ctx.containerId)
+    return fetch(r)
+  end,
+}
+LUA
 cat > "$work/moat.toml" <<TOML
 data_dir = "$work/data"
 [tls]
@@ -84,6 +96,10 @@ listen = "127.0.0.1:13129"
 name = "kv"
 policy = "$work/kv.lua"
 listen = "127.0.0.1:13130"
+[[class]]
+name = "sandbox"
+policy = "$work/sandbox.lua"
+listen = "127.0.0.1:13132"
 TOML
 # MOAT_NO_DNS: every name here is answered by a handler; nothing may leave loopback.
 MOAT_NO_DNS=1 RUST_LOG=warn,moat::reload=info MOAT_WORKERS=${MOAT_WORKERS:-} "$BIN/moat" serve --config "$work/moat.toml" > "$work/moat.out" 2> "$work/moat.log" &
@@ -136,8 +152,51 @@ https_part() {
   echo "moat RSS: $before kB before, $(awk '/VmRSS/ {print $2}' /proc/$MOAT/status) kB with them open"
   wait $idler
 }
+# The same handler, its requests sent (1) through the explicit proxy and (2) by a program in
+# a sandbox (moat run, the load generator as its command) that knows no proxy: origin-form
+# requests to an address on port 80, captured by the kernel to moat's transparent listener.
+# `moat run` on this data folder hands its sandbox to the moat serving it, so one process
+# serves both paths and its CPU per request compares directly.
+sandbox_part() {
+  echo "== sandbox: the same handler through the explicit proxy vs from inside moat run's sandbox"
+  echo "   (transparent port 80), $CONNS connections, ${SECS}s per run, $ROUNDS rounds"
+  : > "$work/sbx-explicit"; : > "$work/sbx-transparent"
+  mkfifo "$work/sbx-out"
+  local here
+  here=$(pwd)
+  for r in $(seq "$ROUNDS"); do
+    run_cpu "$MOAT" 127.0.0.1:13132 "http://up.bench/" "$CONNS" "$SECS" >> "$work/sbx-explicit"
+    MOAT_NO_DNS=1 RUST_LOG=warn "$BIN/moat" run --config "$work/moat.toml" --class sandbox --id bench --no-internet -- \
+      sh -c "echo begin; $here/$BIN/examples/bench-load --origin 192.0.2.80:80 http://up.bench/ $CONNS $SECS; echo end" \
+      > "$work/sbx-out" 2> "$work/sbx-run.log" &
+    local runner=$! u0 p0 line n
+    exec 3< "$work/sbx-out"
+    read -r _ <&3
+    u0=$(ticks "$UPSTREAM"); p0=$(ticks "$MOAT")
+    read -r line <&3
+    n=$(echo "$line" | field requests)
+    awk -v l="$line" -v n="$n" -v u=$(( $(ticks "$UPSTREAM") - u0 )) -v p=$(( $(ticks "$MOAT") - p0 )) \
+      'BEGIN {printf "%s upstream_cpu_us=%.2f proxy_cpu_us=%.2f\n", l, u * 10000 / n, p * 10000 / n}' >> "$work/sbx-transparent"
+    read -r _ <&3 || true
+    exec 3<&-
+    wait "$runner" || { echo "moat run failed:"; cat "$work/sbx-run.log"; return 1; }
+  done
+  local e t le lt
+  e=$(median_rps "$work/sbx-explicit"); t=$(median_rps "$work/sbx-transparent")
+  le=$(grep "rps=$e" "$work/sbx-explicit" | head -1); lt=$(grep "rps=$t" "$work/sbx-transparent" | head -1)
+  printf '%-22s median rps=%-7s proxy CPU/request %-6s µs  %s   runs: %s\n' "explicit proxy" "$e" "$(echo "$le" | field proxy_cpu_us)" \
+    "$(echo "$le" | sed 's/.*\(p50_us=[0-9]* p99_us=[0-9]*\).*/\1/')" "$(field rps < "$work/sbx-explicit" | tr '\n' ' ')"
+  printf '%-22s median rps=%-7s proxy CPU/request %-6s µs  %s   runs: %s\n' "sandbox (transparent)" "$t" "$(echo "$lt" | field proxy_cpu_us)" \
+    "$(echo "$lt" | sed 's/.*\(p50_us=[0-9]* p99_us=[0-9]*\).*/\1/')" "$(field rps < "$work/sbx-transparent" | tr '\n' ' ')"
+  echo "sandbox / explicit: requests/s $(awk -v t="$t" -v e="$e" 'BEGIN {printf "%.2f", t/e}') (target >= 0.90)," \
+    "proxy CPU per request $(awk -v t="$(echo "$lt" | field proxy_cpu_us)" -v e="$(echo "$le" | field proxy_cpu_us)" 'BEGIN {printf "%.2f", t/e}') (target <= 1.10)"
+}
 if [ "${ONLY:-}" = https ]; then
   https_part
+  exit 0
+fi
+if [ "${ONLY:-}" = sandbox ]; then
+  sandbox_part
   exit 0
 fi
 
@@ -251,5 +310,6 @@ echo "constant handler median rps=$c   KV read median rps=$k   ratio=$(awk -v k=
 idle_rss "at the end, after the reloads under load and the KV runs"
 echo "moat peak RSS (plain HTTP parts): $(awk '/VmHWM/ {print $2, $3}' /proc/$MOAT/status)"
 
+sandbox_part
 https_part
 echo "moat peak RSS (whole run): $(awk '/VmHWM/ {print $2, $3}' /proc/$MOAT/status)"

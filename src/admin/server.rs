@@ -36,6 +36,16 @@ pub async fn bind(path: &Path) -> std::io::Result<UnixListener> {
 }
 
 /// Serves the admin API on a socket from [`bind`].
+/// Whether the peer of `stream` shares moat's network namespace. A sandboxed command may be
+/// the socket's owner (the same user, or root without capabilities), so the file's mode does
+/// not keep it out; its network namespace does. A peer whose namespace cannot be read is
+/// refused too.
+fn in_our_network_namespace(stream: &tokio::net::UnixStream) -> bool {
+    let Ok(peer) = rustix::net::sockopt::socket_peercred(stream) else { return false };
+    let theirs = std::fs::read_link(format!("/proc/{}/ns/net", peer.pid.as_raw_nonzero()));
+    matches!((theirs, std::fs::read_link("/proc/self/ns/net")), (Ok(a), Ok(b)) if a == b)
+}
+
 pub async fn serve(shared: Arc<Shared>, listener: UnixListener, path: PathBuf) {
     let name = format!("unix:{}", path.display());
     let mut errors = crate::rt::AcceptErrors::default();
@@ -43,6 +53,13 @@ pub async fn serve(shared: Arc<Shared>, listener: UnixListener, path: PathBuf) {
         match listener.accept().await {
             Ok((stream, _)) => {
                 errors.accepted(&name);
+                if !in_our_network_namespace(&stream) {
+                    // SPEC 7.3: never reachable from a container, whoever owns it.
+                    tracing::warn!(
+                        "admin API on {name}: refused a connection from another network namespace (a sandbox)"
+                    );
+                    continue;
+                }
                 tokio::spawn(serve_connection(TokioIo::new(stream), shared.clone(), None));
             }
             Err(e) => errors.failed(&name, &e).await,

@@ -175,6 +175,8 @@ fn start_sandbox(
     let handover = config.data_dir.join(format!("{container}.sandbox.sock"));
     let mut hidden = vec![config.data_dir.as_path()];
     hidden.extend(config.ca_dir().filter(|d| !d.starts_with(&config.data_dir)));
+    // An admin socket elsewhere (`[admin] listen`): the command may be its owner.
+    hidden.extend(Some(config.admin_socket.as_path()).filter(|s| !s.starts_with(&config.data_dir) && s.exists()));
     crate::sandbox::start(&crate::sandbox::Spec { cmd, env, handover: &handover, hide: &hidden, relay, user })
 }
 

@@ -101,7 +101,11 @@ fn run(args: &InitArgs) -> Result<i32, String> {
     for (i, dir) in hide.iter().enumerate() {
         // The first hidden folder (moat's data folder) shows the sandbox moat's CA instead.
         let files = if i == 0 { trust_files(&ca) } else { Vec::new() };
-        hide_folder(dir, &files)?;
+        if dir.is_dir() {
+            hide_folder(dir, &files)?;
+        } else {
+            hide_file(dir)?;
+        }
         if i == 0 {
             trust = trust_variables(dir);
         }
@@ -212,6 +216,12 @@ fn hide_folder(dir: &Path, files: &[(&str, Vec<u8>)]) -> Result<(), String> {
         std::fs::write(dir.join(name), bytes).map_err(|e| failed(&e))?;
     }
     mount_remount(dir, flags | MountFlags::RDONLY, "").map_err(|e| failed(&e))
+}
+
+/// Covers `file` (an admin socket outside the data folder) with /dev/null: nothing to
+/// connect to there.
+fn hide_file(file: &Path) -> Result<(), String> {
+    rustix::mount::mount_bind("/dev/null", file).map_err(|e| format!("cannot hide {}: {e}", file.display()))
 }
 
 /// CMD gets no capability in the sandbox's namespaces, and cannot gain one: without that,

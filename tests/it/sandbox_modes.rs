@@ -249,3 +249,65 @@ fn a_second_run_on_the_same_data_folder_is_served_by_the_first() {
     std::io::Read::read_to_string(&mut first_out, &mut rest).unwrap();
     assert!(!dir.path().join("data").join("attach.sock").exists(), "the first run removed its attach socket");
 }
+
+#[test]
+fn the_terminal_passes_through_to_the_command() {
+    if !sandbox_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // util-linux's script gives `moat run` a terminal; the command must have it as its own.
+    let run = SandboxRun::new(
+        dir.path(),
+        RELAY_POLICY,
+        "test -t 0 && test -t 1 && echo has-a-terminal; tty >/dev/null && echo tty-ok",
+    );
+    let cmd = run.command();
+    let line = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| format!("'{}'", a.to_string_lossy().replace('\'', "'\\''")))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = Command::new("script")
+        .args(["-qec", &format!("MOAT_NO_DNS=1 {line}"), "/dev/null"])
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("has-a-terminal") && text.contains("tty-ok"), "{text}");
+}
+
+#[test]
+fn an_admin_socket_outside_the_data_folder_refuses_the_sandbox() {
+    if !sandbox_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("outside-admin.sock");
+    let config = dir.path().join("moat.toml");
+    std::fs::write(&config, format!("[admin]\nlisten = \"unix:{}\"\n", socket.display())).unwrap();
+    // The command is the socket's owner here (root, or the same user): only moat can keep it out.
+    let script =
+        r#"echo "admin $(curl -s -m 5 -o /dev/null -w '%{http_code}' --unix-socket "$SOCK" http://moat/v1/status)""#;
+    let (code, out, err) = SandboxRun::new(dir.path(), RELAY_POLICY, script)
+        .arg("--config")
+        .arg(config.to_str().unwrap())
+        .env("SOCK", socket.to_str().unwrap())
+        .run();
+    assert_eq!((code, out.as_str()), (0, "admin 000\n"), "{err}");
+    // From the host, the same socket answers (while moat runs: a second run keeps it up).
+    let (_, status) = {
+        let (mut keep, _out) = start_ready(
+            SandboxRun::new(dir.path(), RELAY_POLICY, "echo ready; sleep 30")
+                .arg("--config")
+                .arg(config.to_str().unwrap()),
+        );
+        let got = admin(&socket, "GET", "/v1/status", None);
+        keep.kill().unwrap();
+        keep.wait().unwrap();
+        got
+    };
+    assert!(status.contains("\"version\""), "{status}");
+}
