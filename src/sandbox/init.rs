@@ -100,7 +100,13 @@ fn run(args: &InitArgs) -> Result<i32, String> {
     let mut trust = Vec::new();
     for (i, dir) in hide.iter().enumerate() {
         // The first hidden folder (moat's data folder) shows the sandbox moat's CA instead.
-        let files = if i == 0 { trust_files(&ca) } else { Vec::new() };
+        let files = if i == 0 {
+            let mut files = trust_files(&ca);
+            files.push((RESOLV_CONF, RESOLVER.as_bytes().to_vec()));
+            files
+        } else {
+            Vec::new()
+        };
         if dir.is_dir() {
             hide_folder(dir, &files)?;
         } else {
@@ -109,6 +115,9 @@ fn run(args: &InitArgs) -> Result<i32, String> {
         if i == 0 {
             trust = trust_variables(dir);
         }
+    }
+    if let Some(data) = hide.first() {
+        point_resolv_conf_at_moat(&data.join(RESOLV_CONF));
     }
     drop_privileges(*user)?;
     let (program, args) = cmd.split_first().ok_or("no command to run")?;
@@ -216,6 +225,20 @@ fn hide_folder(dir: &Path, files: &[(&str, Vec<u8>)]) -> Result<(), String> {
         std::fs::write(dir.join(name), bytes).map_err(|e| failed(&e))?;
     }
     mount_remount(dir, flags | MountFlags::RDONLY, "").map_err(|e| failed(&e))
+}
+
+/// The sandbox's resolv.conf: any IPv4 address reaches moat's DNS inside, and this one is
+/// valid everywhere. The host's may name only IPv6 servers, or none.
+const RESOLVER: &str =
+    "# moat run: every DNS query goes to moat, whatever address it is sent to\nnameserver 127.0.0.1\n";
+const RESOLV_CONF: &str = "resolv.conf";
+
+/// Shows `file` as /etc/resolv.conf. Where that cannot be (a symlink to a missing file, say),
+/// the host's stays: every query to an IPv4 server reaches moat anyway.
+fn point_resolv_conf_at_moat(file: &Path) {
+    if let Err(e) = rustix::mount::mount_bind(file, "/etc/resolv.conf") {
+        eprintln!("moat run: /etc/resolv.conf stays the host's ({e}); queries to IPv4 servers still reach moat");
+    }
 }
 
 /// Covers `file` (an admin socket outside the data folder) with /dev/null: nothing to

@@ -139,6 +139,7 @@ echo "data: $(ls -A "$DATA" | tr '\n' ' ')"
 echo "secret: ${MOAT_SECRET_TOKEN:-none}"
 umount "$DATA" 2>/dev/null; echo "umount rc=$?"
 curl -s -m 10 http://a.test/dns
+grep -c '^nameserver 127.0.0.1$' /etc/resolv.conf
 bash -c "echo query > /dev/udp/127.0.0.1/$UDP_PORT" 2>/dev/null; bash -c "echo query > /dev/udp/192.0.2.5/$UDP_PORT" 2>/dev/null
 curl -s -m 10 https://a.test/tls
 echo "https other $(curl -s -m 10 -o /dev/null -w '%{http_code}' https://denied.example/)"
@@ -197,28 +198,29 @@ print("dns tcp", ".".join(str(b) for b in r[-4:]))
             && err.contains(r#"decision="deny" detail="not-allowed""#),
         "{err}"
     );
-    assert_eq!(lines[5], "data: ca-bundle.pem ca.pem ", "moat's data folder shows only its CA: {out}");
+    assert_eq!(lines[5], "data: ca-bundle.pem ca.pem resolv.conf ", "moat's data folder shows only its CA: {out}");
     assert_eq!(lines[6], "secret: none", "moat's variables never reach CMD: {out}");
     assert_ne!(lines[7], "umount rc=0", "CMD cannot unhide the data folder: {out}");
     // A name with no --resolve: moat's DNS answered it (every server address is moat's inside).
     assert_eq!(lines[8], "hi agent-1 http://a.test/dns auth=nil", "{out}\n{err}");
     assert!(err.contains("dns A a.test.: 198.18.0.1 container=agent-1"), "{err}");
     assert!(outside.recv(&mut [0u8; 64]).is_err(), "a datagram left the sandbox");
+    assert_eq!(lines[9], "1", "resolv.conf names moat's DNS: {out}");
     // HTTPS to any address: decided on the server name, intercepted with moat's CA, which
     // the sandbox trusts through the bundle and variables moat put there (no curl flag).
-    assert_eq!(lines[9], "hi agent-1 https://a.test/tls auth=nil", "{out}\n{err}");
-    assert_eq!(lines[10], "https other 000", "a denied name gets no TLS at all: {out}");
-    assert_eq!(lines[11], "host is not sni 400", "{out}\n{err}");
-    assert_eq!(lines[12], "hi agent-1 http://a.test/py auth=nil", "{out}\n{err}");
-    assert!(lines[13].starts_with("dns tcp 198.18."), "a sandbox address: {out}\n{err}");
+    assert_eq!(lines[10], "hi agent-1 https://a.test/tls auth=nil", "{out}\n{err}");
+    assert_eq!(lines[11], "https other 000", "a denied name gets no TLS at all: {out}");
+    assert_eq!(lines[12], "host is not sni 400", "{out}\n{err}");
+    assert_eq!(lines[13], "hi agent-1 http://a.test/py auth=nil", "{out}\n{err}");
+    assert!(lines[14].starts_with("dns tcp 198.18."), "a sandbox address: {out}\n{err}");
     assert!(err.contains("dns A tcp.test.: 198.18."), "{err}");
     // The sandbox's loopback is its own: the host's services are not on it.
-    assert_eq!(lines[14], "host loopback 000", "{out}");
+    assert_eq!(lines[15], "host loopback 000", "{out}");
     // Node's fetch ignores proxy variables altogether: captured all the same (where node is).
-    if lines[15] != "no node" {
-        assert_eq!(lines[15], "hi agent-1 http://a.test/node auth=nil", "{out}\n{err}");
+    if lines[16] != "no node" {
+        assert_eq!(lines[16], "hi agent-1 http://a.test/node auth=nil", "{out}\n{err}");
     }
-    assert_eq!(lines[16], "ipv6 000 000", "IPv6 goes nowhere: {out}");
+    assert_eq!(lines[17], "ipv6 000 000", "IPv6 goes nowhere: {out}");
     assert!(err.contains(r#"container="agent-1""#) && err.contains(r#"host="a.test""#), "{err}");
     assert!(up.count() == 1, "only the handler's fetch reached the upstream");
     // Nothing of the run is left in the data folder but moat's own files.
