@@ -52,6 +52,7 @@ pub(crate) mod db;
 pub mod fuzz;
 pub(crate) mod headers;
 pub(crate) mod identity;
+pub(crate) mod lifecycle;
 pub mod log;
 pub(crate) mod metrics;
 pub(crate) mod policy;

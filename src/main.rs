@@ -137,6 +137,67 @@ enum Command {
         /// Absolute URL, e.g. http://api.github.com/user.
         url: String,
     },
+    /// Start CMD as a container of the running moat (detached); prints its id.
+    Start {
+        #[command(flatten)]
+        admin: AdminFlags,
+        /// The container id (default: a fresh c-… id).
+        #[arg(long)]
+        id: Option<String>,
+        /// The class whose policy decides its traffic (needed when there are several).
+        #[arg(long)]
+        class: Option<String>,
+        /// A variable of its environment (repeatable); the daemon's own are not passed on.
+        #[arg(long, value_name = "K=V")]
+        env: Vec<String>,
+        /// enableInternet for this container (default: the class's).
+        #[arg(long, overrides_with = "no_internet")]
+        internet: bool,
+        #[arg(long)]
+        no_internet: bool,
+        /// Its working directory (default: the current one).
+        #[arg(long)]
+        workdir: Option<String>,
+        /// Run it as this user (NAME or UID[:GID]; a root daemon only).
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// List the running moat's containers.
+    Ps {
+        #[command(flatten)]
+        admin: AdminFlags,
+    },
+    /// Stop a container: SIGTERM, SIGKILL after a grace period; prints its exit code.
+    Stop {
+        #[command(flatten)]
+        admin: AdminFlags,
+        id: String,
+    },
+    /// Send a container a signal (default KILL).
+    Kill {
+        #[command(flatten)]
+        admin: AdminFlags,
+        #[arg(short = 's', long, default_value = "KILL")]
+        signal: String,
+        id: String,
+    },
+    /// Wait for a container to end; prints and exits with its exit code.
+    Wait {
+        #[command(flatten)]
+        admin: AdminFlags,
+        id: String,
+    },
+    /// A container's output (stdout and stderr, the newest 1 MiB).
+    Logs {
+        #[command(flatten)]
+        admin: AdminFlags,
+        /// Keep printing what it writes until it ends.
+        #[arg(short, long)]
+        follow: bool,
+        id: String,
+    },
     /// Show the running instance: classes, generations, last reload error.
     Status {
         #[command(flatten)]
@@ -281,6 +342,40 @@ fn main() -> ExitCode {
             let flags = config::Overrides { config: cfg.config, policy: cfg.policy, ..Default::default() };
             load_config(&flags)
                 .and_then(|c| moat::cli::explain(&c, id.as_deref(), &method, &url).map_err(Failure::Usage))
+        }
+        Command::Start { admin, id, class, env, internet, no_internet, workdir, user, cmd } => {
+            let options = moat::cli::containers::StartOptions {
+                id,
+                class,
+                env,
+                internet: (internet || no_internet).then_some(internet),
+                workdir,
+                user,
+            };
+            admin_config(admin).and_then(|c| moat::cli::containers::start(&c, options, &cmd).map_err(failure))
+        }
+        Command::Ps { admin } => admin_config(admin).and_then(|c| moat::cli::containers::ps(&c).map_err(failure)),
+        Command::Stop { admin, id } => {
+            admin_config(admin).and_then(|c| moat::cli::containers::stop(&c, &id).map_err(failure))
+        }
+        Command::Kill { admin, signal, id } => {
+            admin_config(admin).and_then(|c| moat::cli::containers::kill(&c, &id, &signal).map_err(failure))
+        }
+        Command::Wait { admin, id } => {
+            return match admin_config(admin).and_then(|c| moat::cli::containers::wait(&c, &id).map_err(failure)) {
+                Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+                Err(Failure::Usage(m)) => {
+                    eprintln!("moat: {m}");
+                    ExitCode::from(2)
+                }
+                Err(Failure::Runtime(m)) => {
+                    eprintln!("moat: {m}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        Command::Logs { admin, follow, id } => {
+            admin_config(admin).and_then(|c| moat::cli::containers::logs(&c, &id, follow).map_err(failure))
         }
         Command::Status { admin } => {
             admin_socket(admin).and_then(|s| moat::admin::commands::status(&s).map_err(failure))

@@ -16,11 +16,11 @@ pub struct Answer {
     pub content_type: &'static str,
 }
 
-fn json_answer(status: StatusCode, v: Value) -> Answer {
+pub(super) fn json_answer(status: StatusCode, v: Value) -> Answer {
     Answer { status, body: format!("{v}\n").into_bytes(), content_type: "application/json" }
 }
 
-fn error(status: StatusCode, code: &str, msg: impl Into<String>) -> Answer {
+pub(super) fn error(status: StatusCode, code: &str, msg: impl Into<String>) -> Answer {
     json_answer(status, json!({ "error": msg.into(), "code": code }))
 }
 

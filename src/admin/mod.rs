@@ -3,4 +3,5 @@
 pub(crate) mod api;
 pub(crate) mod client;
 pub mod commands;
+pub(crate) mod lifecycle;
 pub(crate) mod server;

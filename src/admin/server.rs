@@ -46,7 +46,12 @@ fn in_our_network_namespace(stream: &tokio::net::UnixStream) -> bool {
     matches!((theirs, std::fs::read_link("/proc/self/ns/net")), (Ok(a), Ok(b)) if a == b)
 }
 
-pub async fn serve(shared: Arc<Shared>, listener: UnixListener, path: PathBuf) {
+pub async fn serve(
+    shared: Arc<Shared>,
+    listener: UnixListener,
+    path: PathBuf,
+    lifecycle: Option<Arc<dyn crate::lifecycle::Lifecycle>>,
+) {
     let name = format!("unix:{}", path.display());
     let mut errors = crate::rt::AcceptErrors::default();
     loop {
@@ -60,7 +65,7 @@ pub async fn serve(shared: Arc<Shared>, listener: UnixListener, path: PathBuf) {
                     );
                     continue;
                 }
-                tokio::spawn(serve_connection(TokioIo::new(stream), shared.clone(), None));
+                tokio::spawn(serve_connection(TokioIo::new(stream), shared.clone(), None, lifecycle.clone()));
             }
             Err(e) => errors.failed(&name, &e).await,
         }
@@ -68,7 +73,12 @@ pub async fn serve(shared: Arc<Shared>, listener: UnixListener, path: PathBuf) {
 }
 
 /// Serves the admin API on TCP; every request must carry `Authorization: Bearer TOKEN`.
-pub async fn serve_tcp(shared: Arc<Shared>, listener: std::net::TcpListener, token: Arc<str>) -> std::io::Result<()> {
+pub async fn serve_tcp(
+    shared: Arc<Shared>,
+    listener: std::net::TcpListener,
+    token: Arc<str>,
+    lifecycle: Option<Arc<dyn crate::lifecycle::Lifecycle>>,
+) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let name = format!("tcp:{}", listener.local_addr()?);
@@ -78,21 +88,27 @@ pub async fn serve_tcp(shared: Arc<Shared>, listener: std::net::TcpListener, tok
         match listener.accept().await {
             Ok((stream, _)) => {
                 errors.accepted(&name);
-                tokio::spawn(serve_connection(TokioIo::new(stream), shared.clone(), Some(token.clone())));
+                let (shared, token, lifecycle) = (shared.clone(), Some(token.clone()), lifecycle.clone());
+                tokio::spawn(serve_connection(TokioIo::new(stream), shared, token, lifecycle));
             }
             Err(e) => errors.failed(&name, &e).await,
         }
     }
 }
 
-async fn serve_connection<I>(io: I, shared: Arc<Shared>, token: Option<Arc<str>>)
-where
+async fn serve_connection<I>(
+    io: I,
+    shared: Arc<Shared>,
+    token: Option<Arc<str>>,
+    lifecycle: Option<Arc<dyn crate::lifecycle::Lifecycle>>,
+) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let head_timeout = shared.config.limits.request_head_timeout;
     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let shared = shared.clone();
         let token = token.clone();
+        let lifecycle = lifecycle.clone();
         async move {
             let (parts, body) = req.into_parts();
             let authorized = token.as_deref().is_none_or(|t| {
@@ -104,7 +120,11 @@ where
                     Ok(b) => b.to_bytes(),
                     Err(_) => Bytes::new(),
                 };
-                super::api::route(&shared, &parts.method, parts.uri.path(), parts.uri.query(), &body)
+                let (method, path) = (&parts.method, parts.uri.path());
+                match super::lifecycle::route(&shared, lifecycle.as_ref(), method, path, &body).await {
+                    Some(answer) => answer,
+                    None => super::api::route(&shared, method, path, parts.uri.query(), &body),
+                }
             } else {
                 super::api::unauthorized()
             };

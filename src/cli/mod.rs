@@ -1,6 +1,7 @@
 //! `moat check`, `moat explain`, `moat init`: commands that inspect or scaffold policies;
 //! [`store`]: `moat kv` and `moat blob`.
 
+pub mod containers;
 pub mod run;
 
 /// `moat __sandbox-init SOCKET -- CMD`: the sandbox's first process (see `sandbox::init`);

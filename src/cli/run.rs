@@ -44,7 +44,7 @@ pub fn run(mut config: Config, options: RunOptions, cmd: &[String]) -> Result<i3
     if options.weak && options.user.is_some() {
         return Err("--user needs the sandbox: --weak runs CMD as moat's own user".into());
     }
-    let user = become_user(options.user.as_deref())?;
+    let user = crate::sandbox::users::become_user(options.user.as_deref())?;
     let mut env = sandbox_env(&config);
     for pair in &options.env {
         let (k, v) =
@@ -52,7 +52,7 @@ pub fn run(mut config: Config, options: RunOptions, cmd: &[String]) -> Result<i3
         set(&mut env, k, v);
     }
     if let Become::Switch { uid, .. } = user
-        && let Some(entry) = passwd().into_iter().find(|e| e.uid == uid)
+        && let Some(entry) = crate::sandbox::users::passwd().into_iter().find(|e| e.uid == uid)
     {
         set(&mut env, "HOME", &entry.home);
         set(&mut env, "USER", &entry.name);
@@ -173,11 +173,17 @@ fn start_sandbox(
     env: &[(String, String)],
 ) -> Result<crate::sandbox::Sandbox, String> {
     let handover = config.data_dir.join(format!("{container}.sandbox.sock"));
-    let mut hidden = vec![config.data_dir.as_path()];
-    hidden.extend(config.ca_dir().filter(|d| !d.starts_with(&config.data_dir)));
-    // An admin socket elsewhere (`[admin] listen`): the command may be its owner.
-    hidden.extend(Some(config.admin_socket.as_path()).filter(|s| !s.starts_with(&config.data_dir) && s.exists()));
-    crate::sandbox::start(&crate::sandbox::Spec { cmd, env, handover: &handover, hide: &hidden, relay, user })
+    let hidden = crate::serve::hidden_from_sandboxes(config);
+    crate::sandbox::start(&crate::sandbox::Spec {
+        cmd,
+        env,
+        handover: &handover,
+        hide: &hidden,
+        relay,
+        user,
+        workdir: None,
+        output: None,
+    })
 }
 
 /// Completes when the peer of `stream` has closed it.
@@ -330,74 +336,4 @@ fn sandbox_env(config: &Config) -> Vec<(String, String)> {
 fn set(env: &mut Vec<(String, String)>, key: &str, value: &str) {
     env.retain(|(k, _)| k != key);
     env.push((key.to_string(), value.to_string()));
-}
-
-/// Who CMD runs as (SPEC 5.2: the invoking user): `--user`, else under sudo the user who ran
-/// sudo, else moat's own user.
-fn become_user(wanted: Option<&str>) -> Result<Become, String> {
-    let root = rustix::process::geteuid().is_root();
-    let target = match wanted {
-        Some(spec) => Some(lookup_user(spec)?),
-        None if root => sudo_user(),
-        None => None,
-    };
-    let (uid, gid) = (rustix::process::getuid().as_raw(), rustix::process::getgid().as_raw());
-    Ok(match target {
-        _ if !root => match target {
-            Some((u, _)) if u != uid => {
-                return Err(format!("--user: only root can run CMD as another user (moat runs as uid {uid})"));
-            }
-            _ => Become::Nest { uid, gid },
-        },
-        None | Some((0, 0)) => Become::Same,
-        Some((uid, gid)) => Become::Switch { uid, gid },
-    })
-}
-
-/// `SUDO_UID`/`SUDO_GID`, when both are set.
-fn sudo_user() -> Option<(u32, u32)> {
-    let var = |k: &str| std::env::var(k).ok()?.parse().ok();
-    Some((var("SUDO_UID")?, var("SUDO_GID")?))
-}
-
-/// `NAME`, `UID` or either with `:GID`; a user without `:GID` gets its passwd group (its
-/// uid when it has no passwd entry).
-fn lookup_user(spec: &str) -> Result<(u32, u32), String> {
-    let (user, group) = match spec.split_once(':') {
-        Some((u, g)) => {
-            (u, Some(g.parse::<u32>().map_err(|_| format!("--user {spec:?}: the group must be a number"))?))
-        }
-        None => (spec, None),
-    };
-    let entries = passwd();
-    let entry = entries.iter().find(|e| e.name == user || e.uid.to_string() == user);
-    let uid = match (user.parse::<u32>(), entry) {
-        (Ok(uid), _) => uid,
-        (Err(_), Some(e)) => e.uid,
-        (Err(_), None) => return Err(format!("--user {spec:?}: no such user in /etc/passwd")),
-    };
-    Ok((uid, group.or(entry.map(|e| e.gid)).unwrap_or(uid)))
-}
-
-/// One line of /etc/passwd.
-struct PasswdEntry {
-    name: String,
-    uid: u32,
-    gid: u32,
-    home: String,
-}
-
-fn passwd() -> Vec<PasswdEntry> {
-    let text = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    text.lines()
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split(':').collect();
-            Some(PasswdEntry {
-                name: f.first()?.to_string(),
-                uid: f.get(2)?.parse().ok()?,
-                gid: f.get(3)?.parse().ok()?,
-                home: f.get(5)?.to_string(),
-            })
-        })
-        .collect()
 }

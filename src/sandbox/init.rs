@@ -133,13 +133,24 @@ fn run(args: &InitArgs) -> Result<i32, String> {
             listen(SignalKind::interrupt())?,
             listen(SignalKind::hangup())?,
         );
+        // Passed on as they come (a daemon's `signal`); SIGKILL ends this process, and with it
+        // the namespace.
+        let (mut quit, mut usr1, mut usr2, mut winch) = (
+            listen(SignalKind::quit())?,
+            listen(SignalKind::user_defined1())?,
+            listen(SignalKind::user_defined2())?,
+            listen(SignalKind::window_change())?,
+        );
         // Not tokio's: as PID 1 this process reaps every orphan of the namespace, and CMD's
         // end is one of the exits it reaps.
-        let child = std::process::Command::new(program)
-            .args(args)
-            .envs(trust)
-            .spawn()
-            .map_err(|e| format!("cannot run {program}: {e}"))?;
+        let spawned = std::process::Command::new(program).args(args).envs(trust).spawn();
+        // moat learns whether CMD runs: an empty message, or why not.
+        let told = match &spawned {
+            Ok(_) => String::new(),
+            Err(e) => format!("cannot run {program}: {e}"),
+        };
+        let _ = super::wire::write_message(&socket, told.as_bytes());
+        let child = spawned.map_err(|_| told)?;
         let pid = rustix::process::Pid::from_raw(child.id() as i32).ok_or("CMD has no process id")?;
         drop(child);
         socket.set_nonblocking(true).map_err(|e| e.to_string())?;
@@ -171,6 +182,10 @@ fn run(args: &InitArgs) -> Result<i32, String> {
                     Signal::INT
                 }
                 _ = hup.recv() => Signal::HUP,
+                _ = quit.recv() => Signal::QUIT,
+                _ = usr1.recv() => Signal::USR1,
+                _ = usr2.recv() => Signal::USR2,
+                _ = winch.recv() => Signal::WINCH,
             };
             let _ = rustix::process::kill_process(pid, forward);
         }

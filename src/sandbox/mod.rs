@@ -15,6 +15,7 @@
 
 pub mod attach;
 pub mod init;
+pub mod users;
 mod wire;
 
 pub use init::Become;
@@ -72,6 +73,10 @@ pub struct Spec<'a> {
     pub relay: bool,
     /// Who CMD runs as.
     pub user: Become,
+    /// Its working directory (moat's when `None`).
+    pub workdir: Option<&'a Path>,
+    /// Where its stdout and stderr go (with stdin from /dev/null); moat's own when `None`.
+    pub output: Option<&'a OwnedFd>,
 }
 
 /// Whether a SIGINT this process got came from its terminal, and so reached the sandbox's
@@ -86,6 +91,18 @@ pub fn interrupts_reach_the_command() -> bool {
 /// sandbox: its closing (moat's exit, however it happens) ends the sandbox.
 pub fn release(handover: &UnixStream, ca_pem: &[u8]) -> std::io::Result<()> {
     wire::write_message(handover, ca_pem)
+}
+
+/// After [`release`]: whether the command runs (`Err` says why not, as the OS said it).
+pub fn started(handover: &UnixStream) -> Result<(), String> {
+    handover.set_read_timeout(Some(SETUP_TIMEOUT)).map_err(|e| e.to_string())?;
+    let told =
+        wire::read_message(handover).map_err(|e| format!("the sandbox did not say whether its command runs: {e}"));
+    let _ = handover.set_read_timeout(None);
+    match String::from_utf8_lossy(&told?).into_owned() {
+        ok if ok.is_empty() => Ok(()),
+        why => Err(why),
+    }
 }
 
 /// Starts a new sandbox running `spec.cmd`.
@@ -125,6 +142,14 @@ fn start_with(spec: &Spec<'_>, socket: &UnixListener) -> Result<Sandbox, String>
         command.arg("--hide").arg(dir);
     }
     command.arg("--").args(spec.cmd).env_clear().envs(spec.env.iter().map(|(k, v)| (k, v)));
+    if let Some(dir) = spec.workdir {
+        command.current_dir(dir);
+    }
+    if let Some(out) = spec.output {
+        let copy =
+            || out.try_clone().map(std::process::Stdio::from).map_err(|e| format!("cannot pass the output on: {e}"));
+        command.stdin(std::process::Stdio::null()).stdout(copy()?).stderr(copy()?);
+    }
     let mut child = command.spawn().map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => "moat run needs util-linux's unshare (apt-get install util-linux)".to_string(),
         _ => format!("cannot start the sandbox: {e}"),

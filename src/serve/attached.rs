@@ -132,3 +132,13 @@ pub(super) fn sandbox_class(
         ),
     })
 }
+
+/// What no sandbox may see: the data folder, a persisted CA's folder (its private key)
+/// wherever it is, and an admin socket elsewhere (`[admin] listen`; the command may be its
+/// owner). The data folder comes first: it shows the sandbox moat's CA instead.
+pub(crate) fn hidden_from_sandboxes(config: &crate::config::Config) -> Vec<&std::path::Path> {
+    let mut hidden = vec![config.data_dir.as_path()];
+    hidden.extend(config.ca_dir().filter(|d| !d.starts_with(&config.data_dir)));
+    hidden.extend(Some(config.admin_socket.as_path()).filter(|s| !s.starts_with(&config.data_dir) && s.exists()));
+    hidden
+}

@@ -10,8 +10,10 @@ use tokio::net::TcpListener;
 
 mod attach;
 mod attached;
+mod containers;
 
-pub(crate) use attached::{Attached, Running, Serving};
+pub(crate) use attached::{Attached, Running, Serving, hidden_from_sandboxes};
+pub(crate) use containers::log_path as container_log;
 
 use crate::bindings::Bindings;
 use crate::config::Config;
@@ -52,7 +54,7 @@ pub(crate) fn run_with(config: Config, attached: Option<Attached>) -> anyhow::Re
     let kv = Arc::new(crate::bindings::kv::KvStore::new(db.clone()));
     let mut bindings = bindings;
     bindings.attach_kv(kv.clone());
-    bindings.attach_blob(Arc::new(crate::bindings::blob::BlobStore::new(db, &config.data_dir)));
+    bindings.attach_blob(Arc::new(crate::bindings::blob::BlobStore::new(db.clone(), &config.data_dir)));
     std::thread::Builder::new().name("moat-kv-expiry".into()).spawn(move || {
         loop {
             std::thread::sleep(std::time::Duration::from_secs(60));
@@ -108,12 +110,18 @@ pub(crate) fn run_with(config: Config, attached: Option<Attached>) -> anyhow::Re
         // find its handler.
         let mut signals = Signals::new()?;
         let mut tasks = tokio::task::JoinSet::new();
-        if let Some(listener) = admin_listener {
-            tasks.spawn(crate::admin::server::serve(shared.clone(), listener, admin));
-        }
         let running = attach::Running::default();
         if let Some(a) = &attached {
             running.lock().unwrap_or_else(|e| e.into_inner()).insert(a.container.to_string());
+        }
+        // The daemon's containers (not `moat run`'s, whose one container is its command).
+        let supervisor = match &attached {
+            None => Some(containers::Supervisor::open(shared.clone(), workers.clone(), db, running.clone())?),
+            Some(_) => None,
+        };
+        let lifecycle = supervisor.clone().map(|s| s as Arc<dyn crate::lifecycle::Lifecycle>);
+        if let Some(listener) = admin_listener {
+            tasks.spawn(crate::admin::server::serve(shared.clone(), listener, admin, lifecycle.clone()));
         }
         {
             let (shared, workers, running) = (shared.clone(), workers.clone(), running.clone());
@@ -134,7 +142,7 @@ pub(crate) fn run_with(config: Config, attached: Option<Attached>) -> anyhow::Re
         if let Some((listener, token)) = admin_tcp {
             let s = shared.clone();
             tasks.spawn(async move {
-                if let Err(e) = crate::admin::server::serve_tcp(s, listener, token).await {
+                if let Err(e) = crate::admin::server::serve_tcp(s, listener, token, lifecycle).await {
                     tracing::error!("admin API on TCP not started: {e}");
                 }
             });
@@ -148,6 +156,10 @@ pub(crate) fn run_with(config: Config, attached: Option<Attached>) -> anyhow::Re
             }
             Some(a) => Some(attached::serve_attached(&shared, &workers, &mut tasks, &mut signals, explicit, a).await?),
         };
+        // The daemon's containers end first (SIGTERM, then its end kills what is left).
+        if let Some(s) = &supervisor {
+            s.stop_all(containers::GRACE).await;
+        }
         // Stop accepting (the listeners close, so that a new moat can bind at once), then let
         // the requests in flight finish.
         tasks.abort_all();

@@ -6,7 +6,7 @@ use std::path::Path;
 
 /// Lowest first; the same table as docs/architecture.md.
 const LAYERS: [&[&str]; 8] = [
-    &["identity", "policy", "body", "rt", "log", "headers", "metrics", "db", "sandbox"],
+    &["identity", "policy", "body", "rt", "log", "headers", "metrics", "db", "sandbox", "lifecycle"],
     &["config"],
     &["tls", "bindings", "upstream"],
     &["script"],

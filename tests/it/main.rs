@@ -6,6 +6,7 @@ mod auth;
 mod bindings;
 mod blobs;
 mod cli;
+mod containers;
 mod decision;
 mod egress;
 mod exhaustion;

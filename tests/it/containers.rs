@@ -1,0 +1,157 @@
+//! Containers under the daemon (SPEC 5.3, 7.3): `moat start|ps|kill|stop|wait|logs` and the
+//! admin API's lifecycle endpoints, in real namespaces made by a running `moat serve`.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+use crate::sandbox::sandbox_available;
+
+const POLICY: &str = r#"
+allowedHosts = { "a.test" }
+outboundByHost = {
+  ["a.test"] = function(request, env, ctx)
+    return Response.new("hi " .. ctx.containerId .. " auth=" .. tostring(request.headers:get("proxy-authorization")) .. "\n")
+  end,
+}
+"#;
+
+/// `moat ARGS --data-dir DIR/data`: (exit code, stdout, stderr).
+fn moat(dir: &Path, args: &[&str]) -> (i32, String, String) {
+    let data = dir.join("data");
+    let mut all: Vec<&str> = args.to_vec();
+    // Flags go before `--` (the command's own arguments come after it).
+    let at = all.iter().position(|a| *a == "--").unwrap_or(all.len());
+    all.splice(at..at, ["--data-dir", data.to_str().unwrap()]);
+    moat_cmd(&all, dir)
+}
+
+/// Waits until `moat logs ID` contains `needle`; returns the log.
+fn log_with(dir: &Path, id: &str, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, out, _) = moat(dir, &["logs", id]);
+        if out.contains(needle) || Instant::now() > deadline {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn processes_matching(needle: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle))
+        })
+        .count()
+}
+
+#[test]
+fn the_daemon_starts_its_containers_signals_destroys_and_remembers_them_across_a_restart() {
+    if !sandbox_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.lua"), POLICY).unwrap();
+    let mut serve = Moat::serve_folder(dir.path());
+    let d = dir.path();
+    // env and entrypoint honoured; its traffic is its own container's, whatever it claims.
+    let script = r#"echo "hello $FOO home=${SECRET:-unset}"; curl -s -m 10 -H 'Proxy-Authorization: Basic b3RoZXI6eA==' http://a.test/; echo ready; sleep 4401"#;
+    let (code, out, err) = moat(d, &["start", "--id", "c1", "--env", "FOO=bar", "--", "sh", "-c", script]);
+    assert_eq!((code, out.as_str()), (0, "c1\n"), "{err}");
+    let log = log_with(d, "c1", "ready");
+    assert!(log.contains("hello bar home=unset\nhi c1 auth=nil\nready"), "{log}\n{}", serve.logs());
+    let (_, ps, _) = moat(d, &["ps"]);
+    assert!(ps.lines().any(|l| l.starts_with("c1 ") && l.contains(" running ")), "{ps}");
+    let (_, one) = admin(&d.join("data/admin.sock"), "GET", "/v1/containers/c1", None);
+    assert!(one.contains(r#""running":true"#), "{one}");
+
+    // Bad input changes nothing, in one line.
+    let (code, _, err) = moat(d, &["start", "--id", "c1", "--", "true"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("container c1 is already running"), "{err}");
+    let (code, _, err) = moat(d, &["start", "--id", "c9", "--class", "nope", "--", "true"]);
+    assert!(code == 2 && err.contains("no class \"nope\""), "{err}");
+    let (code, _, err) = moat(d, &["start", "--id", "c9", "--", "/nonexistent/tool"]);
+    assert!(code == 1 && err.contains("cannot run /nonexistent/tool: No such file or directory"), "{err}");
+    let (code, _, err) = moat(d, &["kill", "-s", "99", "c1"]);
+    assert!(code == 2 && err.contains("signal 99: not a signal number"), "{err}");
+    let (_, ps, _) = moat(d, &["ps"]);
+    assert!(!ps.contains("c9 ") || ps.lines().any(|l| l.starts_with("c9 ") && !l.contains("running")), "{ps}");
+
+    // A signal reaches the command; wait gives its exit code.
+    let (code, _, err) = moat(d, &["kill", "-s", "TERM", "c1"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = moat(d, &["wait", "c1"]);
+    assert_eq!((code, out.as_str()), (143, "143\n"), "{err}");
+    assert_eq!(processes_matching("sleep 4401"), 0);
+
+    // destroy with a message: wait reports the message.
+    let (code, _, err) = moat(d, &["start", "--id", "c2", "--", "sleep", "4402"]);
+    assert_eq!(code, 0, "{err}");
+    let (status, _) =
+        admin(&d.join("data/admin.sock"), "DELETE", "/v1/containers/c2", Some(r#"{"error":"no longer needed"}"#));
+    assert_eq!(status, 200);
+    let (code, _, err) = moat(d, &["wait", "c2"]);
+    assert!(code == 1 && err.contains("no longer needed"), "{err}");
+
+    // A daemon that stops stops its containers; the next one has every record.
+    let (code, _, err) = moat(d, &["start", "--id", "c3", "--", "sh", "-c", "trap 'exit 7' TERM; sleep 4403 & wait"]);
+    assert_eq!(code, 0, "{err}");
+    serve.signal("TERM");
+    assert_eq!(serve.wait_exit(Duration::from_secs(20)), Some(0), "{}", serve.logs());
+    assert_eq!(processes_matching("sleep 4403"), 0, "the daemon's stop ended its container");
+    let _serve = Moat::serve_folder(dir.path());
+    let (_, ps, _) = moat(d, &["ps"]);
+    let row = |id: &str| ps.lines().find(|l| l.starts_with(&format!("{id} "))).unwrap_or_default().to_string();
+    assert!(row("c1").contains(" exited ") && row("c1").contains(" 143 "), "{ps}");
+    assert!(row("c2").contains(" destroyed "), "{ps}");
+    assert!(row("c3").contains(" exited ") && row("c3").contains(" 7 "), "{ps}");
+    let (code, _, err) = moat(d, &["wait", "c2"]);
+    assert!(code == 1 && err.contains("no longer needed"), "the destroy message is kept: {err}");
+}
+
+/// Descriptors, mounts and processes of the host that a container could leave behind.
+fn host_counts(pid: u32, dir: &Path) -> (usize, usize, usize) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap().lines().count();
+    // Only this test's sandboxes: other tests run theirs meanwhile.
+    (fds, mounts, processes_matching(&format!("__sandbox-init {}", dir.display())))
+}
+
+#[test]
+fn fifty_containers_started_and_stopped_leave_nothing_behind() {
+    if !sandbox_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.lua"), POLICY).unwrap();
+    let serve = Moat::serve_folder(dir.path());
+    let d = dir.path();
+    let one = |i: usize| {
+        let id = format!("loop-{i}");
+        let (code, _, err) =
+            moat(d, &["start", "--id", &id, "--", "sh", "-c", "curl -s -m 5 http://a.test/ >/dev/null; sleep 30"]);
+        assert_eq!(code, 0, "{err}");
+        let (code, out, err) = moat(d, &["stop", &id]);
+        assert_eq!((code, out.as_str()), (0, "143\n"), "{err}");
+    };
+    // One first: what a first container allocates for good (caches, the database's pages).
+    one(0);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = host_counts(serve.pid(), d);
+    let rss_before = memory_kib(serve.pid(), "VmRSS");
+    for i in 1..=50 {
+        one(i);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while host_counts(serve.pid(), d) != before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(host_counts(serve.pid(), d), before, "(descriptors, mounts, init steps) before and after");
+    let rss_after = memory_kib(serve.pid(), "VmRSS");
+    assert!(rss_after * 10 <= rss_before * 11, "RSS {rss_before} kB before, {rss_after} kB after 50 containers");
+}
