@@ -89,6 +89,9 @@ pub trait Lifecycle: Send + Sync {
     fn signal(&self, id: &str, number: i32) -> Result<(), LifecycleError>;
     /// Ends it (SIGTERM, SIGKILL after a grace period); `message` is what `monitor` reports.
     fn destroy(&self, id: &str, message: Option<String>) -> Result<(), LifecycleError>;
+    /// A connection to `port` of its loopback, made inside its sandbox (`getTcpPort`); blocks
+    /// for up to 5 s. `Failed` says why there is none (nobody listens, say).
+    fn connect(&self, id: &str, port: u16) -> Result<std::net::TcpStream, LifecycleError>;
     /// A receiver that sees its record change (its end); `None` for an unknown id.
     fn watch(&self, id: &str) -> Option<tokio::sync::watch::Receiver<Status>>;
 }

@@ -189,6 +189,20 @@ enum Command {
         admin: AdminFlags,
         id: String,
     },
+    /// An HTTP request into a container at PORT (its own loopback); prints the answer.
+    Port {
+        #[command(flatten)]
+        admin: AdminFlags,
+        /// The request's body.
+        #[arg(long)]
+        data: Option<String>,
+        id: String,
+        port: u16,
+        #[arg(default_value = "GET")]
+        method: String,
+        #[arg(default_value = "/")]
+        path: String,
+    },
     /// A container's output (stdout and stderr, the newest 1 MiB).
     Logs {
         #[command(flatten)]
@@ -374,6 +388,8 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Command::Port { admin, data, id, port, method, path } => admin_config(admin)
+            .and_then(|c| moat::cli::containers::port(&c, &id, port, &method, &path, data.as_deref()).map_err(failure)),
         Command::Logs { admin, follow, id } => {
             admin_config(admin).and_then(|c| moat::cli::containers::logs(&c, &id, follow).map_err(failure))
         }

@@ -13,11 +13,11 @@ use crate::proxy::state::Shared;
 pub struct Answer {
     pub status: StatusCode,
     pub body: Vec<u8>,
-    pub content_type: &'static str,
+    pub content_type: std::borrow::Cow<'static, str>,
 }
 
 pub(super) fn json_answer(status: StatusCode, v: Value) -> Answer {
-    Answer { status, body: format!("{v}\n").into_bytes(), content_type: "application/json" }
+    Answer { status, body: format!("{v}\n").into_bytes(), content_type: "application/json".into() }
 }
 
 pub(super) fn error(status: StatusCode, code: &str, msg: impl Into<String>) -> Answer {
@@ -37,7 +37,7 @@ pub fn route(shared: &Shared, method: &Method, path: &str, query: Option<&str>, 
         (&Method::GET, ["metrics"]) => Answer {
             status: StatusCode::OK,
             body: shared.metrics.encode().into_bytes(),
-            content_type: "text/plain; version=0.0.4",
+            content_type: "text/plain; version=0.0.4".into(),
         },
         (&Method::GET, ["v1", "status"]) => json_answer(StatusCode::OK, status(shared)),
         (&Method::POST, ["v1", "reload"]) => {
@@ -116,7 +116,9 @@ fn kv_route(
             }
         }
         (&Method::GET, [key]) => match store.get(&table, key.as_bytes()) {
-            Ok(Some(e)) => Answer { status: StatusCode::OK, body: e.value, content_type: "application/octet-stream" },
+            Ok(Some(e)) => {
+                Answer { status: StatusCode::OK, body: e.value, content_type: "application/octet-stream".into() }
+            }
             Ok(None) => error(StatusCode::NOT_FOUND, "no_such_key", format!("no key {key:?} in {binding}")),
             Err(e) => failed(e),
         },
@@ -178,7 +180,7 @@ fn blob_route(shared: &Shared, method: &Method, bucket: &str, key: &str, query: 
             json_answer(StatusCode::OK, json!({ "objects": names }))
         }
         (&Method::GET, key) => match store.get_bytes(bucket, key) {
-            Ok(Some(b)) => Answer { status: StatusCode::OK, body: b, content_type: "application/octet-stream" },
+            Ok(Some(b)) => Answer { status: StatusCode::OK, body: b, content_type: "application/octet-stream".into() },
             Ok(None) => error(StatusCode::NOT_FOUND, "no_such_key", format!("no object {key:?} in {bucket}")),
             Err(e) => failed(e),
         },

@@ -14,13 +14,27 @@ use crate::proxy::state::Shared;
 pub async fn route(
     shared: &Shared,
     lifecycle: Option<&Arc<dyn Lifecycle>>,
-    method: &Method,
-    path: &str,
-    body: &[u8],
+    parts: &http::request::Parts,
+    body: &bytes::Bytes,
 ) -> Option<Answer> {
+    let (method, path) = (&parts.method, parts.uri.path());
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let l = lifecycle?;
     let answer = match (method, segs.as_slice()) {
+        (_, ["v1", "containers", id, "ports", port, rest @ ..]) => {
+            let Ok(port) = port.parse::<u16>() else {
+                return Some(error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("port {port:?}: a number 1..65535"),
+                ));
+            };
+            let target = match parts.uri.query() {
+                Some(q) => format!("/{}?{q}", rest.join("/")),
+                None => format!("/{}", rest.join("/")),
+            };
+            into_container(l, id, port, parts, &target, body.clone()).await
+        }
         (&Method::POST, ["v1", "containers"]) => {
             let spec: StartSpec = match serde_json::from_slice(body) {
                 Ok(s) => s,
@@ -77,6 +91,59 @@ pub async fn route(
         _ => return None,
     };
     Some(answer)
+}
+
+/// `getTcpPort(port).fetch`: the request, sent over a connection moat asked the container's
+/// init step for (made inside its network namespace), and the container's answer.
+async fn into_container(
+    l: &Arc<dyn Lifecycle>,
+    id: &str,
+    port: u16,
+    parts: &http::request::Parts,
+    target: &str,
+    body: bytes::Bytes,
+) -> Answer {
+    let (l, owned_id) = (l.clone(), id.to_string());
+    let stream = match tokio::task::spawn_blocking(move || l.connect(&owned_id, port)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(LifecycleError::Failed(why))) => return error(StatusCode::BAD_GATEWAY, "connect_failed", why),
+        Ok(Err(e)) => return failure(&e),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    };
+    let failed = |e: &dyn std::fmt::Display| {
+        error(StatusCode::BAD_GATEWAY, "container_failed", format!("port {port} of {id}: {e}"))
+    };
+    let Ok(stream) = tokio::net::TcpStream::from_std(stream) else { return failed(&"no usable connection") };
+    let (mut sender, conn) = match hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await {
+        Ok(pair) => pair,
+        Err(e) => return failed(&e),
+    };
+    tokio::spawn(conn);
+    let mut headers = parts.headers.clone();
+    crate::headers::strip_hop_by_hop(&mut headers);
+    headers.insert(http::header::HOST, http::HeaderValue::from_static("container"));
+    let mut request =
+        match http::Request::builder().method(parts.method.clone()).uri(target).body(http_body_util::Full::new(body)) {
+            Ok(r) => r,
+            Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
+        };
+    *request.headers_mut() = headers;
+    let response = match tokio::time::timeout(std::time::Duration::from_secs(30), sender.send_request(request)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return failed(&e),
+        Err(_) => return failed(&"no answer within 30s"),
+    };
+    let status = response.status();
+    let content_type = response
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map_or("application/octet-stream".to_string(), str::to_string);
+    use http_body_util::BodyExt;
+    match http_body_util::Limited::new(response.into_body(), super::server::MAX_BODY).collect().await {
+        Ok(b) => Answer { status, body: b.to_bytes().to_vec(), content_type: content_type.into() },
+        Err(e) => failed(&e),
+    }
 }
 
 fn answer_json(a: Answer) -> Option<Value> {

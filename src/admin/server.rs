@@ -15,7 +15,7 @@ use crate::proxy::state::Shared;
 
 /// Most bytes an admin request body may have (`moat blob put` through a running instance
 /// sends whole objects).
-const MAX_BODY: usize = 256 << 20;
+pub(super) const MAX_BODY: usize = 256 << 20;
 
 /// Binds the admin socket (replacing a stale one), mode 0600.
 pub async fn bind(path: &Path) -> std::io::Result<UnixListener> {
@@ -120,17 +120,16 @@ async fn serve_connection<I>(
                     Ok(b) => b.to_bytes(),
                     Err(_) => Bytes::new(),
                 };
-                let (method, path) = (&parts.method, parts.uri.path());
-                match super::lifecycle::route(&shared, lifecycle.as_ref(), method, path, &body).await {
+                match super::lifecycle::route(&shared, lifecycle.as_ref(), &parts, &body).await {
                     Some(answer) => answer,
-                    None => super::api::route(&shared, method, path, parts.uri.query(), &body),
+                    None => super::api::route(&shared, &parts.method, parts.uri.path(), parts.uri.query(), &body),
                 }
             } else {
                 super::api::unauthorized()
             };
             let resp = hyper::Response::builder()
                 .status(a.status)
-                .header("content-type", a.content_type)
+                .header("content-type", a.content_type.as_ref())
                 .body(Full::new(Bytes::from(a.body)))
                 .expect("valid response");
             Ok::<_, std::convert::Infallible>(resp)

@@ -155,3 +155,29 @@ pub fn logs(config: &Config, id: &str, follow: bool) -> Result<(), CommandError>
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
+
+/// `moat port ID PORT [METHOD PATH]`: an HTTP request into the container at PORT (its
+/// loopback, from inside its namespace); prints the answer's body. `data` is the body sent.
+pub fn port(
+    config: &Config,
+    id: &str,
+    port: u16,
+    method: &str,
+    target: &str,
+    data: Option<&str>,
+) -> Result<(), CommandError> {
+    let target = target.trim_start_matches('/');
+    let path = path(id, &format!("/ports/{port}/{target}"));
+    let (code, body) = client::call_bytes(&config.admin_socket, method, &path, data.map(|d| d.as_bytes().to_vec()))
+        .map_err(|e| CommandError(1, e))?;
+    let is_ours = code >= 400 && serde_json::from_slice::<Value>(&body).is_ok_and(|v| v["code"].is_string());
+    if is_ours {
+        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        return Err(CommandError(if code < 500 { 2 } else { 1 }, v["error"].as_str().unwrap_or("failed").to_string()));
+    }
+    let _ = std::io::stdout().write_all(&body);
+    if code >= 400 {
+        return Err(CommandError(1, format!("the container answered {code}")));
+    }
+    Ok(())
+}

@@ -166,10 +166,18 @@ fn run(args: &InitArgs) -> Result<i32, String> {
                 _ = chld.recv() => continue,
                 // moat is gone (killed, say): nothing serves the sandbox any more, so it ends;
                 // as PID 1 exits, the kernel kills every process left in the namespace.
+                // Or it asks for a connection inside (getTcpPort): `c` and a port.
                 _ = moat.readable() => {
-                    if moat.try_read(&mut [0u8; 1]).is_ok_and(|n| n == 0) {
-                        eprintln!("moat run: moat has gone; ending the sandbox");
-                        return Ok(137);
+                    let mut request = [0u8; 3];
+                    match moat.try_read(&mut request) {
+                        Ok(0) => {
+                            eprintln!("moat run: moat has gone; ending the sandbox");
+                            return Ok(137);
+                        }
+                        Ok(3) if request[0] == b'c' => {
+                            connect_inside(&moat, u16::from_be_bytes([request[1], request[2]])).await;
+                        }
+                        _ => {}
                     }
                     continue;
                 }
@@ -190,6 +198,24 @@ fn run(args: &InitArgs) -> Result<i32, String> {
             let _ = rustix::process::kill_process(pid, forward);
         }
     })
+}
+
+/// Connects to `port` of the sandbox's loopback for moat (the daemon's `getTcpPort`) and
+/// sends it the connected socket, or why there is none.
+async fn connect_inside(moat: &tokio::net::UnixStream, port: u16) {
+    let dialled = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port)),
+    )
+    .await;
+    let _ = match dialled {
+        Ok(Ok(stream)) => match stream.into_std() {
+            Ok(s) => super::wire::send_connected(moat, Ok(&s)),
+            Err(e) => super::wire::send_connected(moat, Err(&e.to_string())),
+        },
+        Ok(Err(e)) => super::wire::send_connected(moat, Err(&format!("port {port} of the container: {e}"))),
+        Err(_) => super::wire::send_connected(moat, Err(&format!("port {port} of the container: no answer within 5s"))),
+    };
 }
 
 /// The CA certificate moat signs intercepted hosts with, and a bundle of it over the

@@ -105,6 +105,12 @@ pub fn started(handover: &UnixStream) -> Result<(), String> {
     }
 }
 
+/// A connection to `port` of the sandbox's loopback, made by its init step on `handover`
+/// (one request at a time per sandbox: the caller serializes).
+pub fn connect_inside(handover: &UnixStream, port: u16) -> Result<std::net::TcpStream, String> {
+    wire::request_connection(handover, port)
+}
+
 /// Starts a new sandbox running `spec.cmd`.
 pub fn start(spec: &Spec<'_>) -> Result<Sandbox, String> {
     let _ = std::fs::remove_file(spec.handover);

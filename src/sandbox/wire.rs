@@ -63,3 +63,51 @@ pub fn read_message(mut socket: &UnixStream) -> std::io::Result<Vec<u8>> {
     socket.read_exact(&mut message)?;
     Ok(message)
 }
+
+/// The init step's answer to a connection request: the connected socket, or why not (one
+/// byte `f` with the descriptor, or `e` and a message).
+pub fn send_connected(socket: &impl AsFd, connected: Result<&std::net::TcpStream, &str>) -> std::io::Result<()> {
+    match connected {
+        Ok(stream) => {
+            let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+            let mut control = SendAncillaryBuffer::new(&mut space);
+            let fds = [stream.as_fd()];
+            control.push(SendAncillaryMessage::ScmRights(&fds));
+            rustix::net::sendmsg(socket.as_fd(), &[IoSlice::new(b"f")], &mut control, SendFlags::empty())?;
+        }
+        Err(why) => {
+            let len = u32::try_from(why.len()).map_err(std::io::Error::other)?.to_be_bytes();
+            let message = [&b"e"[..], &len, why.as_bytes()].concat();
+            rustix::net::send(socket.as_fd(), &message, SendFlags::empty())?;
+        }
+    }
+    Ok(())
+}
+
+/// Asks the init step on `socket` for a connection to `port` inside its sandbox.
+pub fn request_connection(socket: &UnixStream, port: u16) -> Result<std::net::TcpStream, String> {
+    let failed = |e: std::io::Error| format!("the container's init step did not answer: {e}");
+    let [hi, lo] = port.to_be_bytes();
+    (&*socket).write_all(&[b'c', hi, lo]).map_err(failed)?;
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut kind = [0u8; 1];
+    let got =
+        rustix::net::recvmsg(socket.as_fd(), &mut [IoSliceMut::new(&mut kind)], &mut control, RecvFlags::CMSG_CLOEXEC)
+            .map_err(|e| failed(e.into()))?;
+    if got.bytes == 0 {
+        return Err("the container has ended".into());
+    }
+    if kind[0] == b'e' {
+        let why = read_message(socket).map_err(failed)?;
+        return Err(String::from_utf8_lossy(&why).into_owned());
+    }
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(mut fds) = message
+            && let Some(fd) = fds.next()
+        {
+            return Ok(std::net::TcpStream::from(fd));
+        }
+    }
+    Err("the container's init step sent no connection".into())
+}

@@ -41,6 +41,9 @@ struct Entry {
     init: Option<rustix::process::Pid>,
     /// Set by `destroy`: what `monitor` reports.
     destroyed: Option<Option<String>>,
+    /// The socket to its init step, while it runs (connections inside are asked for on it,
+    /// one at a time).
+    handover: Option<Arc<Mutex<std::os::unix::net::UnixStream>>>,
 }
 
 fn now() -> u64 {
@@ -69,7 +72,10 @@ impl Supervisor {
                         status.pid = None;
                     }
                     let (tx, _) = watch::channel(status);
-                    entries.insert(k.value().to_string(), Entry { status: tx, init: None, destroyed: None });
+                    entries.insert(
+                        k.value().to_string(),
+                        Entry { status: tx, init: None, destroyed: None, handover: None },
+                    );
                 }
             }
             Err(redb::TableError::TableDoesNotExist(_)) => {}
@@ -257,10 +263,9 @@ impl Lifecycle for Supervisor {
         };
         self.persist(&status);
         let (tx, _) = watch::channel(status.clone());
-        self.entries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(spec.id.clone(), Entry { status: tx, init: Some(init), destroyed: None });
+        let handover = Arc::new(Mutex::new(handover));
+        let entry = Entry { status: tx, init: Some(init), destroyed: None, handover: Some(handover.clone()) };
+        self.entries.lock().unwrap_or_else(|e| e.into_inner()).insert(spec.id.clone(), entry);
         tracing::info!(container = %container, class = status.class, "container started: {}", spec.entrypoint.join(" "));
         // Its end, on a thread (a blocking wait), then the record on the runtime.
         let (ended, done) = tokio::sync::oneshot::channel();
@@ -316,6 +321,16 @@ impl Lifecycle for Supervisor {
         Ok(())
     }
 
+    fn connect(&self, id: &str, port: u16) -> Result<std::net::TcpStream, LifecycleError> {
+        let handover = {
+            let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+            let entry = entries.get(id).ok_or_else(|| LifecycleError::NotFound(id.to_string()))?;
+            entry.handover.clone().ok_or_else(|| LifecycleError::Conflict(format!("container {id} is not running")))?
+        };
+        let socket = handover.lock().unwrap_or_else(|e| e.into_inner());
+        crate::sandbox::connect_inside(&socket, port).map_err(LifecycleError::Failed)
+    }
+
     fn watch(&self, id: &str) -> Option<watch::Receiver<Status>> {
         self.entries.lock().unwrap_or_else(|e| e.into_inner()).get(id).map(|e| e.status.subscribe())
     }
@@ -336,6 +351,7 @@ impl Supervisor {
             let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
             let Some(entry) = entries.get_mut(id) else { return };
             entry.init = None;
+            entry.handover = None;
             let destroyed = entry.destroyed.take();
             entry.status.send_modify(|s| {
                 s.running = false;

@@ -155,3 +155,53 @@ fn fifty_containers_started_and_stopped_leave_nothing_behind() {
     let rss_after = memory_kib(serve.pid(), "VmRSS");
     assert!(rss_after * 10 <= rss_before * 11, "RSS {rss_before} kB before, {rss_after} kB after 50 containers");
 }
+
+/// A tiny HTTP server on 127.0.0.1:8080 (Python's sockets only): answers each request with
+/// its request line and body.
+const SERVER: &str = r#"
+import socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 8080)); s.listen(16)
+print("listening", flush=True)
+while True:
+    c, _ = s.accept()
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += c.recv(4096)
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode().split("\r\n")
+    n = next((int(l.split(":")[1]) for l in lines if l.lower().startswith("content-length:")), 0)
+    while len(body) < n:
+        body += c.recv(4096)
+    out = ("echo " + lines[0].rsplit(" ", 1)[0] + " " + body.decode() + "\n").encode()
+    c.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(out) + out)
+    c.close()
+"#;
+
+#[test]
+fn a_port_inside_a_container_is_reached_through_the_admin_api_and_moat_port() {
+    if !sandbox_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.lua"), POLICY).unwrap();
+    let _serve = Moat::serve_folder(dir.path());
+    let d = dir.path();
+    let (code, _, err) = moat(d, &["start", "--id", "web", "--", "python3", "-c", SERVER]);
+    assert_eq!(code, 0, "{err}");
+    log_with(d, "web", "listening");
+    let (code, out, err) = moat(d, &["port", "web", "8080", "GET", "/hi?x=1"]);
+    assert_eq!((code, out.as_str()), (0, "echo GET /hi?x=1 \n"), "{err}");
+    let (status, body) =
+        admin(&d.join("data/admin.sock"), "POST", "/v1/containers/web/ports/8080/submit", Some("a body"));
+    assert_eq!((status, body.as_str()), (200, "echo POST /submit a body\n"));
+    // Nobody on that port: a clear 502, not a hang.
+    let (code, _, err) = moat(d, &["port", "web", "8081"]);
+    assert!(code == 1 && err.contains("port 8081 of the container: Connection refused"), "{err}");
+    let (status, body) = admin(&d.join("data/admin.sock"), "GET", "/v1/containers/web/ports/8081/", None);
+    assert!(status == 502 && body.contains("connect_failed"), "{body}");
+    let (code, out, err) = moat(d, &["stop", "web"]);
+    assert_eq!((code, out.as_str()), (0, "143\n"), "{err}");
+    let (code, _, err) = moat(d, &["port", "web", "8080"]);
+    assert!(code == 2 && err.contains("container web is not running"), "{err}");
+}
