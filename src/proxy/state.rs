@@ -75,6 +75,8 @@ pub struct Shared {
     pub memory: super::memory::MemoryWatch,
     /// Open client connections against `limits.max_connections`.
     pub admission: Arc<super::admission::Admission>,
+    /// The daemon's containers (`moat serve`; none under `moat run`), for `moat.container(id)`.
+    pub lifecycle: std::sync::OnceLock<Arc<dyn crate::lifecycle::Lifecycle>>,
     request_prefix: u32,
     request_counter: AtomicU64,
 }
@@ -97,6 +99,7 @@ impl Shared {
             leaves,
             memory: Default::default(),
             admission: super::admission::Admission::new(config.limits.max_connections),
+            lifecycle: std::sync::OnceLock::new(),
             config,
             classes,
             bindings,

@@ -120,6 +120,10 @@ impl crate::script::api::container::OverrideSink for StoreSink {
         let generation = class.current().ok_or("policy not loaded")?;
         self.shared.overrides.apply(container, setter, &generation).map(|_| ()).map_err(|e| e.to_string())
     }
+
+    fn lifecycle(&self) -> Option<Arc<dyn crate::lifecycle::Lifecycle>> {
+        self.shared.lifecycle.get().cloned()
+    }
 }
 
 /// Every how many heartbeats idle upstream connections are swept.

@@ -120,6 +120,9 @@ pub(crate) fn run_with(config: Config, attached: Option<Attached>) -> anyhow::Re
             Some(_) => None,
         };
         let lifecycle = supervisor.clone().map(|s| s as Arc<dyn crate::lifecycle::Lifecycle>);
+        if let Some(l) = &lifecycle {
+            let _ = shared.lifecycle.set(l.clone());
+        }
         if let Some(listener) = admin_listener {
             tasks.spawn(crate::admin::server::serve(shared.clone(), listener, admin, lifecycle.clone()));
         }

@@ -205,3 +205,56 @@ fn a_port_inside_a_container_is_reached_through_the_admin_api_and_moat_port() {
     let (code, _, err) = moat(d, &["port", "web", "8080"]);
     assert!(code == 2 && err.contains("container web is not running"), "{err}");
 }
+
+/// A policy that routes a virtual host into a container (`getTcpPort`), and manages one.
+const ROUTING_POLICY: &str = r#"
+allowedHosts = { "tools.local", "ctl.test" }
+outboundByHost = {
+  ["tools.local"] = function(request, env, ctx)
+    local url = URL.new(request.url)
+    return moat.container("tool"):getTcpPort(8080):fetch("http://container" .. url.pathname .. url.search,
+      { method = request.method, body = request.method == "POST" and request:text() or nil })
+  end,
+  ["ctl.test"] = function(request, env, ctx)
+    local c = moat.container("lua-made")
+    local path = URL.new(request.url).pathname
+    if path == "/start" then
+      c:start{ entrypoint = { "sh", "-c", "echo started by $WHO; sleep 4410" }, env = { WHO = "lua" } }
+      return Response.new("running=" .. tostring(c.running) .. "\n")
+    end
+    c:destroy("stopped by the policy")
+    local ok, err = pcall(function() return c:monitor() end)
+    return Response.new("monitor " .. tostring(ok) .. " " .. tostring(err) .. " running=" .. tostring(c.running) .. "\n")
+  end,
+}
+"#;
+
+#[test]
+fn a_handler_routes_requests_into_a_container_and_manages_containers_from_lua() {
+    if !sandbox_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.lua"), ROUTING_POLICY).unwrap();
+    let serve = Moat::serve_folder(dir.path());
+    let d = dir.path();
+    let (code, _, err) = moat(d, &["start", "--id", "tool", "--", "python3", "-c", SERVER]);
+    assert_eq!(code, 0, "{err}");
+    log_with(d, "tool", "listening");
+    let r = curl(&serve, "http://tools.local/hello?q=1", &[]);
+    assert_eq!((r.status, r.body.as_str()), (200, "echo GET /hello?q=1 \n"), "{}", serve.logs());
+    let r = curl(&serve, "http://tools.local/in", &["--data", "piped in"]);
+    assert_eq!((r.status, r.body.as_str()), (200, "echo POST /in piped in\n"), "{}", serve.logs());
+
+    let r = curl(&serve, "http://ctl.test/start", &[]);
+    assert_eq!((r.status, r.body.as_str()), (200, "running=true\n"), "{}", serve.logs());
+    assert!(log_with(d, "lua-made", "started by lua").contains("started by lua"));
+    let r = curl(&serve, "http://ctl.test/stop", &[]);
+    assert_eq!(r.status, 200, "{}", serve.logs());
+    // monitor() raised the destroy message; the container no longer runs.
+    assert!(r.body.starts_with("monitor false ") && r.body.contains("stopped by the policy"), "{}", r.body);
+    assert!(r.body.ends_with(" running=false\n"), "{}", r.body);
+    assert_eq!(processes_matching("sleep 4410"), 0);
+    let (code, out, err) = moat(d, &["stop", "tool"]);
+    assert_eq!((code, out.as_str()), (0, "143\n"), "{err}");
+}

@@ -13,12 +13,17 @@ use crate::policy::overrides::{HandlerSpec, Setter};
 pub trait OverrideSink {
     /// Applies `setter` to `container`; the error is the user-facing message.
     fn apply(&self, container: &str, setter: Setter) -> std::result::Result<(), String>;
+
+    /// The daemon's containers, for the lifecycle methods (none under `moat run`).
+    fn lifecycle(&self) -> Option<std::sync::Arc<dyn crate::lifecycle::Lifecycle>> {
+        None
+    }
 }
 
 /// The handle `moat.container(id)` returns.
-struct LuaContainer {
-    id: String,
-    sink: Rc<dyn OverrideSink>,
+pub(super) struct LuaContainer {
+    pub(super) id: String,
+    pub(super) sink: Rc<dyn OverrideSink>,
 }
 
 pub fn install(lua: &Lua, sink: Option<Rc<dyn OverrideSink>>) -> Result<()> {
@@ -81,5 +86,10 @@ impl UserData for LuaContainer {
         m.add_method("removeAllowedHost", |_, this, h: String| run(this, Setter::RemoveAllowedHost(h)));
         m.add_method("removeDeniedHost", |_, this, h: String| run(this, Setter::RemoveDeniedHost(h)));
         m.add_method("clearOverrides", |_, this, ()| run(this, Setter::ClearOverrides));
+        super::lifecycle::add_methods(m);
+    }
+
+    fn add_fields<F: mlua::UserDataFields<Self>>(f: &mut F) {
+        super::lifecycle::add_fields(f);
     }
 }

@@ -10,6 +10,7 @@ pub mod env;
 pub mod fetch;
 pub mod headers;
 pub mod kv;
+mod lifecycle;
 pub mod meter;
 pub mod natives;
 pub mod request;

@@ -1,0 +1,114 @@
+//! The lifecycle half of `moat.container(id)` (SPEC 5.3, Cloudflare's `ctx.container`):
+//! `running`, `start{}`, `signal(n)`, `destroy(msg)`, `monitor()` and
+//! `getTcpPort(port):fetch(...)`, over the daemon's [`Lifecycle`].
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use mlua::{Lua, LuaSerdeExt, Result, Table, UserData, UserDataFields, UserDataMethods, Value};
+
+use super::container::LuaContainer;
+use super::request::LuaRequest;
+use super::response::LuaResponse;
+use crate::lifecycle::{Lifecycle, LifecycleError, StartSpec, State};
+
+fn lifecycle(this: &LuaContainer) -> Result<Arc<dyn Lifecycle>> {
+    this.sink
+        .lifecycle()
+        .ok_or_else(|| mlua::Error::runtime("moat.container: starting and managing containers needs moat serve"))
+}
+
+fn lua_error(e: LifecycleError) -> mlua::Error {
+    mlua::Error::runtime(e.to_string())
+}
+
+/// Runs blocking lifecycle work (making a sandbox, connecting inside one) off the worker.
+async fn off_worker<T: Send + 'static>(
+    work: impl FnOnce() -> std::result::Result<T, LifecycleError> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work).await.map_err(mlua::Error::external)?.map_err(lua_error)
+}
+
+pub(super) fn add_fields<F: UserDataFields<LuaContainer>>(f: &mut F) {
+    f.add_field_method_get("running", |_, this| Ok(lifecycle(this)?.get(&this.id).is_some_and(|s| s.running)));
+}
+
+pub(super) fn add_methods<M: UserDataMethods<LuaContainer>>(m: &mut M) {
+    // start{entrypoint = {...}, env = {...}, enableInternet = bool, class = ..., workdir = ...}
+    m.add_async_method("start", |lua, this, options: Table| async move {
+        let l = lifecycle(&this)?;
+        let spec = StartSpec {
+            id: this.id.clone(),
+            class: options.get("class")?,
+            entrypoint: options.get::<Option<Vec<String>>>("entrypoint")?.unwrap_or_default(),
+            env: options.get::<Option<BTreeMap<String, String>>>("env")?.unwrap_or_default(),
+            enable_internet: options.get("enableInternet")?,
+            workdir: options.get("workdir")?,
+            user: None,
+        };
+        let status = off_worker(move || l.start(spec)).await?;
+        lua.to_value(&status)
+    });
+    m.add_method("signal", |_, this, number: i32| lifecycle(this)?.signal(&this.id, number).map_err(lua_error));
+    m.add_method("destroy", |_, this, message: Option<String>| {
+        lifecycle(this)?.destroy(&this.id, message).map_err(lua_error)
+    });
+    // monitor(): waits for its end; its exit code, or an error with the destroy message.
+    m.add_async_method("monitor", |_, this, ()| async move {
+        let mut rx =
+            lifecycle(&this)?.watch(&this.id).ok_or_else(|| lua_error(LifecycleError::NotFound(this.id.clone())))?;
+        let status = rx.wait_for(|s| !s.running).await.map_err(|_| mlua::Error::runtime("moat is stopping"))?.clone();
+        match (status.state, status.error) {
+            (State::Destroyed, Some(message)) => Err(mlua::Error::runtime(message)),
+            (State::Lost, _) => Err(mlua::Error::runtime(format!("container {} was lost", this.id))),
+            _ => Ok(status.exit_code),
+        }
+    });
+    m.add_method("getTcpPort", |_, this, port: u16| {
+        Ok(TcpPort { id: this.id.clone(), port, lifecycle: lifecycle(this)? })
+    });
+}
+
+/// `getTcpPort(port)`: the container's port, reached inside its namespace.
+struct TcpPort {
+    id: String,
+    port: u16,
+    lifecycle: Arc<dyn Lifecycle>,
+}
+
+impl UserData for TcpPort {
+    fn add_methods<M: UserDataMethods<Self>>(m: &mut M) {
+        // fetch(input, init?): as `fetch`, but to this port of the container, whatever the
+        // URL's host (the seed's `getTcpPort(8080).fetch("http://container/...")`).
+        m.add_async_method("fetch", |lua, this, (input, init): (Value, Option<Value>)| async move {
+            let req = LuaRequest::construct(&lua, input, init)?;
+            let (l, id, port) = (this.lifecycle.clone(), this.id.clone(), this.port);
+            let stream = off_worker(move || l.connect(&id, port)).await?;
+            Box::pin(send(&lua, stream, req, &this.id, this.port)).await
+        });
+    }
+}
+
+/// Sends `req` over `stream` (HTTP/1.1) and answers with the container's response.
+async fn send(lua: &Lua, stream: std::net::TcpStream, req: LuaRequest, id: &str, port: u16) -> Result<LuaResponse> {
+    let failed = |e: &dyn std::fmt::Display| mlua::Error::runtime(format!("getTcpPort({port}) of {id}: {e}"));
+    let LuaRequest { method, url, headers, body, .. } = req;
+    let url = url::Url::parse(&url).map_err(mlua::Error::external)?;
+    let origin_form = &url[url::Position::BeforePath..url::Position::AfterQuery];
+    let stream = tokio::net::TcpStream::from_std(stream).map_err(|e| failed(&e))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.map_err(|e| failed(&e))?;
+    tokio::task::spawn_local(async move {
+        let _ = conn.await;
+    });
+    let mut headers = headers.into_map();
+    crate::headers::strip_hop_by_hop(&mut headers);
+    let host = url.host_str().unwrap_or("container").to_string();
+    headers.insert(http::header::HOST, http::HeaderValue::from_str(&host).map_err(mlua::Error::external)?);
+    let mut request = http::Request::new(body.take()?);
+    *request.method_mut() = method;
+    *request.uri_mut() = http::Uri::try_from(origin_form).map_err(mlua::Error::external)?;
+    *request.headers_mut() = headers;
+    let resp = sender.send_request(request).await.map_err(|e| failed(&e))?;
+    super::fetch::response_from_upstream(lua, resp, url.to_string())
+}
