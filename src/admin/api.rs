@@ -9,6 +9,10 @@ use crate::policy::overrides::{HandlerSpec, Setter};
 use crate::proxy::overrides::ApplyError;
 use crate::proxy::state::Shared;
 
+/// Most bytes an admin request body may have (`moat blob put` through a running instance
+/// sends whole objects).
+pub(super) const MAX_BODY: usize = 256 << 20;
+
 /// An answer: status and JSON body (or Prometheus text for `/metrics`).
 pub struct Answer {
     pub status: StatusCode,

@@ -140,7 +140,7 @@ async fn into_container(
         .and_then(|v| v.to_str().ok())
         .map_or("application/octet-stream".to_string(), str::to_string);
     use http_body_util::BodyExt;
-    match http_body_util::Limited::new(response.into_body(), super::server::MAX_BODY).collect().await {
+    match http_body_util::Limited::new(response.into_body(), super::api::MAX_BODY).collect().await {
         Ok(b) => Answer { status, body: b.to_bytes().to_vec(), content_type: content_type.into() },
         Err(e) => failed(&e),
     }

@@ -13,10 +13,6 @@ use tokio::net::UnixListener;
 
 use crate::proxy::state::Shared;
 
-/// Most bytes an admin request body may have (`moat blob put` through a running instance
-/// sends whole objects).
-pub(super) const MAX_BODY: usize = 256 << 20;
-
 /// Binds the admin socket (replacing a stale one), mode 0600.
 pub async fn bind(path: &Path) -> std::io::Result<UnixListener> {
     if let Some(dir) = path.parent() {
@@ -116,7 +112,7 @@ async fn serve_connection<I>(
                 crate::identity::constant_time_eq(given.as_bytes(), format!("Bearer {t}").as_bytes())
             });
             let a = if authorized {
-                let body = match Limited::new(body, MAX_BODY).collect().await {
+                let body = match Limited::new(body, super::api::MAX_BODY).collect().await {
                     Ok(b) => b.to_bytes(),
                     Err(_) => Bytes::new(),
                 };

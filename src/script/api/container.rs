@@ -21,9 +21,19 @@ pub trait OverrideSink {
 }
 
 /// The handle `moat.container(id)` returns.
-pub(super) struct LuaContainer {
-    pub(super) id: String,
-    pub(super) sink: Rc<dyn OverrideSink>,
+struct LuaContainer {
+    id: String,
+    sink: Rc<dyn OverrideSink>,
+}
+
+impl super::lifecycle::Handle for LuaContainer {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn lifecycle(&self) -> Option<std::sync::Arc<dyn crate::lifecycle::Lifecycle>> {
+        self.sink.lifecycle()
+    }
 }
 
 pub fn install(lua: &Lua, sink: Option<Rc<dyn OverrideSink>>) -> Result<()> {

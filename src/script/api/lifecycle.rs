@@ -7,14 +7,19 @@ use std::sync::Arc;
 
 use mlua::{Lua, LuaSerdeExt, Result, Table, UserData, UserDataFields, UserDataMethods, Value};
 
-use super::container::LuaContainer;
 use super::request::LuaRequest;
 use super::response::LuaResponse;
 use crate::lifecycle::{Lifecycle, LifecycleError, StartSpec, State};
 
-fn lifecycle(this: &LuaContainer) -> Result<Arc<dyn Lifecycle>> {
-    this.sink
-        .lifecycle()
+/// What the lifecycle methods need of `moat.container(id)`'s handle.
+pub(super) trait Handle {
+    fn id(&self) -> &str;
+    /// The daemon's containers; `None` under `moat run`.
+    fn lifecycle(&self) -> Option<Arc<dyn Lifecycle>>;
+}
+
+fn lifecycle<T: Handle>(this: &T) -> Result<Arc<dyn Lifecycle>> {
+    this.lifecycle()
         .ok_or_else(|| mlua::Error::runtime("moat.container: starting and managing containers needs moat serve"))
 }
 
@@ -29,16 +34,16 @@ async fn off_worker<T: Send + 'static>(
     tokio::task::spawn_blocking(work).await.map_err(mlua::Error::external)?.map_err(lua_error)
 }
 
-pub(super) fn add_fields<F: UserDataFields<LuaContainer>>(f: &mut F) {
-    f.add_field_method_get("running", |_, this| Ok(lifecycle(this)?.get(&this.id).is_some_and(|s| s.running)));
+pub(super) fn add_fields<T: Handle + 'static, F: UserDataFields<T>>(f: &mut F) {
+    f.add_field_method_get("running", |_, this| Ok(lifecycle(this)?.get(this.id()).is_some_and(|s| s.running)));
 }
 
-pub(super) fn add_methods<M: UserDataMethods<LuaContainer>>(m: &mut M) {
+pub(super) fn add_methods<T: Handle + 'static, M: UserDataMethods<T>>(m: &mut M) {
     // start{entrypoint = {...}, env = {...}, enableInternet = bool, class = ..., workdir = ...}
     m.add_async_method("start", |lua, this, options: Table| async move {
-        let l = lifecycle(&this)?;
+        let l = lifecycle(&*this)?;
         let spec = StartSpec {
-            id: this.id.clone(),
+            id: this.id().to_string(),
             class: options.get("class")?,
             entrypoint: options.get::<Option<Vec<String>>>("entrypoint")?.unwrap_or_default(),
             env: options.get::<Option<BTreeMap<String, String>>>("env")?.unwrap_or_default(),
@@ -49,23 +54,23 @@ pub(super) fn add_methods<M: UserDataMethods<LuaContainer>>(m: &mut M) {
         let status = off_worker(move || l.start(spec)).await?;
         lua.to_value(&status)
     });
-    m.add_method("signal", |_, this, number: i32| lifecycle(this)?.signal(&this.id, number).map_err(lua_error));
+    m.add_method("signal", |_, this, number: i32| lifecycle(this)?.signal(this.id(), number).map_err(lua_error));
     m.add_method("destroy", |_, this, message: Option<String>| {
-        lifecycle(this)?.destroy(&this.id, message).map_err(lua_error)
+        lifecycle(this)?.destroy(this.id(), message).map_err(lua_error)
     });
     // monitor(): waits for its end; its exit code, or an error with the destroy message.
     m.add_async_method("monitor", |_, this, ()| async move {
-        let mut rx =
-            lifecycle(&this)?.watch(&this.id).ok_or_else(|| lua_error(LifecycleError::NotFound(this.id.clone())))?;
+        let id = this.id().to_string();
+        let mut rx = lifecycle(&*this)?.watch(&id).ok_or_else(|| lua_error(LifecycleError::NotFound(id.clone())))?;
         let status = rx.wait_for(|s| !s.running).await.map_err(|_| mlua::Error::runtime("moat is stopping"))?.clone();
         match (status.state, status.error) {
             (State::Destroyed, Some(message)) => Err(mlua::Error::runtime(message)),
-            (State::Lost, _) => Err(mlua::Error::runtime(format!("container {} was lost", this.id))),
+            (State::Lost, _) => Err(mlua::Error::runtime(format!("container {id} was lost"))),
             _ => Ok(status.exit_code),
         }
     });
     m.add_method("getTcpPort", |_, this, port: u16| {
-        Ok(TcpPort { id: this.id.clone(), port, lifecycle: lifecycle(this)? })
+        Ok(TcpPort { id: this.id().to_string(), port, lifecycle: lifecycle(this)? })
     });
 }
 
