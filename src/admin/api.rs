@@ -63,6 +63,14 @@ pub fn route(shared: &Shared, method: &Method, path: &str, query: Option<&str>, 
         },
         (_, ["v1", "kv", binding, rest @ ..]) => kv_route(shared, method, binding, rest, query, body),
         (_, ["v1", "blob", bucket, rest @ ..]) => blob_route(shared, method, bucket, &rest.join("/"), query, body),
+        (&Method::POST, ["v1", "containers", id, "intercepts"]) => intercept(shared, id, body, query),
+        (&Method::GET, ["v1", "containers", id, "intercepts"]) => {
+            json_answer(StatusCode::OK, json!({ "id": id, "intercepts": shared.overrides.intercepts_json(id) }))
+        }
+        (&Method::DELETE, ["v1", "containers", id, "intercepts"]) => {
+            shared.overrides.clear_intercepts(id);
+            json_answer(StatusCode::OK, json!({ "ok": true }))
+        }
         (_, ["v1", "containers", id, rest @ ..]) => match setter_for(method, rest, body) {
             Ok(setter) => apply(shared, id, setter, query),
             Err(a) => a,
@@ -334,32 +342,73 @@ fn setter_for(method: &Method, rest: &[&str], body: &[u8]) -> Result<Setter, Ans
 }
 
 fn apply(shared: &Shared, id: &str, setter: Setter, query: Option<&str>) -> Answer {
-    if let Err(e) = crate::identity::ContainerId::parse(id) {
-        return error(StatusCode::BAD_REQUEST, "bad_container_id", e.to_string());
-    }
-    let wanted = query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("class=")));
-    let class = match (wanted, shared.class_count()) {
-        (Some(name), _) => shared.classes().map(|(_, c)| c).find(|c| &*c.config.name == name),
-        (None, 1) => shared.classes().map(|(_, c)| c).next(),
-        (None, _) => {
-            return error(StatusCode::BAD_REQUEST, "class_required", "several classes are served: add ?class=NAME");
-        }
-    };
-    let Some(class) = class else {
-        return error(StatusCode::NOT_FOUND, "unknown_class", format!("no class {:?}", wanted.unwrap_or_default()));
-    };
-    let Some(generation) = class.current() else {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "policy_not_loaded",
-            format!("class {} has no loaded policy", class.config.name),
-        );
+    let generation = match generation_for(shared, id, query) {
+        Ok(g) => g,
+        Err(a) => return a,
     };
     match shared.overrides.apply(id, setter, &generation) {
         Ok(spec) => json_answer(StatusCode::OK, json!({ "id": id, "overrides": spec })),
         Err(ApplyError::Setter(e)) => error(StatusCode::BAD_REQUEST, e.code(), e.to_string()),
         Err(ApplyError::Store(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()),
     }
+}
+
+/// `POST /v1/containers/{id}/intercepts` `{"kind": "http"|"https"|"all", "target"?, "handler", "props"?}`.
+fn intercept(shared: &Shared, id: &str, body: &[u8], query: Option<&str>) -> Answer {
+    let generation = match generation_for(shared, id, query) {
+        Ok(g) => g,
+        Err(a) => return a,
+    };
+    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let Some(kind) = v["kind"].as_str().and_then(crate::policy::intercepts::InterceptKind::parse) else {
+        return error(StatusCode::BAD_REQUEST, "bad_request", "kind: http, https or all");
+    };
+    let Some(method) = v["handler"].as_str() else {
+        return error(StatusCode::BAD_REQUEST, "bad_request", "handler: the name of an outboundHandlers entry");
+    };
+    let handler = HandlerSpec { method: method.to_string(), params: Some(v["props"].clone()).filter(|p| !p.is_null()) };
+    match shared.overrides.intercept(id, kind, v["target"].as_str(), handler, &generation) {
+        Ok(()) => json_answer(StatusCode::OK, json!({ "id": id, "intercepts": shared.overrides.intercepts_json(id) })),
+        Err(e) => error(StatusCode::BAD_REQUEST, e.code(), e.to_string()),
+    }
+}
+
+/// The current generation of the class a container's setter is validated against:
+/// `?class=NAME`, else the only class.
+fn generation_for(
+    shared: &Shared,
+    id: &str,
+    query: Option<&str>,
+) -> Result<std::sync::Arc<crate::script::Generation>, Answer> {
+    if let Err(e) = crate::identity::ContainerId::parse(id) {
+        return Err(error(StatusCode::BAD_REQUEST, "bad_container_id", e.to_string()));
+    }
+    let wanted = query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("class=")));
+    let class = match (wanted, shared.class_count()) {
+        (Some(name), _) => shared.classes().map(|(_, c)| c).find(|c| &*c.config.name == name),
+        (None, 1) => shared.classes().map(|(_, c)| c).next(),
+        (None, _) => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "class_required",
+                "several classes are served: add ?class=NAME",
+            ));
+        }
+    };
+    let Some(class) = class else {
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            "unknown_class",
+            format!("no class {:?}", wanted.unwrap_or_default()),
+        ));
+    };
+    class.current().ok_or_else(|| {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "policy_not_loaded",
+            format!("class {} has no loaded policy", class.config.name),
+        )
+    })
 }
 
 /// `%2A.example.com` → `*.example.com`. Invalid escapes are kept as written.

@@ -72,11 +72,21 @@ pub fn policy(socket: &Path, id: &str, class: Option<&str>, setter: &str, args: 
         }
         "removeDeniedHost" => ("DELETE", format!("{base}/denied-hosts/{}", encode_path(&arg(0, "HOST")?, false)), None),
         "clearOverrides" => ("DELETE", format!("{base}/overrides"), None),
+        "interceptOutboundHttp" | "interceptOutboundHttps" => {
+            let kind = if setter.ends_with("Https") { "https" } else { "http" };
+            let body = json!({ "kind": kind, "target": arg(0, "TARGET")?, "handler": arg(1, "HANDLER")?, "props": params(2)? });
+            ("POST", format!("{base}/intercepts"), Some(body))
+        }
+        "interceptAllOutboundHttp" => {
+            let body = json!({ "kind": "all", "handler": arg(0, "HANDLER")?, "props": params(1)? });
+            ("POST", format!("{base}/intercepts"), Some(body))
+        }
         other => {
             return Err(usage(&format!(
                 "unknown setter {other:?}: use show, setOutboundHandler, removeOutboundHandler, setOutboundByHost, \
                  setOutboundByHosts, removeOutboundByHost, setAllowedHosts, setDeniedHosts, allowHost, denyHost, \
-                 removeAllowedHost, removeDeniedHost or clearOverrides"
+                 removeAllowedHost, removeDeniedHost, clearOverrides, interceptOutboundHttp, interceptOutboundHttps or \
+                 interceptAllOutboundHttp"
             )));
         }
     };

@@ -44,6 +44,21 @@ pub struct Overrides {
     pub outbound: Option<Arc<NamedHandler>>,
     /// What the container was started with ([`ContainerSettings`]), over the class's.
     pub settings: ContainerSettings,
+    /// The seed's intercepts, for the container's life: before its per-host overrides
+    /// (step 3) and its catch-all (step 5).
+    pub intercepts: Intercepts,
+}
+
+/// A container's intercepts (`interceptOutboundHttp`, `interceptOutboundHttps`,
+/// `interceptAllOutboundHttp`), compiled: each names an `outboundHandlers` entry.
+#[derive(Clone, Debug, Default)]
+pub struct Intercepts {
+    /// Plain HTTP requests whose host (or IP, IP:port, CIDR) matches.
+    pub http: ByHost<Arc<NamedHandler>>,
+    /// HTTPS requests whose host matches; such TLS is intercepted whatever the class says.
+    pub https: ByHost<Arc<NamedHandler>>,
+    /// Every plain HTTP request.
+    pub all: Option<Arc<NamedHandler>>,
 }
 
 /// What a container was started with that changes how it is decided: `moat run
@@ -69,9 +84,11 @@ pub fn effective_internet(class: &ClassPolicy, inst: Option<&Overrides>) -> bool
     inst.and_then(|o| o.settings.enable_internet).unwrap_or(class.enable_internet)
 }
 
-/// The effective `interceptHttps` (the container's setting if made, else the class's).
-pub fn effective_intercept(class: &ClassPolicy, inst: Option<&Overrides>) -> bool {
-    inst.and_then(|o| o.settings.intercept_https).unwrap_or(class.intercept_https)
+/// The effective `interceptHttps` for TLS to `host:port`: the container's setting if made,
+/// else the class's; always when one of the container's HTTPS intercepts names the host.
+pub fn effective_intercept(class: &ClassPolicy, inst: Option<&Overrides>, host: &CanonicalHost, port: u16) -> bool {
+    inst.is_some_and(|o| o.intercepts.https.find(host, port).is_some())
+        || inst.and_then(|o| o.settings.intercept_https).unwrap_or(class.intercept_https)
 }
 
 /// Why a request was denied; the value of the `moat-denied` header.
@@ -180,19 +197,33 @@ impl Verdict {
     }
 }
 
-/// Runs the nine steps for one HTTP request (plain, or inside intercepted TLS).
+/// Runs the nine steps for one plain HTTP request.
 pub fn decide(host: &CanonicalHost, port: u16, class: &ClassPolicy, inst: Option<&Overrides>) -> Verdict {
+    decide_request(host, port, false, class, inst)
+}
+
+/// Runs the nine steps for one HTTP request, plain or (`https`) inside intercepted TLS.
+pub fn decide_request(
+    host: &CanonicalHost,
+    port: u16,
+    https: bool,
+    class: &ClassPolicy,
+    inst: Option<&Overrides>,
+) -> Verdict {
     if let Some(v) = gate(host, port, class, inst) {
         return v;
     }
-    if let Some((key, handler)) = inst.and_then(|o| o.by_host.find(host, port)) {
+    let intercepts = inst.map(|o| &o.intercepts);
+    let intercepted = intercepts.and_then(|i| if https { i.https.find(host, port) } else { i.http.find(host, port) });
+    if let Some((key, handler)) = intercepted.or_else(|| inst.and_then(|o| o.by_host.find(host, port))) {
         let choice = HandlerChoice::InstanceByHost { key: key.as_str().to_string(), handler: handler.clone() };
         return Verdict::new(3, Decision::Handler(choice));
     }
     if let Some((key, ())) = class.by_host.find(host, port) {
         return Verdict::new(4, Decision::Handler(HandlerChoice::ClassByHost { key: key.as_str().to_string() }));
     }
-    if let Some(handler) = inst.and_then(|o| o.outbound.clone()) {
+    let catch_all = intercepts.and_then(|i| i.all.clone()).filter(|_| !https);
+    if let Some(handler) = catch_all.or_else(|| inst.and_then(|o| o.outbound.clone())) {
         return Verdict::new(5, Decision::Handler(HandlerChoice::InstanceOutbound(handler)));
     }
     if class.has_outbound {

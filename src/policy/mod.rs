@@ -2,12 +2,14 @@
 
 pub mod decide;
 pub mod host;
+pub mod intercepts;
 pub mod overrides;
 pub mod pattern;
 pub mod rules;
 
 pub use decide::{
-    ClassPolicy, ContainerSettings, Decision, DenyReason, HandlerChoice, Overrides, decide, decide_tunnel,
+    ClassPolicy, ContainerSettings, Decision, DenyReason, HandlerChoice, Overrides, decide, decide_request,
+    decide_tunnel,
 };
 pub use host::CanonicalHost;
 pub use pattern::HostPattern;

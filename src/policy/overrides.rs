@@ -190,6 +190,7 @@ impl OverrideSpec {
             by_host: ByHost::new(by_host),
             outbound,
             settings: Default::default(),
+            intercepts: Default::default(),
         };
         (compiled, dropped)
     }

@@ -23,7 +23,7 @@ use super::state::ClassId;
 use super::worker::Worker;
 use crate::log::Logged;
 use crate::policy::decide::{effective_allowed, effective_denied, effective_intercept, effective_internet};
-use crate::policy::{CanonicalHost, Decision, decide, decide_tunnel, host::split_authority};
+use crate::policy::{CanonicalHost, Decision, decide_tunnel, host::split_authority};
 use crate::upstream::{DialRules, Target, UpstreamError};
 
 /// Serves a CONNECT request; the client connection ends with it.
@@ -277,9 +277,9 @@ fn plan_for(
     let overrides = shared.overrides.get(container.as_str(), g);
     // Intercepted TLS runs each request through the whole order, so a host that a handler
     // answers opens a tunnel; otherwise only steps 1, 2, 7, 8, 9 can apply (SPEC 4.3).
-    let intercept = effective_intercept(&g.policy, overrides.as_deref());
+    let intercept = effective_intercept(&g.policy, overrides.as_deref(), &host, port);
     let verdict = if intercept {
-        decide(&host, port, &g.policy, overrides.as_deref())
+        crate::policy::decide_request(&host, port, true, &g.policy, overrides.as_deref())
     } else {
         decide_tunnel(&host, port, &g.policy, overrides.as_deref())
     };

@@ -7,7 +7,8 @@ use std::sync::{Arc, RwLock};
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::policy::overrides::{OverrideSpec, Setter, SetterError};
+use crate::policy::intercepts::{InterceptKind, InterceptSpec};
+use crate::policy::overrides::{HandlerSpec, OverrideSpec, Setter, SetterError};
 use crate::policy::{ContainerSettings, Overrides};
 use crate::script::Generation;
 
@@ -34,6 +35,8 @@ pub struct OverrideStore {
     compiled: RwLock<HashMap<String, Compiled>>,
     /// What running containers were started with: in memory only, for their life.
     settings: RwLock<HashMap<String, ContainerSettings>>,
+    /// Containers' intercepts: in memory only, until the container stops.
+    intercepts: RwLock<HashMap<String, InterceptSpec>>,
 }
 
 impl OverrideStore {
@@ -65,6 +68,7 @@ impl OverrideStore {
             specs: RwLock::new(specs),
             compiled: RwLock::new(HashMap::new()),
             settings: RwLock::new(HashMap::new()),
+            intercepts: RwLock::new(HashMap::new()),
         })
     }
 
@@ -76,11 +80,13 @@ impl OverrideStore {
         }
         let spec = self.specs.read().unwrap_or_else(|e| e.into_inner()).get(container).cloned();
         let settings = self.settings.read().unwrap_or_else(|e| e.into_inner()).get(container).copied();
-        if spec.is_none() && settings.is_none() {
+        let intercepts = self.intercepts.read().unwrap_or_else(|e| e.into_inner()).get(container).cloned();
+        if spec.is_none() && settings.is_none() && intercepts.is_none() {
             return None;
         }
         let (mut compiled, dropped) = spec.unwrap_or_default().compile(&generation.policy);
         compiled.settings = settings.unwrap_or_default();
+        compiled.intercepts = intercepts.map(|i| i.compile(&generation.policy)).unwrap_or_default();
         for name in dropped {
             tracing::warn!(container, class = %generation.class, "override names handler {name:?}, which generation {} no longer has: ignored", generation.number);
         }
@@ -102,6 +108,35 @@ impl OverrideStore {
             all.insert(container.to_string(), settings);
         }
         self.compiled.write().unwrap_or_else(|e| e.into_inner()).remove(container);
+    }
+
+    /// Adds an intercept for `container` (validated against `generation`'s class); it holds
+    /// from the next request on, on open connections too, until [`Self::clear_intercepts`].
+    pub fn intercept(
+        &self,
+        container: &str,
+        kind: InterceptKind,
+        target: Option<&str>,
+        handler: HandlerSpec,
+        generation: &Generation,
+    ) -> Result<(), SetterError> {
+        let mut all = self.intercepts.write().unwrap_or_else(|e| e.into_inner());
+        let mut spec = all.get(container).cloned().unwrap_or_default();
+        spec.add(kind, target, handler, &generation.class, &generation.policy)?;
+        all.insert(container.to_string(), spec);
+        self.compiled.write().unwrap_or_else(|e| e.into_inner()).remove(container);
+        Ok(())
+    }
+
+    /// Drops `container`'s intercepts (it has stopped).
+    pub fn clear_intercepts(&self, container: &str) {
+        self.intercepts.write().unwrap_or_else(|e| e.into_inner()).remove(container);
+        self.compiled.write().unwrap_or_else(|e| e.into_inner()).remove(container);
+    }
+
+    /// `container`'s intercepts as JSON (empty lists when none).
+    pub fn intercepts_json(&self, container: &str) -> serde_json::Value {
+        self.intercepts.read().unwrap_or_else(|e| e.into_inner()).get(container).cloned().unwrap_or_default().to_json()
     }
 
     /// The overrides of `container` as set.

@@ -15,7 +15,7 @@ use super::worker::Worker;
 use crate::body::Body;
 use crate::identity::{self, AuthError, ContainerId};
 use crate::log::Logged;
-use crate::policy::{Decision, DenyReason, HandlerChoice, Overrides, decide};
+use crate::policy::{Decision, DenyReason, HandlerChoice, Overrides};
 use crate::script::api::body::{BodySlot, SharedBody};
 use crate::script::api::headers::LuaHeaders;
 use crate::script::api::request::LuaRequest;
@@ -236,7 +236,13 @@ fn decide_phase(
     let generation = &runtime.generation;
     log.generation = generation.number;
     let overrides = worker.shared.overrides.get(container.as_str(), generation);
-    let verdict = decide(&target.host, target.port, &generation.policy, overrides.as_deref());
+    let verdict = crate::policy::decide_request(
+        &target.host,
+        target.port,
+        target.https,
+        &generation.policy,
+        overrides.as_deref(),
+    );
     Ok((Decided { runtime, overrides }, verdict.decision))
 }
 

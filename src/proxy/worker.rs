@@ -121,6 +121,17 @@ impl crate::script::api::container::OverrideSink for StoreSink {
         self.shared.overrides.apply(container, setter, &generation).map(|_| ()).map_err(|e| e.to_string())
     }
 
+    fn intercept(
+        &self,
+        container: &str,
+        kind: crate::policy::intercepts::InterceptKind,
+        target: Option<&str>,
+        handler: crate::policy::overrides::HandlerSpec,
+    ) -> Result<(), String> {
+        let generation = self.shared.class(self.class).current().ok_or("policy not loaded")?;
+        self.shared.overrides.intercept(container, kind, target, handler, &generation).map_err(|e| e.to_string())
+    }
+
     fn lifecycle(&self) -> Option<Arc<dyn crate::lifecycle::Lifecycle>> {
         self.shared.lifecycle.get().cloned()
     }

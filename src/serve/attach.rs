@@ -97,6 +97,7 @@ async fn serve_one(
     }
     tasks.abort_all();
     shared.overrides.set_settings(container.as_str(), Default::default());
+    shared.overrides.clear_intercepts(container.as_str());
     tracing::info!(container = %container, "moat run (pid {peer}) detached");
     Ok(())
 }

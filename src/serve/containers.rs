@@ -346,6 +346,7 @@ impl Supervisor {
     fn ended(&self, container: &ContainerId, code: i32) {
         let id = container.as_str();
         self.shared.overrides.set_settings(id, Default::default());
+        self.shared.overrides.clear_intercepts(id);
         self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
         let status = {
             let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());

@@ -258,3 +258,99 @@ fn a_handler_routes_requests_into_a_container_and_manages_containers_from_lua() 
     let (code, out, err) = moat(d, &["stop", "tool"]);
     assert_eq!((code, out.as_str()), (0, "143\n"), "{err}");
 }
+
+const INTERCEPT_POLICY: &str = r#"
+allowedHosts = { "*.test" }
+outboundByHost = {
+  ["a.test"] = function() return Response.new("class a\n") end,
+  ["ctl.test"] = function(request, env, ctx)
+    moat.container(ctx.containerId):interceptAllOutboundHttp("mock", { tag = "lua" })
+    return Response.new("intercepting all\n")
+  end,
+}
+outboundHandlers = {
+  mock = function(request, env, ctx)
+    return Response.new("mock " .. ctx.containerId .. " " .. request.url .. " " .. tostring(ctx.params and ctx.params.tag) .. "\n")
+  end,
+}
+"#;
+
+/// One keep-alive connection to a.test: a request, then (once $SYNC/go exists) another.
+const KEEPALIVE_CLIENT: &str = r#"
+import os, socket, time
+def get(s, host, path):
+    s.sendall(("GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (path, host)).encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(4096)
+    head, body = data.split(b"\r\n\r\n", 1)
+    n = next(int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:"))
+    while len(body) < n:
+        body += s.recv(4096)
+    return body.decode().strip()
+s = socket.create_connection(("a.test", 80))
+print("first", get(s, "a.test", "/1"), flush=True)
+print("phase1", flush=True)
+while not os.path.exists(os.environ["SYNC"] + "/go"):
+    time.sleep(0.05)
+print("again", get(s, "a.test", "/2"), flush=True)
+"#;
+
+#[test]
+fn each_intercept_routes_the_containers_requests_to_its_handler_before_and_after_start() {
+    if !sandbox_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.lua"), INTERCEPT_POLICY).unwrap();
+    let serve = Moat::serve_folder(dir.path());
+    let d = dir.path();
+    let socket = d.join("data/admin.sock");
+    let set = |body: &str| admin(&socket, "POST", "/v1/containers/ic/intercepts", Some(body));
+    // Before it starts: plain HTTP to b.test, and HTTPS to c.test (the class does not intercept).
+    assert_eq!(set(r#"{"kind":"http","target":"b.test","handler":"mock","props":{"tag":"before"}}"#).0, 200);
+    assert_eq!(set(r#"{"kind":"https","target":"c.test","handler":"mock","props":{"tag":"tls"}}"#).0, 200);
+    let (status, body) = set(r#"{"kind":"http","target":"d.test","handler":"nope"}"#);
+    assert!(status == 400 && body.contains("Outbound handler method 'nope' not found"), "{body}");
+    let sync = d.join("sync");
+    std::fs::create_dir(&sync).unwrap();
+    let script = r#"
+curl -s -m 10 http://b.test/x
+curl -s -m 10 https://c.test/y
+echo "d before: $(curl -s -m 10 -o /dev/null -w '%{http_code}' http://d.test/)"
+python3 -c "$CLIENT"
+curl -s -m 10 http://ctl.test/
+curl -s -m 10 http://d.test/z
+"#;
+    let (code, _, err) = moat(
+        d,
+        &[
+            "start",
+            "--id",
+            "ic",
+            "--env",
+            &format!("SYNC={}", sync.display()),
+            "--env",
+            &format!("CLIENT={KEEPALIVE_CLIENT}"),
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    log_with(d, "ic", "phase1");
+    // After start, while its connection to a.test stays open: that connection's next request
+    // goes to the handler.
+    assert_eq!(set(r#"{"kind":"http","target":"a.test","handler":"mock","props":{"tag":"after"}}"#).0, 200);
+    std::fs::write(sync.join("go"), "").unwrap();
+    let (code, out, err) = moat(d, &["wait", "ic"]);
+    assert_eq!((code, out.as_str()), (0, "0\n"), "{err}");
+    let log = log_with(d, "ic", "mock ic http://d.test/z lua");
+    let expected = "mock ic http://b.test/x before\nmock ic https://c.test/y tls\nd before: 502\nfirst class a\nphase1\n\
+                    again mock ic http://a.test/2 after\nintercepting all\nmock ic http://d.test/z lua\n";
+    assert_eq!(log, expected, "{}", serve.logs());
+    // Its intercepts ended with it.
+    let (_, now) = admin(&socket, "GET", "/v1/containers/ic/intercepts", None);
+    assert!(now.contains(r#""http":[]"#) && now.contains(r#""all":null"#), "{now}");
+}

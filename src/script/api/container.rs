@@ -14,6 +14,18 @@ pub trait OverrideSink {
     /// Applies `setter` to `container`; the error is the user-facing message.
     fn apply(&self, container: &str, setter: Setter) -> std::result::Result<(), String>;
 
+    /// Adds one of the seed's intercepts for `container`; the error is the user-facing message.
+    fn intercept(
+        &self,
+        container: &str,
+        kind: crate::policy::intercepts::InterceptKind,
+        target: Option<&str>,
+        handler: HandlerSpec,
+    ) -> std::result::Result<(), String> {
+        let _ = (container, kind, target, handler);
+        Err("intercepts need a running moat".into())
+    }
+
     /// The daemon's containers, for the lifecycle methods (none under `moat run`).
     fn lifecycle(&self) -> Option<std::sync::Arc<dyn crate::lifecycle::Lifecycle>> {
         None
@@ -96,6 +108,19 @@ impl UserData for LuaContainer {
         m.add_method("removeAllowedHost", |_, this, h: String| run(this, Setter::RemoveAllowedHost(h)));
         m.add_method("removeDeniedHost", |_, this, h: String| run(this, Setter::RemoveDeniedHost(h)));
         m.add_method("clearOverrides", |_, this, ()| run(this, Setter::ClearOverrides));
+        use crate::policy::intercepts::InterceptKind;
+        fn intercept(this: &LuaContainer, kind: InterceptKind, target: Option<&str>, h: HandlerSpec) -> Result<()> {
+            this.sink.intercept(&this.id, kind, target, h).map_err(mlua::Error::runtime)
+        }
+        m.add_method("interceptOutboundHttp", |lua, this, (target, name, props): (String, String, Value)| {
+            intercept(this, InterceptKind::Http, Some(&target), handler(lua, name, props)?)
+        });
+        m.add_method("interceptOutboundHttps", |lua, this, (host, name, props): (String, String, Value)| {
+            intercept(this, InterceptKind::Https, Some(&host), handler(lua, name, props)?)
+        });
+        m.add_method("interceptAllOutboundHttp", |lua, this, (name, props): (String, Value)| {
+            intercept(this, InterceptKind::All, None, handler(lua, name, props)?)
+        });
         super::lifecycle::add_methods(m);
     }
 
