@@ -104,6 +104,22 @@ enum Command {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
+    /// Another process in a running container (started by `moat exec`, not by hand).
+    #[command(name = "__sandbox-exec", hide = true)]
+    SandboxExec {
+        pid: u32,
+        data_dir: PathBuf,
+        #[arg(last = true)]
+        cmd: Vec<String>,
+    },
+    /// Run CMD in a running container: same namespaces, user and environment (root only).
+    Exec {
+        #[command(flatten)]
+        admin: AdminFlags,
+        id: String,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
     /// The sandbox's first process (started by `moat run`, not by hand).
     #[command(name = "__sandbox-init", hide = true)]
     SandboxInit {
@@ -341,6 +357,22 @@ fn main() -> ExitCode {
                 Err(Failure::Usage(msg) | Failure::Runtime(msg)) => {
                     eprintln!("moat: {msg}");
                     ExitCode::from(2)
+                }
+            };
+        }
+        Command::SandboxExec { pid, data_dir, cmd } => {
+            return ExitCode::from(u8::try_from(moat::cli::sandbox_exec(pid, &data_dir, &cmd)).unwrap_or(1));
+        }
+        Command::Exec { admin, id, cmd } => {
+            return match admin_config(admin).and_then(|c| moat::cli::containers::exec(&c, &id, &cmd).map_err(failure)) {
+                Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+                Err(Failure::Usage(m)) => {
+                    eprintln!("moat: {m}");
+                    ExitCode::from(2)
+                }
+                Err(Failure::Runtime(m)) => {
+                    eprintln!("moat: {m}");
+                    ExitCode::from(1)
                 }
             };
         }

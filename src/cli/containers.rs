@@ -181,3 +181,25 @@ pub fn port(
     }
     Ok(())
 }
+
+/// `moat exec ID -- CMD`: CMD in the running container `id`, as its command runs (same
+/// namespaces, user, environment, no privileges); returns CMD's exit code.
+pub fn exec(config: &Config, id: &str, cmd: &[String]) -> Result<i32, CommandError> {
+    if !rustix::process::geteuid().is_root() {
+        return Err(CommandError(2, "moat exec needs root (it enters another process's namespaces)".into()));
+    }
+    let v = call(config, "GET", &path(id, ""), None)?;
+    let pid = v["lifecycle"]["pid"].as_u64().filter(|_| v["lifecycle"]["running"].as_bool() == Some(true));
+    let pid = pid.ok_or_else(|| CommandError(2, format!("container {id} is not running")))?;
+    let exe = std::env::current_exe().map_err(|e| CommandError(1, format!("cannot find moat's own binary: {e}")))?;
+    // A fresh process: entering namespaces needs a single thread.
+    let status = std::process::Command::new(exe)
+        .arg("__sandbox-exec")
+        .arg(pid.to_string())
+        .arg(std::path::absolute(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone()))
+        .arg("--")
+        .args(cmd)
+        .status()
+        .map_err(|e| CommandError(1, format!("cannot run moat exec: {e}")))?;
+    Ok(crate::sandbox::exit_code(status))
+}

@@ -6,6 +6,12 @@ pub mod run;
 
 /// `moat __sandbox-init SOCKET -- CMD`: the sandbox's first process (see `sandbox::init`);
 /// returns its exit code.
+/// `moat __sandbox-exec PID DATA_DIR -- CMD`: another process in a running container (see
+/// `sandbox::exec`); returns its exit code.
+pub fn sandbox_exec(pid: u32, data_dir: &std::path::Path, cmd: &[String]) -> i32 {
+    crate::sandbox::exec::main(pid, data_dir, cmd)
+}
+
 pub fn sandbox_init(
     handover: std::path::PathBuf,
     hide: Vec<std::path::PathBuf>,

@@ -292,7 +292,7 @@ fn hide_file(file: &Path) -> Result<(), String> {
 /// root of the user namespace could unmount what hides moat's data folder. The init step
 /// first becomes `user` (see [`Become`]); then the bounding set is emptied, root's exec gains
 /// nothing (securebits), and `no_new_privs` is set.
-fn drop_privileges(user: Become) -> Result<(), String> {
+pub(super) fn drop_privileges(user: Become) -> Result<(), String> {
     use rustix::process::{Gid, Uid};
     use rustix::thread::{CapabilitiesSecureBits as Bits, CapabilitySet, CapabilitySets};
     let failed = |what: &str, e: rustix::io::Errno| format!("cannot drop privileges ({what}): {e}");

@@ -14,6 +14,7 @@
 //! there, so the sandbox's identity is simply "which listener".
 
 pub mod attach;
+pub mod exec;
 pub mod init;
 pub mod users;
 mod wire;

@@ -354,3 +354,37 @@ curl -s -m 10 http://d.test/z
     let (_, now) = admin(&socket, "GET", "/v1/containers/ic/intercepts", None);
     assert!(now.contains(r#""http":[]"#) && now.contains(r#""all":null"#), "{now}");
 }
+
+#[test]
+fn exec_runs_another_process_in_the_same_container_with_its_identity() {
+    if !sandbox_available() || !rustix::process::geteuid().is_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.lua"), POLICY).unwrap();
+    let _serve = Moat::serve_folder(dir.path());
+    let d = dir.path();
+    let (code, _, err) =
+        moat(d, &["start", "--id", "ex", "--user", "nobody", "--env", "FOO=bar", "--", "sleep", "4430"]);
+    assert_eq!(code, 0, "{err}");
+    let script = "id -u; echo FOO=$FOO; curl -s -m 10 http://a.test/; grep CapEff /proc/self/status; \
+                  ls \"$DATA\" | tr '\\n' ' '; echo; (sleep 4431 >/dev/null 2>&1 &); exit 4";
+    let data = d.join("data");
+    let (code, out, err) =
+        moat(d, &["exec", "ex", "--", "env", &format!("DATA={}", data.display()), "sh", "-c", script]);
+    assert_eq!(code, 4, "{out}\n{err}");
+    assert_eq!(
+        out, "65534\nFOO=bar\nhi ex auth=nil\nCapEff:\t0000000000000000\nca-bundle.pem ca.pem resolv.conf \n",
+        "{err}"
+    );
+    let (code, out, err) = moat(d, &["stop", "ex"]);
+    assert_eq!((code, out.as_str()), (0, "143\n"), "{err}");
+    // What exec started was in the container: it ended with it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while processes_matching("sleep 4431") > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(processes_matching("sleep 4431"), 0);
+    let (code, _, err) = moat(d, &["exec", "ex", "--", "true"]);
+    assert!(code == 2 && err.contains("container ex is not running"), "{err}");
+}
