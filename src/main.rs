@@ -40,6 +40,34 @@ struct AdminFlags {
     admin: Option<String>,
 }
 
+/// What `moat run` and `moat start` are told about their container.
+#[derive(clap::Args)]
+struct ContainerFlags {
+    /// The container id (default: a fresh one, printed).
+    #[arg(long)]
+    id: Option<String>,
+    /// The class whose policy decides its traffic (needed when there are several).
+    #[arg(long)]
+    class: Option<String>,
+    /// A variable of its environment (repeatable); moat's own are not passed on.
+    #[arg(long, value_name = "K=V")]
+    env: Vec<String>,
+    /// Relay every other TCP port, names looked up (enableInternet for this container;
+    /// default: the class's).
+    #[arg(long, overrides_with = "no_internet")]
+    internet: bool,
+    /// Only ports 80 and 443 (enableInternet = false for this container).
+    #[arg(long)]
+    no_internet: bool,
+}
+
+impl ContainerFlags {
+    /// `--internet` (true), `--no-internet` (false), or neither.
+    fn internet(&self) -> Option<bool> {
+        (self.internet || self.no_internet).then_some(self.internet)
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the explicit HTTP proxy.
@@ -72,25 +100,11 @@ enum Command {
         /// Static DNS answer for moat's resolver, like /etc/hosts (repeatable).
         #[arg(long, value_name = "HOST=IP")]
         resolve: Vec<String>,
-        /// The container id (default: a fresh run-… id, printed at start).
-        #[arg(long)]
-        id: Option<String>,
-        /// The class whose policy runs (needed when the config has several).
-        #[arg(long)]
-        class: Option<String>,
+        #[command(flatten)]
+        container: ContainerFlags,
         /// Log format.
         #[arg(long, value_enum, default_value = "human")]
         log_format: LogFormat,
-        /// A variable for CMD's environment (repeatable).
-        #[arg(long, value_name = "K=V")]
-        env: Vec<String>,
-        /// Relay every other TCP port and let names be looked up (enableInternet for this
-        /// container; default: the class's).
-        #[arg(long, overrides_with = "no_internet")]
-        internet: bool,
-        /// Only ports 80 and 443, and no lookups (enableInternet = false for this container).
-        #[arg(long)]
-        no_internet: bool,
         /// Intercept HTTPS for this container (interceptHttps), whatever the class says.
         #[arg(long)]
         intercept_https: bool,
@@ -157,20 +171,8 @@ enum Command {
     Start {
         #[command(flatten)]
         admin: AdminFlags,
-        /// The container id (default: a fresh c-… id).
-        #[arg(long)]
-        id: Option<String>,
-        /// The class whose policy decides its traffic (needed when there are several).
-        #[arg(long)]
-        class: Option<String>,
-        /// A variable of its environment (repeatable); the daemon's own are not passed on.
-        #[arg(long, value_name = "K=V")]
-        env: Vec<String>,
-        /// enableInternet for this container (default: the class's).
-        #[arg(long, overrides_with = "no_internet")]
-        internet: bool,
-        #[arg(long)]
-        no_internet: bool,
+        #[command(flatten)]
+        container: ContainerFlags,
         /// Its working directory (default: the current one).
         #[arg(long)]
         workdir: Option<String>,
@@ -319,29 +321,16 @@ fn main() -> ExitCode {
                 moat::serve::run(c).map_err(|e| Failure::Runtime(format!("{e:#}")))
             })
         }
-        Command::Run {
-            cfg,
-            data_dir,
-            resolve,
-            id,
-            class,
-            log_format,
-            env,
-            internet,
-            no_internet,
-            intercept_https,
-            user,
-            weak,
-            cmd,
-        } => {
+        Command::Run { cfg, data_dir, resolve, container, log_format, intercept_https, user, weak, cmd } => {
             let _log = moat::log::init(log_format);
             let flags =
                 config::Overrides { config: cfg.config, policy: cfg.policy, data_dir, resolve, ..Default::default() };
+            let internet = container.internet();
             let options = moat::cli::run::RunOptions {
-                id,
-                class,
-                env,
-                internet: (internet || no_internet).then_some(internet),
+                id: container.id,
+                class: container.class,
+                env: container.env,
+                internet,
                 intercept_https,
                 user,
                 weak,
@@ -389,12 +378,13 @@ fn main() -> ExitCode {
             load_config(&flags)
                 .and_then(|c| moat::cli::explain(&c, id.as_deref(), &method, &url).map_err(Failure::Usage))
         }
-        Command::Start { admin, id, class, env, internet, no_internet, workdir, user, cmd } => {
+        Command::Start { admin, container, workdir, user, cmd } => {
+            let internet = container.internet();
             let options = moat::cli::containers::StartOptions {
-                id,
-                class,
-                env,
-                internet: (internet || no_internet).then_some(internet),
+                id: container.id,
+                class: container.class,
+                env: container.env,
+                internet,
                 workdir,
                 user,
             };

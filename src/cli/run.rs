@@ -142,7 +142,7 @@ fn beside(
             tokio::select! {
                 _ = ended => {}
                 // The serving moat has gone: nothing serves the sandbox, so it ends with it.
-                _ = closed(&server) => eprintln!("moat run: the moat serving this data folder has gone; ending the sandbox"),
+                _ = crate::sandbox::peer_closed(&server) => eprintln!("moat run: the moat serving this data folder has gone; ending the sandbox"),
             }
         };
         crate::sandbox::pass_signals_until(sandbox.init, until, &mut term, &mut int, &mut hup).await;
@@ -184,20 +184,6 @@ fn start_sandbox(
         workdir: None,
         output: None,
     })
-}
-
-/// Completes when the peer of `stream` has closed it.
-async fn closed(stream: &tokio::net::UnixStream) {
-    loop {
-        if stream.readable().await.is_err() {
-            return;
-        }
-        match stream.try_read(&mut [0u8; 64]) {
-            Ok(0) => return,
-            Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => return,
-            _ => {}
-        }
-    }
 }
 
 /// Whether the sandbox gets the relay: `--internet`/`--no-internet`, else where nft is

@@ -247,6 +247,20 @@ pub async fn pass_signals_until(
     }
 }
 
+/// Completes when the peer of `stream` has closed it (what it sends meanwhile is dropped).
+pub async fn peer_closed(stream: &tokio::net::UnixStream) {
+    loop {
+        if stream.readable().await.is_err() {
+            return;
+        }
+        match stream.try_read(&mut [0u8; 64]) {
+            Ok(0) => return,
+            Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => return,
+            _ => {}
+        }
+    }
+}
+
 /// Where `program` is: a folder of `PATH`, else the system folders an ordinary user's
 /// `PATH` often lacks (nft and ip are in /usr/sbin on Debian).
 pub fn find_program(program: &str) -> Option<std::path::PathBuf> {

@@ -84,17 +84,7 @@ async fn serve_one(
     tracing::info!(container = %container, class = class_name, "moat run (pid {peer}) attached its sandbox");
     // Served until the `moat run` goes away (its command ended, or it was killed).
     stream.set_nonblocking(true)?;
-    let stream = tokio::net::UnixStream::from_std(stream)?;
-    loop {
-        if stream.readable().await.is_err() {
-            break;
-        }
-        match stream.try_read(&mut [0u8; 64]) {
-            Ok(0) => break,
-            Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => break,
-            _ => {}
-        }
-    }
+    crate::sandbox::peer_closed(&tokio::net::UnixStream::from_std(stream)?).await;
     tasks.abort_all();
     shared.overrides.set_settings(container.as_str(), Default::default());
     shared.overrides.clear_intercepts(container.as_str());
