@@ -93,6 +93,60 @@ pub async fn route(
     Some(answer)
 }
 
+/// Whether `req` asks for raw TCP into a container: `Upgrade: tcp` on
+/// `/v1/containers/{id}/ports/{port}`.
+pub fn wants_tcp<B>(req: &http::Request<B>) -> bool {
+    let upgrade = req.headers().get(http::header::UPGRADE).and_then(|v| v.to_str().ok());
+    upgrade.is_some_and(|u| u.eq_ignore_ascii_case("tcp")) && tcp_target(req.uri().path()).is_some()
+}
+
+fn tcp_target(path: &str) -> Option<(String, u16)> {
+    match path.trim_matches('/').split('/').collect::<Vec<_>>().as_slice() {
+        ["v1", "containers", id, "ports", port] => Some((id.to_string(), port.parse().ok()?)),
+        _ => None,
+    }
+}
+
+/// The raw TCP variant of `getTcpPort`: `101 Switching Protocols`, then the admin
+/// connection carries the bytes of a connection made inside the container, both ways.
+pub async fn tcp_into_container(
+    lifecycle: Option<&Arc<dyn Lifecycle>>,
+    mut req: http::Request<hyper::body::Incoming>,
+) -> http::Response<http_body_util::Full<bytes::Bytes>> {
+    let reply = |a: Answer| {
+        http::Response::builder()
+            .status(a.status)
+            .header("content-type", a.content_type.as_ref())
+            .body(http_body_util::Full::new(bytes::Bytes::from(a.body)))
+            .expect("valid response")
+    };
+    let Some((id, port)) = tcp_target(req.uri().path()) else {
+        return reply(error(StatusCode::NOT_FOUND, "not_found", "raw TCP: /v1/containers/{id}/ports/{port}"));
+    };
+    let Some(l) = lifecycle.cloned() else {
+        return reply(error(StatusCode::NOT_FOUND, "not_found", "this moat runs no containers"));
+    };
+    // Refused before anything is promised: nobody on that port is a 502, not an empty tunnel.
+    let stream = match tokio::task::spawn_blocking(move || l.connect(&id, port)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(LifecycleError::Failed(why))) => return reply(error(StatusCode::BAD_GATEWAY, "connect_failed", why)),
+        Ok(Err(e)) => return reply(failure(&e)),
+        Err(e) => return reply(error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())),
+    };
+    let upgraded = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let (Ok(client), Ok(mut inside)) = (upgraded.await, tokio::net::TcpStream::from_std(stream)) else { return };
+        let mut client = hyper_util::rt::TokioIo::new(client);
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut inside).await;
+    });
+    http::Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(http::header::CONNECTION, "upgrade")
+        .header(http::header::UPGRADE, "tcp")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("valid response")
+}
+
 /// `getTcpPort(port).fetch`: the request, sent over a connection moat asked the container's
 /// init step for (made inside its network namespace), and the container's answer.
 async fn into_container(

@@ -106,11 +106,14 @@ async fn serve_connection<I>(
         let token = token.clone();
         let lifecycle = lifecycle.clone();
         async move {
-            let (parts, body) = req.into_parts();
             let authorized = token.as_deref().is_none_or(|t| {
-                let given = parts.headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
+                let given = req.headers().get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
                 crate::identity::constant_time_eq(given.as_bytes(), format!("Bearer {t}").as_bytes())
             });
+            if authorized && super::lifecycle::wants_tcp(&req) {
+                return Ok(super::lifecycle::tcp_into_container(lifecycle.as_ref(), req).await);
+            }
+            let (parts, body) = req.into_parts();
             let a = if authorized {
                 let body = match Limited::new(body, super::api::MAX_BODY).collect().await {
                     Ok(b) => b.to_bytes(),
@@ -137,5 +140,6 @@ async fn serve_connection<I>(
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(head_timeout)
         .serve_connection(io, svc)
+        .with_upgrades()
         .await;
 }

@@ -195,6 +195,22 @@ fn a_port_inside_a_container_is_reached_through_the_admin_api_and_moat_port() {
     let (status, body) =
         admin(&d.join("data/admin.sock"), "POST", "/v1/containers/web/ports/8080/submit", Some("a body"));
     assert_eq!((status, body.as_str()), (200, "echo POST /submit a body\n"));
+    // The raw TCP variant: an upgrade on the admin socket, then bytes both ways.
+    let mut raw = std::os::unix::net::UnixStream::connect(d.join("data/admin.sock")).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let upgrade =
+        "GET /v1/containers/web/ports/8080 HTTP/1.1\r\nHost: moat\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\n";
+    std::io::Write::write_all(&mut raw, upgrade.as_bytes()).unwrap();
+    let mut seen = Vec::new();
+    let mut byte = [0u8; 1];
+    while !seen.ends_with(b"\r\n\r\n") && std::io::Read::read(&mut raw, &mut byte).unwrap() == 1 {
+        seen.push(byte[0]);
+    }
+    assert!(seen.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&seen));
+    std::io::Write::write_all(&mut raw, b"GET /raw HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    let _ = std::io::Read::read_to_string(&mut raw, &mut answer);
+    assert!(answer.ends_with("echo GET /raw \n"), "{answer}");
     // Nobody on that port: a clear 502, not a hang.
     let (code, _, err) = moat(d, &["port", "web", "8081"]);
     assert!(code == 1 && err.contains("port 8081 of the container: Connection refused"), "{err}");
