@@ -404,3 +404,46 @@ fn exec_runs_another_process_in_the_same_container_with_its_identity() {
     let (code, _, err) = moat(d, &["exec", "ex", "--", "true"]);
     assert!(code == 2 && err.contains("container ex is not running"), "{err}");
 }
+
+#[test]
+fn a_handler_pipes_a_request_body_through_a_raw_connection_into_a_container() {
+    if !sandbox_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let policy = r#"
+allowedHosts = { "pipe.local" }
+outboundByHost = {
+  ["pipe.local"] = function(request)
+    return Response.new(moat.container("tcp"):getTcpPort(9000):connect(request.body))
+  end,
+}
+"#;
+    std::fs::write(dir.path().join("policy.lua"), policy).unwrap();
+    let serve = Moat::serve_folder(dir.path());
+    let d = dir.path();
+    // Not HTTP: reads everything until the other side closes, answers it upper-cased.
+    let server = r#"
+import socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 9000)); s.listen(4)
+print("listening", flush=True)
+while True:
+    c, _ = s.accept()
+    data = b""
+    while True:
+        chunk = c.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    c.sendall(data.upper())
+    c.close()
+"#;
+    let (code, _, err) = moat(d, &["start", "--id", "tcp", "--", "python3", "-c", server]);
+    assert_eq!(code, 0, "{err}");
+    log_with(d, "tcp", "listening");
+    let r = curl(&serve, "http://pipe.local/", &["--data-binary", "hello through a pipe"]);
+    assert_eq!((r.status, r.body.as_str()), (200, "HELLO THROUGH A PIPE"), "{}", serve.logs());
+    let (code, out, err) = moat(d, &["stop", "tcp"]);
+    assert_eq!((code, out.as_str()), (0, "143\n"), "{err}");
+}

@@ -91,6 +91,50 @@ impl UserData for TcpPort {
             let stream = off_worker(move || l.connect(&id, port)).await?;
             Box::pin(send(&lua, stream, req, &this.id, this.port)).await
         });
+        // connect(body?): a raw connection to this port; `body` (a string or a `.body`
+        // stream, e.g. the request's) is sent into it, then its write side is closed; what
+        // comes back is a `.body` stream for `Response.new` (the seed's connect + pipeTo).
+        m.add_async_method("connect", |lua, this, body: Value| async move {
+            let outgoing = super::body_from_lua(&lua, body)?.take()?;
+            let (l, id, port) = (this.lifecycle.clone(), this.id.clone(), this.port);
+            let stream = off_worker(move || l.connect(&id, port)).await?;
+            let stream = tokio::net::TcpStream::from_std(stream).map_err(mlua::Error::external)?;
+            let (mut rd, mut wr) = stream.into_split();
+            tokio::task::spawn_local(async move {
+                use http_body_util::BodyExt;
+                use tokio::io::AsyncWriteExt;
+                let mut outgoing = outgoing;
+                while let Some(Ok(frame)) = outgoing.frame().await {
+                    if let Ok(data) = frame.into_data()
+                        && wr.write_all(&data).await.is_err()
+                    {
+                        return;
+                    }
+                }
+                let _ = wr.shutdown().await;
+            });
+            let (tx, incoming) = crate::body::ChannelBody::new(None);
+            tokio::task::spawn_local(async move {
+                use tokio::io::AsyncReadExt;
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    match rd.read(&mut buf).await {
+                        Ok(0) => return,
+                        Ok(n) => {
+                            if tx.send(Ok(bytes::Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e.into())).await;
+                            return;
+                        }
+                    }
+                }
+            });
+            let slot = super::body::BodySlot::Stream(crate::body::boxed(incoming));
+            Ok(super::body::BodyHandle(super::body::SharedBody::new(slot)))
+        });
     }
 }
 
