@@ -335,35 +335,18 @@ fn main() -> ExitCode {
                 user,
                 weak,
             };
-            return match load_config(&flags) {
-                Ok(c) => match moat::cli::run::run(c, options, &cmd) {
-                    Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
-                    Err(msg) => {
-                        eprintln!("moat: {msg}");
-                        ExitCode::from(1)
-                    }
-                },
-                Err(Failure::Usage(msg) | Failure::Runtime(msg)) => {
-                    eprintln!("moat: {msg}");
-                    ExitCode::from(2)
-                }
-            };
+            // A config that does not load is the user's (2); a run that fails is 1.
+            return exit_with(
+                load_config(&flags).and_then(|c| moat::cli::run::run(c, options, &cmd).map_err(Failure::Runtime)),
+            );
         }
         Command::SandboxExec { pid, data_dir, cmd } => {
             return ExitCode::from(u8::try_from(moat::cli::sandbox_exec(pid, &data_dir, &cmd)).unwrap_or(1));
         }
         Command::Exec { admin, id, cmd } => {
-            return match admin_config(admin).and_then(|c| moat::cli::containers::exec(&c, &id, &cmd).map_err(failure)) {
-                Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
-                Err(Failure::Usage(m)) => {
-                    eprintln!("moat: {m}");
-                    ExitCode::from(2)
-                }
-                Err(Failure::Runtime(m)) => {
-                    eprintln!("moat: {m}");
-                    ExitCode::from(1)
-                }
-            };
+            return exit_with(
+                admin_config(admin).and_then(|c| moat::cli::containers::exec(&c, &id, &cmd).map_err(failure)),
+            );
         }
         Command::SandboxInit { handover, hide, r#become, relay, cmd } => {
             let code = moat::cli::sandbox_init(handover, hide, &r#become, relay, cmd);
@@ -398,17 +381,7 @@ fn main() -> ExitCode {
             admin_config(admin).and_then(|c| moat::cli::containers::kill(&c, &id, &signal).map_err(failure))
         }
         Command::Wait { admin, id } => {
-            return match admin_config(admin).and_then(|c| moat::cli::containers::wait(&c, &id).map_err(failure)) {
-                Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
-                Err(Failure::Usage(m)) => {
-                    eprintln!("moat: {m}");
-                    ExitCode::from(2)
-                }
-                Err(Failure::Runtime(m)) => {
-                    eprintln!("moat: {m}");
-                    ExitCode::from(1)
-                }
-            };
+            return exit_with(admin_config(admin).and_then(|c| moat::cli::containers::wait(&c, &id).map_err(failure)));
         }
         Command::Port { admin, data, id, port, method, path } => admin_config(admin)
             .and_then(|c| moat::cli::containers::port(&c, &id, port, &method, &path, data.as_deref()).map_err(failure)),
@@ -463,6 +436,22 @@ fn admin_config(flags: AdminFlags) -> Result<Config, Failure> {
         admin: flags.admin,
         ..Default::default()
     })
+}
+
+/// Exits with a command's own exit code (`moat wait`, `moat exec`), or 2/1 with the one line
+/// that says why it could not run.
+fn exit_with(result: Result<i32, Failure>) -> ExitCode {
+    match result {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(Failure::Usage(m)) => {
+            eprintln!("moat: {m}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Runtime(m)) => {
+            eprintln!("moat: {m}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn admin_socket(flags: AdminFlags) -> Result<PathBuf, Failure> {
