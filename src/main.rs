@@ -405,17 +405,7 @@ fn main() -> ExitCode {
         }
         Command::Init { dir } => moat::cli::init(&dir.unwrap_or_else(|| PathBuf::from("."))).map_err(Failure::Usage),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(Failure::Usage(msg)) => {
-            eprintln!("moat: {msg}");
-            ExitCode::from(2)
-        }
-        Err(Failure::Runtime(msg)) => {
-            eprintln!("moat: {msg}");
-            ExitCode::from(1)
-        }
-    }
+    exit_with(result.map(|()| 0))
 }
 
 /// Exit 2 (usage or config) or 1 (runtime), per SPEC 10.
@@ -438,8 +428,8 @@ fn admin_config(flags: AdminFlags) -> Result<Config, Failure> {
     })
 }
 
-/// Exits with a command's own exit code (`moat wait`, `moat exec`), or 2/1 with the one line
-/// that says why it could not run.
+/// Exits with a command's exit code (0 for most; CMD's for `moat run`, `wait`, `exec`), or
+/// 2/1 with the one line that says why it could not run.
 fn exit_with(result: Result<i32, Failure>) -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),

@@ -51,12 +51,8 @@ pub fn run(mut config: Config, options: RunOptions, cmd: &[String]) -> Result<i3
             pair.split_once('=').filter(|(k, _)| !k.is_empty()).ok_or_else(|| format!("--env {pair:?}: write K=V"))?;
         set(&mut env, k, v);
     }
-    if let Become::Switch { uid, .. } = user
-        && let Some(entry) = crate::sandbox::users::passwd().into_iter().find(|e| e.uid == uid)
-    {
-        set(&mut env, "HOME", &entry.home);
-        set(&mut env, "USER", &entry.name);
-        set(&mut env, "LOGNAME", &entry.name);
+    for (k, v) in crate::sandbox::users::login_env(user) {
+        set(&mut env, k, &v);
     }
     eprintln!("moat run: container {container}");
     let settings = ContainerSettings {

@@ -72,6 +72,11 @@ impl InterceptSpec {
         Ok(())
     }
 
+    /// Whether none is set.
+    pub fn is_empty(&self) -> bool {
+        self.http.is_empty() && self.https.is_empty() && self.all.is_none()
+    }
+
     /// Compiled for `class` (handlers a reload removed are dropped).
     pub fn compile(&self, class: &ClassPolicy) -> Intercepts {
         let named = |h: &HandlerSpec| {

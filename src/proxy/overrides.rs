@@ -34,9 +34,9 @@ pub struct OverrideStore {
     /// Compiled per container for the generation it was compiled against.
     compiled: RwLock<HashMap<String, Compiled>>,
     /// What running containers were started with: in memory only, for their life.
-    settings: RwLock<HashMap<String, ContainerSettings>>,
-    /// Containers' intercepts: in memory only, until the container stops.
-    intercepts: RwLock<HashMap<String, InterceptSpec>>,
+    /// What a container has for its life only (its start settings, its intercepts): in
+    /// memory, dropped together by [`Self::container_ended`].
+    lives: RwLock<HashMap<String, Life>>,
 }
 
 impl OverrideStore {
@@ -67,8 +67,7 @@ impl OverrideStore {
             path: shown,
             specs: RwLock::new(specs),
             compiled: RwLock::new(HashMap::new()),
-            settings: RwLock::new(HashMap::new()),
-            intercepts: RwLock::new(HashMap::new()),
+            lives: RwLock::new(HashMap::new()),
         })
     }
 
@@ -79,14 +78,15 @@ impl OverrideStore {
             return Some(o);
         }
         let spec = self.specs.read().unwrap_or_else(|e| e.into_inner()).get(container).cloned();
-        let settings = self.settings.read().unwrap_or_else(|e| e.into_inner()).get(container).copied();
-        let intercepts = self.intercepts.read().unwrap_or_else(|e| e.into_inner()).get(container).cloned();
-        if spec.is_none() && settings.is_none() && intercepts.is_none() {
+        let life = self.lives.read().unwrap_or_else(|e| e.into_inner()).get(container).cloned();
+        if spec.is_none() && life.is_none() {
             return None;
         }
         let (mut compiled, dropped) = spec.unwrap_or_default().compile(&generation.policy);
-        compiled.settings = settings.unwrap_or_default();
-        compiled.intercepts = intercepts.map(|i| i.compile(&generation.policy)).unwrap_or_default();
+        if let Some(life) = life {
+            compiled.settings = life.settings;
+            compiled.intercepts = life.intercepts.compile(&generation.policy);
+        }
         for name in dropped {
             tracing::warn!(container, class = %generation.class, "override names handler {name:?}, which generation {} no longer has: ignored", generation.number);
         }
@@ -98,20 +98,34 @@ impl OverrideStore {
         Some(compiled)
     }
 
-    /// Sets what `container` runs with for as long as it runs (`moat run --internet`, …);
-    /// empty settings clear them.
+    /// Sets what `container` runs with for as long as it runs (`moat run --internet`, …).
     pub fn set_settings(&self, container: &str, settings: ContainerSettings) {
-        let mut all = self.settings.write().unwrap_or_else(|e| e.into_inner());
-        if settings.is_empty() {
-            all.remove(container);
-        } else {
-            all.insert(container.to_string(), settings);
-        }
+        self.change_life(container, |life| life.settings = settings);
+    }
+
+    /// Forgets what `container` had for its life (settings, intercepts): it has stopped.
+    pub fn container_ended(&self, container: &str) {
+        self.lives.write().unwrap_or_else(|e| e.into_inner()).remove(container);
         self.compiled.write().unwrap_or_else(|e| e.into_inner()).remove(container);
     }
 
+    /// Changes `container`'s [`Life`] (dropped when nothing is left in it); its compiled
+    /// overrides are made again on the next request.
+    fn change_life<T>(&self, container: &str, change: impl FnOnce(&mut Life) -> T) -> T {
+        let mut lives = self.lives.write().unwrap_or_else(|e| e.into_inner());
+        let mut life = lives.get(container).cloned().unwrap_or_default();
+        let out = change(&mut life);
+        if life.is_empty() {
+            lives.remove(container);
+        } else {
+            lives.insert(container.to_string(), life);
+        }
+        self.compiled.write().unwrap_or_else(|e| e.into_inner()).remove(container);
+        out
+    }
+
     /// Adds an intercept for `container` (validated against `generation`'s class); it holds
-    /// from the next request on, on open connections too, until [`Self::clear_intercepts`].
+    /// from the next request on, on open connections too, until it ends ([`Self::container_ended`]).
     pub fn intercept(
         &self,
         container: &str,
@@ -120,23 +134,20 @@ impl OverrideStore {
         handler: HandlerSpec,
         generation: &Generation,
     ) -> Result<(), SetterError> {
-        let mut all = self.intercepts.write().unwrap_or_else(|e| e.into_inner());
-        let mut spec = all.get(container).cloned().unwrap_or_default();
-        spec.add(kind, target, handler, &generation.class, &generation.policy)?;
-        all.insert(container.to_string(), spec);
-        self.compiled.write().unwrap_or_else(|e| e.into_inner()).remove(container);
-        Ok(())
+        self.change_life(container, |life| {
+            life.intercepts.add(kind, target, handler, &generation.class, &generation.policy)
+        })
     }
 
-    /// Drops `container`'s intercepts (it has stopped).
+    /// Drops `container`'s intercepts (`DELETE …/intercepts`).
     pub fn clear_intercepts(&self, container: &str) {
-        self.intercepts.write().unwrap_or_else(|e| e.into_inner()).remove(container);
-        self.compiled.write().unwrap_or_else(|e| e.into_inner()).remove(container);
+        self.change_life(container, |life| life.intercepts = InterceptSpec::default());
     }
 
     /// `container`'s intercepts as JSON (empty lists when none).
     pub fn intercepts_json(&self, container: &str) -> serde_json::Value {
-        self.intercepts.read().unwrap_or_else(|e| e.into_inner()).get(container).cloned().unwrap_or_default().to_json()
+        let lives = self.lives.read().unwrap_or_else(|e| e.into_inner());
+        lives.get(container).map(|l| l.intercepts.to_json()).unwrap_or_else(|| InterceptSpec::default().to_json())
     }
 
     /// The overrides of `container` as set.
@@ -179,6 +190,19 @@ impl OverrideStore {
             }
         }
         tx.commit().map_err(|e| err(&e))
+    }
+}
+
+/// What a container has for its life only.
+#[derive(Clone, Default)]
+struct Life {
+    settings: ContainerSettings,
+    intercepts: InterceptSpec,
+}
+
+impl Life {
+    fn is_empty(&self) -> bool {
+        self.settings.is_empty() && self.intercepts.is_empty()
     }
 }
 

@@ -72,3 +72,14 @@ pub fn passwd() -> Vec<PasswdEntry> {
         })
         .collect()
 }
+
+/// `HOME`, `USER` and `LOGNAME` of the user a command is switched to (none otherwise, or
+/// for a user without a passwd entry).
+pub fn login_env(user: Become) -> Vec<(&'static str, String)> {
+    let Become::Switch { uid, .. } = user else { return Vec::new() };
+    passwd()
+        .into_iter()
+        .find(|e| e.uid == uid)
+        .map(|e| vec![("HOME", e.home), ("USER", e.name.clone()), ("LOGNAME", e.name)])
+        .unwrap_or_default()
+}

@@ -86,8 +86,7 @@ async fn serve_one(
     stream.set_nonblocking(true)?;
     crate::sandbox::peer_closed(&tokio::net::UnixStream::from_std(stream)?).await;
     tasks.abort_all();
-    shared.overrides.set_settings(container.as_str(), Default::default());
-    shared.overrides.clear_intercepts(container.as_str());
+    shared.overrides.container_ended(container.as_str());
     tracing::info!(container = %container, "moat run (pid {peer}) detached");
     Ok(())
 }

@@ -70,8 +70,7 @@ pub(super) async fn serve_attached(
         let _ = ended.await;
     };
     crate::sandbox::pass_signals_until(signals_to, ended, &mut signals.term, &mut signals.int, &mut signals.hup).await;
-    shared.overrides.set_settings(a.container.as_str(), Default::default());
-    shared.overrides.clear_intercepts(a.container.as_str());
+    shared.overrides.container_ended(a.container.as_str());
     drop(keep);
     let code = *code.lock().unwrap_or_else(|e| e.into_inner());
     Ok(code.unwrap_or(1))

@@ -134,11 +134,7 @@ impl Supervisor {
         // Not the daemon's environment: it holds the secrets.
         let mut env: Vec<(String, String)> =
             vec![("PATH".into(), std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()))];
-        if let crate::sandbox::Become::Switch { uid, .. } = user
-            && let Some(e) = crate::sandbox::users::passwd().into_iter().find(|e| e.uid == uid)
-        {
-            env.extend([("HOME".into(), e.home), ("USER".into(), e.name.clone()), ("LOGNAME".into(), e.name)]);
-        }
+        env.extend(crate::sandbox::users::login_env(user).into_iter().map(|(k, v)| (k.to_string(), v)));
         for (k, v) in &spec.env {
             env.retain(|(key, _)| key != k);
             env.push((k.clone(), v.clone()));
@@ -245,6 +241,7 @@ impl Lifecycle for Supervisor {
             drop(handover);
             let _ = child.wait();
             tasks.abort_all();
+            // Not started: intercepts set before a start stay for the next one.
             self.shared.overrides.set_settings(container.as_str(), Default::default());
             free();
             return Err(LifecycleError::Failed(why));
@@ -345,8 +342,7 @@ impl Supervisor {
     /// A container's command has ended with `code`.
     fn ended(&self, container: &ContainerId, code: i32) {
         let id = container.as_str();
-        self.shared.overrides.set_settings(id, Default::default());
-        self.shared.overrides.clear_intercepts(id);
+        self.shared.overrides.container_ended(id);
         self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
         let status = {
             let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());

@@ -38,17 +38,6 @@ fn log_with(dir: &Path, id: &str, needle: &str) -> String {
     }
 }
 
-fn processes_matching(needle: &str) -> usize {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            std::fs::read(e.path().join("cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle))
-        })
-        .count()
-}
-
 #[test]
 fn the_daemon_starts_its_containers_signals_destroys_and_remembers_them_across_a_restart() {
     if !sandbox_available() {

@@ -277,10 +277,7 @@ pub fn start_ready(run: SandboxRun<'_>) -> (std::process::Child, std::io::BufRea
 
 /// Whether a process whose command line contains `needle` is running on the host.
 fn running(needle: &str) -> bool {
-    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
-        std::fs::read(e.path().join("cmdline"))
-            .is_ok_and(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle))
-    })
+    processes_matching(needle) > 0
 }
 
 #[test]

@@ -318,3 +318,15 @@ pub fn memory_kib(pid: u32, field: &str) -> u64 {
     let line = status.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')).unwrap();
     line.trim().trim_end_matches("kB").trim().parse().unwrap()
 }
+
+/// How many host processes have `needle` in their command line.
+pub fn processes_matching(needle: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle))
+        })
+        .count()
+}
