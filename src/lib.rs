@@ -13,7 +13,7 @@
 //!   credentials; [`body`]: the streaming body type; [`rt`]: hyper's executor, coarse timers,
 //!   accept errors; [`log`]: access log, batching log writer, secret redaction; [`headers`]:
 //!   hop-by-hop and upgrade rules both sides follow; [`metrics`]: the Prometheus registry;
-//!   [`db`]: the database file.
+//!   [`db`]: the database file; [`units`]: sizes and durations as users write them.
 //! - [`config`]: `moat.toml` and flags to a typed [`config::Config`].
 //! - [`tls`]: moat's CA (ephemeral or persisted), the cache of leaf certificates it signs for
 //!   intercepted hosts, secure random bytes. [`bindings`]: the storage behind `env`: KV
@@ -62,4 +62,5 @@ pub(crate) mod sandbox;
 pub(crate) mod script;
 pub mod serve;
 pub(crate) mod tls;
+pub(crate) mod units;
 pub(crate) mod upstream;

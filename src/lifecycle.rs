@@ -27,6 +27,30 @@ pub struct StartSpec {
     /// `NAME` or `UID[:GID]` (root daemons only).
     #[serde(default)]
     pub user: Option<String>,
+    /// Memory its processes may use together: bytes, or a size such as `"256MiB"` (a cgroup;
+    /// none when absent).
+    #[serde(default, deserialize_with = "size", skip_serializing_if = "Option::is_none")]
+    pub memory: Option<u64>,
+    /// How many processes and threads it may have at once (a cgroup; none when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u32>,
+}
+
+/// A size as a number of bytes or as text (`"64MiB"`, [`crate::units::parse_size`]).
+fn size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match Option::<Size>::deserialize(d)? {
+        None => Ok(None),
+        Some(Size::Bytes(n)) => Ok(Some(n)),
+        Some(Size::Text(t)) => crate::units::parse_size(&t)
+            .map(|n| Some(n as u64))
+            .ok_or_else(|| serde::de::Error::custom(format!("{t:?} is no size (write e.g. \"256MiB\")"))),
+    }
 }
 
 /// Where a container is in its life.
@@ -59,6 +83,12 @@ pub struct Status {
     pub exit_code: Option<i32>,
     /// The message `destroy` was given (what `monitor` reports as its error).
     pub error: Option<String>,
+    /// Its memory limit in bytes, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<u64>,
+    /// Its limit of processes and threads, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u32>,
 }
 
 /// Why a lifecycle request changed nothing; the message is one line for the user.

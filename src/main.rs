@@ -59,6 +59,13 @@ struct ContainerFlags {
     /// Only ports 80 and 443 (enableInternet = false for this container).
     #[arg(long)]
     no_internet: bool,
+    /// Memory its processes may use together, e.g. 512MiB (a cgroup; past it the kernel
+    /// ends one of them).
+    #[arg(long, value_name = "SIZE", value_parser = parse_memory)]
+    memory: Option<u64>,
+    /// How many processes and threads it may have at once (a cgroup).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pids: Option<u32>,
 }
 
 impl ContainerFlags {
@@ -66,6 +73,11 @@ impl ContainerFlags {
     fn internet(&self) -> Option<bool> {
         (self.internet || self.no_internet).then_some(self.internet)
     }
+}
+
+/// `--memory SIZE`: `536870912`, `512MiB`, `1GiB`.
+fn parse_memory(text: &str) -> Result<u64, String> {
+    config::parse_size(text).map(|n| n as u64).ok_or_else(|| format!("{text:?} is no size (write e.g. 512MiB)"))
 }
 
 #[derive(Subcommand)]
@@ -334,6 +346,7 @@ fn main() -> ExitCode {
                 intercept_https,
                 user,
                 weak,
+                limits: moat::cli::run::Limits { memory: container.memory, pids: container.pids },
             };
             // A config that does not load is the user's (2); a run that fails is 1.
             return exit_with(
@@ -370,6 +383,8 @@ fn main() -> ExitCode {
                 internet,
                 workdir,
                 user,
+                memory: container.memory,
+                pids: container.pids,
             };
             admin_config(admin).and_then(|c| moat::cli::containers::start(&c, options, &cmd).map_err(failure))
         }

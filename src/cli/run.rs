@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::identity::ContainerId;
 use crate::policy::ContainerSettings;
 use crate::sandbox::Become;
+pub use crate::sandbox::cgroup::Limits;
 use crate::serve::{Attached, Running, Serving};
 
 /// `moat run`'s flags besides the config's.
@@ -30,6 +31,8 @@ pub struct RunOptions {
     pub user: Option<String>,
     /// `--weak`: no sandbox.
     pub weak: bool,
+    /// `--memory`, `--pids`: the sandbox's cgroup limits.
+    pub limits: crate::sandbox::cgroup::Limits,
 }
 
 /// Runs `cmd` as one container; returns CMD's exit code.
@@ -43,6 +46,9 @@ pub fn run(mut config: Config, options: RunOptions, cmd: &[String]) -> Result<i3
     };
     if options.weak && options.user.is_some() {
         return Err("--user needs the sandbox: --weak runs CMD as moat's own user".into());
+    }
+    if options.weak && !options.limits.is_empty() {
+        return Err("--memory and --pids need the sandbox: --weak runs CMD as a plain process".into());
     }
     let user = crate::sandbox::users::become_user(options.user.as_deref())?;
     let mut env = sandbox_env(&config);
@@ -79,7 +85,7 @@ pub fn run(mut config: Config, options: RunOptions, cmd: &[String]) -> Result<i3
         }
         weak(&config, container, options.class, settings, cmd, env)
     } else {
-        sandboxed(&config, container, options.class, settings, options.internet, user, cmd, &env)?
+        sandboxed(&config, container, options.class, settings, options.internet, options.limits, user, cmd, &env)?
     };
     let code = crate::serve::run_with(config, Some(attached)).map_err(|e| format!("{e:#}"))?;
     Ok(code.unwrap_or(1))
@@ -98,7 +104,7 @@ fn beside(
 ) -> Result<i32, String> {
     use crate::sandbox::attach::{Reply, Request};
     let relay = relay_wanted(options.internet);
-    let sandbox = start_sandbox(config, &container, relay, user, cmd, env)?;
+    let sandbox = start_sandbox(config, &container, relay, options.limits, user, cmd, env)?;
     // The class: the one named, else the one whose policy this run names.
     let policy = match (&options.class, config.classes.as_slice()) {
         (None, [only]) => std::path::absolute(&only.policy).ok(),
@@ -125,7 +131,7 @@ fn beside(
     crate::sandbox::release(&sandbox.handover, ca_pem.as_bytes())
         .map_err(|e| format!("cannot start the command: {e}"))?;
     drop(sandbox.sockets);
-    let (ended, code) = wait_in_thread(sandbox.child);
+    let (ended, code) = wait_in_thread(sandbox.child, sandbox.cgroup);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     rt.block_on(async {
         use tokio::signal::unix::{SignalKind, signal};
@@ -164,6 +170,7 @@ fn start_sandbox(
     config: &Config,
     container: &ContainerId,
     relay: bool,
+    limits: crate::sandbox::cgroup::Limits,
     user: Become,
     cmd: &[String],
     env: &[(String, String)],
@@ -179,6 +186,8 @@ fn start_sandbox(
         user,
         workdir: None,
         output: None,
+        container: container.as_str(),
+        limits,
     })
 }
 
@@ -204,14 +213,15 @@ fn sandboxed(
     class: Option<String>,
     settings: ContainerSettings,
     internet: Option<bool>,
+    limits: crate::sandbox::cgroup::Limits,
     user: Become,
     cmd: &[String],
     env: &[(String, String)],
 ) -> Result<Attached, String> {
     let relay = relay_wanted(internet);
-    let sandbox = start_sandbox(config, &container, relay, user, cmd, env)?;
+    let sandbox = start_sandbox(config, &container, relay, limits, user, cmd, env)?;
     let (signals_to, handover) = (sandbox.init, sandbox.handover);
-    let (ended, code) = wait_in_thread(sandbox.child);
+    let (ended, code) = wait_in_thread(sandbox.child, sandbox.cgroup);
     let start = Box::new(move |serving: &Serving| {
         crate::sandbox::release(&handover, &serving.ca_pem).map_err(|e| format!("cannot start the command: {e}"))?;
         // The socket stays open for as long as moat serves: its end ends the sandbox.
@@ -257,7 +267,7 @@ fn weak(
             .spawn()
             .map_err(|e| format!("cannot run {program}: {e}"))?;
         let signals_to = rustix::process::Pid::from_raw(child.id() as i32).ok_or("CMD has no process id")?;
-        let (ended, code) = wait_in_thread(child);
+        let (ended, code) = wait_in_thread(child, None);
         Ok(Running { signals_to, ended, code, keep: Box::new(trust) })
     });
     Attached { container, class, settings, sandbox: None, start }
@@ -284,12 +294,17 @@ impl Drop for TrustDir {
 }
 
 /// Waits for `child` on a thread: told when it has ended, with its exit code.
-fn wait_in_thread(mut child: std::process::Child) -> (tokio::sync::oneshot::Receiver<()>, Arc<Mutex<Option<i32>>>) {
+fn wait_in_thread(
+    mut child: std::process::Child,
+    cgroup: Option<crate::sandbox::cgroup::Cgroup>,
+) -> (tokio::sync::oneshot::Receiver<()>, Arc<Mutex<Option<i32>>>) {
     let (done, ended) = tokio::sync::oneshot::channel();
     let code = Arc::new(Mutex::new(None));
     let slot = code.clone();
     std::thread::spawn(move || {
         let status = child.wait();
+        // Every process of the sandbox has gone with its init step: its cgroup goes.
+        drop(cgroup);
         *slot.lock().unwrap_or_else(|e| e.into_inner()) = status.ok().map(crate::sandbox::exit_code);
         let _ = done.send(());
     });

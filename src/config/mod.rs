@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-pub use limits::{Limits, parse_duration, parse_size};
+pub use crate::units::{parse_duration, parse_size};
+pub use limits::Limits;
 
 use crate::identity::ContainerId;
 

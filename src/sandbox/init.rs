@@ -119,7 +119,21 @@ fn run(args: &InitArgs) -> Result<i32, String> {
     if let Some(data) = hide.first() {
         point_resolv_conf_at_moat(&data.join(RESOLV_CONF));
     }
-    drop_privileges(*user)?;
+    // An ordinary user's sandbox: this process nests a user namespace for CMD and enters
+    // it too. Kept open, the outer one stays where `moat exec` finds it (see
+    // [`super::exec`]): entering the inner one would not let it into the network, mount and
+    // PID namespaces, which the outer one owns.
+    let _outer_user_namespace = match user {
+        Become::Nest { .. } => {
+            Some(std::fs::File::open("/proc/self/ns/user").map_err(|e| format!("user namespace: {e}"))?)
+        }
+        _ => None,
+    };
+    // Opened while this process may: its score is raised and restored around CMD's start
+    // below, after privileges are gone.
+    let oom = OomScore::open()?;
+    let proc = std::fs::File::open("/proc").map_err(|e| format!("/proc: {e}"))?;
+    drop_privileges(*user, &proc)?;
     let (program, args) = cmd.split_first().ok_or("no command to run")?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     rt.block_on(async {
@@ -143,7 +157,7 @@ fn run(args: &InitArgs) -> Result<i32, String> {
         );
         // Not tokio's: as PID 1 this process reaps every orphan of the namespace, and CMD's
         // end is one of the exits it reaps.
-        let spawned = std::process::Command::new(program).args(args).envs(trust).spawn();
+        let spawned = oom.first_to_go(|| std::process::Command::new(program).args(args).envs(trust).spawn())?;
         // moat learns whether CMD runs: an empty message, or why not.
         let told = match &spawned {
             Ok(_) => String::new(),
@@ -198,6 +212,40 @@ fn run(args: &InitArgs) -> Result<i32, String> {
             let _ = rustix::process::kill_process(pid, forward);
         }
     })
+}
+
+/// The init step's OOM score (`/proc/self/oom_score_adj`).
+///
+/// CMD, and all it starts, are the OOM killer's first choice (1000), the init step keeps its
+/// own: under a container's memory limit the killer would otherwise take the largest process,
+/// at first the init step (moat's binary), and the container would end without its command's
+/// exit code; on a host out of memory, the untrusted program should go first anyway. Raising
+/// a score needs no privilege, and a process may lower its own back to the value it started
+/// with, so the init step raises its own, starts CMD (which inherits it) and restores its own.
+struct OomScore {
+    file: std::fs::File,
+    own: String,
+}
+
+impl OomScore {
+    const PATH: &str = "/proc/self/oom_score_adj";
+
+    fn open() -> Result<Self, String> {
+        let failed = |e: std::io::Error| format!("{}: {e}", Self::PATH);
+        let own = std::fs::read_to_string(Self::PATH).map_err(failed)?.trim().to_string();
+        let file = std::fs::OpenOptions::new().write(true).open(Self::PATH).map_err(failed)?;
+        Ok(Self { file, own })
+    }
+
+    /// Runs `start` (CMD's spawn) with the highest score, then restores this process's.
+    fn first_to_go<T>(&self, start: impl FnOnce() -> T) -> Result<T, String> {
+        use std::io::Write;
+        let set = |value: &str| (&self.file).write_all(value.as_bytes()).map_err(|e| format!("{}: {e}", Self::PATH));
+        set("1000")?;
+        let started = start();
+        set(&self.own)?;
+        Ok(started)
+    }
 }
 
 /// Connects to `port` of the sandbox's loopback for moat (the daemon's `getTcpPort`) and
@@ -292,14 +340,14 @@ fn hide_file(file: &Path) -> Result<(), String> {
 /// root of the user namespace could unmount what hides moat's data folder. The init step
 /// first becomes `user` (see [`Become`]); then the bounding set is emptied, root's exec gains
 /// nothing (securebits), and `no_new_privs` is set.
-pub(super) fn drop_privileges(user: Become) -> Result<(), String> {
+pub(super) fn drop_privileges(user: Become, proc: &std::fs::File) -> Result<(), String> {
     use rustix::process::{Gid, Uid};
     use rustix::thread::{CapabilitiesSecureBits as Bits, CapabilitySet, CapabilitySets};
     let failed = |what: &str, e: rustix::io::Errno| format!("cannot drop privileges ({what}): {e}");
     if let Become::Nest { uid, gid } = user {
         // A new user namespace has every capability in it, and a full bounding set: it comes
         // first, so that what follows removes those too.
-        nest_user_namespace(uid, gid)?;
+        nest_user_namespace(uid, gid, proc)?;
     }
     // Kept across the switch below (NO_SETUID_FIXUP), so that they can be dropped after it.
     rustix::thread::set_capabilities_secure_bits(
@@ -331,7 +379,9 @@ pub(super) fn drop_privileges(user: Become) -> Result<(), String> {
 
 /// Moves into a new user namespace in which `uid`/`gid` (the user outside, who is root of
 /// the sandbox's first user namespace) are this process's ids again.
-fn nest_user_namespace(uid: u32, gid: u32) -> Result<(), String> {
+/// `proc`: a /proc in which this process is visible (`moat exec` is in the container's mount
+/// namespace by then, whose /proc is of a PID namespace it is not in).
+fn nest_user_namespace(uid: u32, gid: u32, proc: &std::fs::File) -> Result<(), String> {
     let failed = |what: &str, e: &dyn std::fmt::Display| format!("cannot show CMD its own user ({what}): {e}");
     // Safe with this flag: only FILES (sharing descriptor tables between threads) is not;
     // and this process has one thread.
@@ -341,7 +391,10 @@ fn nest_user_namespace(uid: u32, gid: u32) -> Result<(), String> {
     for (file, line) in
         [("setgroups", "deny".to_string()), ("uid_map", format!("{uid} 0 1")), ("gid_map", format!("{gid} 0 1"))]
     {
-        std::fs::write(format!("/proc/self/{file}"), line).map_err(|e| failed(file, &e))?;
+        use rustix::fs::{Mode, OFlags};
+        let fd = rustix::fs::openat(proc, format!("self/{file}"), OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())
+            .map_err(|e| failed(file, &e))?;
+        rustix::io::write(&fd, line.as_bytes()).map_err(|e| failed(file, &e))?;
     }
     Ok(())
 }

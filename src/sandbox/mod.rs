@@ -14,6 +14,7 @@
 //! there, so the sandbox's identity is simply "which listener".
 
 pub mod attach;
+pub mod cgroup;
 pub mod exec;
 pub mod init;
 pub mod users;
@@ -43,6 +44,9 @@ pub struct Sandbox {
     pub handover: UnixStream,
     /// The init step's process id as moat sees it (signals to the command go through it).
     pub init: rustix::process::Pid,
+    /// Its memory and process limits, when it has any: keep it until the sandbox has ended
+    /// (dropping it removes the cgroup).
+    pub cgroup: Option<cgroup::Cgroup>,
 }
 
 /// The sockets moat serves a sandbox on, made inside its network namespace.
@@ -78,6 +82,10 @@ pub struct Spec<'a> {
     pub workdir: Option<&'a Path>,
     /// Where its stdout and stderr go (with stdin from /dev/null); moat's own when `None`.
     pub output: Option<&'a OwnedFd>,
+    /// Its container id (names its cgroup).
+    pub container: &'a str,
+    /// What its processes may use together (a cgroup, when not empty).
+    pub limits: cgroup::Limits,
 }
 
 /// Whether a SIGINT this process got came from its terminal, and so reached the sandbox's
@@ -123,6 +131,8 @@ pub fn start(spec: &Spec<'_>) -> Result<Sandbox, String> {
 }
 
 fn start_with(spec: &Spec<'_>, socket: &UnixListener) -> Result<Sandbox, String> {
+    // Made first: a limit that cannot be had fails the start before any process exists.
+    let cgroup = cgroup::Cgroup::create(spec.container, spec.limits)?;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find moat's own binary: {e}"))?;
     let mut command = Command::new("unshare");
     // Root needs no user namespace of its own to make the others, and only without one can
@@ -164,7 +174,16 @@ fn start_with(spec: &Spec<'_>, socket: &UnixListener) -> Result<Sandbox, String>
     match accept_listener(socket, &mut child).and_then(|(handover, fds)| Ok((handover, sockets(fds, spec.relay)?))) {
         Ok((handover, sockets)) => {
             let init = rustix::net::sockopt::socket_peercred(&handover).map_err(|e| format!("init step: {e}"))?.pid;
-            Ok(Sandbox { child, sockets, handover, init })
+            // Before the command starts (the init step waits for `release`), so that it and
+            // all it forks are inside from the start.
+            if let Some(cgroup) = &cgroup
+                && let Err(e) = cgroup.add(init.as_raw_nonzero().get() as u32)
+            {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
+            }
+            Ok(Sandbox { child, sockets, handover, init, cgroup })
         }
         Err(e) => {
             let _ = child.kill();

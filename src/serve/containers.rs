@@ -155,6 +155,8 @@ impl Supervisor {
             user,
             workdir,
             output: Some(&output),
+            container: container.as_str(),
+            limits: crate::sandbox::cgroup::Limits { memory: spec.memory, pids: spec.pids },
         })
         .map_err(failed)?;
         drop(output);
@@ -214,6 +216,9 @@ impl Lifecycle for Supervisor {
         if spec.entrypoint.is_empty() {
             return Err(LifecycleError::Invalid("entrypoint: name the command to run".into()));
         }
+        crate::sandbox::cgroup::Limits { memory: spec.memory, pids: spec.pids }
+            .check()
+            .map_err(LifecycleError::Invalid)?;
         if !self.running.lock().unwrap_or_else(|e| e.into_inner()).insert(spec.id.clone()) {
             return Err(LifecycleError::Conflict(format!("container {container} is already running")));
         }
@@ -224,7 +229,7 @@ impl Lifecycle for Supervisor {
         let settings =
             crate::policy::ContainerSettings { enable_internet: spec.enable_internet, intercept_https: None };
         self.shared.overrides.set_settings(container.as_str(), settings);
-        let crate::sandbox::Sandbox { mut child, sockets, handover, init } = sandbox;
+        let crate::sandbox::Sandbox { mut child, sockets, handover, init, cgroup } = sandbox;
         let mut tasks = tokio::task::JoinSet::new();
         let served = {
             let _runtime = self.handle.enter();
@@ -257,6 +262,8 @@ impl Lifecycle for Supervisor {
             exited: None,
             exit_code: None,
             error: None,
+            memory: spec.memory,
+            pids: spec.pids,
         };
         self.persist(&status);
         let (tx, _) = watch::channel(status.clone());
@@ -268,6 +275,8 @@ impl Lifecycle for Supervisor {
         let (ended, done) = tokio::sync::oneshot::channel();
         std::thread::spawn(move || {
             let code = child.wait().map(crate::sandbox::exit_code).unwrap_or(1);
+            // Every process of the container has gone with its init step: its cgroup goes.
+            drop(cgroup);
             let _ = ended.send(code);
         });
         let me = self.self_arc();

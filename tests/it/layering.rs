@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Lowest first; the same table as docs/architecture.md.
-const LAYERS: [&[&str]; 8] = [
+const LAYERS: [&[&str]; 9] = [
+    &["units"],
     &["identity", "policy", "body", "rt", "log", "headers", "metrics", "db", "sandbox", "lifecycle"],
     &["config"],
     &["tls", "bindings", "upstream"],

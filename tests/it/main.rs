@@ -6,6 +6,8 @@ mod auth;
 mod bindings;
 mod blobs;
 mod cli;
+mod container_example;
+mod container_limits;
 mod containers;
 mod decision;
 mod egress;

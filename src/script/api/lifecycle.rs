@@ -39,9 +39,19 @@ pub(super) fn add_fields<T: Handle + 'static, F: UserDataFields<T>>(f: &mut F) {
 }
 
 pub(super) fn add_methods<T: Handle + 'static, M: UserDataMethods<T>>(m: &mut M) {
-    // start{entrypoint = {...}, env = {...}, enableInternet = bool, class = ..., workdir = ...}
+    // start{entrypoint = {...}, env = {...}, enableInternet = bool, class = ..., workdir = ...,
+    //       memory = "256MiB", pids = 100}
     m.add_async_method("start", |lua, this, options: Table| async move {
         let l = lifecycle(&*this)?;
+        for key in options.pairs::<String, mlua::Value>().map(|kv| kv.map(|(k, _)| k)) {
+            let key = key?;
+            if !START_OPTIONS.contains(&key.as_str()) {
+                return Err(mlua::Error::runtime(format!(
+                    "start: unknown option {key:?} (known: {})",
+                    START_OPTIONS.join(", ")
+                )));
+            }
+        }
         let spec = StartSpec {
             id: this.id().to_string(),
             class: options.get("class")?,
@@ -50,6 +60,8 @@ pub(super) fn add_methods<T: Handle + 'static, M: UserDataMethods<T>>(m: &mut M)
             enable_internet: options.get("enableInternet")?,
             workdir: options.get("workdir")?,
             user: None,
+            memory: memory_option(options.get("memory")?)?,
+            pids: options.get("pids")?,
         };
         let status = off_worker(move || l.start(spec)).await?;
         lua.to_value(&status)
@@ -72,6 +84,27 @@ pub(super) fn add_methods<T: Handle + 'static, M: UserDataMethods<T>>(m: &mut M)
     m.add_method("getTcpPort", |_, this, port: u16| {
         Ok(TcpPort { id: this.id().to_string(), port, lifecycle: lifecycle(this)? })
     });
+}
+
+/// What `start{}` takes.
+const START_OPTIONS: [&str; 7] = ["entrypoint", "env", "enableInternet", "class", "workdir", "memory", "pids"];
+
+/// `start{memory = ...}`: bytes, or a size such as `"256MiB"`.
+fn memory_option(value: mlua::Value) -> mlua::Result<Option<u64>> {
+    match value {
+        mlua::Value::Nil => Ok(None),
+        mlua::Value::Integer(n) if n > 0 => Ok(Some(n as u64)),
+        mlua::Value::String(s) => {
+            let text = s.to_str()?;
+            crate::units::parse_size(&text).map(|n| Some(n as u64)).ok_or_else(|| {
+                mlua::Error::runtime(format!("start: memory {text:?} is no size (write e.g. \"256MiB\")"))
+            })
+        }
+        other => Err(mlua::Error::runtime(format!(
+            "start: memory must be a size such as \"256MiB\", not {}",
+            other.type_name()
+        ))),
+    }
 }
 
 /// `getTcpPort(port)`: the container's port, reached inside its namespace.
