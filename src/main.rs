@@ -162,10 +162,13 @@ enum Command {
         #[arg(last = true)]
         cmd: Vec<String>,
     },
-    /// Load and validate policies; print what they define.
+    /// Load and validate policies; print what they define and what would fail.
     Check {
         #[command(flatten)]
         cfg: ConfigFlags,
+        /// Warnings are errors too (exit 2).
+        #[arg(long)]
+        strict: bool,
     },
     /// Show which step of the decision order decides a request, without running handlers.
     Explain {
@@ -365,9 +368,9 @@ fn main() -> ExitCode {
             let code = moat::cli::sandbox_init(handover, hide, &r#become, relay, cmd);
             return ExitCode::from(u8::try_from(code).unwrap_or(1));
         }
-        Command::Check { cfg } => {
+        Command::Check { cfg, strict } => {
             let flags = config::Overrides { config: cfg.config, policy: cfg.policy, ..Default::default() };
-            load_config(&flags).and_then(|c| moat::cli::check(&c).map_err(Failure::Usage))
+            load_config(&flags).and_then(|c| moat::cli::check(&c, strict).map_err(Failure::Usage))
         }
         Command::Explain { cfg, id, method, url } => {
             let flags = config::Overrides { config: cfg.config, policy: cfg.policy, ..Default::default() };

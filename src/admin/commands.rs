@@ -17,7 +17,9 @@ pub fn status(socket: &Path) -> Result<(), CommandError> {
         return Err(CommandError(1, v["error"].as_str().unwrap_or(&body).to_string()));
     }
     println!("moat {} up {}s", v["version"].as_str().unwrap_or("?"), v["uptimeSeconds"]);
+    let mut failing = 0;
     for c in v["classes"].as_array().into_iter().flatten() {
+        failing += usize::from(c["generation"].is_null() || c["lastError"].is_string());
         let generation = c["generation"].as_u64().map_or("not loaded".to_string(), |g| format!("generation {g}"));
         println!(
             "class {} ({}) on {}: {generation}",
@@ -28,6 +30,13 @@ pub fn status(socket: &Path) -> Result<(), CommandError> {
         if let Some(err) = c["lastError"].as_str() {
             println!("  last reload failed: {err}");
         }
+    }
+    // Scripts (and health checks) can tell a moat that does not serve what was saved.
+    if failing > 0 {
+        return Err(CommandError(
+            1,
+            format!("{failing} class(es) not serving their policy file as saved: fix it (moat check)"),
+        ));
     }
     Ok(())
 }

@@ -71,6 +71,29 @@ impl Bindings {
     }
 }
 
+/// What would keep `[secrets]` from being read at start: one line each (`moat check`).
+pub fn secret_problems(config: &Config) -> Vec<String> {
+    config.file.secrets.iter().filter_map(|(name, src)| read_secret(name, src).err()).collect()
+}
+
+/// One `[secrets]` entry's value, from its variable or file.
+fn read_secret(name: &str, src: &crate::config::SecretSource) -> std::result::Result<String, String> {
+    match (&src.env, &src.file) {
+        (Some(var), None) => std::env::var(var).map_err(|_| {
+            format!("secrets.{name}: environment variable {var} is not set (export it before moat starts)")
+        }),
+        (None, Some(path)) => {
+            std::fs::read_to_string(path).map(|text| text.trim_end_matches(['\r', '\n']).to_string()).map_err(|e| {
+                format!(
+                    "secrets.{name}: cannot read {}: {e} (create it, or point file at the right place)",
+                    path.display()
+                )
+            })
+        }
+        _ => Err(format!("secrets.{name}: set exactly one of env, file")),
+    }
+}
+
 /// Every `MOAT_SECRET_<NAME>` variable, then `[secrets]` (env or file).
 fn read_secrets(config: &Config) -> std::result::Result<BTreeMap<String, String>, String> {
     let mut secrets = BTreeMap::new();
@@ -80,17 +103,7 @@ fn read_secrets(config: &Config) -> std::result::Result<BTreeMap<String, String>
         }
     }
     for (name, src) in &config.file.secrets {
-        let value = match (&src.env, &src.file) {
-            (Some(var), None) => {
-                std::env::var(var).map_err(|_| format!("secrets.{name}: environment variable {var} is not set"))?
-            }
-            (None, Some(path)) => std::fs::read_to_string(path)
-                .map_err(|e| format!("secrets.{name}: cannot read {}: {e}", path.display()))?
-                .trim_end_matches(['\r', '\n'])
-                .to_string(),
-            _ => return Err(format!("secrets.{name}: set exactly one of env, file")),
-        };
-        secrets.insert(name.clone(), value);
+        secrets.insert(name.clone(), read_secret(name, src)?);
     }
     Ok(secrets)
 }

@@ -1,8 +1,11 @@
 //! `moat check`, `moat explain`, `moat init`: commands that inspect or scaffold policies;
 //! [`store`]: `moat kv` and `moat blob`.
 
+mod check;
 pub mod containers;
 pub mod run;
+
+pub use check::check;
 
 /// `moat __sandbox-init SOCKET -- CMD`: the sandbox's first process (see `sandbox::init`);
 /// returns its exit code.
@@ -30,7 +33,6 @@ pub fn sandbox_init(
 }
 pub mod store;
 
-use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::config::Config;
@@ -39,7 +41,7 @@ use crate::policy::overrides::OverrideSpec;
 use crate::policy::{CanonicalHost, Decision, decide, host::split_authority};
 use crate::script::{Generation, load_generation};
 
-fn load_all(config: &Config) -> Result<Vec<Generation>, String> {
+pub(crate) fn load_all(config: &Config) -> Result<Vec<Generation>, String> {
     if config.classes.is_empty() {
         return Err("no policy: pass --policy FILE or add a [[class]] to moat.toml".into());
     }
@@ -48,36 +50,6 @@ fn load_all(config: &Config) -> Result<Vec<Generation>, String> {
         .iter()
         .map(|c| load_generation(&c.name, &c.policy, 1, &config.limits).map_err(|e| e.to_string()))
         .collect()
-}
-
-/// Loads and validates every class; prints a summary. Errors carry file:line.
-pub fn check(config: &Config) -> Result<(), String> {
-    let mut out = String::new();
-    for (g, c) in load_all(config)?.iter().zip(&config.classes) {
-        let p = &g.policy;
-        let _ = writeln!(out, "class {} ({}) on {}: ok", g.class, g.path.display(), c.listen);
-        let _ = writeln!(
-            out,
-            "  enableInternet = {}, interceptHttps = {}, redactSecrets = {}",
-            p.enable_internet, p.intercept_https, p.redact_secrets
-        );
-        let list = |l: &Option<crate::policy::HostList>| match l {
-            None => "(not set)".to_string(),
-            Some(l) => format!("[{}]", l.patterns().iter().map(|p| p.as_str()).collect::<Vec<_>>().join(", ")),
-        };
-        let _ = writeln!(out, "  allowedHosts = {}", list(&p.allowed));
-        let _ = writeln!(out, "  deniedHosts = {}", list(&p.denied));
-        let keys: Vec<&str> = p.by_host.iter().map(|(k, _)| k.as_str()).collect();
-        let _ = writeln!(out, "  outboundByHost = [{}]", keys.join(", "));
-        let _ = writeln!(out, "  outbound = {}", if p.has_outbound { "defined" } else { "(none)" });
-        let names: Vec<&str> = p.handler_names.iter().map(String::as_str).collect();
-        let _ = writeln!(out, "  outboundHandlers = [{}]", names.join(", "));
-        if !g.modules.is_empty() {
-            let _ = writeln!(out, "  modules = [{}]", g.modules.keys().cloned().collect::<Vec<_>>().join(", "));
-        }
-    }
-    print!("{out}");
-    Ok(())
 }
 
 /// Prints which step decides `METHOD URL` for a container, without running any handler.

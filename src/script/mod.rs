@@ -1,6 +1,7 @@
 //! The Lua runtime: sandboxed states, script loading and validation, handler calls.
 
 pub mod api;
+pub mod lint;
 pub mod load;
 pub mod runtime;
 pub mod sandbox;

@@ -26,6 +26,11 @@ const STDLIB: &[(&str, &str, &str)] = &[
     ("moat.auth", "stdlib/moat/auth.lua", include_str!("../../stdlib/moat/auth.lua")),
 ];
 
+/// The bundled modules' names (`moat.json`, …).
+pub fn stdlib_names() -> impl Iterator<Item = &'static str> {
+    STDLIB.iter().map(|(name, _, _)| *name)
+}
+
 /// Where `require` finds modules, and what it has loaded from the policy folder.
 pub struct ModuleSource {
     /// The policy's folder.

@@ -3,6 +3,7 @@
 mod harness;
 
 mod auth;
+mod authoring;
 mod bindings;
 mod blobs;
 mod cli;

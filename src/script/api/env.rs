@@ -24,5 +24,18 @@ pub fn env_table(lua: &Lua, bindings: &Bindings) -> Result<Table> {
             env.set(name.as_str(), super::blob::LuaBucket { bucket: name.clone(), store: store.clone() })?;
         }
     }
+    // A name nothing declares is a mistake to point at where it is made, not a nil that fails
+    // later as "attempt to concatenate a nil value".
+    let meta = lua.create_table()?;
+    meta.set(
+        "__index",
+        lua.create_function(|_, (_, name): (Table, mlua::Value)| -> Result<()> {
+            let name = name.to_string().unwrap_or_else(|_| "?".into());
+            Err(mlua::Error::runtime(format!(
+                "env has no binding {name} (declare it in moat.toml: [secrets] {name} = {{ env = \"...\" }}, [vars], [kv] or [blob]; or set MOAT_SECRET_{name})"
+            )))
+        })?,
+    )?;
+    env.set_metatable(Some(meta))?;
     Ok(env)
 }
