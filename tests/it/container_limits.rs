@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::containers::moat;
 use crate::harness::*;
 use crate::sandbox::{SandboxRun, sandbox_available};
 
@@ -18,15 +19,6 @@ outboundByHost = {
   end,
 }
 "#;
-
-/// `moat ARGS --data-dir DIR/data`: (exit code, stdout, stderr).
-fn moat(dir: &Path, args: &[&str]) -> (i32, String, String) {
-    let data = dir.join("data");
-    let mut all: Vec<&str> = args.to_vec();
-    let at = all.iter().position(|a| *a == "--").unwrap_or(all.len());
-    all.splice(at..at, ["--data-dir", data.to_str().unwrap()]);
-    moat_cmd(&all, dir)
-}
 
 /// Folders named `name` below /sys/fs/cgroup (any hierarchy, any depth up to 8).
 fn cgroups_named(name: &str) -> Vec<std::path::PathBuf> {

@@ -17,7 +17,7 @@ outboundByHost = {
 "#;
 
 /// `moat ARGS --data-dir DIR/data`: (exit code, stdout, stderr).
-fn moat(dir: &Path, args: &[&str]) -> (i32, String, String) {
+pub fn moat(dir: &Path, args: &[&str]) -> (i32, String, String) {
     let data = dir.join("data");
     let mut all: Vec<&str> = args.to_vec();
     // Flags go before `--` (the command's own arguments come after it).
