@@ -36,7 +36,7 @@ pub struct StartSpec {
     pub pids: Option<u32>,
 }
 
-/// A size as a number of bytes or as text (`"64MiB"`, [`crate::units::parse_size`]).
+/// A size as a number of bytes or as text (`"64MiB"`, [`crate::units::size_arg`]).
 fn size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
@@ -47,9 +47,7 @@ fn size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error>
     match Option::<Size>::deserialize(d)? {
         None => Ok(None),
         Some(Size::Bytes(n)) => Ok(Some(n)),
-        Some(Size::Text(t)) => crate::units::parse_size(&t)
-            .map(|n| Some(n as u64))
-            .ok_or_else(|| serde::de::Error::custom(format!("{t:?} is no size (write e.g. \"256MiB\")"))),
+        Some(Size::Text(t)) => crate::units::size_arg(&t).map(Some).map_err(serde::de::Error::custom),
     }
 }
 

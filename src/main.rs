@@ -61,7 +61,7 @@ struct ContainerFlags {
     no_internet: bool,
     /// Memory its processes may use together, e.g. 512MiB (a cgroup; past it the kernel
     /// ends one of them).
-    #[arg(long, value_name = "SIZE", value_parser = parse_memory)]
+    #[arg(long, value_name = "SIZE", value_parser = config::size_arg)]
     memory: Option<u64>,
     /// How many processes and threads it may have at once (a cgroup).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
@@ -73,11 +73,6 @@ impl ContainerFlags {
     fn internet(&self) -> Option<bool> {
         (self.internet || self.no_internet).then_some(self.internet)
     }
-}
-
-/// `--memory SIZE`: `536870912`, `512MiB`, `1GiB`.
-fn parse_memory(text: &str) -> Result<u64, String> {
-    config::parse_size(text).map(|n| n as u64).ok_or_else(|| format!("{text:?} is no size (write e.g. 512MiB)"))
 }
 
 #[derive(Subcommand)]

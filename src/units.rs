@@ -39,6 +39,11 @@ pub fn parse_size(text: &str) -> Option<usize> {
     n.checked_mul(mult).map(|v| v as usize)
 }
 
+/// A size a user typed (`--memory`, the admin API, Lua): bytes, or the error line to show.
+pub fn size_arg(text: &str) -> Result<u64, String> {
+    parse_size(text).map(|n| n as u64).ok_or_else(|| format!("{text:?} is no size (write e.g. \"256MiB\")"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

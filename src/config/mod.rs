@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-pub use crate::units::{parse_duration, parse_size};
+pub use crate::units::{parse_duration, parse_size, size_arg};
 pub use limits::Limits;
 
 use crate::identity::ContainerId;

@@ -52,8 +52,11 @@ fn run(pid: u32, data_dir: &Path, cmd: &[String]) -> Result<i32, String> {
     // Its own user namespace (an ordinary user's sandbox), or moat's (a root daemon's).
     let user_ns = |p: &str| std::fs::read_link(format!("{p}/ns/user")).map_err(|e| failed("user namespace", &e));
     let nested = user_ns(&proc)? != user_ns("/proc/self")?;
-    let mut kinds = vec![("net", LinkNameSpaceType::Network), ("mnt", LinkNameSpaceType::Mount)];
-    kinds.push(("pid", LinkNameSpaceType::ProcessID));
+    let mut kinds = vec![
+        ("net", LinkNameSpaceType::Network),
+        ("mnt", LinkNameSpaceType::Mount),
+        ("pid", LinkNameSpaceType::ProcessID),
+    ];
     if nested {
         // First: in it this process has the capabilities that entering the others needs.
         kinds.insert(0, ("user", LinkNameSpaceType::User));

@@ -156,13 +156,18 @@ impl Supervisor {
             workdir,
             output: Some(&output),
             container: container.as_str(),
-            limits: crate::sandbox::cgroup::Limits { memory: spec.memory, pids: spec.pids },
+            limits: limits_of(spec),
         })
         .map_err(failed)?;
         drop(output);
         keep_log(reader, log);
         Ok(Started { sandbox, class })
     }
+}
+
+/// The cgroup limits a start asks for.
+fn limits_of(spec: &StartSpec) -> crate::sandbox::cgroup::Limits {
+    crate::sandbox::cgroup::Limits { memory: spec.memory, pids: spec.pids }
 }
 
 /// A sandbox started for a container, not yet released.
@@ -216,9 +221,7 @@ impl Lifecycle for Supervisor {
         if spec.entrypoint.is_empty() {
             return Err(LifecycleError::Invalid("entrypoint: name the command to run".into()));
         }
-        crate::sandbox::cgroup::Limits { memory: spec.memory, pids: spec.pids }
-            .check()
-            .map_err(LifecycleError::Invalid)?;
+        limits_of(&spec).check().map_err(LifecycleError::Invalid)?;
         if !self.running.lock().unwrap_or_else(|e| e.into_inner()).insert(spec.id.clone()) {
             return Err(LifecycleError::Conflict(format!("container {container} is already running")));
         }

@@ -93,13 +93,11 @@ const START_OPTIONS: [&str; 7] = ["entrypoint", "env", "enableInternet", "class"
 fn memory_option(value: mlua::Value) -> mlua::Result<Option<u64>> {
     match value {
         mlua::Value::Nil => Ok(None),
-        mlua::Value::Integer(n) if n > 0 => Ok(Some(n as u64)),
-        mlua::Value::String(s) => {
-            let text = s.to_str()?;
-            crate::units::parse_size(&text).map(|n| Some(n as u64)).ok_or_else(|| {
-                mlua::Error::runtime(format!("start: memory {text:?} is no size (write e.g. \"256MiB\")"))
-            })
-        }
+        // Too small a number is refused with the limits' own line.
+        mlua::Value::Integer(n) => Ok(Some(u64::try_from(n).unwrap_or(0))),
+        mlua::Value::String(s) => crate::units::size_arg(&s.to_str()?)
+            .map(Some)
+            .map_err(|e| mlua::Error::runtime(format!("start: memory {e}"))),
         other => Err(mlua::Error::runtime(format!(
             "start: memory must be a size such as \"256MiB\", not {}",
             other.type_name()
