@@ -184,32 +184,37 @@ pub(crate) fn log_path(data_dir: &std::path::Path, id: &str) -> std::path::PathB
 /// Copies the command's output into `path` on a thread of its own, keeping the file under
 /// [`LOG_BYTES`]: past that, the older half goes.
 fn keep_log(mut reader: std::io::PipeReader, path: std::path::PathBuf) {
-    use std::io::{Read, Seek, Write};
+    use std::io::{Read, Seek, SeekFrom, Write};
     std::thread::spawn(move || {
         let _ = std::fs::create_dir_all(path.parent().unwrap_or(&path));
-        let Ok(mut file) = std::fs::File::create(&path) else { return };
+        // Read too: the newer half is read back when the file passes its bound.
+        let opened = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path);
+        let mut file = opened.inspect_err(|e| tracing::warn!("container log {}: {e}", path.display())).ok();
+        let mut len: u64 = 0;
         let mut buf = vec![0u8; 16 * 1024];
-        loop {
-            let n = match reader.read(&mut buf) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            if file.write_all(&buf[..n]).is_err() {
-                return;
-            }
-            let len = file.metadata().map_or(0, |m| m.len());
-            if len > LOG_BYTES {
-                // Keep the newer half: read it, and write it over the file from the start.
-                let keep = LOG_BYTES / 2;
-                let mut tail = vec![0u8; keep as usize];
-                let ok = file.seek(std::io::SeekFrom::Start(len - keep)).is_ok()
-                    && file.read_exact(&mut tail).is_ok()
-                    && file.set_len(0).is_ok()
-                    && file.seek(std::io::SeekFrom::Start(0)).is_ok()
-                    && file.write_all(&tail).is_ok();
-                if !ok {
-                    return;
+        // Drained to the end whatever happens to the file: a closed pipe would end the
+        // container's command with SIGPIPE.
+        while let Ok(n @ 1..) = reader.read(&mut buf) {
+            let Some(f) = file.as_mut() else { continue };
+            let mut write = || -> std::io::Result<()> {
+                f.write_all(&buf[..n])?;
+                len += n as u64;
+                if len > LOG_BYTES {
+                    // Keep the newer half: read it, and write it over the file from the start.
+                    let keep = LOG_BYTES / 2;
+                    let mut tail = vec![0u8; keep as usize];
+                    f.seek(SeekFrom::Start(len - keep))?;
+                    f.read_exact(&mut tail)?;
+                    f.set_len(0)?;
+                    f.seek(SeekFrom::Start(0))?;
+                    f.write_all(&tail)?;
+                    len = keep;
                 }
+                Ok(())
+            };
+            if let Err(e) = write() {
+                tracing::warn!("container log {}: {e}; its output is dropped from here", path.display());
+                file = None;
             }
         }
     });

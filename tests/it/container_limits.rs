@@ -115,3 +115,30 @@ fn memory_and_process_limits_hold_for_the_whole_container_and_leave_no_cgroup() 
     }
     assert_eq!(left(), Vec::<std::path::PathBuf>::new());
 }
+
+#[test]
+fn a_containers_log_keeps_its_newest_output_within_a_mebibyte() {
+    if !sandbox_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.lua"), POLICY).unwrap();
+    let _serve = Moat::serve_folder(dir.path());
+    let d = dir.path();
+    // 3 MiB of output, then a last line.
+    let script = "head -c 3145728 /dev/zero | tr '\\0' x; echo; echo last-line";
+    let (code, _, err) = moat(d, &["start", "--id", "chatty", "--", "sh", "-c", script]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(moat(d, &["wait", "chatty"]).1, "0\n");
+    let file = d.join("data/containers/chatty.log");
+    // The copy into the log may finish just after the command's end.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(&file).unwrap_or_default().ends_with("last-line\n") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let size = std::fs::metadata(&file).unwrap().len();
+    assert!(size > 0 && size <= 1 << 20, "{size} bytes kept");
+    let (code, out, _) = moat(d, &["logs", "chatty"]);
+    assert_eq!(code, 0);
+    assert!(out.ends_with("xxxx\nlast-line\n") && out.len() as u64 == size, "{} bytes shown", out.len());
+}
