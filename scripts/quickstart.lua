@@ -71,11 +71,12 @@ outboundByHost = {
   -- adds the token from MOAT_SECRET_DEMO_TOKEN and forwards to a local service (DEMO_UPSTREAM,
   -- a [vars] entry, default 127.0.0.1:8080). The container never sees the token.
   ["api.local"] = function(request, env, ctx)
-    if env.DEMO_TOKEN == nil then
+    -- rawget: env raises for a name nothing declares; these two are optional.
+    if rawget(env, "DEMO_TOKEN") == nil then
       return Response.new("start moat with MOAT_SECRET_DEMO_TOKEN=... to try credential injection\n", { status = 503 })
     end
     local url = URL.new(request.url)
-    local upstream = "http://" .. (env.DEMO_UPSTREAM or "127.0.0.1:8080") .. url.pathname .. url.search
+    local upstream = "http://" .. (rawget(env, "DEMO_UPSTREAM") or "127.0.0.1:8080") .. url.pathname .. url.search
     local r = Request.new(upstream, request)
     r.headers:set("authorization", "Bearer " .. env.DEMO_TOKEN)
     return fetch(r)

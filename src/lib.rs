@@ -28,6 +28,7 @@
 //!   HTTP/2 to the client), upgrades, hot reload, redaction, the override store, and the one
 //!   place failures become answers.
 //! - [`admin`]: the admin API (Unix socket, optional TCP) and its CLI client.
+//! - [`policytest`]: `moat test`: policy tests against the real proxy, fixtures for the network.
 //! - [`serve`]: `moat serve`'s wiring; [`cli`]: check, explain, init, ca, kv, blob; `fuzz`: the
 //!   fuzz targets' entry points and their corpus replay; `bench`: what the benchmarks reach.
 //!
@@ -56,6 +57,7 @@ pub(crate) mod lifecycle;
 pub mod log;
 pub(crate) mod metrics;
 pub(crate) mod policy;
+pub(crate) mod policytest;
 pub(crate) mod proxy;
 pub(crate) mod rt;
 pub(crate) mod sandbox;

@@ -165,6 +165,14 @@ enum Command {
         #[arg(long)]
         strict: bool,
     },
+    /// Run policy tests (POLICY_test.lua beside each policy, or the FILES given) against the
+    /// real engine, with fixtures in place of the network.
+    Test {
+        #[command(flatten)]
+        cfg: ConfigFlags,
+        /// Test files (default: each class's `tests`, else POLICY_test.lua beside its policy).
+        files: Vec<PathBuf>,
+    },
     /// Show which step of the decision order decides a request, without running handlers.
     Explain {
         #[command(flatten)]
@@ -366,6 +374,15 @@ fn main() -> ExitCode {
         Command::Check { cfg, strict } => {
             let flags = config::Overrides { config: cfg.config, policy: cfg.policy, ..Default::default() };
             load_config(&flags).and_then(|c| moat::cli::check(&c, strict).map_err(Failure::Usage))
+        }
+        Command::Test { cfg, files } => {
+            moat::log::init_plain("warn,moat::console=info");
+            let flags = config::Overrides { config: cfg.config, policy: cfg.policy, ..Default::default() };
+            load_config(&flags).and_then(|c| match moat::cli::test(&c, &files) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(Failure::Runtime("some tests failed".into())),
+                Err(e) => Err(Failure::Usage(e)),
+            })
         }
         Command::Explain { cfg, id, method, url } => {
             let flags = config::Overrides { config: cfg.config, policy: cfg.policy, ..Default::default() };

@@ -33,6 +33,12 @@ impl Bindings {
     pub fn load(config: &Config) -> std::result::Result<Self, String> {
         let secrets = read_secrets(config)?;
         crate::log::set_secrets(secrets.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+        Self::with_secrets(config, secrets)
+    }
+
+    /// The bindings `config` declares, with these secret values (`moat test` gives its own;
+    /// registering them for redaction is the caller's business).
+    pub fn with_secrets(config: &Config, secrets: BTreeMap<String, String>) -> std::result::Result<Self, String> {
         let kv_names =
             if config.file.kv.is_empty() { vec!["KV".to_string()] } else { config.file.kv.keys().cloned().collect() };
         let blob_names = if config.file.blob.is_empty() {

@@ -157,6 +157,18 @@ pub fn init(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// `moat test`: runs `files` (default: the classes' test files) and prints one line per test
+/// and a summary. `Ok(false)` when a test failed; `Err` when there is nothing to run.
+pub fn test(config: &Config, files: &[std::path::PathBuf]) -> Result<bool, String> {
+    let files = if files.is_empty() { crate::policytest::discover(config) } else { files.to_vec() };
+    if files.is_empty() {
+        return Err("no test files: write POLICY_test.lua beside the policy, or name files (moat test FILE...)".into());
+    }
+    let tally = crate::policytest::run_files(config, &files, &mut |line| println!("{line}"));
+    println!("{} passed, {} failed", tally.passed, tally.failed);
+    Ok(tally.failed == 0)
+}
+
 /// The CA certificate of the instance with this config: the persisted CA (made now when
 /// `[tls] ca_dir` is set and holds none yet), else the one the running instance wrote.
 fn ca_cert(config: &Config) -> Result<(std::path::PathBuf, String), String> {

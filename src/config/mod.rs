@@ -50,6 +50,8 @@ pub(crate) struct ClassConfig {
     pub name: std::sync::Arc<str>,
     pub policy: PathBuf,
     pub listen: SocketAddr,
+    /// `moat test` file whose tests a new generation must pass before it serves.
+    pub tests: Option<PathBuf>,
 }
 
 /// How a container proves its identity on the explicit proxy.
@@ -95,6 +97,7 @@ pub(crate) struct ClassEntry {
     pub name: Option<String>,
     pub policy: PathBuf,
     pub listen: Option<String>,
+    pub tests: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -199,6 +202,7 @@ impl Config {
                 name: stem(policy).into(),
                 policy: policy.clone(),
                 listen: parse_listen(listen).map_err(|m| ConfigError(format!("--listen: {m}")))?,
+                tests: None,
             });
         } else {
             for (i, c) in file.class.iter().enumerate() {
@@ -211,6 +215,7 @@ impl Config {
                     name: c.name.clone().unwrap_or_else(|| stem(&c.policy)).into(),
                     policy: rel(&c.policy),
                     listen: parse_listen(listen).map_err(|m| err(format!("class[{i}].listen: {m}")))?,
+                    tests: c.tests.as_deref().map(rel),
                 });
             }
         }

@@ -3,6 +3,7 @@
 use std::sync::RwLock;
 
 mod access;
+pub mod capture;
 
 /// Values shorter than this are not redacted in responses: replacing every occurrence of a
 /// two-letter "secret" would corrupt ordinary content.
@@ -92,6 +93,9 @@ pub(crate) struct AccessRecord<'a> {
 /// tracing's formatter writes (tested in `access`), and handed to the log thread directly:
 /// tracing's generic field visitor cost ~1.2 µs per request, a tenth of an egress request.
 pub(crate) fn access(r: &AccessRecord<'_>) {
+    if capture::take(r) {
+        return;
+    }
     // Redaction scans the text: skip it when the access log is filtered out.
     if !tracing::enabled!(target: "moat::access", tracing::Level::INFO) {
         return;
@@ -152,6 +156,19 @@ pub fn init(format: LogFormat) -> LogGuard {
         LogFormat::Human => builder.with_ansi(false).try_init(),
     };
     LogGuard { thread }
+}
+
+/// A plain subscriber for short commands (`moat test`): warnings and errors, and what
+/// policies print, to stderr; `RUST_LOG` overrides `default`.
+pub fn init_plain(default: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .without_time()
+        .try_init();
 }
 
 /// How long the log thread lets lines gather after each write.

@@ -92,32 +92,32 @@ fn spawn_worker(index: usize, shared: Arc<Shared>) -> std::io::Result<WorkerTx> 
                 tokio::task::spawn_local(async move {
                     let _slot = slot;
                     let _ = stream.set_nonblocking(true);
-                    let stream = match TcpStream::from_std(stream) {
-                        Ok(stream) => stream,
-                        Err(e) => return tracing::warn!("could not adopt connection: {e}"),
-                    };
-                    // Every kind: small writes go out at once, and the connection is counted
-                    // in `moat_open_connections` while it lives.
-                    let _ = stream.set_nodelay(true);
-                    let _open = OpenConnection::new(&worker.shared.metrics.open_connections);
-                    match kind {
-                        ListenerKind::Explicit => serve_explicit(worker, stream, class).await,
-                        ListenerKind::TransparentHttp(sandbox) => {
-                            serve_transparent_http(worker, stream, class, &sandbox).await
-                        }
-                        // Boxed: a tunnel's state (TLS, HTTP/2) is large.
-                        ListenerKind::TransparentTls(sandbox) => {
-                            Box::pin(super::connect::serve_transparent_tls(&worker, class, &sandbox, stream)).await
-                        }
-                        ListenerKind::Relay(sandbox) => {
-                            Box::pin(super::connect::serve_relay(&worker, class, &sandbox, stream)).await
-                        }
+                    match TcpStream::from_std(stream) {
+                        Ok(stream) => serve_connection(worker, stream, kind, class).await,
+                        Err(e) => tracing::warn!("could not adopt connection: {e}"),
                     }
                 });
             }
         });
     })?;
     Ok(tx)
+}
+
+/// Serves one accepted connection on `worker` the way its listener's kind says.
+pub async fn serve_connection(worker: Rc<Worker>, stream: TcpStream, kind: ListenerKind, class: ClassId) {
+    // Every kind: small writes go out at once, and the connection is counted in
+    // `moat_open_connections` while it lives.
+    let _ = stream.set_nodelay(true);
+    let _open = OpenConnection::new(&worker.shared.metrics.open_connections);
+    match kind {
+        ListenerKind::Explicit => serve_explicit(worker, stream, class).await,
+        ListenerKind::TransparentHttp(sandbox) => serve_transparent_http(worker, stream, class, &sandbox).await,
+        // Boxed: a tunnel's state (TLS, HTTP/2) is large.
+        ListenerKind::TransparentTls(sandbox) => {
+            Box::pin(super::connect::serve_transparent_tls(&worker, class, &sandbox, stream)).await
+        }
+        ListenerKind::Relay(sandbox) => Box::pin(super::connect::serve_relay(&worker, class, &sandbox, stream)).await,
+    }
 }
 
 /// A connection on the explicit listener: HTTP requests, until a CONNECT takes it over.

@@ -98,7 +98,7 @@ pub fn reload_class(shared: &Shared, id: ClassId) {
     }
     let class = shared.class(id);
     let label = crate::metrics::Metrics::class_label(&class.config.name);
-    match class.reload(&shared.config.limits) {
+    match class.reload(&shared.config.limits, shared.test_gate.get().map(|g| &**g)) {
         Ok(g) => {
             shared.metrics.generation.get_or_create(&label).set(g.number as i64);
             let what = if g.number == 1 { "policy loaded" } else { "policy reloaded" };
@@ -117,6 +117,7 @@ pub fn reload_class(shared: &Shared, id: ClassId) {
 fn files_of(shared: &Shared, id: ClassId) -> Vec<PathBuf> {
     let class = shared.class(id);
     let mut files = vec![absolute(&class.config.policy)];
+    files.extend(class.config.tests.as_deref().map(absolute));
     if let Some(g) = class.current() {
         files.extend(g.modules.values().map(|(p, _)| absolute(p)));
     }

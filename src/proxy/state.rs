@@ -31,9 +31,26 @@ impl ClassShared {
 
     /// Loads the script from disk; on success it becomes current, on failure the previous
     /// generation stays (SPEC 8.8).
-    pub fn reload(&self, limits: &crate::config::Limits) -> Result<Arc<Generation>, LoadError> {
+    ///
+    /// With a `gate` and a class that names its `tests`, the new generation must also pass
+    /// them; a failing test keeps the previous generation as a load error would.
+    pub fn reload(
+        &self,
+        limits: &crate::config::Limits,
+        gate: Option<&TestGate>,
+    ) -> Result<Arc<Generation>, LoadError> {
         let number = self.next_number.load(Ordering::Relaxed);
-        match load_generation(&self.config.name, &self.config.policy, number, limits) {
+        let loaded = load_generation(&self.config.name, &self.config.policy, number, limits).and_then(|g| {
+            match (&self.config.tests, gate) {
+                (Some(tests), Some(gate)) => gate(&self.config).map(|()| g).map_err(|message| LoadError {
+                    file: tests.clone(),
+                    line: None,
+                    message: format!("the new policy fails its tests, so it is not served: {message}"),
+                }),
+                _ => Ok(g),
+            }
+        });
+        match loaded {
             Ok(g) => {
                 self.next_number.fetch_add(1, Ordering::Relaxed);
                 let g = Arc::new(g);
@@ -48,6 +65,10 @@ impl ClassShared {
         }
     }
 }
+
+/// Runs a class's `tests` file against its policy as saved (`moat test`'s runner, supplied
+/// by `serve`); `Err` is the first failures, one line.
+pub type TestGate = dyn Fn(&ClassConfig) -> Result<(), String> + Send + Sync;
 
 /// Which class a listener, connection or request belongs to: its place in the config's list
 /// of classes, fixed for the life of the process (classes are not added or removed while
@@ -77,6 +98,8 @@ pub struct Shared {
     pub admission: Arc<super::admission::Admission>,
     /// The daemon's containers (`moat serve`; none under `moat run`), for `moat.container(id)`.
     pub lifecycle: std::sync::OnceLock<Arc<dyn crate::lifecycle::Lifecycle>>,
+    /// How a reload runs a class's `tests` (unset: tests do not gate reloads).
+    pub test_gate: std::sync::OnceLock<Arc<TestGate>>,
     request_prefix: u32,
     request_counter: AtomicU64,
 }
@@ -100,6 +123,7 @@ impl Shared {
             memory: Default::default(),
             admission: super::admission::Admission::new(config.limits.max_connections),
             lifecycle: std::sync::OnceLock::new(),
+            test_gate: std::sync::OnceLock::new(),
             config,
             classes,
             bindings,

@@ -28,14 +28,23 @@ impl Worker {
     /// The worker of the calling thread: its upstream pool and heartbeat clock, and a Lua
     /// state for every class that has a loaded policy.
     pub fn new(shared: Arc<Shared>) -> Rc<Worker> {
+        Self::with_upstream(shared, |upstream| upstream)
+    }
+
+    /// A worker whose upstream connections `fixtures` answer (`moat test`).
+    pub fn with_fixtures(shared: Arc<Shared>, fixtures: Rc<dyn crate::upstream::fixture::FixtureDialer>) -> Rc<Worker> {
+        Self::with_upstream(shared, |upstream| upstream.with_fixtures(fixtures))
+    }
+
+    fn with_upstream(shared: Arc<Shared>, adapt: impl FnOnce(Upstream) -> Upstream) -> Rc<Worker> {
         let ticks = Rc::new(Ticks::default());
-        let upstream = Rc::new(Upstream::new(
+        let upstream = Rc::new(adapt(Upstream::new(
             Resolver::new(shared.dns_hosts.clone()),
             shared.upstream_tls.clone(),
             &shared.config.limits,
             shared.own_listeners.clone(),
             ticks.clone(),
-        ));
+        )));
         let worker = Rc::new(Worker {
             shared,
             upstream,

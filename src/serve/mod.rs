@@ -98,6 +98,11 @@ pub(crate) fn run_with(config: Config, attached: Option<Attached>) -> anyhow::Re
     }
     let shared = Arc::new(Shared::new(config, bindings, overrides, upstream_tls, leaves, metrics, own));
 
+    // A class that names its `tests` serves a generation only once they pass.
+    let gate_config = shared.config.clone();
+    let _ = shared
+        .test_gate
+        .set(Arc::new(move |class: &crate::config::ClassConfig| crate::policytest::gate(&gate_config, class)));
     for (id, _) in shared.classes() {
         crate::proxy::reload::reload_class(&shared, id);
     }

@@ -2,6 +2,7 @@
 //! address, and send over pooled HTTP/1.1 or HTTP/2 connections.
 
 pub mod addr;
+pub mod fixture;
 mod head_wait;
 mod pool;
 pub mod resolve;
@@ -111,6 +112,8 @@ pub struct Upstream {
     /// The worker's heartbeat clock, which bounds the response-head wait.
     ticks: Rc<Ticks>,
     own_listeners: Arc<Vec<SocketAddr>>,
+    /// Set for `moat test`: connections go to fixtures, never to the network.
+    fixtures: Option<Rc<dyn fixture::FixtureDialer>>,
 }
 
 impl Upstream {
@@ -131,7 +134,16 @@ impl Upstream {
             response_head_timeout: limits.response_head_timeout,
             ticks,
             own_listeners,
+            fixtures: None,
         }
+    }
+
+    /// This client with every connection answered by `fixtures` (and every name they do not
+    /// know resolved to their address): what `moat test` runs a policy against.
+    pub fn with_fixtures(mut self, fixtures: Rc<dyn fixture::FixtureDialer>) -> Self {
+        self.resolver.answer_rest_with(fixtures.address_of_any_name());
+        self.fixtures = Some(fixtures);
+        self
     }
 
     /// moat's listeners, for loop checks before any I/O.
@@ -259,8 +271,15 @@ impl Upstream {
     /// A new connection: TLS when the target is https (HTTP/2 if `h2` and the server picks
     /// it), else HTTP/1.1 over TCP.
     async fn dial(&self, addrs: &[IpAddr], target: &Target, h2: bool) -> Result<Dialed, UpstreamError> {
-        let (stream, peer) = self.connect(addrs, target).await?;
         let failed = |e: hyper::Error| UpstreamError::Connect { authority: target.authority(), error: e.to_string() };
+        if let Some(fixtures) = &self.fixtures {
+            let stream = fixtures
+                .dial(target)
+                .map_err(|error| UpstreamError::Connect { authority: target.authority(), error })?;
+            let peer = SocketAddr::new(addrs[0], target.port);
+            return Ok(Dialed::H1(Pooled::new(handshake_h1(TokioIo::new(stream)).await.map_err(failed)?, peer)));
+        }
+        let (stream, peer) = self.connect(addrs, target).await?;
         if !target.https {
             return Ok(Dialed::H1(Pooled::new(handshake_h1(TokioIo::new(stream)).await.map_err(failed)?, peer)));
         }
@@ -315,6 +334,12 @@ impl Upstream {
 
     /// A raw TCP connection to one of the checked addresses.
     pub async fn connect_checked(&self, checked: &[IpAddr], target: &Target) -> Result<TcpStream, UpstreamError> {
+        if self.fixtures.is_some() {
+            return Err(UpstreamError::Connect {
+                authority: target.authority(),
+                error: "moat test: a tunnel moat does not intercept reaches no fixture".into(),
+            });
+        }
         Ok(self.connect(checked, target).await?.0)
     }
 }

@@ -13,12 +13,19 @@ use crate::policy::CanonicalHost;
 pub struct Resolver {
     static_hosts: Arc<BTreeMap<String, IpAddr>>,
     dns: OnceCell<Result<TokioResolver, String>>,
+    /// Set for `moat test`: the answer for every name `static_hosts` does not have (no DNS).
+    rest: Option<IpAddr>,
 }
 
 impl Resolver {
     /// A resolver that answers `static_hosts` (`[dns] hosts`, `--resolve`) itself and asks the system for the rest.
     pub fn new(static_hosts: Arc<BTreeMap<String, IpAddr>>) -> Self {
-        Self { static_hosts, dns: OnceCell::new() }
+        Self { static_hosts, dns: OnceCell::new(), rest: None }
+    }
+
+    /// Answers every name that `static_hosts` does not with `ip`, and never asks DNS.
+    pub fn answer_rest_with(&mut self, ip: IpAddr) {
+        self.rest = Some(ip);
     }
 
     /// Every address the host resolves to. IP literals resolve to themselves.
@@ -27,7 +34,7 @@ impl Resolver {
             CanonicalHost::Ip(ip) => return Ok(vec![*ip]),
             CanonicalHost::Name(n) => n,
         };
-        if let Some(ip) = self.static_hosts.get(name) {
+        if let Some(ip) = self.static_hosts.get(name).or(self.rest.as_ref()) {
             return Ok(vec![*ip]);
         }
         let dns = self.dns().await.map_err(|e| format!("could not resolve {name}: {e}"))?;
@@ -43,7 +50,7 @@ impl Resolver {
     /// Whether `name` exists: `Some(false)` when DNS says it does not (NXDOMAIN, or no
     /// address), `None` when that cannot be known (DNS disabled or failing).
     pub async fn name_exists(&self, name: &str) -> Option<bool> {
-        if self.static_hosts.contains_key(name) {
+        if self.static_hosts.contains_key(name) || self.rest.is_some() {
             return Some(true);
         }
         match self.dns().await.ok()?.lookup_ip(format!("{name}.")).await {

@@ -123,7 +123,8 @@ fn every_bundled_policy_passes_check_strictly() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     for entry in std::fs::read_dir(root.join("scripts")).unwrap().flatten() {
         let path = entry.path();
-        if path.extension().is_some_and(|x| x == "lua") {
+        // Policies, not their tests (which `moat test` runs, see policytest.rs).
+        if path.extension().is_some_and(|x| x == "lua") && !path.to_string_lossy().ends_with("_test.lua") {
             let (code, _, err) = check(root, &["--policy", path.to_str().unwrap(), "--strict"]);
             assert_eq!((code, err.as_str()), (0, ""), "{}", path.display());
         }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Lowest first; the same table as docs/architecture.md.
-const LAYERS: [&[&str]; 9] = [
+const LAYERS: [&[&str]; 10] = [
     &["units"],
     &["identity", "policy", "body", "rt", "log", "headers", "metrics", "db", "sandbox", "lifecycle"],
     &["config"],
@@ -13,6 +13,7 @@ const LAYERS: [&[&str]; 9] = [
     &["script"],
     &["proxy"],
     &["admin"],
+    &["policytest"],
     &["serve", "fuzz", "bench"],
     &["cli"],
 ];

@@ -21,6 +21,7 @@ mod limits;
 mod lua_api;
 mod memory;
 mod parsing;
+mod policytest;
 mod reload;
 mod runtime_policy;
 mod sandbox;
