@@ -1,6 +1,6 @@
 //! The `t` a test function receives: `t.send{...}` through the engine, `t.upstream(...)`
 //! fixtures, `t.sent`, `t.env` (the engine's own bindings: seed KV, read a bucket after),
-//! `t.override(container, spec)`, and the assertions `t.eq`, `t.contains`, `t.ok`.
+//! `t.override(container, spec)`, `t.sleep(seconds)`, and the assertions `t.eq`, `t.contains`, `t.ok`.
 
 use std::rc::Rc;
 
@@ -69,6 +69,13 @@ pub fn make(lua: &Lua, engine: &Rc<Engine>, fixtures: &Rc<Fixtures>) -> mlua::Re
         lua.create_async_function(move |lua, spec: Table| {
             let (engine, fixtures) = (e.clone(), fx.clone());
             async move { send(&lua, &engine, &fixtures, spec).await }
+        })?,
+    )?;
+    t.set(
+        "sleep",
+        lua.create_async_function(|_, seconds: f64| async move {
+            tokio::time::sleep(std::time::Duration::from_secs_f64(seconds.clamp(0.0, 60.0))).await;
+            Ok(())
         })?,
     )?;
     let e = engine.clone();

@@ -24,6 +24,7 @@ const STDLIB: &[(&str, &str, &str)] = &[
     ("moat.hex", "stdlib/moat/hex.lua", include_str!("../../stdlib/moat/hex.lua")),
     ("moat.crypto", "stdlib/moat/crypto.lua", include_str!("../../stdlib/moat/crypto.lua")),
     ("moat.auth", "stdlib/moat/auth.lua", include_str!("../../stdlib/moat/auth.lua")),
+    ("moat.ratelimit", "stdlib/moat/ratelimit.lua", include_str!("../../stdlib/moat/ratelimit.lua")),
 ];
 
 /// The bundled modules' names (`moat.json`, …).

@@ -10,8 +10,11 @@
 --                                            returns the request and how many values changed
 --   auth.sigv4(request, opts)                AWS Signature Version 4 (header form). opts:
 --       accessKeyId, secretAccessKey, region, service (required), sessionToken,
---       unsignedPayload (S3: sign "UNSIGNED-PAYLOAD" instead of reading the body),
+--       unsignedPayload (S3: sign "UNSIGNED-PAYLOAD" instead of reading the body; an
+--         aws-chunked upload with STREAMING-UNSIGNED-PAYLOAD-TRAILER keeps its own),
 --       datetime ("YYYYMMDDTHHMMSSZ", default now; for tests)
+--     A presigned URL's X-Amz-* signature parameters are dropped and the request is signed in
+--     header form. Chunk-signed bodies (STREAMING-AWS4-HMAC-SHA256-PAYLOAD) are refused.
 local crypto = require("moat.crypto")
 local hex = require("moat.hex")
 local base64 = require("moat.base64")
@@ -136,6 +139,12 @@ end
 
 local function hmac(key, data) return crypto.hmac_sha256(key, data) end
 
+-- The query parameters of a presigned URL's signature.
+local PRESIGN_PARAMS = {
+  "X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Date", "X-Amz-Expires",
+  "X-Amz-SignedHeaders", "X-Amz-Signature", "X-Amz-Security-Token",
+}
+
 function M.sigv4(request, opts)
   if type(opts) ~= "table" then error("moat.auth.sigv4: second argument must be a table of options", 2) end
   for _, k in ipairs({ "accessKeyId", "secretAccessKey", "region", "service" }) do
@@ -147,18 +156,36 @@ function M.sigv4(request, opts)
   end
   local service, method = opts.service, request.method
 
+  -- A presigned URL carries the container's signature in its query: drop it and sign the
+  -- request in header form with the real key instead (S3 refuses a request with both).
+  local url0 = URL.new(request.url)
+  if url0.searchParams:has("X-Amz-Signature") then
+    for _, p in ipairs(PRESIGN_PARAMS) do url0.searchParams:delete(p) end
+    request = Request.new(url0.href, request)
+  end
+
   -- The payload hash: what the client declared, UNSIGNED-PAYLOAD, or the body's hash.
   local declared = request.headers:get("x-amz-content-sha256")
+  local encoding = (request.headers:get("content-encoding") or ""):lower()
   local payload_hash, signed = nil, request
-  if opts.unsignedPayload then
-    payload_hash = "UNSIGNED-PAYLOAD"
-  elseif declared and ((#declared == 64 and declared:match("^%x+$")) or declared == "UNSIGNED-PAYLOAD"
-      or declared == "STREAMING-UNSIGNED-PAYLOAD-TRAILER") then
-    -- The service checks the body against it, so a wrong value only fails the request.
+  if declared == "STREAMING-UNSIGNED-PAYLOAD-TRAILER" then
+    -- Current SDKs' uploads: an aws-chunked body with a checksum trailer, none of it signed.
+    -- The body and its framing headers go on as they are; only the seed signature changes.
+    -- (Claiming UNSIGNED-PAYLOAD instead would make S3 store the chunk framing as data.)
     payload_hash = declared
   elseif declared and declared:match("^STREAMING%-") then
-    error("moat.auth.sigv4: the client signs its body in chunks (" .. declared .. "), which cannot be "
-      .. "re-signed; configure it for whole-body or unsigned payloads", 2)
+    error("moat.auth.sigv4: the client signs its body chunk by chunk (" .. declared .. "), which moat "
+      .. "cannot re-sign; use HTTPS (SDKs then send STREAMING-UNSIGNED-PAYLOAD-TRAILER) or turn off "
+      .. "payload signing in the client", 2)
+  elseif encoding:find("aws-chunked", 1, true) then
+    error("moat.auth.sigv4: an aws-chunked body must declare x-amz-content-sha256: "
+      .. "STREAMING-UNSIGNED-PAYLOAD-TRAILER (got " .. tostring(declared) .. "); refusing to send a body "
+      .. "whose framing its headers do not describe", 2)
+  elseif opts.unsignedPayload then
+    payload_hash = "UNSIGNED-PAYLOAD"
+  elseif declared and ((#declared == 64 and declared:match("^%x+$")) or declared == "UNSIGNED-PAYLOAD") then
+    -- The service checks the body against it, so a wrong value only fails the request.
+    payload_hash = declared
   elseif method == "GET" or method == "HEAD" then
     payload_hash = EMPTY_SHA256
   else
