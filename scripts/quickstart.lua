@@ -1,8 +1,8 @@
 -- moat quickstart: runs with no config and no internet.
 --
 --   cargo run --release -- serve --policy scripts/quickstart.lua
---   curl -x http://agent-1@127.0.0.1:3128 -X PUT --data 'hello from KV' http://my.kv/greeting
---   curl -x http://agent-1@127.0.0.1:3128 http://my.kv/greeting
+--   curl -x http://agent-1:x@127.0.0.1:3128 -X PUT --data 'hello from KV' http://my.kv/greeting
+--   curl -x http://agent-1:x@127.0.0.1:3128 http://my.kv/greeting
 --
 -- Nothing leaves the machine: enableInternet is false, so anything not answered by a handler
 -- below gets 520 "Origin is disallowed".

@@ -186,6 +186,64 @@ where
     }
 }
 
+/// Most bytes of an unread request body [`DrainOnDrop`] reads and discards.
+const DRAIN_LIMIT: usize = 256 * 1024;
+/// Longest [`DrainOnDrop`] waits for them.
+const DRAIN_TIME: Duration = Duration::from_secs(5);
+
+/// An HTTP/2 request body that, dropped before its end (a handler answered without reading
+/// it), reads and discards what the client is still sending, up to [`DRAIN_LIMIT`] bytes and
+/// [`DRAIN_TIME`], on the current `LocalSet`. HTTP/2 then ends the stream with the client's
+/// own END_STREAM instead of an RST_STREAM in the middle of its upload, which clients such as
+/// curl report as an error even after a complete response. A larger upload is still reset
+/// (with NO_ERROR, after the response) once the limit is reached.
+pub struct DrainOnDrop<B: http_body::Body + Unpin + 'static>(Option<B>);
+
+impl<B: http_body::Body + Unpin + 'static> DrainOnDrop<B> {
+    pub fn new(inner: B) -> Self {
+        Self(Some(inner))
+    }
+}
+
+impl<B: http_body::Body + Unpin + 'static> http_body::Body for DrainOnDrop<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        match self.0.as_mut() {
+            Some(inner) => Pin::new(inner).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.as_ref().is_none_or(http_body::Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.0.as_ref().map(http_body::Body::size_hint).unwrap_or_default()
+    }
+}
+
+impl<B: http_body::Body + Unpin + 'static> Drop for DrainOnDrop<B> {
+    fn drop(&mut self) {
+        use bytes::Buf;
+        let Some(mut body) = self.0.take().filter(|b| !b.is_end_stream()) else { return };
+        tokio::task::spawn_local(async move {
+            let _ = tokio::time::timeout(DRAIN_TIME, async {
+                let mut read = 0;
+                while let Some(Ok(frame)) = body.frame().await {
+                    read += frame.data_ref().map_or(0, |d| d.remaining());
+                    if read > DRAIN_LIMIT {
+                        break;
+                    }
+                }
+            })
+            .await;
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -209,7 +209,8 @@ async fn h2_request(
     let up = Arc::new(AtomicU64::new(0));
     let idle = worker.shared.config.limits.body_idle_timeout;
     let stalled = Arc::new(AtomicBool::new(false));
-    let incoming = StallLimit::new(incoming, idle, "the client").flag_on_stall(stalled.clone());
+    let incoming =
+        crate::body::DrainOnDrop::new(StallLimit::new(incoming, idle, "the client").flag_on_stall(stalled.clone()));
     let body = crate::body::boxed(Counted { inner: incoming, count: up.clone() });
     // hyper drops this future when the client resets the stream: the guard still logs it.
     let mut unanswered = Unanswered {

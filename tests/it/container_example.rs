@@ -69,7 +69,7 @@ fn the_worked_example_serves_a_tool_container_behind_a_virtual_host() {
     let listing = listing.unwrap_or_else(|| panic!("no answer on port 8080\n{}", moat(&["logs", "tool"]).1));
     assert!(listing.contains("Directory listing for /") && listing.contains("policy.lua"), "{listing}");
     // Through the policy's handler.
-    let out = curl_via(&serve.proxy_url().replace("http://", "http://agent-1@"), "http://tools.local/", &[]);
+    let out = curl_via(&serve.proxy_url().replace("http://", "http://agent-1:x@"), "http://tools.local/", &[]);
     assert_eq!(out.status, 200, "{}", serve.logs());
     assert!(out.body.contains("Directory listing for /"), "{}", out.body);
     // The server's own log lines.

@@ -496,3 +496,27 @@ outboundByHost = {{ ["slow.test"] = function() return fetch("http://127.0.0.1:{p
     assert_eq!(moat.wait_exit(Duration::from_secs(10)), Some(0), "{}", moat.logs());
     assert!(moat.logs().contains("shut down\n"), "{}", moat.logs());
 }
+
+#[test]
+fn an_http2_upload_a_handler_answers_without_reading_gets_its_answer_not_a_stream_error() {
+    // Before: the unread body was dropped at once and HTTP/2 reset the stream while curl was
+    // still sending; curl then failed with "Stream error in the HTTP/2 framing layer" (92)
+    // about half the time instead of showing the 403.
+    let moat = Moat::start(
+        r#"
+interceptHttps = true
+outboundByHost = { ["refuse.test"] = function() return Response.new("read-only\n", { status = 403 }) end }
+"#,
+    );
+    let big = moat.dir.path().join("big");
+    std::fs::write(&big, vec![b'x'; 1 << 20]).unwrap();
+    let big = format!("@{}", big.display());
+    for body in ["{}", big.as_str(), "{}", "{}", big.as_str()].iter().cycle().take(20) {
+        let r = curl(
+            &moat,
+            "https://refuse.test/pkg",
+            &["--cacert", &moat_ca(&moat), "--http2", "-X", "PUT", "--data-binary", body],
+        );
+        assert_eq!((r.status, r.body.as_str()), (403, "read-only\n"));
+    }
+}

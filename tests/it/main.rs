@@ -22,6 +22,7 @@ mod lua_api;
 mod memory;
 mod parsing;
 mod policytest;
+mod recipes;
 mod reload;
 mod runtime_policy;
 mod sandbox;

@@ -127,7 +127,12 @@ impl Upstream {
     /// The same echo server over TLS with a certificate from `ca` for `tls.test` and
     /// 127.0.0.1; ALPN offers h2 and http/1.1 and both are served.
     pub fn start_tls(ca: &TestCa) -> Upstream {
-        let config = ca.server_config(&["tls.test", "127.0.0.1"], &[b"h2", b"http/1.1"]);
+        Self::start_tls_for(ca, &["tls.test", "127.0.0.1"])
+    }
+
+    /// The TLS echo server with a certificate for `names`.
+    pub fn start_tls_for(ca: &TestCa, names: &[&str]) -> Upstream {
+        let config = ca.server_config(names, &[b"h2", b"http/1.1"]);
         Self::serve("127.0.0.1:0", Some(tokio_rustls::TlsAcceptor::from(config)))
     }
 
@@ -249,6 +254,18 @@ impl TestCa {
         let pem = dir.path().join("test-ca.pem");
         std::fs::write(&pem, issuer.pem()).unwrap();
         TestCa { pem, issuer, _dir: dir }
+    }
+
+    /// A leaf for `names` written as PEM files in this CA's folder: (certificate, key).
+    pub fn leaf_files(&self, names: &[&str]) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let leaf = rcgen::CertificateParams::new(names).unwrap().signed_by(&key, &self.issuer).unwrap();
+        let dir = self.pem.parent().unwrap();
+        let (cert, key_file) = (dir.join("leaf.pem"), dir.join("leaf-key.pem"));
+        std::fs::write(&cert, leaf.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        (cert, key_file)
     }
 
     /// A server configuration with a leaf for `names`, offering `alpn`.
