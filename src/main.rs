@@ -300,10 +300,14 @@ enum Command {
         #[command(subcommand)]
         action: CaAction,
     },
-    /// Write a starter policy.lua and moat.toml.
+    /// Write a starter policy (or a recipe), its tests, moat.toml and editor types.
     Init {
         /// Folder to write into (default: the current folder).
         dir: Option<PathBuf>,
+        /// Write a bundled recipe instead of the starter (agent-sandbox, github, llm-keys,
+        /// registries, aws, bridges, audit-log, budgets).
+        #[arg(long)]
+        recipe: Option<String>,
     },
 }
 
@@ -433,7 +437,9 @@ fn main() -> ExitCode {
         Command::Ca { action: CaAction::Export { admin, out } } => {
             admin_config(admin).and_then(|c| moat::cli::ca_export(&c, out.as_deref()).map_err(Failure::Runtime))
         }
-        Command::Init { dir } => moat::cli::init(&dir.unwrap_or_else(|| PathBuf::from("."))).map_err(Failure::Usage),
+        Command::Init { dir, recipe } => {
+            moat::cli::init(&dir.unwrap_or_else(|| PathBuf::from(".")), recipe.as_deref()).map_err(Failure::Usage)
+        }
     };
     exit_with(result.map(|()| 0))
 }

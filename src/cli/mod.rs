@@ -3,9 +3,11 @@
 
 mod check;
 pub mod containers;
+mod init;
 pub mod run;
 
 pub use check::check;
+pub use init::init;
 
 /// `moat __sandbox-init SOCKET -- CMD`: the sandbox's first process (see `sandbox::init`);
 /// returns its exit code.
@@ -134,27 +136,6 @@ fn stored_overrides(config: &Config, id: &ContainerId) -> Result<OverrideSpec, S
         }
         Err(e) => Err(e.to_string()),
     }
-}
-
-const INIT_POLICY: &str = include_str!("../../scripts/init-policy.lua");
-const INIT_CONFIG: &str = include_str!("../../scripts/init-moat.toml");
-
-/// Writes a starter `policy.lua` and `moat.toml`; refuses to overwrite.
-pub fn init(dir: &Path) -> Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let files = [("policy.lua", INIT_POLICY), ("moat.toml", INIT_CONFIG)];
-    for (name, _) in &files {
-        if dir.join(name).exists() {
-            return Err(format!("{} already exists; not overwriting", dir.join(name).display()));
-        }
-    }
-    for (name, text) in files {
-        let p = dir.join(name);
-        std::fs::write(&p, text).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
-        println!("wrote {}", p.display());
-    }
-    println!("next: moat check && moat serve   (then: curl -x http://127.0.0.1:3128 http://example.com/)");
-    Ok(())
 }
 
 /// `moat test`: runs `files` (default: the classes' test files) and prints one line per test

@@ -226,3 +226,47 @@ fn every_bundled_policys_tests_pass() {
     }
     assert!(ran >= 1);
 }
+
+#[test]
+fn init_writes_each_recipe_with_tests_that_pass_where_it_is_written() {
+    for name in [
+        None,
+        Some("agent-sandbox"),
+        Some("github"),
+        Some("llm-keys"),
+        Some("registries"),
+        Some("aws"),
+        Some("bridges"),
+        Some("audit-log"),
+        Some("budgets"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args = vec!["init"];
+        args.extend(name.map(|n| ["--recipe", n]).iter().flatten());
+        args.push(dir.path().to_str().unwrap());
+        let (code, out, err) = moat_cmd(&args, dir.path());
+        assert_eq!(code, 0, "{name:?}: {out}{err}");
+        for file in [".luarc.json", "types/moat.lua", "types/moat/auth.lua", "types/env.lua", "moat.toml"] {
+            assert!(dir.path().join(file).exists(), "{name:?}: {file}");
+        }
+        // Its tests pass where it was written, found through the moat.toml it wrote.
+        let (code, out, err) = moat_cmd(&["test"], dir.path());
+        assert_eq!(code, 0, "{name:?}: {out}{err}");
+        assert!(out.ends_with(" 0 failed\n"), "{out}");
+        // And it checks clean once its secrets are set.
+        let secrets = std::fs::read_to_string(dir.path().join("moat.toml")).unwrap();
+        let mut check = std::process::Command::new(MOAT);
+        check.args(["check", "--strict"]).current_dir(dir.path());
+        for line in secrets.lines().filter(|l| l.contains("= { env = ")) {
+            check.env(line.split_whitespace().next().unwrap(), "set-for-the-check");
+        }
+        let out = check.output().unwrap();
+        assert!(out.status.success(), "{name:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // Never over what is there.
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "moat.toml", "");
+    let (code, _, err) = moat_cmd(&["init", "--recipe", "github", "."], dir.path());
+    assert_eq!(code, 2);
+    assert!(err.contains("moat.toml already exists; not overwriting"), "{err}");
+}
