@@ -29,7 +29,12 @@ local function record(env, ctx, request, status, failure)
     bytesUp = tonumber(request.headers:get("content-length") or "0") or 0,
     failure = failure,
   })
-  local key = ("audit/%s/%s/%s-%s.jsonl"):format(os.date("!%Y-%m-%d", now), ctx.containerId, os.date("!%H%M%S", now), ctx.requestId)
+  local key = ("audit/%s/%s/%s-%s.jsonl"):format(
+    os.date("!%Y-%m-%d", now),
+    ctx.containerId,
+    os.date("!%H%M%S", now),
+    ctx.requestId
+  )
   env.BUCKET:put(key, line .. "\n", { httpMetadata = { contentType = "application/x-ndjson" } })
 end
 

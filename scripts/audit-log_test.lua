@@ -12,7 +12,7 @@ end
 
 test("each forwarded request leaves one JSON line, without its query", function(t)
   t.upstream("api.github.com", { status = 404, body = "nope" })
-  t.eq(t.send{ url = "https://api.github.com/repos/x/y?access_token=abc", container = "agent-1" }.status, 404)
+  t.eq(t.send { url = "https://api.github.com/repos/x/y?access_token=abc", container = "agent-1" }.status, 404)
   local got, objects = lines(t)
   t.eq(#got, 1)
   t.eq(got[1].container, "agent-1")
@@ -28,8 +28,8 @@ end)
 
 test("uploads record their size; denied requests are not the handler's", function(t)
   t.upstream("registry.npmjs.org", "{}")
-  t.send{ method = "PUT", url = "https://registry.npmjs.org/pkg", body = "12345", container = "a" }
-  t.send{ url = "https://evil.example/", container = "a" }
+  t.send { method = "PUT", url = "https://registry.npmjs.org/pkg", body = "12345", container = "a" }
+  t.send { url = "https://evil.example/", container = "a" }
   local got = lines(t)
   t.eq(#got, 1)
   t.eq(got[1].bytesUp, 5)

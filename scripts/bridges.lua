@@ -27,7 +27,9 @@ outboundByHost = {
     if key == "" then
       local page = env.KV:list({ prefix = prefix .. (url.searchParams:get("prefix") or "") })
       local names = json.array()
-      for _, k in ipairs(page.keys) do names[#names + 1] = k.name:sub(#prefix + 1) end
+      for _, k in ipairs(page.keys) do
+        names[#names + 1] = k.name:sub(#prefix + 1)
+      end
       return listing(names, page.list_complete)
     end
     if request.method == "PUT" then
@@ -38,7 +40,9 @@ outboundByHost = {
       return Response.new(nil, { status = 204 })
     end
     local value = env.KV:get(prefix .. key)
-    if value == nil then return Response.new("no such key\n", { status = 404 }) end
+    if value == nil then
+      return Response.new("no such key\n", { status = 404 })
+    end
     return Response.new(value)
   end,
 
@@ -47,7 +51,9 @@ outboundByHost = {
     if key == "" then
       local page = env.BUCKET:list({ prefix = prefix .. (url.searchParams:get("prefix") or "") })
       local names = json.array()
-      for _, o in ipairs(page.objects) do names[#names + 1] = o.key:sub(#prefix + 1) end
+      for _, o in ipairs(page.objects) do
+        names[#names + 1] = o.key:sub(#prefix + 1)
+      end
       return listing(names, not page.truncated)
     end
     if request.method == "PUT" then
@@ -60,7 +66,12 @@ outboundByHost = {
       return Response.new(nil, { status = 204 })
     end
     local obj = env.BUCKET:get(prefix .. key)
-    if obj == nil then return Response.new("no such object\n", { status = 404 }) end
-    return Response.new(obj.body, { headers = { ["content-type"] = obj.httpMetadata.contentType, etag = obj.httpEtag } })
+    if obj == nil then
+      return Response.new("no such object\n", { status = 404 })
+    end
+    return Response.new(
+      obj.body,
+      { headers = { ["content-type"] = obj.httpMetadata.contentType, etag = obj.httpEtag } }
+    )
   end,
 }

@@ -2,20 +2,20 @@
 -- Every outbound request of a container goes through the decision order:
 -- deniedHosts, allowedHosts, outboundByHost, outbound, then enableInternet.
 
-enableInternet = false          -- nothing leaves unless something below lets it
+enableInternet = false -- nothing leaves unless something below lets it
 
 -- HTTPS: true lets the handlers below see https:// requests too; clients must then trust
 -- moat's CA (`moat ca path`, docs/https.md). false: HTTPS hosts are decided by the lists only.
 interceptHttps = false
 
-allowedHosts = {               -- a host must be listed here before any handler can run for it
+allowedHosts = { -- a host must be listed here before any handler can run for it
   "hello.moat",
   "example.com",
   "*.example.com",
 }
 
 deniedHosts = {
-  "169.254.169.254",            -- cloud metadata: never
+  "169.254.169.254", -- cloud metadata: never
 }
 
 outboundByHost = {

@@ -7,7 +7,7 @@
 -- Nothing leaves the machine: enableInternet is false, so anything not answered by a handler
 -- below gets 520 "Origin is disallowed".
 enableInternet = false
-redactSecrets = true   -- an upstream that echoes a secret back shows [secret NAME] instead
+redactSecrets = true -- an upstream that echoes a secret back shows [secret NAME] instead
 
 local json = require("moat.json")
 
@@ -20,7 +20,9 @@ outboundByHost = {
     if key == "" then
       local page = env.KV:list({ prefix = url.searchParams:get("prefix") or "" })
       local names = json.array()
-      for _, k in ipairs(page.keys) do names[#names + 1] = k.name end
+      for _, k in ipairs(page.keys) do
+        names[#names + 1] = k.name
+      end
       return Response.json({ keys = names, complete = page.list_complete })
     end
     if request.method == "PUT" then
@@ -45,7 +47,9 @@ outboundByHost = {
       return Response.new("noted for " .. ctx.containerId .. "\n", { status = 201 })
     end
     local value = ctx.storage:get(key)
-    if value == nil then return Response.new("nothing noted\n", { status = 404 }) end
+    if value == nil then
+      return Response.new("nothing noted\n", { status = 404 })
+    end
     return Response.new(value .. "\n")
   end,
 
@@ -63,8 +67,13 @@ outboundByHost = {
       return Response.new(nil, { status = 204 })
     end
     local obj = env.BUCKET:get(key)
-    if obj == nil then return Response.new("no such object: " .. key .. "\n", { status = 404 }) end
-    return Response.new(obj.body, { headers = { ["content-type"] = obj.httpMetadata.contentType, etag = obj.httpEtag } })
+    if obj == nil then
+      return Response.new("no such object: " .. key .. "\n", { status = 404 })
+    end
+    return Response.new(
+      obj.body,
+      { headers = { ["content-type"] = obj.httpMetadata.contentType, etag = obj.httpEtag } }
+    )
   end,
 
   -- Credential injection: the container calls http://api.local/... with no credentials; moat

@@ -26,7 +26,10 @@ allowedHosts = {
 
 local function read_only(request)
   if request.method ~= "GET" and request.method ~= "HEAD" then
-    return Response.new("moat: package registries are read-only here (" .. request.method .. " refused)\n", { status = 403 })
+    return Response.new(
+      "moat: package registries are read-only here (" .. request.method .. " refused)\n",
+      { status = 403 }
+    )
   end
   request.headers:delete("authorization")
   return fetch(request)

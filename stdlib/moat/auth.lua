@@ -54,7 +54,9 @@ local function replace_plain(s, old, new)
   local out, from, n = {}, 1, 0
   while true do
     local i, j = s:find(old, from, true)
-    if not i then break end
+    if not i then
+      break
+    end
     out[#out + 1] = s:sub(from, i - 1)
     out[#out + 1] = new
     from, n = j + 1, n + 1
@@ -69,7 +71,9 @@ function M.swap(request, placeholder, secret)
   local h, changed = request.headers, 0
   local names = {}
   for name, value in h:entries() do
-    if value:find(placeholder, 1, true) then names[#names + 1] = name end
+    if value:find(placeholder, 1, true) then
+      names[#names + 1] = name
+    end
   end
   for _, name in ipairs(names) do
     local values = h:getAll(name)
@@ -90,25 +94,43 @@ local EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b78
 -- Headers never signed: moat or the network may change them on the way (the list the AWS
 -- SDKs use, plus content-length, which moat recomputes from the body).
 local UNSIGNED = {
-  ["authorization"] = true, ["connection"] = true, ["content-length"] = true, ["expect"] = true,
-  ["from"] = true, ["keep-alive"] = true, ["max-forwards"] = true, ["pragma"] = true,
-  ["proxy-authorization"] = true, ["referer"] = true, ["te"] = true, ["trailer"] = true,
-  ["transfer-encoding"] = true, ["upgrade"] = true, ["user-agent"] = true,
-  ["x-amzn-trace-id"] = true, ["host"] = true,
+  ["authorization"] = true,
+  ["connection"] = true,
+  ["content-length"] = true,
+  ["expect"] = true,
+  ["from"] = true,
+  ["keep-alive"] = true,
+  ["max-forwards"] = true,
+  ["pragma"] = true,
+  ["proxy-authorization"] = true,
+  ["referer"] = true,
+  ["te"] = true,
+  ["trailer"] = true,
+  ["transfer-encoding"] = true,
+  ["upgrade"] = true,
+  ["user-agent"] = true,
+  ["x-amzn-trace-id"] = true,
+  ["host"] = true,
 }
 
 -- RFC 3986 unreserved characters stay, everything else is %XX (upper case), as AWS wants.
 local function aws_encode(s, keep_slash)
   local set = keep_slash and "[^A-Za-z0-9%-%._~/]" or "[^A-Za-z0-9%-%._~]"
-  return (s:gsub(set, function(c) return ("%%%02X"):format(c:byte()) end))
+  return (s:gsub(set, function(c)
+    return ("%%%02X"):format(c:byte())
+  end))
 end
 
 local function percent_decode(s)
-  return (s:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+  return (s:gsub("%%(%x%x)", function(h)
+    return string.char(tonumber(h, 16))
+  end))
 end
 
 local function canonical_uri(pathname, service)
-  if pathname == "" then return "/" end
+  if pathname == "" then
+    return "/"
+  end
   if service == "s3" then
     -- S3 encodes each segment once, from its decoded form.
     local segments = {}
@@ -129,24 +151,37 @@ local function canonical_query(search)
     params[#params + 1] = { aws_encode(percent_decode(k), false), aws_encode(percent_decode(v), false) }
   end
   table.sort(params, function(a, b)
-    if a[1] == b[1] then return a[2] < b[2] end
+    if a[1] == b[1] then
+      return a[2] < b[2]
+    end
     return a[1] < b[1]
   end)
   local out = {}
-  for i, p in ipairs(params) do out[i] = p[1] .. "=" .. p[2] end
+  for i, p in ipairs(params) do
+    out[i] = p[1] .. "=" .. p[2]
+  end
   return table.concat(out, "&")
 end
 
-local function hmac(key, data) return crypto.hmac_sha256(key, data) end
+local function hmac(key, data)
+  return crypto.hmac_sha256(key, data)
+end
 
 -- The query parameters of a presigned URL's signature.
 local PRESIGN_PARAMS = {
-  "X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Date", "X-Amz-Expires",
-  "X-Amz-SignedHeaders", "X-Amz-Signature", "X-Amz-Security-Token",
+  "X-Amz-Algorithm",
+  "X-Amz-Credential",
+  "X-Amz-Date",
+  "X-Amz-Expires",
+  "X-Amz-SignedHeaders",
+  "X-Amz-Signature",
+  "X-Amz-Security-Token",
 }
 
 function M.sigv4(request, opts)
-  if type(opts) ~= "table" then error("moat.auth.sigv4: second argument must be a table of options", 2) end
+  if type(opts) ~= "table" then
+    error("moat.auth.sigv4: second argument must be a table of options", 2)
+  end
   for _, k in ipairs({ "accessKeyId", "secretAccessKey", "region", "service" }) do
     need_string("sigv4", "opts." .. k, opts[k])
   end
@@ -160,7 +195,9 @@ function M.sigv4(request, opts)
   -- request in header form with the real key instead (S3 refuses a request with both).
   local url0 = URL.new(request.url)
   if url0.searchParams:has("X-Amz-Signature") then
-    for _, p in ipairs(PRESIGN_PARAMS) do url0.searchParams:delete(p) end
+    for _, p in ipairs(PRESIGN_PARAMS) do
+      url0.searchParams:delete(p)
+    end
     request = Request.new(url0.href, request)
   end
 
@@ -174,13 +211,23 @@ function M.sigv4(request, opts)
     -- (Claiming UNSIGNED-PAYLOAD instead would make S3 store the chunk framing as data.)
     payload_hash = declared
   elseif declared and declared:match("^STREAMING%-") then
-    error("moat.auth.sigv4: the client signs its body chunk by chunk (" .. declared .. "), which moat "
-      .. "cannot re-sign; use HTTPS (SDKs then send STREAMING-UNSIGNED-PAYLOAD-TRAILER) or turn off "
-      .. "payload signing in the client", 2)
+    error(
+      "moat.auth.sigv4: the client signs its body chunk by chunk ("
+        .. declared
+        .. "), which moat "
+        .. "cannot re-sign; use HTTPS (SDKs then send STREAMING-UNSIGNED-PAYLOAD-TRAILER) or turn off "
+        .. "payload signing in the client",
+      2
+    )
   elseif encoding:find("aws-chunked", 1, true) then
-    error("moat.auth.sigv4: an aws-chunked body must declare x-amz-content-sha256: "
-      .. "STREAMING-UNSIGNED-PAYLOAD-TRAILER (got " .. tostring(declared) .. "); refusing to send a body "
-      .. "whose framing its headers do not describe", 2)
+    error(
+      "moat.auth.sigv4: an aws-chunked body must declare x-amz-content-sha256: "
+        .. "STREAMING-UNSIGNED-PAYLOAD-TRAILER (got "
+        .. tostring(declared)
+        .. "); refusing to send a body "
+        .. "whose framing its headers do not describe",
+      2
+    )
   elseif opts.unsignedPayload then
     payload_hash = "UNSIGNED-PAYLOAD"
   elseif declared and ((#declared == 64 and declared:match("^%x+$")) or declared == "UNSIGNED-PAYLOAD") then
@@ -192,14 +239,21 @@ function M.sigv4(request, opts)
     local body = request:bytes()
     payload_hash = hex.encode(crypto.sha256(body))
     -- The read used the request's body: send a copy that carries the bytes.
-    signed = Request.new(request.url, { method = method, headers = request.headers, body = body, redirect = request.redirect })
+    signed =
+      Request.new(request.url, { method = method, headers = request.headers, body = body, redirect = request.redirect })
   end
 
   local h = signed.headers
   h:delete("authorization")
   h:set("x-amz-date", amz_date)
-  if opts.sessionToken then h:set("x-amz-security-token", opts.sessionToken) else h:delete("x-amz-security-token") end
-  if service == "s3" or opts.unsignedPayload or declared then h:set("x-amz-content-sha256", payload_hash) end
+  if opts.sessionToken then
+    h:set("x-amz-security-token", opts.sessionToken)
+  else
+    h:delete("x-amz-security-token")
+  end
+  if service == "s3" or opts.unsignedPayload or declared then
+    h:set("x-amz-content-sha256", payload_hash)
+  end
 
   local url = URL.new(signed.url)
   local names, lines = { "host" }, {}
@@ -215,20 +269,33 @@ function M.sigv4(request, opts)
     end
   end
   table.sort(names)
-  for i, name in ipairs(names) do lines[i] = name .. ":" .. values[name] .. "\n" end
+  for i, name in ipairs(names) do
+    lines[i] = name .. ":" .. values[name] .. "\n"
+  end
   local signed_headers = table.concat(names, ";")
 
   local canonical = table.concat({
-    method, canonical_uri(url.pathname, service), canonical_query(url.search),
-    table.concat(lines), signed_headers, payload_hash,
+    method,
+    canonical_uri(url.pathname, service),
+    canonical_query(url.search),
+    table.concat(lines),
+    signed_headers,
+    payload_hash,
   }, "\n")
   local date = amz_date:sub(1, 8)
   local scope = table.concat({ date, opts.region, service, "aws4_request" }, "/")
   local to_sign = table.concat({ "AWS4-HMAC-SHA256", amz_date, scope, hex.encode(crypto.sha256(canonical)) }, "\n")
   local key = hmac(hmac(hmac(hmac("AWS4" .. opts.secretAccessKey, date), opts.region), service), "aws4_request")
   local signature = hex.encode(hmac(key, to_sign))
-  h:set("authorization", ("AWS4-HMAC-SHA256 Credential=%s/%s, SignedHeaders=%s, Signature=%s")
-    :format(opts.accessKeyId, scope, signed_headers, signature))
+  h:set(
+    "authorization",
+    ("AWS4-HMAC-SHA256 Credential=%s/%s, SignedHeaders=%s, Signature=%s"):format(
+      opts.accessKeyId,
+      scope,
+      signed_headers,
+      signature
+    )
+  )
   return signed
 end
 

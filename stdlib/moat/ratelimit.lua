@@ -23,14 +23,18 @@ local Budget = {}
 Budget.__index = Budget
 
 local function positive(name, v, optional)
-  if v == nil and optional then return end
+  if v == nil and optional then
+    return
+  end
   if type(v) ~= "number" or v <= 0 then
     error(("moat.ratelimit.new: %s must be a positive number, got %s"):format(name, tostring(v)), 3)
   end
 end
 
 function M.new(opts)
-  if type(opts) ~= "table" then error("moat.ratelimit.new: pass a table of options", 2) end
+  if type(opts) ~= "table" then
+    error("moat.ratelimit.new: pass a table of options", 2)
+  end
   positive("window", opts.window)
   positive("requests", opts.requests, true)
   positive("bytesUp", opts.bytesUp, true)
@@ -56,7 +60,9 @@ end
 
 function Budget:peek(kv, key)
   local stored = kv:get((self:slot(key)))
-  if stored == nil then return 0, 0 end
+  if stored == nil then
+    return 0, 0
+  end
   local n, b = stored:match("^(%d+) (%d+)$")
   return tonumber(n) or 0, tonumber(b) or 0
 end
@@ -65,8 +71,12 @@ function Budget:take(kv, key, bytes)
   bytes = bytes or 0
   local slot, left = self:slot(key)
   local n, b = self:peek(kv, key)
-  if self.requests and n + 1 > self.requests then return false, "requests", left end
-  if self.bytesUp and b + bytes > self.bytesUp then return false, "bytes", left end
+  if self.requests and n + 1 > self.requests then
+    return false, "requests", left
+  end
+  if self.bytesUp and b + bytes > self.bytesUp then
+    return false, "bytes", left
+  end
   -- Kept a little past its window, so a clock step back does not reset a spent budget.
   kv:put(slot, (n + 1) .. " " .. (b + bytes), { expirationTtl = math.max(60, self.window * 2) })
   return true
