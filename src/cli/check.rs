@@ -27,8 +27,12 @@ pub fn check(config: &Config, strict: bool) -> Result<(), String> {
             Ok(found) => problems.extend(found.iter().map(ToString::to_string)),
             Err(e) => problems.push(format!("{}: {e}", g.path.display())),
         }
-        warnings.extend(traps(&g.policy).into_iter().map(|w| format!("{}: warning: {w}", g.path.display())));
+        for (key, w) in traps(&g.policy) {
+            let at = line_of(&g.source, &format!("\"{key}\"")).map_or(String::new(), |l| format!(":{l}"));
+            warnings.push(format!("{}{at}: warning: {w}", g.path.display()));
+        }
     }
+    problems.extend(unknown_override_handlers(config, &generations)?);
     print!("{out}");
     for line in problems.iter().chain(&warnings) {
         eprintln!("{line}");
@@ -68,8 +72,40 @@ fn summary(out: &mut String, g: &crate::script::Generation, c: &crate::config::C
     }
 }
 
-/// Policies that load and run, but not as their author meant.
-fn traps(p: &ClassPolicy) -> Vec<String> {
+/// Stored overrides (set with the admin API, `moat policy` or Lua) that name a handler no
+/// class's `outboundHandlers` defines: after an edit removed it, that container's requests
+/// would fail with 500 until the override is changed.
+fn unknown_override_handlers(
+    config: &Config,
+    generations: &[crate::script::Generation],
+) -> Result<Vec<String>, String> {
+    let defined = |name: &str| generations.iter().any(|g| g.policy.handler_names.contains(name));
+    let mut out = Vec::new();
+    for (id, spec) in super::all_stored_overrides(config)? {
+        let named = spec
+            .outbound_handler
+            .iter()
+            .map(|h| ("setOutboundHandler".to_string(), h))
+            .chain(spec.outbound_by_host.iter().map(|(host, h)| (format!("setOutboundByHost {host}"), h)));
+        for (setter, h) in named {
+            if !defined(&h.method) {
+                out.push(format!(
+                    "container {id}: its override {setter} names {:?}, which outboundHandlers does not define (define it, or moat policy {id} clearOverrides)",
+                    h.method
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The first line of `source` that contains `needle`.
+fn line_of(source: &str, needle: &str) -> Option<usize> {
+    source.lines().position(|l| l.contains(needle)).map(|i| i + 1)
+}
+
+/// Policies that load and run, but not as their author meant: (the key, the warning).
+fn traps(p: &ClassPolicy) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for (key, _) in p.by_host.iter() {
         // Step 2 comes before step 4: a handler on a host the list refuses never runs
@@ -77,17 +113,17 @@ fn traps(p: &ClassPolicy) -> Vec<String> {
         if let Some(allowed) = &p.allowed
             && !covers(allowed, key)
         {
-            out.push(format!(
+            out.push((key.as_str().to_string(), format!(
                 "outboundByHost[\"{}\"] never runs: allowedHosts does not include it and is checked first (add \"{}\" to allowedHosts)",
                 key.as_str(),
                 key.as_str()
-            ));
+            )));
         }
         if key.port() == Some(443) && !p.intercept_https {
-            out.push(format!(
+            out.push((key.as_str().to_string(), format!(
                 "outboundByHost[\"{}\"] never runs: that port is HTTPS and interceptHttps is false, so moat only tunnels it (set interceptHttps = true)",
                 key.as_str()
-            ));
+            )));
         }
     }
     out

@@ -115,6 +115,35 @@ pub fn explain(config: &Config, id: Option<&str>, method: &str, url: &str) -> Re
     Ok(())
 }
 
+/// Every container's stored overrides (from the running moat when it holds the database).
+pub(crate) fn all_stored_overrides(config: &Config) -> Result<Vec<(String, OverrideSpec)>, String> {
+    if !config.data_dir.join("moat.redb").exists() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<String> = match crate::db::open(&config.data_dir) {
+        Ok(db) => {
+            let store =
+                crate::proxy::overrides::OverrideStore::open(db, &config.data_dir).map_err(|e| e.to_string())?;
+            return Ok(store.containers().into_iter().map(|id| (id.clone(), store.spec(&id))).collect());
+        }
+        Err(crate::db::OpenError::InUse) => {
+            let (code, body) = crate::admin::client::call(&config.admin_socket, "GET", "/v1/containers", None)?;
+            if code != 200 {
+                return Err(format!("the running moat answered {code} for /v1/containers: {body}"));
+            }
+            let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("admin API: {e}"))?;
+            serde_json::from_value(v["containers"].clone()).map_err(|e| format!("admin API: {e}"))?
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    ids.into_iter()
+        .map(|id| {
+            let cid = ContainerId::parse(&id).map_err(|e| format!("{id}: {e}"))?;
+            Ok((id, stored_overrides(config, &cid)?))
+        })
+        .collect()
+}
+
 /// The overrides `id` has: asked of the running moat when it holds the database, else read
 /// from the database; none when there is no database yet (nothing was ever set).
 fn stored_overrides(config: &Config, id: &ContainerId) -> Result<OverrideSpec, String> {

@@ -64,11 +64,12 @@ extra_ca = ["empty.pem"]
         "{err}"
     );
     // The trap of step 2 coming before step 4: a warning, an error under --strict.
-    let warning = format!(
-        "{}: warning: outboundByHost[\"tools.local\"] never runs: allowedHosts does not include it and is checked first (add \"tools.local\" to allowedHosts)",
-        "policy.lua"
-    );
-    assert_eq!(lines[5], warning, "{err}");
+    let warning = |line: u32| {
+        format!(
+            "policy.lua:{line}: warning: outboundByHost[\"tools.local\"] never runs: allowedHosts does not include it and is checked first (add \"tools.local\" to allowedHosts)"
+        )
+    };
+    assert_eq!(lines[5], warning(7), "{err}");
     assert_eq!(lines[6], "moat: 5 problem(s), 1 warning(s): moat serve or the first request would meet them");
 
     // Fixed as the lines say: no problem; the warning alone exits 0, but not under --strict.
@@ -104,7 +105,7 @@ outboundByHost = {
     );
     let (code, _, err) = check(d, &["--policy", "policy.lua"]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(err, format!("{warning}\n1 warning(s); --strict makes them errors\n"));
+    assert_eq!(err, format!("{}\n1 warning(s); --strict makes them errors\n", warning(9)));
     let (code, _, err) = check(d, &["--policy", "policy.lua", "--strict"]);
     assert_eq!(code, 2, "{err}");
     write(
@@ -169,4 +170,44 @@ outboundByHost = { ["h.test"] = function() return Response.new("answered here") 
     assert_eq!(&head, b"HTTP/1.1 200", "{}", moat.logs());
     let out = curl(&moat, "https://h.test/", &["-k"]);
     assert_eq!((out.status, out.body.as_str()), (200, "answered here"));
+}
+
+#[test]
+fn check_warns_of_a_tunnelled_handler_and_finds_overrides_naming_a_handler_that_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(
+        d,
+        "policy.lua",
+        "outboundByHost = {\n  [\"api.test:443\"] = function() return Response.new(\"x\") end,\n}\noutboundHandlers = {\n  readOnly = function() return Response.new(\"ro\") end,\n}\n",
+    );
+    let (code, _, err) = check(d, &["--policy", "policy.lua"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        err,
+        "policy.lua:2: warning: outboundByHost[\"api.test:443\"] never runs: that port is HTTPS and interceptHttps is false, so moat only tunnels it (set interceptHttps = true)\n\
+         1 warning(s); --strict makes them errors\n"
+    );
+    // An override set while readOnly existed (kept in the database)...
+    write(d, "moat.toml", "data_dir = \"data\"\n[[class]]\npolicy = \"policy.lua\"\nlisten = \"127.0.0.1:0\"\n");
+    let mut serve = std::process::Command::new(MOAT);
+    serve.args(["serve", "--config", "moat.toml"]).current_dir(d);
+    let moat = Moat::spawn(serve, tempfile::tempdir().unwrap());
+    let (code, out, err) = moat_cmd(&["policy", "agent-1", "setOutboundHandler", "readOnly"], d);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, _, err) = check(d, &[]);
+    assert_eq!(code, 0, "{err}");
+    // ...then an edit removes readOnly: that container's requests would fail. Found through
+    // the running moat's admin API, and in the database once it has stopped.
+    write(
+        d,
+        "policy.lua",
+        "interceptHttps = true\noutboundByHost = { [\"api.test:443\"] = function() return Response.new(\"x\") end }\n",
+    );
+    let finding = "container agent-1: its override setOutboundHandler names \"readOnly\", which outboundHandlers does not define (define it, or moat policy agent-1 clearOverrides)";
+    let (code, _, err) = check(d, &[]);
+    assert_eq!((code, err.lines().next().unwrap_or_default()), (2, finding), "running: {err}");
+    drop(moat);
+    let (code, _, err) = check(d, &[]);
+    assert_eq!((code, err.lines().next().unwrap_or_default()), (2, finding), "stopped: {err}");
 }
