@@ -61,6 +61,7 @@ pub async fn serve(
                 "intercepted TLS handshake failed: {e} (clients must trust {})",
                 crate::tls::ca::cert_path(&shared.config).display()
             );
+            tracing::warn!(container = %tunnel.container, host = %tunnel.target.host, "{}", log.detail);
             return;
         }
         Err(_) => {

@@ -129,7 +129,7 @@ async fn run(
     log: &mut LogLine,
 ) -> Result<Response<Body>, Stop> {
     let container = identify_phase(worker, &head, tunnel, log)?;
-    let (target, path) = target_phase(&head, tunnel, log)?;
+    let (target, path) = target_phase(&head, tunnel, log, worker.shared.class(class).config.listen)?;
     let (decided, decision) = decide_phase(worker, class, &container, &target, log)?;
     let request = Routed { head, body, target, path, container };
     Ok(match decision {
@@ -192,7 +192,12 @@ fn identify_phase(
 
 /// Where: the absolute-form target, whose authority wins over Host (SPEC 8.2); inside a
 /// tunnel, the tunnel's host (an absolute-form target must name that same authority).
-fn target_phase(head: &RequestHead, tunnel: Option<&Pinned>, log: &mut LogLine) -> Result<(Target, String), Stop> {
+fn target_phase(
+    head: &RequestHead,
+    tunnel: Option<&Pinned>,
+    log: &mut LogLine,
+    listener: std::net::SocketAddr,
+) -> Result<(Target, String), Stop> {
     if head.method == http::Method::CONNECT {
         // Only reached inside a tunnel (the listener hands a CONNECT to `connect::serve`): a
         // tunnel reaches its one host, it does not open others.
@@ -212,7 +217,14 @@ fn target_phase(head: &RequestHead, tunnel: Option<&Pinned>, log: &mut LogLine) 
             }
         }),
     };
-    let (target, path) = parsed.map_err(|msg| refuse(log, msg))?;
+    let (target, path) = parsed.map_err(|msg| {
+        let msg = if msg == target::NOT_ABSOLUTE {
+            format!("{msg} (e.g. curl -x http://{listener} http://host/, or set http_proxy=http://{listener})")
+        } else {
+            msg
+        };
+        refuse(log, msg)
+    })?;
     log.host = target.host.to_string();
     log.port = target.port;
     log.path = path.split('?').next().unwrap_or("/").to_string();

@@ -85,6 +85,10 @@ pub(super) fn tunnel(t: &Pinned, head: &RequestHead) -> Result<(Target, String),
     Ok((target, path))
 }
 
+/// The start of the answer to an origin-form request on the explicit listener (the caller
+/// adds how to send it, with the listener's address).
+pub(super) const NOT_ABSOLUTE: &str = "moat is a proxy: send absolute-form requests";
+
 /// Parses an absolute-form `http[s]://authority/path?query` target (RFC 9112 §3.2.2) into
 /// the canonical target and the origin-form path.
 pub(super) fn absolute(raw: &str) -> Result<(Target, String), String> {
@@ -94,9 +98,7 @@ pub(super) fn absolute(raw: &str) -> Result<(Target, String), String> {
     } else if lower.starts_with("https://") {
         (true, &raw[8..])
     } else {
-        return Err(
-            "moat is a proxy: send absolute-form requests (e.g. curl -x http://127.0.0.1:3128 http://host/)".into()
-        );
+        return Err(NOT_ABSOLUTE.into());
     };
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, path) = rest.split_at(end);

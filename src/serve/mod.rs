@@ -93,6 +93,12 @@ pub(crate) fn run_with(config: Config, attached: Option<Attached>) -> anyhow::Re
         listeners.push(l);
     }
     let mut own: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+    // Each class's address as bound (a configured port 0 becomes the real one), for the
+    // hints that tell a client where the proxy is.
+    let mut config = config;
+    for (class, bound) in config.classes.iter_mut().zip(&own) {
+        class.listen = *bound;
+    }
     if let Some((l, _)) = &admin_tcp {
         own.extend(l.local_addr().ok());
     }

@@ -259,7 +259,9 @@ impl Upstream {
         let why = refusals
             .iter()
             .map(|(ip, r)| match r {
-                Refusal::Special(kind) => format!("{ip} is {kind}"),
+                Refusal::Special(kind) => {
+                    format!("{ip} is {kind}; an allowedHosts entry \"{ip}\" or a CIDR around it would allow it")
+                }
                 Refusal::Denied => format!("{ip} is in deniedHosts"),
                 Refusal::OwnListener => format!("{ip} is moat"),
             })

@@ -520,3 +520,20 @@ outboundByHost = { ["refuse.test"] = function() return Response.new("read-only\n
         assert_eq!((r.status, r.body.as_str()), (403, "read-only\n"));
     }
 }
+
+#[test]
+fn a_client_that_does_not_trust_moats_ca_is_a_warning_that_says_where_the_ca_is() {
+    let moat = Moat::start(
+        "interceptHttps = true\noutboundByHost = { [\"ca.test\"] = function() return Response.new(\"x\") end }\n",
+    );
+    // curl with only the system roots: moat's leaf does not verify.
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-x", &moat.proxy_url(), "https://ca.test/"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let log = moat.wait_log("intercepted TLS handshake failed");
+    let line =
+        log.lines().find(|l| l.contains("WARN") && l.contains("intercepted TLS handshake failed")).unwrap_or_default();
+    assert!(line.contains("clients must trust") && line.contains("ca.pem") && line.contains("ca.test"), "{log}");
+}

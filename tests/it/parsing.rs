@@ -99,6 +99,8 @@ fn request_forms_and_bad_hosts() {
     // Origin-form is not a proxy request.
     let resp = raw(&moat, b"GET /x HTTP/1.1\r\nHost: a.test\r\n\r\n");
     assert!(resp.starts_with("HTTP/1.1 400 ") && resp.contains("absolute-form"), "{resp}");
+    // The hint names where this moat listens (here a port the kernel chose), not a default.
+    assert!(resp.contains(&format!("curl -x http://{} http://host/", moat.addr)), "{resp}");
     for bad in ["http://a..b/", "http://[::1/", "http://a%00b/", "http://u:p@a.test/", "http://a.test:99999/"] {
         let resp = raw(&moat, format!("GET {bad} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
         assert!(resp.starts_with("HTTP/1.1 400 "), "{bad}: {resp}");

@@ -60,7 +60,7 @@ end)
 test("an allowed name that resolves to a metadata address is refused at dial time", function(t)
   local r = t.send{ url = "http://meta.test/latest" }
   t.eq(r.status, 520)
-  t.contains(r.detail, "169.254.169.254 is link-local")
+  t.contains(r.detail, '169.254.169.254 is link-local; an allowedHosts entry "169.254.169.254" or a CIDR around it would allow it')
   t.eq(#t.sent, 0)
 end)
 
