@@ -35,7 +35,9 @@ pub fn status(socket: &Path) -> Result<(), CommandError> {
     if failing > 0 {
         return Err(CommandError(
             1,
-            format!("{failing} class(es) not serving their policy file as saved: fix it (moat check)"),
+            format!(
+                "{failing} class(es) not serving their policy file as saved: fix it (moat check; moat test if it has tests)"
+            ),
         ));
     }
     Ok(())

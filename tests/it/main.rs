@@ -11,6 +11,7 @@ mod container_example;
 mod container_limits;
 mod containers;
 mod decision;
+mod docs_blocks;
 mod egress;
 mod exhaustion;
 mod faults;

@@ -194,7 +194,10 @@ fn status_and_metrics_tell_what_happened() {
     let data = moat.dir.path().join("data");
     let (code, out, err) = moat_cmd(&["status", "--data-dir", data.to_str().unwrap()], moat.dir.path());
     assert_eq!(code, 1, "a class whose last reload failed: {err}");
-    assert_eq!(err, "moat: 1 class(es) not serving their policy file as saved: fix it (moat check)\n");
+    assert_eq!(
+        err,
+        "moat: 1 class(es) not serving their policy file as saved: fix it (moat check; moat test if it has tests)\n"
+    );
     assert!(
         out.contains("generation 1") && out.contains("last reload failed") && out.contains("policy.lua:1:"),
         "{out}"
