@@ -1,12 +1,30 @@
-//! `moat.auth` (SPEC 3 stdlib): credential recipes, with AWS SigV4 checked against AWS's
-//! published example and a second vector from an independent implementation of the algorithm.
+//! `moat.auth` (SPEC 3 stdlib): credential recipes, with AWS SigV4 checked against cases of
+//! AWS's Signature Version 4 test suite, AWS's published S3 example, and a vector from an
+//! independent implementation of the algorithm.
 
 use crate::harness::*;
 
 const POLICY: &str = r#"
 local auth = require("moat.auth")
 local UP = "http://127.0.0.1:%UP%"
+-- AWS's Signature Version 4 test suite (aws-sig-v4-test-suite): its credentials, region,
+-- service and time, and the requests of five of its cases.
+local SUITE = {
+  ["get-vanilla"] = { "GET", "/" },
+  ["post-vanilla"] = { "POST", "/" },
+  ["get-vanilla-query-order-key-case"] = { "GET", "/?Param2=value2&Param1=value1" },
+  ["get-vanilla-empty-query-key"] = { "GET", "/?Param1=value1" },
+  ["post-x-www-form-urlencoded"] = { "POST", "/", { ["content-type"] = "application/x-www-form-urlencoded" }, "Param1=value1" },
+}
 outboundByHost = {
+  ["suite.test"] = function(request)
+    local c = SUITE[URL.new(request.url).pathname:sub(2)]
+    local r = Request.new("https://example.amazonaws.com" .. c[2], { method = c[1], headers = c[3], body = c[4] })
+    local signed = auth.sigv4(r, {
+      accessKeyId = "AKIDEXAMPLE", secretAccessKey = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+      region = "us-east-1", service = "service", datetime = "20150830T123600Z" })
+    return Response.new(signed.headers:get("authorization"))
+  end,
   -- The signature alone, for known vectors: no network.
   ["vector.test"] = function(request)
     local which = URL.new(request.url).pathname
@@ -45,6 +63,39 @@ outboundByHost = {
   end,
 }
 "#;
+
+#[test]
+fn sigv4_passes_cases_of_aws_signature_v4_test_suite() {
+    let moat = Moat::start(&POLICY.replace("%UP%", "9"));
+    for (case, signed, signature) in [
+        ("get-vanilla", "host;x-amz-date", "5fa00fa31553b73ebf1942676e86291e8372ff2a2260956d9b8aae1d763fbf31"),
+        ("post-vanilla", "host;x-amz-date", "5da7c1a2acd57cee7505fc6676e4e544621c30862966e37dddb68e92efbe5d6b"),
+        (
+            "get-vanilla-query-order-key-case",
+            "host;x-amz-date",
+            "b97d918cfa904a5beff61c982a1b6f458b799221646efd99d3219ec94cdf2500",
+        ),
+        (
+            "get-vanilla-empty-query-key",
+            "host;x-amz-date",
+            "a67d582fa61cc504c4bae71f336f98b97f1ea3c7a6bfe1b6e45aec72011b9aeb",
+        ),
+        (
+            "post-x-www-form-urlencoded",
+            "content-type;host;x-amz-date",
+            "ff11897932ad3f4e8b18135d722051e5ac45fc38421b1da7b9d196a0fe09473a",
+        ),
+    ] {
+        let r = curl(&moat, &format!("http://suite.test/{case}"), &[]);
+        assert_eq!(
+            r.body,
+            format!(
+                "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/us-east-1/service/aws4_request, SignedHeaders={signed}, Signature={signature}"
+            ),
+            "{case}"
+        );
+    }
+}
 
 #[test]
 fn sigv4_matches_aws_published_and_independent_vectors() {
