@@ -7,6 +7,9 @@
 //!     --connect, opens a CONNECT tunnel through the proxy at ADDR to URL's host first.
 //!     With --origin, plain HTTP sends an origin-form target with URL's host as Host (what a
 //!     program that knows no proxy sends: the sandbox's transparent path).
+//! load count ADDR URL CONNECTIONS N
+//!     exactly N requests (plain HTTP, absolute-form), closed loop over CONNECTIONS: for
+//!     instruction counts under callgrind, where time is not the measure
 //! load idle [--tls CA_PEM [--connect]] ADDR URL CONNECTIONS SECONDS
 //!     open CONNECTIONS (dialled as above), one request each, and hold them
 //! load first-request ADDR CA_PEM ROUNDS
@@ -81,6 +84,11 @@ fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let idle = args.first().is_some_and(|a| a == "idle");
+    if args.first().is_some_and(|a| a == "count") {
+        let dial = Dial { addr: args[1].clone(), tls: None, connect: false, authority: String::new() };
+        rt.block_on(count(dial, request(&args[2], false), args[3].parse().unwrap(), args[4].parse().unwrap()));
+        return;
+    }
     if args.first().is_some_and(|a| a == "first-request") {
         rt.block_on(first_request(&args[1], &args[2], args[3].parse().unwrap()));
         return;
@@ -209,6 +217,31 @@ async fn load(dial: Dial, req: Vec<u8>, conns: usize, secs: u64, rate: Option<f6
         all.last().copied().unwrap_or(0),
         cpu_seconds(std::process::id()) * 1e6 / all.len().max(1) as f64,
     );
+}
+
+/// Sends exactly `n` requests over `conns` connections (closed loop); prints how many succeeded.
+async fn count(dial: Dial, req: Vec<u8>, conns: usize, n: usize) {
+    let mut tasks = Vec::new();
+    for i in 0..conns {
+        let (dial, req) = (dial.clone(), req.clone());
+        let mine = n / conns + usize::from(i < n % conns);
+        tasks.push(tokio::spawn(async move {
+            let mut s = dial.open().await.unwrap();
+            let mut buf = Vec::with_capacity(16 * 1024);
+            let mut ok = 0;
+            for _ in 0..mine {
+                if s.write_all(&req).await.is_ok() && read_response(&mut s, &mut buf).await {
+                    ok += 1;
+                }
+            }
+            ok
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        ok += t.await.unwrap();
+    }
+    println!("requests={ok}");
 }
 
 /// CPU time (user + system) a process has used so far, from /proc (10 ms resolution).

@@ -191,6 +191,98 @@ sandbox_part() {
   echo "sandbox / explicit: requests/s $(awk -v t="$t" -v e="$e" 'BEGIN {printf "%.2f", t/e}') (target >= 0.90)," \
     "proxy CPU per request $(awk -v t="$(echo "$lt" | field proxy_cpu_us)" -v e="$(echo "$le" | field proxy_cpu_us)" 'BEGIN {printf "%.2f", t/e}') (target <= 1.10)"
 }
+# The peer: nginx + lua-nginx-module (LuaJIT) doing the handler path's job, at 1, 4 and 32
+# connections, side by side with moat's handler and egress paths in the same run. The figure
+# that compares on two shared cores is each proxy's own CPU per request (all its processes,
+# from /proc over the load run only); requests/s also measures the load generator.
+ensure_nginx() {
+  [ -x /usr/sbin/nginx ] && [ -f /usr/lib/nginx/modules/ngx_http_lua_module.so ] && return 0
+  echo "installing nginx-light and libnginx-mod-http-lua (Debian) for the peer"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light libnginx-mod-http-lua > /dev/null
+}
+cpu_of() { local t=0 p; for p in "$@"; do t=$(( t + $(ticks "$p") )); done; echo "$t"; }
+# run_cpu_of "PIDS" ARGS...: a closed-loop run and the CPU of every process in PIDS per request.
+run_cpu_of() {
+  local pids=$1; shift
+  local p0 line n
+  p0=$(cpu_of $pids)
+  line=$(run "$@")
+  n=$(echo "$line" | field requests)
+  awk -v l="$line" -v n="$n" -v p=$(( $(cpu_of $pids) - p0 )) 'BEGIN {printf "%s proxy_cpu_us=%.2f\n", l, p * 10000 / n}'
+}
+peer_part() {
+  ensure_nginx
+  mkdir -p "$work/nginx"
+  sed -e "s|@WORK@|$work/nginx|g" -e "s|@LISTEN@|127.0.0.1:13140|" -e "s|@UPSTREAM@|$UP|" -e "s|@WORKERS@|${NGINX_WORKERS:-2}|" \
+    bench/nginx-lua.conf > "$work/nginx/nginx.conf"
+  /usr/sbin/nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" -g "daemon off;" 2> "$work/nginx/stderr" &
+  local master=$!
+  pids+=($master)
+  for _ in $(seq 50); do curl -s -o /dev/null -x http://127.0.0.1:13140 "http://$UP/" && break; sleep 0.1; done
+  local nginx_pids="$master $(pgrep -P "$master" | tr '\n' ' ')"
+  echo "== peer: nginx $(/usr/sbin/nginx -v 2>&1 | sed 's|.*/||') + lua-nginx-module (LuaJIT), ${NGINX_WORKERS:-2} workers,"
+  echo "   access_by_lua_block setting one header + proxy_pass with upstream keep-alive, vs moat's"
+  echo "   handler (Request.new, one header set, fetch) and egress paths; ${SECS}s per run, $ROUNDS rounds,"
+  echo "   median run; CPU = the proxy's own processes per request over the run"
+  printf '%-12s %6s %8s %7s %7s %10s\n' path conns rps p50_us p99_us cpu_us/req
+  local conns path file
+  for conns in 1 4 32; do
+    for path in nginx-lua moat-handler moat-egress; do : > "$work/peer-$path-$conns"; done
+    for r in $(seq "$ROUNDS"); do
+      run_cpu_of "$nginx_pids" 127.0.0.1:13140 "http://$UP/" "$conns" "$SECS" >> "$work/peer-nginx-lua-$conns"
+      run_cpu_of "$MOAT" 127.0.0.1:13129 "http://$UP/" "$conns" "$SECS" >> "$work/peer-moat-handler-$conns"
+      run_cpu_of "$MOAT" 127.0.0.1:13128 "http://$UP/" "$conns" "$SECS" >> "$work/peer-moat-egress-$conns"
+    done
+    for path in nginx-lua moat-handler moat-egress; do
+      file="$work/peer-$path-$conns"
+      local line
+      line=$(grep "rps=$(median_rps "$file")" "$file" | head -1)
+      printf '%-12s %6s %8s %7s %7s %10s\n' "$path" "$conns" "$(echo "$line" | field rps)" "$(echo "$line" | field p50_us)" \
+        "$(echo "$line" | field p99_us)" "$(echo "$line" | field proxy_cpu_us)"
+      echo "$path $conns $(echo "$line" | field rps) $(echo "$line" | field proxy_cpu_us)" >> "$work/peer-summary"
+    done
+  done
+  awk '
+    { rps[$1 " " $2] = $3; cpu[$1 " " $2] = $4 }
+    END {
+      for (c = 0; c < 2; c++) {
+        n = (c == 0) ? 4 : 32
+        printf "at %2d conns: moat handler CPU/req = %.2f x nginx+lua (target <= 1.0); moat egress = %.2f x nginx+lua handler (target <= 0.7)\n", n, cpu["moat-handler " n] / cpu["nginx-lua " n], cpu["moat-egress " n] / cpu["nginx-lua " n]
+      }
+      printf "at 32 conns: moat handler requests/s = %.2f x nginx+lua (target >= 1.0)\n", rps["moat-handler 32"] / rps["nginx-lua 32"]
+    }' "$work/peer-summary"
+  instructions_part
+  kill "$master" 2> /dev/null || true
+}
+# Instructions per request of moat's handler and egress paths, from callgrind: a moat with
+# one worker serves N1 then N2 requests in two runs; the difference over N2 - N1 is what one
+# request costs, without start-up and without the machine's noise.
+instructions_part() {
+  command -v valgrind > /dev/null || { echo "(valgrind not installed: no instruction counts)"; return 0; }
+  local n1=${N1:-1000} n2=${N2:-3000} path port n total out
+  echo "== instructions per request (callgrind, one worker, ($n2 - $n1) requests, 4 connections)"
+  for path in handler egress; do
+    port=$([ "$path" = handler ] && echo 13229 || echo 13228)
+    for n in "$n1" "$n2"; do
+      out="$work/callgrind-$path-$n"
+      mkdir -p "$work/cg-data-$path-$n"
+      sed -e "s|$work/data|$work/cg-data-$path-$n|" -e "s|127.0.0.1:131|127.0.0.1:132|" "$work/moat.toml" > "$work/cg.toml"
+      MOAT_NO_DNS=1 RUST_LOG=warn MOAT_WORKERS=1 valgrind --tool=callgrind --callgrind-out-file="$out" \
+        "$BIN/moat" serve --config "$work/cg.toml" > "$out.log" 2> "$out.err" &
+      local vg=$!
+      for _ in $(seq 300); do grep -q "listening on 127.0.0.1:$port" "$out.log" 2> /dev/null && break; sleep 0.2; done
+      run count "127.0.0.1:$port" "http://$UP/" 4 "$n" > /dev/null
+      kill -TERM "$vg"; wait "$vg" 2> /dev/null || true
+    done
+    total=$(awk -v a="$(sed -n 's/^summary: //p' "$work/callgrind-$path-$n1")" -v b="$(sed -n 's/^summary: //p' "$work/callgrind-$path-$n2")" \
+      -v n=$(( n2 - n1 )) 'BEGIN {printf "%.0f", (b - a) / n}')
+    printf 'moat %-8s %s instructions per request\n' "$path" "$total"
+  done
+}
+if [ "${ONLY:-}" = peer ]; then
+  peer_part
+  exit 0
+fi
 if [ "${ONLY:-}" = https ]; then
   https_part
   exit 0
