@@ -1,7 +1,7 @@
 //! Prometheus metrics (SPEC 11), encoded by the prometheus-client crate.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -120,13 +120,13 @@ impl Metrics {
         /// metrics id → class → (decision, status) → counter.
         type Cache = HashMap<u64, HashMap<String, HashMap<(&'static str, u16), Counter>>>;
         thread_local! {
-            static CACHE: RefCell<Cache> = RefCell::new(HashMap::new());
+            static CACHE: RefCell<Cache> = RefCell::new(HashMap::default());
         }
         CACHE.with(|cache| {
             let mut cache = cache.borrow_mut();
             let by_name = cache.entry(self.id).or_default();
             if !by_name.contains_key(class) {
-                by_name.insert(class.to_string(), HashMap::new());
+                by_name.insert(class.to_string(), HashMap::default());
             }
             let by_class = by_name.get_mut(class).expect("inserted above");
             by_class

@@ -2,7 +2,7 @@
 //! (Envoy's model: Lua states are never shared across threads), its own upstream pool.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -49,7 +49,7 @@ impl Worker {
             shared,
             upstream,
             ticks,
-            runtimes: RefCell::new(HashMap::new()),
+            runtimes: RefCell::new(HashMap::default()),
             draining: Default::default(),
             drain: Default::default(),
         });

@@ -1,6 +1,6 @@
 //! A worker's Lua state for one class generation, and calling its handlers (SPEC 9 limits).
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -90,7 +90,7 @@ impl ClassRuntime {
         run_chunk(&lua, &generation.path, &generation.source, &generation.class, limits)
             .map_err(|e| fail(e.to_string()))?;
         let table_fns = |name: &str| -> mlua::Result<HashMap<String, Function>> {
-            let mut out = HashMap::new();
+            let mut out = HashMap::default();
             if let Some(t) = global_table(&lua, name)? {
                 for pair in t.pairs::<String, Function>() {
                     let (k, f) = pair?;

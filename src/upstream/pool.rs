@@ -6,7 +6,7 @@
 //! socket never lets one container reach what another container's rules allowed.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
