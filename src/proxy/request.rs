@@ -293,7 +293,10 @@ async fn call_handler(
     }
     let body =
         SharedBody::new(if http_body::Body::is_end_stream(&body) { BodySlot::Empty } else { BodySlot::Stream(body) });
-    let url = format!("{}://{authority}{path}", target.scheme());
+    let mut url = String::with_capacity(target.scheme().len() + 3 + authority.len() + path.len());
+    for part in [target.scheme(), "://", &authority, &path] {
+        url.push_str(part);
+    }
     let lua_req = LuaRequest::incoming(head.method, url, LuaHeaders::detached(headers), body);
     let who = CallContext { request_id: &log.request_id, container_id: container.as_str(), class: log.class.clone() };
     let limits = &shared.config.limits;

@@ -44,11 +44,11 @@ impl Target {
 
     /// `host[:port]` as it belongs in a Host header (default port omitted).
     pub fn authority(&self) -> String {
-        use std::fmt::Write;
         let mut out = String::with_capacity(48);
         self.host.push_url_host(&mut out);
         if self.port != if self.https { 443 } else { 80 } {
-            let _ = write!(out, ":{}", self.port);
+            out.push(':');
+            crate::policy::host::push_decimal(&mut out, u32::from(self.port));
         }
         out
     }
