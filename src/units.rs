@@ -44,6 +44,23 @@ pub fn size_arg(text: &str) -> Result<u64, String> {
     parse_size(text).map(|n| n as u64).ok_or_else(|| format!("{text:?} is no size (write e.g. \"256MiB\")"))
 }
 
+/// `n` in decimal, written into `buf`. Written out: the formatting machinery (`write!`,
+/// `to_string`) cost about a thousand instructions per number on the request path (addresses,
+/// ports, Content-Length), several times per request.
+pub fn decimal(n: u64, buf: &mut [u8; 20]) -> &str {
+    let mut i = buf.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(&buf[i..]).expect("ASCII digits")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -98,21 +98,9 @@ impl fmt::Display for CanonicalHost {
     }
 }
 
-/// Appends `n` in decimal. Written out: the formatting machinery (`write!`, `to_string`) cost
-/// about a thousand instructions per address, several times per request (URL, Host, log).
+/// Appends `n` in decimal (see [`crate::units::decimal`]).
 pub fn push_decimal(out: &mut String, n: u32) {
-    let mut digits = [0u8; 10];
-    let mut i = digits.len();
-    let mut n = n;
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    digits[i..].iter().for_each(|&d| out.push(char::from(d)));
+    out.push_str(crate::units::decimal(u64::from(n), &mut [0; 20]));
 }
 
 /// Appends `ip` in dotted decimal (what `Ipv4Addr`'s `Display` writes).

@@ -97,7 +97,9 @@ async fn write_response_counted<W: AsyncWrite + Unpin>(
     }
     match framing {
         OutFraming::Length if !(status == 204 || status.is_informational()) => {
-            head.extend_from_slice(format!("content-length: {}\r\n", exact.unwrap_or(0)).as_bytes());
+            head.extend_from_slice(b"content-length: ");
+            head.extend_from_slice(crate::units::decimal(exact.unwrap_or(0), &mut [0; 20]).as_bytes());
+            head.extend_from_slice(b"\r\n");
         }
         OutFraming::Chunked => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         _ => {}
