@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use moat::bench::{
     BodySlot, CallContext, CanonicalHost, ClassRuntime, DialRules, HandlerChoice, Limits, LuaHeaders, LuaRequest,
-    Resolver, SharedBody, Target, Upstream, UpstreamTls,
+    ParsedUrl, Resolver, SharedBody, Target, Upstream, UpstreamTls,
 };
 
 // The same allocator as the moat binary: allocation is a good part of a handler call.
@@ -100,9 +100,11 @@ fn main() {
                 let mut headers = http::HeaderMap::new();
                 headers.insert(http::header::HOST, upstream_addr.parse().unwrap());
                 headers.insert(http::header::USER_AGENT, http::HeaderValue::from_static("moat-bench"));
+                let parsed = ParsedUrl { target: (*target).clone(), origin_form: "/".into() };
                 let request = LuaRequest::incoming(
                     http::Method::GET,
                     url.clone(),
+                    parsed,
                     LuaHeaders::detached(headers),
                     SharedBody::new(BodySlot::Empty),
                 );

@@ -8,7 +8,7 @@ pub use crate::policy::{CanonicalHost, HandlerChoice};
 pub use crate::script::api::body::{BodySlot, SharedBody};
 pub use crate::script::api::container::OverrideSink;
 pub use crate::script::api::headers::LuaHeaders;
-pub use crate::script::api::request::LuaRequest;
+pub use crate::script::api::request::{LuaRequest, ParsedUrl};
 pub use crate::script::{CallContext, ClassRuntime, load_generation};
 pub use crate::upstream::resolve::Resolver;
 pub use crate::upstream::tls::UpstreamTls;

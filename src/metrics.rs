@@ -1,7 +1,7 @@
 //! Prometheus metrics (SPEC 11), encoded by the prometheus-client crate.
 
-use std::cell::RefCell;
 use rustc_hash::FxHashMap as HashMap;
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::encoding::EncodeLabelSet;

@@ -68,11 +68,13 @@ impl CanonicalHost {
     /// Appends the host as it appears in a URL (IPv6 in brackets).
     pub fn push_url_host(&self, out: &mut String) {
         use std::fmt::Write;
-        let _ = match self {
-            Self::Name(n) => out.write_str(n),
-            Self::Ip(IpAddr::V4(v4)) => Ok(push_ipv4(out, *v4)),
-            Self::Ip(IpAddr::V6(v6)) => write!(out, "[{v6}]"),
-        };
+        match self {
+            Self::Name(n) => out.push_str(n),
+            Self::Ip(IpAddr::V4(v4)) => push_ipv4(out, *v4),
+            Self::Ip(IpAddr::V6(v6)) => {
+                let _ = write!(out, "[{v6}]");
+            }
+        }
     }
 
     /// The IP address, when the host is a literal.

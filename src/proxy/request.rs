@@ -18,7 +18,7 @@ use crate::log::Logged;
 use crate::policy::{Decision, DenyReason, HandlerChoice, Overrides};
 use crate::script::api::body::{BodySlot, SharedBody};
 use crate::script::api::headers::LuaHeaders;
-use crate::script::api::request::LuaRequest;
+use crate::script::api::request::{LuaRequest, ParsedUrl};
 use crate::script::{CallContext, ClassRuntime};
 use crate::upstream::{self, DialRules, Target};
 
@@ -297,7 +297,8 @@ async fn call_handler(
     for part in [target.scheme(), "://", &authority, &path] {
         url.push_str(part);
     }
-    let lua_req = LuaRequest::incoming(head.method, url, LuaHeaders::detached(headers), body);
+    let parsed = ParsedUrl { target, origin_form: path };
+    let lua_req = LuaRequest::incoming(head.method, url, parsed, LuaHeaders::detached(headers), body);
     let who = CallContext { request_id: &log.request_id, container_id: container.as_str(), class: log.class.clone() };
     let limits = &shared.config.limits;
     let redact = decided.runtime.generation.policy.redact_secrets;

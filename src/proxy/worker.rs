@@ -1,8 +1,8 @@
 //! A worker thread: a current-thread runtime with a `LocalSet`, its own Lua state per class
 //! (Envoy's model: Lua states are never shared across threads), its own upstream pool.
 
-use std::cell::RefCell;
 use rustc_hash::FxHashMap as HashMap;
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 

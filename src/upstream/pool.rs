@@ -5,8 +5,8 @@
 //! reused connection is re-checked against the current request's address rules: a pooled
 //! socket never lets one container reach what another container's rules allowed.
 
-use std::cell::RefCell;
 use rustc_hash::FxHashMap as HashMap;
+use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 

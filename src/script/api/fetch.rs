@@ -9,11 +9,10 @@ use mlua::{Lua, Result, Value};
 use super::body::{BodySlot, SharedBody};
 use super::headers::LuaHeaders;
 use super::meter::STREAM_HOLD;
-use super::request::{LuaRequest, Redirect};
+use super::request::{LuaRequest, ParsedUrl, Redirect};
 use super::response::LuaResponse;
 use crate::body;
-use crate::policy::CanonicalHost;
-use crate::upstream::{self, DialRules, Target, Upstream, UpstreamError};
+use crate::upstream::{self, DialRules, Upstream, UpstreamError};
 
 /// Most redirects `fetch` follows (as in Workers).
 const MAX_REDIRECTS: usize = 20;
@@ -46,8 +45,20 @@ pub fn install(lua: &Lua, upstream: Option<Rc<Upstream>>) -> Result<()> {
 }
 
 async fn fetch(lua: &Lua, upstream: &Upstream, req: LuaRequest) -> Result<LuaResponse> {
-    let LuaRequest { mut method, url, headers, body: req_body, redirect, .. } = req;
-    let mut url = url::Url::parse(&url).map_err(mlua::Error::external)?;
+    let LuaRequest { mut method, url: url_text, headers, body: req_body, redirect, parsed, .. } = req;
+    // The URL as text, taken apart once: a request moat made (or `Request.new` parsed) comes
+    // with its target; the `url::Url` itself is needed only to follow a redirect.
+    let mut url: Option<url::Url> = None;
+    let mut url_text = url_text;
+    let mut next = Some(match parsed {
+        Some(p) => p,
+        None => {
+            let u = url::Url::parse(&url_text).map_err(mlua::Error::external)?;
+            let p = ParsedUrl::of(&u)?;
+            url = Some(u);
+            p
+        }
+    });
     let mut headers = headers.into_map();
     if super::redacts_secrets(lua) {
         // A compressed body would hide a reflected secret from the redactor.
@@ -59,7 +70,7 @@ async fn fetch(lua: &Lua, upstream: &Upstream, req: LuaRequest) -> Result<LuaRes
     // Hop 0 is the request itself; a redirect answered on hop MAX_REDIRECTS would be the
     // 21st to follow, which Workers refuse with an error rather than return.
     for hop in 0..=MAX_REDIRECTS {
-        let target = target_of(&url)?;
+        let ParsedUrl { target, origin_form } = next.take().expect("set before every hop");
         if let Some(scope) = crate::script::scope::current()
             && !scope.take_subrequest()
         {
@@ -70,7 +81,6 @@ async fn fetch(lua: &Lua, upstream: &Upstream, req: LuaRequest) -> Result<LuaRes
         let may_follow = redirect == Redirect::Follow;
         // The headers are needed again only if a redirect can be followed.
         let hop_headers = if may_follow { headers.clone() } else { std::mem::take(&mut headers) };
-        let origin_form = &url[url::Position::BeforePath..url::Position::AfterQuery];
         let uri = http::Uri::try_from(origin_form).map_err(mlua::Error::external)?;
         let this_body = match body.take() {
             Some(b) => b,
@@ -89,14 +99,18 @@ async fn fetch(lua: &Lua, upstream: &Upstream, req: LuaRequest) -> Result<LuaRes
         let resp = upstream
             .send(http_req, &target, DialRules::Trusted)
             .await
-            .map_err(|source| mlua::Error::external(FetchError { url: url.to_string(), source }))?;
+            .map_err(|source| mlua::Error::external(FetchError { url: url_text.clone(), source }))?;
         let status = resp.status();
         let location = resp.headers().get(http::header::LOCATION).and_then(|l| l.to_str().ok()).map(str::to_string);
         if let (true, true, Some(loc)) = (may_follow, status.is_redirection(), location) {
             if hop == MAX_REDIRECTS {
                 break;
             }
-            let next = url
+            let current = match url.take() {
+                Some(u) => u,
+                None => url::Url::parse(&url_text).map_err(mlua::Error::external)?,
+            };
+            let joined = current
                 .join(&loc)
                 .map_err(|e| mlua::Error::runtime(format!("fetch: bad redirect Location {loc:?}: {e}")))?;
             // RFC 9110 §15.4: 303 (and, as browsers do, 301/302 after POST) switch to GET.
@@ -108,15 +122,17 @@ async fn fetch(lua: &Lua, upstream: &Upstream, req: LuaRequest) -> Result<LuaRes
                 headers.remove(http::header::CONTENT_LENGTH);
                 headers.remove(http::header::CONTENT_TYPE);
             }
-            if next.origin() != url.origin() {
+            if joined.origin() != current.origin() {
                 headers.remove(http::header::AUTHORIZATION);
                 headers.remove(http::header::COOKIE);
-                drop_secret_headers(&mut headers, &next);
+                drop_secret_headers(&mut headers, &joined);
             }
-            url = next;
+            next = Some(ParsedUrl::of(&joined)?);
+            url_text = joined.to_string();
+            url = Some(joined);
             continue;
         }
-        return response_from_upstream(lua, resp, url.to_string());
+        return response_from_upstream(lua, resp, url_text);
     }
     Err(mlua::Error::runtime(format!("fetch: more than {MAX_REDIRECTS} redirects")))
 }
@@ -163,17 +179,4 @@ pub fn response_from_upstream(
     (r.status, r.headers, r.url) = (parts.status, headers, url);
     *r.extensions.get_mut() = parts.extensions;
     Ok(r)
-}
-
-/// The host and port a URL dials (canonical, SPEC 4.1).
-pub fn target_of(url: &url::Url) -> Result<Target> {
-    let https = match url.scheme() {
-        "http" => false,
-        "https" => true,
-        other => return Err(mlua::Error::runtime(format!("fetch: unsupported scheme {other:?}"))),
-    };
-    let host = url.host_str().ok_or_else(|| mlua::Error::runtime("fetch: URL has no host"))?;
-    let host = CanonicalHost::parse(host).map_err(|e| mlua::Error::runtime(format!("fetch: {e}")))?;
-    let port = url.port_or_known_default().unwrap_or(if https { 443 } else { 80 });
-    Ok(Target { https, host, port })
 }

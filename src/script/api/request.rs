@@ -7,6 +7,8 @@ use super::body::{BodySlot, SharedBody};
 use super::headers::{LuaHeaders, headers_from_lua};
 use super::meter::Charge;
 use super::{add_body_methods, body_from_lua};
+use crate::policy::CanonicalHost;
+use crate::upstream::Target;
 
 /// What `fetch` does with a 3xx answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,13 +31,33 @@ pub struct LuaRequest {
     pub redirect: Redirect,
     /// The URL's bytes, charged to the state (headers and body carry their own charges).
     pub charge: Charge,
+    /// Where `url` goes and its origin-form target, when known without parsing it again:
+    /// moat made the URL from a routed request, or `Request.new` parsed it already. (`url`
+    /// cannot be changed from Lua, so this stays true for the request's life.)
+    pub parsed: Option<ParsedUrl>,
+}
+
+/// An absolute URL taken apart: the host and port it dials and its origin-form target.
+#[derive(Clone, Debug)]
+pub struct ParsedUrl {
+    pub target: Target,
+    /// `/path?query`.
+    pub origin_form: String,
+}
+
+impl ParsedUrl {
+    /// From a parsed http(s) URL.
+    pub fn of(url: &url::Url) -> Result<Self> {
+        let origin_form = url[url::Position::BeforePath..url::Position::AfterQuery].to_string();
+        Ok(Self { target: target_of(url)?, origin_form })
+    }
 }
 
 impl LuaRequest {
     /// A client's request for a handler, before its state is known (see
     /// [`LuaRequest::charge_to`]). Its redirects go back to the client: `manual`.
-    pub fn incoming(method: Method, url: String, headers: LuaHeaders, body: SharedBody) -> Self {
-        Self { method, url, headers, body, redirect: Redirect::Manual, charge: Charge::default() }
+    pub fn incoming(method: Method, url: String, parsed: ParsedUrl, headers: LuaHeaders, body: SharedBody) -> Self {
+        Self { method, url, headers, body, redirect: Redirect::Manual, charge: Charge::default(), parsed: Some(parsed) }
     }
 
     /// Charges what this request holds to `lua`'s state.
@@ -47,26 +69,30 @@ impl LuaRequest {
     fn made(
         lua: &Lua,
         method: Method,
-        url: String,
+        (url, parsed): (String, Option<ParsedUrl>),
         headers: LuaHeaders,
         body: SharedBody,
         redirect: Redirect,
     ) -> Result<Self> {
         let charge = Charge::new(lua, url.len())?;
-        Ok(Self { method, url, headers, body, redirect, charge })
+        Ok(Self { method, url, headers, body, redirect, charge, parsed })
     }
 
     /// Copies a request: method, URL, headers copied; the body moved.
     fn copy(&self, lua: &Lua) -> Result<Self> {
         let headers = LuaHeaders::new(lua, self.headers.snapshot())?;
-        Self::made(lua, self.method.clone(), self.url.clone(), headers, self.body.transfer()?, self.redirect)
+        let url = (self.url.clone(), self.parsed.clone());
+        Self::made(lua, self.method.clone(), url, headers, self.body.transfer()?, self.redirect)
     }
 
     /// `Request.new(input, init?)`.
     pub fn construct(lua: &Lua, input: Value, init: Option<Value>) -> Result<Self> {
         let from_url = |url: &str| -> Result<Self> {
             let body = SharedBody::new(BodySlot::Empty);
-            Self::made(lua, Method::GET, absolute_url(url)?, LuaHeaders::default(), body, Redirect::Follow)
+            let parsed = parse_absolute(url)?;
+            // A host fetch would refuse is refused by fetch, with its message, as before.
+            let url = (parsed.to_string(), ParsedUrl::of(&parsed).ok());
+            Self::made(lua, Method::GET, url, LuaHeaders::default(), body, Redirect::Follow)
         };
         let mut req = match input {
             Value::String(s) => from_url(&s.to_str()?)?,
@@ -126,9 +152,14 @@ impl LuaRequest {
 
 /// Validates that `s` is an absolute http(s) URL and returns its serialisation.
 pub fn absolute_url(s: &str) -> Result<String> {
+    parse_absolute(s).map(String::from)
+}
+
+/// Parses `s` as an absolute http(s) URL.
+fn parse_absolute(s: &str) -> Result<url::Url> {
     let u = url::Url::parse(s).map_err(|e| mlua::Error::runtime(format!("invalid URL {s:?}: {e}")))?;
     match u.scheme() {
-        "http" | "https" => Ok(u.to_string()),
+        "http" | "https" => Ok(u),
         other => Err(mlua::Error::runtime(format!("unsupported URL scheme {other:?} (use http or https)"))),
     }
 }
@@ -149,7 +180,7 @@ impl UserData for LuaRequest {
         m.add_async_method("clone", |lua, this, ()| {
             let body = this.body.clone();
             let (method, url, headers, redirect) =
-                (this.method.clone(), this.url.clone(), this.headers.snapshot(), this.redirect);
+                (this.method.clone(), (this.url.clone(), this.parsed.clone()), this.headers.snapshot(), this.redirect);
             drop(this);
             async move {
                 let data = body.buffer(&lua, super::body_limit(&lua)).await?;
@@ -158,4 +189,17 @@ impl UserData for LuaRequest {
             }
         });
     }
+}
+
+/// The host and port a URL dials (canonical, SPEC 4.1).
+fn target_of(url: &url::Url) -> Result<Target> {
+    let https = match url.scheme() {
+        "http" => false,
+        "https" => true,
+        other => return Err(mlua::Error::runtime(format!("fetch: unsupported scheme {other:?}"))),
+    };
+    let host = url.host_str().ok_or_else(|| mlua::Error::runtime("fetch: URL has no host"))?;
+    let host = CanonicalHost::parse(host).map_err(|e| mlua::Error::runtime(format!("fetch: {e}")))?;
+    let port = url.port_or_known_default().unwrap_or(if https { 443 } else { 80 });
+    Ok(Target { https, host, port })
 }
