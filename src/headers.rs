@@ -25,12 +25,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
         return;
     }
-    if headers.contains_key(http::header::CONNECTION) {
+    // Remove only the names present (usually just `connection`), not a lookup for each.
+    let present: Vec<HeaderName> = headers.keys().filter(|name| HOP_BY_HOP.contains(name)).cloned().collect();
+    if present.contains(&http::header::CONNECTION) {
         for token in connection_tokens(headers) {
             headers.remove(token.as_str());
         }
     }
-    for name in &HOP_BY_HOP {
+    for name in &present {
         headers.remove(name);
     }
 }
