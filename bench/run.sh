@@ -200,15 +200,21 @@ ensure_nginx() {
   echo "installing nginx-light and libnginx-mod-http-lua (Debian) for the peer"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light libnginx-mod-http-lua > /dev/null
 }
-cpu_of() { local t=0 p; for p in "$@"; do t=$(( t + $(ticks "$p") )); done; echo "$t"; }
-# run_cpu_of "PIDS" ARGS...: a closed-loop run and the CPU of every process in PIDS per request.
+# user and system ticks of every process given, summed: "USER SYS".
+cpu_of() { awk '{u += $14; s += $15} END {print u, s}' $(for p in "$@"; do echo "/proc/$p/stat"; done); }
+# run_cpu_of "PIDS" ARGS...: a closed-loop run and the CPU of every process in PIDS per request
+# (in all, and in user space and in the kernel).
 run_cpu_of() {
   local pids=$1; shift
-  local p0 line n
-  p0=$(cpu_of $pids)
+  local before after line n
+  before=$(cpu_of $pids)
   line=$(run "$@")
+  after=$(cpu_of $pids)
   n=$(echo "$line" | field requests)
-  awk -v l="$line" -v n="$n" -v p=$(( $(cpu_of $pids) - p0 )) 'BEGIN {printf "%s proxy_cpu_us=%.2f\n", l, p * 10000 / n}'
+  awk -v l="$line" -v n="$n" -v b="$before" -v a="$after" 'BEGIN {
+    split(b, x, " "); split(a, y, " "); u = y[1] - x[1]; s = y[2] - x[2]
+    printf "%s proxy_cpu_us=%.2f proxy_user_us=%.2f proxy_sys_us=%.2f\n", l, (u + s) * 10000 / n, u * 10000 / n, s * 10000 / n
+  }'
 }
 peer_part() {
   ensure_nginx
@@ -224,7 +230,7 @@ peer_part() {
   echo "   access_by_lua_block setting one header + proxy_pass with upstream keep-alive, vs moat's"
   echo "   handler (Request.new, one header set, fetch) and egress paths; ${SECS}s per run, $ROUNDS rounds,"
   echo "   median run; CPU = the proxy's own processes per request over the run"
-  printf '%-12s %6s %8s %7s %7s %10s\n' path conns rps p50_us p99_us cpu_us/req
+  printf '%-12s %6s %8s %7s %7s %10s %8s %8s\n' path conns rps p50_us p99_us cpu_us/req user_us sys_us
   local conns path file
   for conns in 1 4 32; do
     for path in nginx-lua moat-handler moat-egress; do : > "$work/peer-$path-$conns"; done
@@ -237,8 +243,9 @@ peer_part() {
       file="$work/peer-$path-$conns"
       local line
       line=$(grep "rps=$(median_rps "$file")" "$file" | head -1)
-      printf '%-12s %6s %8s %7s %7s %10s\n' "$path" "$conns" "$(echo "$line" | field rps)" "$(echo "$line" | field p50_us)" \
-        "$(echo "$line" | field p99_us)" "$(echo "$line" | field proxy_cpu_us)"
+      printf '%-12s %6s %8s %7s %7s %10s %8s %8s\n' "$path" "$conns" "$(echo "$line" | field rps)" "$(echo "$line" | field p50_us)" \
+        "$(echo "$line" | field p99_us)" "$(echo "$line" | field proxy_cpu_us)" "$(echo "$line" | field proxy_user_us)" \
+        "$(echo "$line" | field proxy_sys_us)"
       echo "$path $conns $(echo "$line" | field rps) $(echo "$line" | field proxy_cpu_us)" >> "$work/peer-summary"
     done
   done
@@ -405,3 +412,4 @@ echo "moat peak RSS (plain HTTP parts): $(awk '/VmHWM/ {print $2, $3}' /proc/$MO
 sandbox_part
 https_part
 echo "moat peak RSS (whole run): $(awk '/VmHWM/ {print $2, $3}' /proc/$MOAT/status)"
+peer_part
