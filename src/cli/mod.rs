@@ -174,7 +174,7 @@ pub fn test(config: &Config, files: &[std::path::PathBuf]) -> Result<bool, Strin
     if files.is_empty() {
         return Err("no test files: write POLICY_test.lua beside the policy, or name files (moat test FILE...)".into());
     }
-    let tally = crate::policytest::run_files(config, &files, &mut |line| println!("{line}"));
+    let tally = crate::policytest::run_files(config, &files, &mut |line, _| println!("{line}"));
     println!("{} passed, {} failed", tally.passed, tally.failed);
     Ok(tally.failed == 0)
 }

@@ -127,13 +127,7 @@ async fn send(lua: &Lua, engine: &Engine, fixtures: &Fixtures, spec: Table) -> m
     }
     let result = lua.create_table()?;
     result.set("status", got.status)?;
-    let mut map = http::HeaderMap::new();
-    for (n, v) in &got.headers {
-        if let (Ok(n), Ok(v)) = (http::HeaderName::from_bytes(n.as_bytes()), http::HeaderValue::from_str(v)) {
-            map.append(n, v);
-        }
-    }
-    result.set("headers", header_table(lua, &map)?)?;
+    result.set("headers", header_table(lua, &got.headers)?)?;
     result.set("body", lua.create_string(&got.body)?)?;
     result.set("tunnelled", got.tunnelled)?;
     let decision = match record.map(|r| r.decision) {
@@ -152,7 +146,8 @@ fn leaked_secret(got: &client::Received) -> Option<String> {
         needle.len() >= crate::log::MIN_REDACTED_LEN && hay.windows(needle.len()).any(|w| w == needle.as_bytes())
     };
     crate::log::secrets().into_iter().find_map(|(name, value)| {
-        let in_headers = got.headers.iter().any(|(n, v)| has(n.as_bytes(), &value) || has(v.as_bytes(), &value));
+        let in_headers =
+            got.headers.iter().any(|(n, v)| has(n.as_str().as_bytes(), &value) || has(v.as_bytes(), &value));
         (in_headers || has(&got.body, &value)).then_some(name)
     })
 }

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use super::text;
 use base64::Engine as _;
 use bytes::Bytes;
 use http::{Method, Request, Response};
@@ -24,7 +25,7 @@ pub struct Outgoing {
 /// What came back.
 pub struct Received {
     pub status: u16,
-    pub headers: Vec<(String, String)>,
+    pub headers: http::HeaderMap,
     pub body: Bytes,
     /// moat allowed the tunnel but did not intercept it: nothing inside can be seen.
     pub tunnelled: bool,
@@ -71,7 +72,9 @@ pub async fn send(proxy: SocketAddr, ca: &CertificateDer<'static>, req: Outgoing
     let stream = match tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, TokioIo::new(upgraded)).await {
         Ok(stream) => stream,
         // moat relayed the TLS to the upstream instead of terminating it.
-        Err(_) => return Ok(Received { status: 200, headers: Vec::new(), body: Bytes::new(), tunnelled: true }),
+        Err(_) => {
+            return Ok(Received { status: 200, headers: http::HeaderMap::new(), body: Bytes::new(), tunnelled: true });
+        }
     };
     let path = &req.url[url::Position::BeforePath..url::Position::AfterQuery];
     let head = build(&req, path, &authority, None)?;
@@ -104,19 +107,10 @@ where
 async fn received(resp: Response<hyper::body::Incoming>) -> Result<Received, String> {
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.map_err(|e| format!("reading the response body: {e}"))?.to_bytes();
-    let headers = parts
-        .headers
-        .iter()
-        .map(|(n, v)| (n.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
-        .collect();
-    Ok(Received { status: parts.status.as_u16(), headers, body, tunnelled: false })
+    Ok(Received { status: parts.status.as_u16(), headers: parts.headers, body, tunnelled: false })
 }
 
 /// An IPv6 literal in brackets, as URLs and authorities write it.
 fn host_in_url(host: &str) -> String {
     if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_string() }
-}
-
-fn text(e: impl std::fmt::Display) -> String {
-    e.to_string()
 }

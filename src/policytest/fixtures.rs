@@ -7,6 +7,7 @@ use std::cell::RefCell;
 use std::net::{IpAddr, Ipv4Addr};
 use std::rc::Rc;
 
+use super::text;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
@@ -211,8 +212,4 @@ pub fn first_line(e: &mlua::Error) -> String {
     let text = cur.to_string();
     let line = text.lines().next().unwrap_or_default();
     line.strip_prefix("runtime error: ").unwrap_or(line).to_string()
-}
-
-fn text(e: impl std::fmt::Display) -> String {
-    e.to_string()
 }

@@ -21,6 +21,11 @@ use crate::script::sandbox::{self, ModuleSource, StateOptions};
 use engine::{Engine, Setup};
 use fixtures::{Dialer, Fixtures, first_line};
 
+/// An error as its one-line message (`map_err(text)`).
+fn text(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
 /// Longest a single test may run.
 const TEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -31,15 +36,26 @@ pub struct Tally {
     pub failed: usize,
 }
 
-/// Runs the test files, printing one line per test through `print` (redacted).
-pub fn run_files(config: &Config, files: &[PathBuf], print: &mut dyn FnMut(&str)) -> Tally {
+/// What a line of `moat test`'s output is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Line {
+    /// `ok    FILE: NAME`.
+    Passed,
+    /// `FAIL  FILE: NAME`, or one of the reasons under it.
+    Failed,
+    /// What a test printed (`print(...)`), shown before its result line.
+    Printed,
+}
+
+/// Runs the test files, handing each output line (redacted) and its kind to `print`.
+pub fn run_files(config: &Config, files: &[PathBuf], print: &mut dyn FnMut(&str, Line)) -> Tally {
     let saved = crate::log::secrets();
     crate::log::capture::start();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("test runtime");
     let local = tokio::task::LocalSet::new();
     let mut tally = Tally::default();
     for file in files {
-        let mut say = |line: &str| print(&crate::log::redact(line));
+        let mut say = |line: &str, kind| print(&crate::log::redact(line), kind);
         let t = local.block_on(&rt, run_file(config, file, &mut say));
         tally.passed += t.passed;
         tally.failed += t.failed;
@@ -56,8 +72,8 @@ pub(crate) fn gate(config: &Config, class: &ClassConfig) -> Result<(), String> {
     let (passed, failed, lines) = std::thread::scope(|s| {
         s.spawn(|| {
             let mut lines = Vec::new();
-            let tally = run_files(config, std::slice::from_ref(&tests), &mut |line| {
-                if !line.starts_with("ok") && !line.trim_start().starts_with('|') {
+            let tally = run_files(config, std::slice::from_ref(&tests), &mut |line, kind| {
+                if kind == Line::Failed {
                     lines.push(line.trim().to_string());
                 }
             });
@@ -97,18 +113,20 @@ fn beside(policy: &Path) -> PathBuf {
 struct TestFile {
     lua: Lua,
     tests: Vec<(String, Function)>,
+    /// What `print` wrote since it was last shown.
+    printed: Rc<std::cell::RefCell<Vec<String>>>,
     policy: PathBuf,
     secrets: BTreeMap<String, String>,
     vars: BTreeMap<String, String>,
     hosts: BTreeMap<String, IpAddr>,
 }
 
-async fn run_file(config: &Config, file: &Path, say: &mut dyn FnMut(&str)) -> Tally {
+async fn run_file(config: &Config, file: &Path, say: &mut dyn FnMut(&str, Line)) -> Tally {
     let shown = file.display().to_string();
     let tf = match load(file) {
         Ok(tf) => tf,
         Err(e) => {
-            say(&format!("FAIL  {shown}: {e}"));
+            say(&format!("FAIL  {shown}: {e}"), Line::Failed);
             return Tally { passed: 0, failed: 1 };
         }
     };
@@ -122,7 +140,7 @@ async fn run_file(config: &Config, file: &Path, say: &mut dyn FnMut(&str)) -> Ta
     registered.extend(secrets.iter().map(|(k, v)| (k.clone(), v.clone())));
     crate::log::set_secrets(registered);
     if tf.tests.is_empty() {
-        say(&format!("FAIL  {shown}: defines no test (write test(\"name\", function(t) ... end))"));
+        say(&format!("FAIL  {shown}: defines no test (write test(\"name\", function(t) ... end))"), Line::Failed);
         return Tally { passed: 0, failed: 1 };
     }
     let mut tally = Tally::default();
@@ -134,16 +152,20 @@ async fn run_file(config: &Config, file: &Path, say: &mut dyn FnMut(&str)) -> Ta
             vars: tf.vars.clone(),
             hosts: tf.hosts.clone(),
         };
-        match run_one(&tf.lua, setup, func).await {
+        let outcome = run_one(&tf.lua, setup, func).await;
+        for line in tf.printed.borrow_mut().drain(..) {
+            say(&format!("      | {line}"), Line::Printed);
+        }
+        match outcome {
             Ok(()) => {
                 tally.passed += 1;
-                say(&format!("ok    {shown}: {name}"));
+                say(&format!("ok    {shown}: {name}"), Line::Passed);
             }
             Err(why) => {
                 tally.failed += 1;
-                say(&format!("FAIL  {shown}: {name}"));
+                say(&format!("FAIL  {shown}: {name}"), Line::Failed);
                 for line in why {
-                    say(&format!("      {line}"));
+                    say(&format!("      {line}"), Line::Failed);
                 }
             }
         }
@@ -192,11 +214,13 @@ fn load(file: &Path) -> Result<TestFile, String> {
         })
         .map_err(|e| e.to_string())?;
     lua.globals().set("test", test).map_err(|e| e.to_string())?;
-    // A test's own print goes with the test lines (redacted), not to the log.
+    // A test's own print goes with its test's lines (redacted there), not to the log.
+    let printed: Rc<std::cell::RefCell<Vec<String>>> = Rc::default();
+    let sink = printed.clone();
     let print = lua
-        .create_function(|_, args: mlua::Variadic<Value>| {
+        .create_function(move |_, args: mlua::Variadic<Value>| {
             let parts: Vec<String> = args.iter().map(|v| v.to_string().unwrap_or_else(|_| format!("{v:?}"))).collect();
-            println!("      | {}", crate::log::redact(&parts.join("\t")));
+            sink.borrow_mut().push(parts.join("\t"));
             Ok(())
         })
         .map_err(|e| e.to_string())?;
@@ -232,7 +256,7 @@ fn load(file: &Path) -> Result<TestFile, String> {
         let ip = ip.parse().map_err(|_| format!("hosts[\"{name}\"] = {ip:?} is not an IP address"))?;
         hosts.insert(name.to_ascii_lowercase(), ip);
     }
-    Ok(TestFile { lua, tests, policy, secrets, vars, hosts })
+    Ok(TestFile { lua, tests, printed, policy, secrets, vars, hosts })
 }
 
 /// The config's class for `policy`, else a class named after the file with the config's

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::containers::moat;
+use crate::containers::{moat, root_daemon};
 use crate::harness::*;
 use crate::sandbox::{SandboxRun, sandbox_available};
 
@@ -45,12 +45,7 @@ const DD: [&str; 5] = ["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"
 
 #[test]
 fn memory_and_process_limits_hold_for_the_whole_container_and_leave_no_cgroup() {
-    if !sandbox_available() || !rustix::process::geteuid().is_root() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("policy.lua"), POLICY).unwrap();
-    let serve = Moat::serve_folder(dir.path());
+    let Some((dir, serve)) = root_daemon(POLICY) else { return };
     let d = dir.path();
 
     // Without a limit dd runs; with one (the admin API's size text) the kernel ends it.

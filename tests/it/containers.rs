@@ -26,6 +26,18 @@ pub fn moat(dir: &Path, args: &[&str]) -> (i32, String, String) {
     moat_cmd(&all, dir)
 }
 
+/// A `moat serve` of `policy` in a fresh folder, for tests that need root and namespaces;
+/// `None` (the test has nothing to check) where either is missing.
+pub fn root_daemon(policy: &str) -> Option<(tempfile::TempDir, Moat)> {
+    if !sandbox_available() || !rustix::process::geteuid().is_root() {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.lua"), policy).unwrap();
+    let serve = Moat::serve_folder(dir.path());
+    Some((dir, serve))
+}
+
 /// Waits until `moat logs ID` contains `needle`; returns the log.
 fn log_with(dir: &Path, id: &str, needle: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -362,12 +374,7 @@ curl -s -m 10 http://d.test/z
 
 #[test]
 fn exec_runs_another_process_in_the_same_container_with_its_identity() {
-    if !sandbox_available() || !rustix::process::geteuid().is_root() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("policy.lua"), POLICY).unwrap();
-    let _serve = Moat::serve_folder(dir.path());
+    let Some((dir, _serve)) = root_daemon(POLICY) else { return };
     let d = dir.path();
     let (code, _, err) =
         moat(d, &["start", "--id", "ex", "--user", "nobody", "--env", "FOO=bar", "--", "sleep", "4430"]);
