@@ -13,3 +13,11 @@ pub use crate::script::{CallContext, ClassRuntime, load_generation};
 pub use crate::upstream::resolve::Resolver;
 pub use crate::upstream::tls::UpstreamTls;
 pub use crate::upstream::{DialRules, Target, Upstream, to_upstream_request};
+
+// The stores and their backends, which the conformance suite (tests/it/stores.rs) drives
+// directly, once per backend.
+pub use crate::bindings::kv::postgres::PgKv;
+pub use crate::bindings::kv::redb::RedbKv;
+pub use crate::bindings::kv::{Entry as KvEntry, KvBackend, KvStore, Page as KvPage};
+pub use crate::db::overrides::{OverrideBackend, PgOverrides, RedbOverrides};
+pub use crate::db::pg::Pg;

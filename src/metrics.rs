@@ -23,6 +23,11 @@ pub struct ClassLabel {
     pub class: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabel {
+    pub node: String,
+}
+
 /// Every metric moat exports. Shared by all threads (the types are atomic).
 pub struct Metrics {
     /// Tells instances apart in the per-thread counter cache.
@@ -36,6 +41,8 @@ pub struct Metrics {
     pub open_connections: Gauge,
     pub tls_leaf_cache_size: Gauge,
     pub tls_leaves_generated: Counter,
+    /// `moat_node_info{node}` = 1: which node these figures are of (`[cluster] node`).
+    pub node_info: Family<NodeLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -78,6 +85,8 @@ impl Default for Metrics {
             "Leaf certificates made for intercepted hosts (one per cache miss)",
             tls_leaves_generated.clone(),
         );
+        let node_info = Family::<NodeLabel, Gauge>::default();
+        registry.register("moat_node", "This node's name ([cluster] node, else the host name)", node_info.clone());
         static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         Self {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -90,6 +99,7 @@ impl Default for Metrics {
             open_connections,
             tls_leaf_cache_size,
             tls_leaves_generated,
+            node_info,
         }
     }
 }
@@ -100,6 +110,11 @@ impl Metrics {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// Names the node in `moat_node_info`.
+    pub fn set_node(&self, node: &str) {
+        self.node_info.get_or_create(&NodeLabel { node: node.to_string() }).set(1);
     }
 
     /// Creates a class's per-class counters at 0, so that the first failure is an increase

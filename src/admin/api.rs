@@ -224,6 +224,7 @@ fn status(shared: &Shared) -> Value {
         .collect();
     json!({
         "version": env!("CARGO_PKG_VERSION"),
+        "node": &shared.config.stores.node,
         "uptimeSeconds": shared.started.elapsed().as_secs(),
         "classes": classes,
     })

@@ -16,7 +16,12 @@ pub fn status(socket: &Path) -> Result<(), CommandError> {
     if code != 200 {
         return Err(CommandError(1, v["error"].as_str().unwrap_or(&body).to_string()));
     }
-    println!("moat {} up {}s", v["version"].as_str().unwrap_or("?"), v["uptimeSeconds"]);
+    println!(
+        "moat {} on node {} up {}s",
+        v["version"].as_str().unwrap_or("?"),
+        v["node"].as_str().unwrap_or("?"),
+        v["uptimeSeconds"]
+    );
     let mut failing = 0;
     for c in v["classes"].as_array().into_iter().flatten() {
         failing += usize::from(c["generation"].is_null() || c["lastError"].is_string());

@@ -1,6 +1,7 @@
 //! `moat.toml` → typed [`Config`] (SPEC 10). Unknown keys are errors naming key and file.
 
 mod limits;
+mod stores;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -10,6 +11,8 @@ use serde::Deserialize;
 
 pub use crate::units::{parse_duration, parse_size, size_arg};
 pub use limits::Limits;
+pub(crate) use stores::BindingOptions;
+pub use stores::{Backend, Stores};
 
 use crate::identity::ContainerId;
 
@@ -38,6 +41,8 @@ pub struct Config {
     pub admin_socket: PathBuf,
     /// `[vars]`: plain strings for `env`.
     pub(crate) vars: BTreeMap<String, String>,
+    /// Where KV namespaces, overrides and ctx.storage live; this node's name.
+    pub(crate) stores: Stores,
     /// The sections that later parts of moat read, kept as parsed.
     pub(crate) file: ConfigFile,
 }
@@ -87,6 +92,7 @@ pub(crate) struct ConfigFile {
     pub containers: BTreeMap<String, ContainerEntry>,
     pub tls: Option<TlsSection>,
     pub dns: Option<DnsSection>,
+    pub cluster: Option<stores::ClusterSection>,
     #[serde(default)]
     limits: limits::LimitsFile,
 }
@@ -107,11 +113,6 @@ pub(crate) struct AdminSection {
     pub tcp: Option<String>,
     pub token_env: Option<String>,
 }
-
-/// Options of one KV namespace or bucket (none yet; the table must be empty).
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct BindingOptions {}
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -277,7 +278,18 @@ impl Config {
                 }
             },
         };
-        Ok(Self { data_dir, classes, containers, dns_hosts, limits, admin_socket, vars: file.vars.clone(), file })
+        let stores = stores::resolve(&file.kv, &file.blob, file.cluster.as_ref()).map_err(err)?;
+        Ok(Self {
+            data_dir,
+            classes,
+            containers,
+            dns_hosts,
+            limits,
+            admin_socket,
+            vars: file.vars.clone(),
+            stores,
+            file,
+        })
     }
 }
 

@@ -12,11 +12,24 @@ pub const MIN_REDACTED_LEN: usize = 4;
 /// Secret values known to this process, with their names, longest first.
 static SECRETS: RwLock<Vec<(String, String)>> = RwLock::new(Vec::new());
 
-/// Registers the secrets whose values must never be printed. Replaces the previous set.
+/// Secrets of moat's own (a store's password), kept when [`set_secrets`] replaces the rest.
+static OWN_SECRETS: RwLock<Vec<(String, String)>> = RwLock::new(Vec::new());
+
+/// Registers the secrets whose values must never be printed. Replaces the previous set
+/// (but for moat's own, see [`add_own_secret`]).
 pub fn set_secrets(mut secrets: Vec<(String, String)>) {
+    secrets.extend(OWN_SECRETS.read().unwrap_or_else(|e| e.into_inner()).iter().cloned());
     secrets.retain(|(_, v)| !v.is_empty());
     secrets.sort_by_key(|s| std::cmp::Reverse(s.1.len()));
     *SECRETS.write().unwrap_or_else(|e| e.into_inner()) = secrets;
+}
+
+/// Registers a secret of moat's own (not a policy's), such as a database password.
+pub fn add_own_secret(name: String, value: String) {
+    OWN_SECRETS.write().unwrap_or_else(|e| e.into_inner()).push((name, value));
+    let mut all = secrets();
+    all.retain(|(_, v)| !OWN_SECRETS.read().unwrap_or_else(|e| e.into_inner()).iter().any(|(_, o)| o == v));
+    set_secrets(all);
 }
 
 /// The registered secrets (name, value), longest value first.

@@ -56,7 +56,7 @@ impl Engine {
         config.classes = vec![ClassConfig { listen: addr, ..setup.class.clone() }];
         let mut bindings = Bindings::with_secrets(&config, setup.secrets)?;
         let db = crate::db::open(data.path()).map_err(|e| e.to_string())?;
-        let overrides = OverrideStore::open(db.clone(), data.path()).map_err(|e| e.to_string())?;
+        let overrides = Arc::new(OverrideStore::open(db.clone(), data.path()).map_err(|e| e.to_string())?);
         bindings.attach_kv(Arc::new(crate::bindings::kv::KvStore::new(db.clone())));
         bindings.attach_blob(Arc::new(crate::bindings::blob::BlobStore::new(db, data.path())));
         // Fixtures speak plain HTTP: no upstream certificate is ever checked.

@@ -65,6 +65,7 @@ pub fn handler_failure(f: &HandlerFailure, request_id: &str, handler_timeout: st
             ),
         ),
         HandlerFailure::Upstream(_, fe) => upstream_failure(&fe.source),
+        HandlerFailure::Store(m) => text(StatusCode::SERVICE_UNAVAILABLE, format!("moat: {m} (request {request_id})")),
         _ => text(StatusCode::INTERNAL_SERVER_ERROR, format!("policy handler error (request {request_id})")),
     }
 }
@@ -78,6 +79,7 @@ pub fn handler_failure_detail(f: &HandlerFailure) -> String {
         HandlerFailure::Memory => "handler exceeded limits.lua_memory".into(),
         HandlerFailure::Timeout => "handler exceeded limits.handler_timeout".into(),
         HandlerFailure::Upstream(m, _) => m.clone(),
+        HandlerFailure::Store(m) => m.clone(),
     }
 }
 

@@ -1,19 +1,25 @@
-//! Where per-container overrides live: in memory for the request path, in redb so that a
-//! restart keeps them (SPEC 7.2).
+//! Per-container overrides (SPEC 7.2): in memory for the request path, in a store so that a
+//! restart keeps them: moat's redb file, or a database every node shares. With a shared
+//! store, a change made on any node holds here from the next request: its notification
+//! reloads that container at once, and a reconcile every [`RECONCILE_EVERY`] heals any
+//! notification missed while the connection was down.
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
-
+use crate::db::overrides::{OverrideBackend, RedbOverrides};
 use crate::policy::intercepts::{InterceptKind, InterceptSpec};
 use crate::policy::overrides::{HandlerSpec, OverrideSpec, Setter, SetterError};
 use crate::policy::{ContainerSettings, Overrides};
 use crate::script::Generation;
 
-/// container id → JSON of its [`OverrideSpec`].
-const TABLE: TableDefinition<'_, &str, &str> = TableDefinition::new("overrides");
+/// How often every container's overrides are read again from a shared store.
+pub const RECONCILE_EVERY: Duration = Duration::from_secs(1);
+
+/// How often a setter retries when another node changed the same container meanwhile.
+const SWAP_ATTEMPTS: usize = 8;
 
 /// Why the store could not be opened or written.
 #[derive(Debug, thiserror::Error)]
@@ -26,14 +32,16 @@ pub struct StoreError {
 /// A container's overrides compiled for one generation (handler names checked against it).
 type Compiled = (Arc<Generation>, Arc<Overrides>);
 
+/// A container's spec and the exact text it is stored as (what a swap compares).
+type Stored = (OverrideSpec, String);
+
 /// Overrides of every container.
 pub struct OverrideStore {
-    db: Arc<redb::Database>,
+    backend: Arc<dyn OverrideBackend>,
     path: String,
-    specs: RwLock<HashMap<String, OverrideSpec>>,
+    specs: RwLock<HashMap<String, Stored>>,
     /// Compiled per container for the generation it was compiled against.
     compiled: RwLock<HashMap<String, Compiled>>,
-    /// What running containers were started with: in memory only, for their life.
     /// What a container has for its life only (its start settings, its intercepts): in
     /// memory, dropped together by [`Self::container_ended`].
     lives: RwLock<HashMap<String, Life>>,
@@ -43,32 +51,77 @@ impl OverrideStore {
     /// Loads every stored override from `db` (`data_dir/moat.redb`).
     pub fn open(db: Arc<redb::Database>, data_dir: &Path) -> Result<Self, StoreError> {
         let shown = data_dir.join("moat.redb").display().to_string();
-        let err = |msg: String| StoreError { path: shown.clone(), msg };
-        let mut specs = HashMap::new();
-        let read = db.begin_read().map_err(|e| err(e.to_string()))?;
-        match read.open_table(TABLE) {
-            Ok(table) => {
-                for row in table.iter().map_err(|e| err(e.to_string()))? {
-                    let (k, v) = row.map_err(|e| err(e.to_string()))?;
-                    match serde_json::from_str::<OverrideSpec>(v.value()) {
-                        Ok(spec) => {
-                            specs.insert(k.value().to_string(), spec);
-                        }
-                        Err(e) => tracing::warn!("dropping unreadable overrides of container {}: {e}", k.value()),
-                    }
-                }
-            }
-            Err(redb::TableError::TableDoesNotExist(_)) => {}
-            Err(e) => return Err(err(e.to_string())),
-        }
-        drop(read);
+        Self::on(Arc::new(RedbOverrides { db }), shown)
+    }
+
+    /// Loads every stored override from `backend` (named `shown` in errors).
+    pub fn on(backend: Arc<dyn OverrideBackend>, shown: String) -> Result<Self, StoreError> {
+        let rows = backend.load_all().map_err(|msg| StoreError { path: shown.clone(), msg })?;
+        let specs = rows.into_iter().filter_map(|(id, raw)| Some((id.clone(), (parse(&id, &raw)?, raw)))).collect();
         Ok(Self {
-            db,
+            backend,
             path: shown,
             specs: RwLock::new(specs),
             compiled: RwLock::new(HashMap::new()),
             lives: RwLock::new(HashMap::new()),
         })
+    }
+
+    /// With a shared store: follows its change notifications and reconciles every
+    /// [`RECONCILE_EVERY`], on a thread of its own (store calls block).
+    pub fn watch(self: &Arc<Self>) -> std::io::Result<()> {
+        let Some(pg) = self.backend.shared() else { return Ok(()) };
+        let (tx, rx) = std::sync::mpsc::channel::<Option<String>>();
+        pg.subscribe(crate::db::schema::OVERRIDES_CHANNEL, move |event| {
+            let _ = tx.send(match event {
+                crate::db::pg::Event::Notified(container) => Some(container.to_string()),
+                // Reconnected: whatever changed meanwhile was not announced.
+                crate::db::pg::Event::Listening | crate::db::pg::Event::Lost => None,
+            });
+        });
+        let store = Arc::downgrade(self);
+        std::thread::Builder::new().name("moat-overrides".into()).spawn(move || {
+            loop {
+                let next = rx.recv_timeout(RECONCILE_EVERY);
+                let Some(store) = store.upgrade() else { return };
+                let result = match next {
+                    Ok(Some(container)) => store.backend.load(&container).map(|raw| store.adopt(&container, raw)),
+                    Ok(None) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => store.reconcile(),
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                };
+                if let Err(e) = result {
+                    tracing::debug!("overrides: {}: {e}", store.path);
+                }
+            }
+        })?;
+        Ok(())
+    }
+
+    /// Reads every container's overrides again and adopts what changed.
+    fn reconcile(&self) -> Result<(), String> {
+        let mut rows: HashMap<String, String> = self.backend.load_all()?.into_iter().collect();
+        let known: Vec<String> = self.specs.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+        for id in known {
+            let raw = rows.remove(&id);
+            self.adopt(&id, raw);
+        }
+        for (id, raw) in rows {
+            self.adopt(&id, Some(raw));
+        }
+        Ok(())
+    }
+
+    /// Takes `raw` as `container`'s stored overrides (`None`: it has none).
+    fn adopt(&self, container: &str, raw: Option<String>) {
+        let mut specs = self.specs.write().unwrap_or_else(|e| e.into_inner());
+        if specs.get(container).map(|(_, r)| r) == raw.as_ref() {
+            return;
+        }
+        match raw.and_then(|r| Some((parse(container, &r)?, r))) {
+            Some(stored) => specs.insert(container.to_string(), stored),
+            None => specs.remove(container),
+        };
+        self.compiled.write().unwrap_or_else(|e| e.into_inner()).remove(container);
     }
 
     /// The compiled overrides of `container` for `generation`, if it has any.
@@ -77,7 +130,7 @@ impl OverrideStore {
         if let Some((_, o)) = cached.filter(|(g, _)| Arc::ptr_eq(g, generation)) {
             return Some(o);
         }
-        let spec = self.specs.read().unwrap_or_else(|e| e.into_inner()).get(container).cloned();
+        let spec = self.specs.read().unwrap_or_else(|e| e.into_inner()).get(container).map(|(s, _)| s.clone());
         let life = self.lives.read().unwrap_or_else(|e| e.into_inner()).get(container).cloned();
         if spec.is_none() && life.is_none() {
             return None;
@@ -152,7 +205,7 @@ impl OverrideStore {
 
     /// The overrides of `container` as set.
     pub fn spec(&self, container: &str) -> OverrideSpec {
-        self.specs.read().unwrap_or_else(|e| e.into_inner()).get(container).cloned().unwrap_or_default()
+        self.specs.read().unwrap_or_else(|e| e.into_inner()).get(container).map(|(s, _)| s.clone()).unwrap_or_default()
     }
 
     /// Every container with overrides.
@@ -163,34 +216,49 @@ impl OverrideStore {
     }
 
     /// Applies a setter, validated against `generation`'s class; durable once it returns.
+    /// Compare-and-swap against the store: when another node changed this container
+    /// meanwhile, its change is read and the setter applied on top of it.
     pub fn apply(&self, container: &str, setter: Setter, generation: &Generation) -> Result<OverrideSpec, ApplyError> {
         let mut specs = self.specs.write().unwrap_or_else(|e| e.into_inner());
-        let mut spec = specs.get(container).cloned().unwrap_or_default();
-        spec.apply(setter, &generation.class, &generation.policy).map_err(ApplyError::Setter)?;
-        self.persist(container, &spec).map_err(ApplyError::Store)?;
-        if spec.is_empty() {
-            specs.remove(container);
-        } else {
-            specs.insert(container.to_string(), spec.clone());
-        }
-        self.compiled.write().unwrap_or_else(|e| e.into_inner()).remove(container);
-        Ok(spec)
-    }
-
-    fn persist(&self, container: &str, spec: &OverrideSpec) -> Result<(), StoreError> {
-        let err = |e: &dyn std::fmt::Display| StoreError { path: self.path.clone(), msg: e.to_string() };
-        let tx = self.db.begin_write().map_err(|e| err(&e))?;
-        {
-            let mut table = tx.open_table(TABLE).map_err(|e| err(&e))?;
-            if spec.is_empty() {
-                table.remove(container).map_err(|e| err(&e))?;
+        let store_err = |msg: String| ApplyError::Store(StoreError { path: self.path.clone(), msg });
+        for _ in 0..SWAP_ATTEMPTS {
+            let (mut spec, old) = match specs.get(container) {
+                Some((spec, raw)) => (spec.clone(), Some(raw.clone())),
+                None => (OverrideSpec::default(), None),
+            };
+            spec.apply(setter.clone(), &generation.class, &generation.policy).map_err(ApplyError::Setter)?;
+            let new = if spec.is_empty() {
+                None
             } else {
-                let json = serde_json::to_string(spec).map_err(|e| err(&e))?;
-                table.insert(container, json.as_str()).map_err(|e| err(&e))?;
+                Some(serde_json::to_string(&spec).map_err(|e| store_err(e.to_string()))?)
+            };
+            if self.backend.swap(container, old.as_deref(), new.as_deref()).map_err(store_err)? {
+                match new {
+                    Some(raw) => specs.insert(container.to_string(), (spec.clone(), raw)),
+                    None => specs.remove(container),
+                };
+                self.compiled.write().unwrap_or_else(|e| e.into_inner()).remove(container);
+                return Ok(spec);
             }
+            // Changed elsewhere: take what the store has now and apply the setter to it.
+            match self.backend.load(container).map_err(store_err)? {
+                Some(raw) => match parse(container, &raw) {
+                    Some(spec) => specs.insert(container.to_string(), (spec, raw)),
+                    None => return Err(store_err(format!("container {container}'s stored overrides are unreadable"))),
+                },
+                None => specs.remove(container),
+            };
+            self.compiled.write().unwrap_or_else(|e| e.into_inner()).remove(container);
         }
-        tx.commit().map_err(|e| err(&e))
+        Err(store_err(format!("container {container}'s overrides kept changing on other nodes; try again")))
     }
+}
+
+/// A stored spec, or `None` (logged) when it does not parse.
+fn parse(container: &str, raw: &str) -> Option<OverrideSpec> {
+    serde_json::from_str(raw)
+        .map_err(|e| tracing::warn!("dropping unreadable overrides of container {container}: {e}"))
+        .ok()
 }
 
 /// What a container has for its life only.

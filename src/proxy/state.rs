@@ -82,7 +82,7 @@ pub struct Shared {
     /// Indexed by [`ClassId`].
     classes: Vec<ClassShared>,
     pub bindings: Bindings,
-    pub overrides: OverrideStore,
+    pub overrides: Arc<OverrideStore>,
     pub metrics: crate::metrics::Metrics,
     pub started: std::time::Instant,
     /// Every address moat listens on (loop prevention, SPEC 8.4).
@@ -108,7 +108,7 @@ impl Shared {
     pub fn new(
         config: Config,
         bindings: Bindings,
-        overrides: OverrideStore,
+        overrides: Arc<OverrideStore>,
         upstream_tls: crate::upstream::tls::UpstreamTls,
         leaves: crate::tls::LeafCache,
         metrics: crate::metrics::Metrics,

@@ -61,6 +61,8 @@ pub enum HandlerFailure {
     Timeout,
     /// A `fetch` failed and the handler did not catch it: answered like egress would be.
     Upstream(String, Arc<FetchError>),
+    /// A store (KV) did not answer and the handler did not catch it: the message says which.
+    Store(String),
 }
 
 impl ClassRuntime {
@@ -183,6 +185,9 @@ impl ClassRuntime {
                         let arc: Arc<FetchError> =
                             Arc::new(FetchError { url: fe.url.clone(), source: fe.source.clone() });
                         return HandlerFailure::Upstream(e.to_string(), arc);
+                    }
+                    if let Some(su) = ext.downcast_ref::<super::api::kv::StoreUnavailable>() {
+                        return HandlerFailure::Store(su.0.clone());
                     }
                     break;
                 }

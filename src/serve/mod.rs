@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 mod attach;
 mod attached;
 mod containers;
+mod stores;
 
 pub(crate) use attached::{Attached, Running, Serving, hidden_from_sandboxes};
 pub(crate) use containers::log_path as container_log;
@@ -46,12 +47,11 @@ pub(crate) fn run_with(config: Config, attached: Option<Attached>) -> anyhow::Re
         }
         other => anyhow::anyhow!("{other}"),
     })?;
-    let overrides = crate::proxy::overrides::OverrideStore::open(db.clone(), &config.data_dir)?;
+    let (kv, overrides) = stores::open(&config, &db)?;
     // Held with the database: a `moat run` beside this moat hands its sandbox here.
     let attach_listener = attach::bind(&config.data_dir).map_err(|e| {
         anyhow::anyhow!("cannot listen on {}: {e}", config.data_dir.join(crate::sandbox::attach::SOCKET).display())
     })?;
-    let kv = Arc::new(crate::bindings::kv::KvStore::new(db.clone()));
     let mut bindings = bindings;
     bindings.attach_kv(kv.clone());
     bindings.attach_blob(Arc::new(crate::bindings::blob::BlobStore::new(db.clone(), &config.data_dir)));
@@ -68,6 +68,7 @@ pub(crate) fn run_with(config: Config, attached: Option<Attached>) -> anyhow::Re
     let extra_ca = config.file.tls.as_ref().map(|t| t.extra_ca.clone()).unwrap_or_default();
     let upstream_tls = crate::upstream::tls::UpstreamTls::new(&extra_ca).map_err(anyhow::Error::msg)?;
     let metrics = crate::metrics::Metrics::default();
+    metrics.set_node(&config.stores.node);
     for class in &config.classes {
         metrics.start_class(&class.name);
     }

@@ -28,5 +28,6 @@ mod reload;
 mod runtime_policy;
 mod sandbox;
 mod sandbox_modes;
+mod stores;
 mod tunnel;
 mod websocket;

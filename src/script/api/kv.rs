@@ -14,9 +14,19 @@ pub struct LuaKv {
     pub store: Arc<KvStore>,
 }
 
+/// A storage failure travels as [`StoreUnavailable`] (a handler that does not catch it makes
+/// moat answer 503); a mistake of the script's is a plain error.
 fn lua_err(e: KvError) -> mlua::Error {
-    mlua::Error::runtime(e.to_string())
+    match e {
+        KvError::Storage(m) => mlua::Error::external(StoreUnavailable(format!("KV storage failed: {m}"))),
+        other => mlua::Error::runtime(other.to_string()),
+    }
 }
+
+/// A store that did not answer (down, unreachable, out of space).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StoreUnavailable(pub String);
 
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> std::result::Result<T, KvError> + Send + 'static,

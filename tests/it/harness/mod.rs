@@ -8,7 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod postgres;
 mod upstreams;
+pub use postgres::*;
 pub use upstreams::*;
 
 pub const MOAT: &str = env!("CARGO_BIN_EXE_moat");

@@ -1,4 +1,10 @@
-//! moat's one database file, `data_dir/moat.redb`: overrides, KV namespaces, ctx.storage.
+//! Where moat keeps state: its own database file, `data_dir/moat.redb` (overrides, KV
+//! namespaces, ctx.storage, the container registry), and optionally a shared PostgreSQL
+//! database ([`pg`]) that several moat nodes use together.
+
+pub mod overrides;
+pub mod pg;
+pub mod schema;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
