@@ -86,7 +86,7 @@ impl Default for Metrics {
             tls_leaves_generated.clone(),
         );
         let node_info = Family::<NodeLabel, Gauge>::default();
-        registry.register("moat_node", "This node's name ([cluster] node, else the host name)", node_info.clone());
+        registry.register("moat_node_info", "This node's name ([cluster] node, else the host name)", node_info.clone());
         static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         Self {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),

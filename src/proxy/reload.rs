@@ -40,7 +40,7 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<mpsc::Sender<ReloadRequest>
         // trigger reloads of their own). Only policies and Lua modules matter: a log file or
         // an agent's scratch files in the same folder must not keep the reload thread busy.
         let Some(event) = res.ok().filter(|e| !matches!(e.kind, notify::EventKind::Access(_))) else { return };
-        if event.paths.iter().any(|p| p.extension().is_some_and(|e| e == "lua") || policies.contains(p)) {
+        if event.paths.iter().any(|p| p.extension().is_some_and(|e| e == "lua") || policies.contains(p) || is_swap(p)) {
             let _ = events.send(ReloadRequest::Changed(event.paths));
         }
     });
@@ -132,7 +132,17 @@ fn affects(shared: &Shared, id: ClassId, changed: &[PathBuf]) -> bool {
         files.contains(c)
             // A class that never loaded may be missing a module it has not named yet.
             || (unloaded && c.parent() == Some(policy_dir.as_path()) && c.extension().is_some_and(|e| e == "lua"))
+            // A folder whose files are symlinks into a swapped `..data` changed them all.
+            || (is_swap(c) && files.iter().any(|f| f.parent() == c.parent()))
     })
+}
+
+/// Whether `path` is part of an atomic folder swap as Kubernetes mounts a ConfigMap: the
+/// files are symlinks through `..data`, itself a symlink to a `..TIMESTAMP` folder that an
+/// update replaces with one rename. Nothing named like the files changes, so these names
+/// stand for all of them.
+fn is_swap(path: &Path) -> bool {
+    path.file_name().is_some_and(|n| n.as_encoded_bytes().starts_with(b".."))
 }
 
 fn update_watches(w: &mut notify::RecommendedWatcher, shared: &Shared, watched: &mut BTreeSet<PathBuf>) {

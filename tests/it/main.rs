@@ -7,6 +7,7 @@ mod authoring;
 mod bindings;
 mod blobs;
 mod cli;
+mod cluster;
 mod container_example;
 mod container_limits;
 mod containers;

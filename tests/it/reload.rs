@@ -226,3 +226,56 @@ fn a_save_is_seen_while_another_file_in_the_folder_keeps_changing() {
     let logs = moat.logs();
     assert_eq!(logs.matches("policy reloaded").count(), 1, "only the policy save reloads:\n{logs}");
 }
+
+/// Writes version `v` of a policy and its module the way Kubernetes updates a mounted
+/// ConfigMap: a new `..TIMESTAMP` folder, a `..data_tmp` symlink to it renamed over `..data`
+/// (one atomic step), the old folder removed. `policy.lua` and `lib.lua` are symlinks through
+/// `..data` that never change themselves.
+fn configmap_write(dir: &Path, v: &str) {
+    let version = dir.join(format!("..2026_12_06_{v}"));
+    std::fs::create_dir(&version).unwrap();
+    std::fs::write(version.join("lib.lua"), format!("return {{ text = '{v}' }}\n")).unwrap();
+    std::fs::write(
+        version.join("policy.lua"),
+        "local lib = require('lib')\noutboundByHost = { ['v.test'] = function() return Response.new(lib.text) end }\n",
+    )
+    .unwrap();
+    let old = std::fs::read_link(dir.join("..data")).ok();
+    std::os::unix::fs::symlink(version.file_name().unwrap(), dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    for name in ["policy.lua", "lib.lua"] {
+        if std::fs::symlink_metadata(dir.join(name)).is_err() {
+            std::os::unix::fs::symlink(format!("..data/{name}"), dir.join(name)).unwrap();
+        }
+    }
+    if let Some(old) = old {
+        std::fs::remove_dir_all(dir.join(old)).unwrap();
+    }
+}
+
+#[test]
+fn a_configmap_style_symlink_swap_reloads_every_node() {
+    let mounted = tempfile::tempdir().unwrap();
+    configmap_write(mounted.path(), "c1");
+    let node = |name: &str| {
+        let data = tempfile::tempdir().unwrap();
+        let mut cmd = std::process::Command::new(MOAT);
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--policy"])
+            .arg(mounted.path().join("policy.lua"))
+            .arg("--data-dir")
+            .arg(data.path().join(name))
+            .env("MOAT_WORKERS", "2");
+        Moat::spawn(cmd, data)
+    };
+    let nodes = [node("a"), node("b")];
+    for n in &nodes {
+        assert_eq!(curl(n, "http://v.test/", &[]).body, "c1");
+    }
+    for v in ["c2", "c3"] {
+        configmap_write(mounted.path(), v);
+        for n in &nodes {
+            let t = wait_for(n, v, RELOAD_BOUND);
+            eprintln!("swap to {v}: {t:?}");
+        }
+    }
+}

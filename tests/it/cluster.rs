@@ -1,0 +1,180 @@
+//! Several moat nodes on one shared PostgreSQL database (`[kv] … backend = "postgres"`,
+//! `[cluster] store`): what one node writes, another reads; an override set on one holds on
+//! the others within 1 s; a store that dies gives clear answers, never a hang, and traffic
+//! recovers when it returns; a node killed with SIGKILL loses no acknowledged write.
+
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+const POLICY: &str = r#"
+outboundByHost = {
+  ["kv.test"] = function(request, env, ctx)
+    local key = URL.new(request.url).pathname:sub(2)
+    if request.method == "PUT" then
+      env.KV:put(key, request:text())
+      return Response.new("stored")
+    end
+    local v = env.KV:get(key)
+    if v == nil then return Response.new("missing", { status = 404 }) end
+    return Response.new(v)
+  end,
+  ["notes.test"] = function(request, env, ctx)
+    local key = URL.new(request.url).pathname:sub(2)
+    if request.method == "PUT" then ctx.storage:put(key, request:text()) return Response.new("ok") end
+    return Response.new(ctx.storage:get(key) or "none")
+  end,
+  ["a.test"] = function() return Response.new("class") end,
+}
+outboundHandlers = {
+  other = function() return Response.new("override") end,
+}
+"#;
+
+fn config(node: &str) -> String {
+    format!(
+        r#"
+[kv]
+KV = {{ backend = "postgres", url_env = "MOAT_PG_URL" }}
+[cluster]
+node = "{node}"
+store = {{ backend = "postgres", url_env = "MOAT_PG_URL" }}
+"#
+    )
+}
+
+fn node(name: &str, url: &str) -> Moat {
+    Moat::policy(POLICY).config(&config(name)).env("MOAT_PG_URL", url).start()
+}
+
+fn put(moat: &Moat, url: &str, body: &str) -> CurlOut {
+    curl(moat, url, &["-X", "PUT", "--data-binary", body, "-U", "agent-1:x"])
+}
+
+fn get(moat: &Moat, url: &str) -> CurlOut {
+    curl(moat, url, &["-U", "agent-1:x", "--max-time", "10"])
+}
+
+#[test]
+fn two_nodes_share_kv_ctx_storage_and_overrides() {
+    let Some(pg) = shared_pg() else { return };
+    let url = pg.fresh_database();
+    let (a, b) = (node("node-a", &url), node("node-b", &url));
+
+    // A KV put through A's handler is read through B's; so is ctx.storage.
+    assert_eq!(get(&b, "http://kv.test/k1").status, 404);
+    assert_eq!(put(&a, "http://kv.test/k1", "from-a").body, "stored");
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let r = get(&b, "http://kv.test/k1");
+        if r.body == "from-a" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "B still answers {:?} 1 s after A's write", r.body);
+    }
+    assert_eq!(put(&b, "http://notes.test/n", "note").body, "ok");
+    assert_eq!(get(&a, "http://notes.test/n").body, "note");
+
+    // An override set through A's admin API holds on B's next request within 1 s.
+    assert_eq!(get(&b, "http://a.test/").body, "class");
+    let socket = a.dir.path().join("data/admin.sock");
+    let (code, body) = admin(&socket, "PUT", "/v1/containers/agent-1/outbound-by-host/a.test", Some(r#""other""#));
+    assert_eq!(code, 200, "{body}");
+    let set = Instant::now();
+    while get(&b, "http://a.test/").body != "override" {
+        assert!(set.elapsed() < Duration::from_secs(1), "B did not follow A's override within 1 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // B's admin API shows it too, and B clearing it holds on A.
+    let socket_b = b.dir.path().join("data/admin.sock");
+    let (_, shown) = admin(&socket_b, "GET", "/v1/containers/agent-1", None);
+    assert!(shown.contains("other"), "{shown}");
+    assert_eq!(admin(&socket_b, "DELETE", "/v1/containers/agent-1/overrides", None).0, 200);
+    let cleared = Instant::now();
+    while get(&a, "http://a.test/").body != "class" {
+        assert!(cleared.elapsed() < Duration::from_secs(1), "A did not follow B's clear within 1 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // Each node names itself in its status and metrics.
+    let (_, status) = admin(&socket, "GET", "/v1/status", None);
+    assert!(status.contains(r#""node":"node-a""#), "{status}");
+    let (_, metrics) = admin(&socket_b, "GET", "/metrics", None);
+    assert!(metrics.contains(r#"moat_node_info{node="node-b"} 1"#), "{metrics}");
+}
+
+#[test]
+fn a_store_that_dies_gives_503_with_its_reason_and_traffic_recovers_without_a_restart() {
+    let Some(mut pg) = PgServer::start() else { return };
+    let url = pg.fresh_database();
+    let a = node("node-a", &url);
+    assert_eq!(put(&a, "http://kv.test/k", "v").body, "stored");
+    pg.kill();
+    // Reads of a key not cached and writes both need the store: each gets 503 with the
+    // reason, within the store's deadline, never a hang.
+    for (what, r) in [("get", get(&a, "http://kv.test/uncached")), ("put", put(&a, "http://kv.test/k2", "x"))] {
+        assert_eq!(r.status, 503, "{what}: {}", r.body);
+        assert!(r.body.starts_with("moat: KV storage failed: postgres 127.0.0.1:"), "{what}: {}", r.body);
+        assert_eq!(r.body.lines().count(), 1, "{what}: one line: {}", r.body);
+    }
+    let t = Instant::now();
+    let r = get(&a, "http://kv.test/another");
+    assert_eq!(r.status, 503);
+    assert!(t.elapsed() < Duration::from_secs(6), "answered after {:?}", t.elapsed());
+    pg.run();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = put(&a, "http://kv.test/k2", "back");
+        if r.status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no recovery: {} {}", r.status, r.body);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(get(&a, "http://kv.test/k2").body, "back");
+    assert_eq!(get(&a, "http://kv.test/k").body, "v");
+    let logs = a.logs();
+    assert!(!logs.contains(PG_PASSWORD), "the database password leaked into the log:\n{logs}");
+}
+
+#[test]
+fn sigkill_of_a_node_loses_no_acknowledged_write() {
+    let Some(pg) = shared_pg() else { return };
+    let url = pg.fresh_database();
+    let (mut a, b) = (node("node-a", &url), node("node-b", &url));
+    let mut acknowledged = Vec::new();
+    for i in 0..40 {
+        let r = put(&a, &format!("http://kv.test/w{i}"), &format!("value {i}"));
+        assert_eq!(r.status, 200, "{}", r.body);
+        acknowledged.push(i);
+    }
+    a.signal("KILL");
+    assert!(a.wait_exit(Duration::from_secs(5)).is_some());
+    for i in acknowledged {
+        assert_eq!(get(&b, &format!("http://kv.test/w{i}")).body, format!("value {i}"));
+    }
+}
+
+#[test]
+fn a_missing_url_or_an_unknown_backend_is_a_check_error_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "policy.lua", "allowedHosts = {}\n");
+    for (toml, expect) in [
+        (
+            "[kv]\nKV = { backend = \"dynamo\" }\n",
+            "kv.KV.backend \"dynamo\" is not one moat knows: use one of redb, postgres",
+        ),
+        (
+            "[kv]\nKV = { backend = \"postgres\", url_env = \"MOAT_TEST_UNSET_URL\" }\n",
+            "kv.KV.url_env: environment variable MOAT_TEST_UNSET_URL is not set",
+        ),
+        ("[cluster]\nstore = { backend = \"postgres\" }\n", "cluster.store: backend \"postgres\" needs url_env"),
+        ("[blob]\nBUCKET = { backend = \"gcs\" }\n", "blob.BUCKET.backend \"gcs\""),
+    ] {
+        write(dir.path(), "moat.toml", &format!("[[class]]\npolicy = \"policy.lua\"\n{toml}"));
+        let (code, out, err) = moat_cmd(&["check", "--config", "moat.toml"], dir.path());
+        assert_eq!(code, 2, "{toml}: {out}{err}");
+        assert!(err.contains(expect), "{toml}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+}
