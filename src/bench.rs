@@ -16,8 +16,14 @@ pub use crate::upstream::{DialRules, Target, Upstream, to_upstream_request};
 
 // The stores and their backends, which the conformance suite (tests/it/stores.rs) drives
 // directly, once per backend.
+pub use crate::bindings::blob::local::LocalBlobs;
+#[cfg(feature = "s3")]
+pub use crate::bindings::blob::s3::S3Blobs;
+pub use crate::bindings::blob::{BlobBackend, BlobStore, ListQuery, PutMeta};
 pub use crate::bindings::kv::postgres::PgKv;
 pub use crate::bindings::kv::redb::RedbKv;
 pub use crate::bindings::kv::{Entry as KvEntry, KvBackend, KvStore, Page as KvPage};
+pub use crate::body::{Body, boxed as boxed_body, full as full_body};
+pub use crate::config::S3Options;
 pub use crate::db::overrides::{OverrideBackend, PgOverrides, RedbOverrides};
 pub use crate::db::pg::Pg;

@@ -34,7 +34,7 @@ pub fn unauthorized() -> Answer {
 }
 
 /// Routes one admin request.
-pub fn route(shared: &Shared, method: &Method, path: &str, query: Option<&str>, body: &[u8]) -> Answer {
+pub async fn route(shared: &Shared, method: &Method, path: &str, query: Option<&str>, body: &[u8]) -> Answer {
     let segments: Vec<String> = path.trim_matches('/').split('/').map(percent_decode).collect();
     let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
     match (method, segs.as_slice()) {
@@ -62,7 +62,9 @@ pub fn route(shared: &Shared, method: &Method, path: &str, query: Option<&str>, 
             Err(e) => error(StatusCode::BAD_REQUEST, "bad_container_id", e.to_string()),
         },
         (_, ["v1", "kv", binding, rest @ ..]) => kv_route(shared, method, binding, rest, query, body),
-        (_, ["v1", "blob", bucket, rest @ ..]) => blob_route(shared, method, bucket, &rest.join("/"), query, body),
+        (_, ["v1", "blob", bucket, rest @ ..]) => {
+            blob_route(shared, method, bucket, &rest.join("/"), query, body).await
+        }
         (&Method::POST, ["v1", "containers", id, "intercepts"]) => intercept(shared, id, body, query),
         (&Method::GET, ["v1", "containers", id, "intercepts"]) => {
             json_answer(StatusCode::OK, json!({ "id": id, "intercepts": shared.overrides.intercepts_json(id) }))
@@ -154,7 +156,14 @@ fn kv_route(
 }
 
 /// `moat blob` through a running instance.
-fn blob_route(shared: &Shared, method: &Method, bucket: &str, key: &str, query: Option<&str>, body: &[u8]) -> Answer {
+async fn blob_route(
+    shared: &Shared,
+    method: &Method,
+    bucket: &str,
+    key: &str,
+    query: Option<&str>,
+    body: &[u8],
+) -> Answer {
     use crate::bindings::blob::BlobError;
     let Some(store) = shared.bindings.blob.as_ref() else {
         return error(StatusCode::SERVICE_UNAVAILABLE, "no_blob", "blob storage is not open");
@@ -173,34 +182,24 @@ fn blob_route(shared: &Shared, method: &Method, bucket: &str, key: &str, query: 
                 .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("prefix=")))
                 .map(percent_decode)
                 .unwrap_or_default();
-            let mut names = Vec::new();
-            let mut cursor: Option<String> = None;
-            loop {
-                match store.list(bucket, &prefix, crate::bindings::blob::MAX_LIST, cursor.as_deref(), None) {
-                    Ok(l) => {
-                        names.extend(
-                            l.objects.into_iter().map(|o| json!({"key": o.key, "size": o.size, "etag": o.etag})),
-                        );
-                        if !l.truncated {
-                            break;
-                        }
-                        cursor = l.cursor;
-                    }
-                    Err(e) => return failed(e),
+            let names: Vec<Value> = match store.list_all(bucket, &prefix).await {
+                Ok(objects) => {
+                    objects.into_iter().map(|o| json!({"key": o.key, "size": o.size, "etag": o.etag})).collect()
                 }
-            }
+                Err(e) => return failed(e),
+            };
             json_answer(StatusCode::OK, json!({ "objects": names }))
         }
-        (&Method::GET, key) => match store.get_bytes(bucket, key) {
+        (&Method::GET, key) => match store.get_bytes(bucket, key).await {
             Ok(Some(b)) => Answer { status: StatusCode::OK, body: b, content_type: "application/octet-stream".into() },
             Ok(None) => error(StatusCode::NOT_FOUND, "no_such_key", format!("no object {key:?} in {bucket}")),
             Err(e) => failed(e),
         },
-        (&Method::PUT, key) => match store.put_bytes(bucket, key, body) {
+        (&Method::PUT, key) => match store.put_bytes(bucket, key, body.to_vec()).await {
             Ok(m) => json_answer(StatusCode::OK, json!({"key": m.key, "size": m.size, "etag": m.etag})),
             Err(e) => failed(e),
         },
-        (&Method::DELETE, key) => match store.delete(bucket, &[key.to_string()]) {
+        (&Method::DELETE, key) => match store.of(bucket).delete(bucket, &[key.to_string()]).await {
             Ok(()) => json_answer(StatusCode::OK, json!({"ok": true})),
             Err(e) => failed(e),
         },

@@ -49,12 +49,12 @@ pub async fn route(
             }
         }
         (&Method::GET, ["v1", "containers"]) => {
-            let mut v = answer_json(super::api::route(shared, method, path, None, body))?;
+            let mut v = answer_json(super::api::route(shared, method, path, None, body).await)?;
             v["records"] = json!(l.list());
             json_answer(StatusCode::OK, v)
         }
         (&Method::GET, ["v1", "containers", id]) => {
-            let mut v = answer_json(super::api::route(shared, method, path, None, body))?;
+            let mut v = answer_json(super::api::route(shared, method, path, None, body).await)?;
             v["lifecycle"] = json!(l.get(id));
             json_answer(StatusCode::OK, v)
         }

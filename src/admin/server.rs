@@ -121,7 +121,7 @@ async fn serve_connection<I>(
                 };
                 match super::lifecycle::route(&shared, lifecycle.as_ref(), &parts, &body).await {
                     Some(answer) => answer,
-                    None => super::api::route(&shared, &parts.method, parts.uri.path(), parts.uri.query(), &body),
+                    None => super::api::route(&shared, &parts.method, parts.uri.path(), parts.uri.query(), &body).await,
                 }
             } else {
                 super::api::unauthorized()

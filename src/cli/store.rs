@@ -8,8 +8,7 @@ use std::io::{Read, Write};
 use crate::admin::commands::{CommandError, encode_path};
 use crate::config::{BindingOptions, Config};
 
-use crate::bindings::blob::BlobStore;
-use crate::bindings::kv::{Entry, KvStore, kv_table};
+use crate::bindings::kv::{Entry, kv_table};
 
 /// One operation, with its key (for `list`: the prefix).
 enum Op<'a> {
@@ -89,7 +88,7 @@ pub fn kv(
     check_binding(&config.file.kv, "KV", binding, "KV binding")?;
     let op = Op::parse("kv", op, key)?;
     let store = match crate::db::open(&config.data_dir) {
-        Ok(db) => KvStore::new(db),
+        Ok(db) => crate::serve::stores::open(config, &db, false).map_err(failed)?.kv,
         Err(crate::db::OpenError::InUse) => return via_admin(config, "kv", binding, op, || input(value, true, "kv")),
         Err(e) => return Err(failed(e)),
     };
@@ -134,35 +133,29 @@ pub fn blob(
     check_binding(&config.file.blob, "BUCKET", bucket, "bucket")?;
     let op = Op::parse("blob", op, key)?;
     let store = match crate::db::open(&config.data_dir) {
-        Ok(db) => BlobStore::new(db, &config.data_dir),
+        Ok(db) => crate::serve::stores::open(config, &db, false).map_err(failed)?.blob,
         Err(crate::db::OpenError::InUse) => {
             return via_admin(config, "blob", bucket, op, || input(file, false, "blob"));
         }
         Err(e) => return Err(failed(e)),
     };
-    match op {
-        Op::Get(k) => match store.get_bytes(bucket, k).map_err(failed)? {
-            Some(b) => write_out(&b),
-            None => Err(failed(format!("no object {k:?} in {bucket}"))),
-        },
-        Op::Put(k) => store.put_bytes(bucket, k, &input(file, false, "blob")?).map(|_| ()).map_err(failed),
-        Op::Delete(k) => store.delete(bucket, &[k.to_string()]).map_err(failed),
-        Op::List(prefix) => {
-            let mut cursor: Option<String> = None;
-            loop {
-                let l = store
-                    .list(bucket, prefix, crate::bindings::blob::MAX_LIST, cursor.as_deref(), None)
-                    .map_err(failed)?;
-                for o in &l.objects {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(failed)?;
+    rt.block_on(async {
+        match op {
+            Op::Get(k) => match store.get_bytes(bucket, k).await.map_err(failed)? {
+                Some(b) => write_out(&b),
+                None => Err(failed(format!("no object {k:?} in {bucket}"))),
+            },
+            Op::Put(k) => store.put_bytes(bucket, k, input(file, false, "blob")?).await.map(|_| ()).map_err(failed),
+            Op::Delete(k) => store.of(bucket).delete(bucket, &[k.to_string()]).await.map_err(failed),
+            Op::List(prefix) => {
+                for o in store.list_all(bucket, prefix).await.map_err(failed)? {
                     println!("{}", o.key);
                 }
-                if !l.truncated {
-                    return Ok(());
-                }
-                cursor = l.cursor;
+                Ok(())
             }
         }
-    }
+    })
 }
 
 /// The same operation through the running moat's admin API (`/v1/kv/…` or `/v1/blob/…`).

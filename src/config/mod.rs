@@ -12,7 +12,7 @@ use serde::Deserialize;
 pub use crate::units::{parse_duration, parse_size, size_arg};
 pub use limits::Limits;
 pub(crate) use stores::BindingOptions;
-pub use stores::{Backend, Stores};
+pub use stores::{Backend, S3Options, Stores};
 
 use crate::identity::ContainerId;
 

@@ -11,6 +11,31 @@ use serde::Deserialize;
 pub(crate) struct BindingOptions {
     pub backend: Option<String>,
     pub url_env: Option<String>,
+    /// `backend = "s3"`: the bucket's name at the service.
+    pub bucket: Option<String>,
+    /// `backend = "s3"`: the service's URL (default: AWS S3 of `region`).
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// Variables holding the access key id and the secret key (default: `AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY`).
+    pub access_key_env: Option<String>,
+    pub secret_key_env: Option<String>,
+}
+
+/// An S3-compatible bucket, with its credentials read (never shown).
+#[derive(Clone)]
+pub struct S3Options {
+    pub bucket: String,
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub access_key: String,
+    pub secret_key: String,
+}
+
+impl std::fmt::Debug for S3Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "S3Options {{ bucket: {:?}, endpoint: {:?}, region: {:?} }}", self.bucket, self.endpoint, self.region)
+    }
 }
 
 /// `[cluster]` as written.
@@ -48,6 +73,8 @@ impl std::fmt::Debug for Backend {
 pub struct Stores {
     /// KV binding → backend (absent: [`Backend::Local`]).
     pub kv: BTreeMap<String, Backend>,
+    /// Bucket binding → its S3-compatible service (absent: moat's blob folder).
+    pub blob: BTreeMap<String, S3Options>,
     /// Overrides and ctx.storage.
     pub cluster: Option<Backend>,
     /// This node's name.
@@ -93,14 +120,8 @@ pub(crate) fn resolve(
         stores.kv.insert(name.clone(), backend(&format!("kv.{name}"), o, &["redb", "postgres"])?);
     }
     for (name, o) in blob {
-        match (o.backend.as_deref(), &o.url_env) {
-            (None | Some("local"), None) => {}
-            (None | Some("local"), Some(_)) => return Err(format!("blob.{name}.url_env: a local bucket takes no URL")),
-            (Some(other), _) => {
-                return Err(format!(
-                    "blob.{name}.backend {other:?}: buckets are kept in moat's blob folder (\"local\"); no shared bucket backend is built yet"
-                ));
-            }
+        if let Some(s3) = bucket(name, o)? {
+            stores.blob.insert(name.clone(), s3);
         }
     }
     if let Some(c) = cluster {
@@ -117,6 +138,47 @@ pub(crate) fn resolve(
     }
     stores.node = cluster.and_then(|c| c.node.clone()).unwrap_or_else(host_name);
     Ok(stores)
+}
+
+/// A bucket's backend: `None` for moat's blob folder.
+fn bucket(name: &str, o: &BindingOptions) -> Result<Option<S3Options>, String> {
+    let what = format!("blob.{name}");
+    let s3_only = [("bucket", o.bucket.is_some()), ("endpoint", o.endpoint.is_some()), ("region", o.region.is_some())];
+    let s3_only = s3_only
+        .into_iter()
+        .chain([("access_key_env", o.access_key_env.is_some()), ("secret_key_env", o.secret_key_env.is_some())]);
+    if o.url_env.is_some() {
+        return Err(format!("{what}.url_env: a bucket takes no URL (backend = \"s3\" takes endpoint, bucket, region)"));
+    }
+    match o.backend.as_deref() {
+        None | Some("local") => match s3_only.into_iter().find(|(_, set)| *set) {
+            Some((key, _)) => Err(format!("{what}.{key}: only backend = \"s3\" takes it")),
+            None => Ok(None),
+        },
+        Some("s3") if cfg!(feature = "s3") => {
+            let bucket = o.bucket.clone().ok_or_else(|| format!("{what}: backend \"s3\" needs bucket = \"NAME\""))?;
+            let var = |given: &Option<String>, default: &str| -> Result<String, String> {
+                let var = given.as_deref().unwrap_or(default);
+                std::env::var(var).map_err(|_| {
+                    format!("{what}: environment variable {var} is not set (export the bucket's credentials before moat starts)")
+                })
+            };
+            let access_key = var(&o.access_key_env, "AWS_ACCESS_KEY_ID")?;
+            let secret_key = var(&o.secret_key_env, "AWS_SECRET_ACCESS_KEY")?;
+            if let Some(e) = &o.endpoint {
+                url::Url::parse(e)
+                    .ok()
+                    .filter(|u| matches!(u.scheme(), "http" | "https"))
+                    .ok_or_else(|| format!("{what}.endpoint {e:?}: write http(s)://HOST[:PORT]"))?;
+            }
+            let region = o.region.clone().unwrap_or_else(|| "us-east-1".into());
+            Ok(Some(S3Options { bucket, endpoint: o.endpoint.clone(), region, access_key, secret_key }))
+        }
+        Some(other) => {
+            let known = if cfg!(feature = "s3") { "local, s3" } else { "local (this moat was built without s3)" };
+            Err(format!("{what}.backend {other:?} is not one moat knows: use one of {known}"))
+        }
+    }
 }
 
 /// The machine's host name (the default node name).

@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 mod attach;
 mod attached;
 mod containers;
-mod stores;
+pub(crate) mod stores;
 
 pub(crate) use attached::{Attached, Running, Serving, hidden_from_sandboxes};
 pub(crate) use containers::log_path as container_log;
@@ -47,14 +47,14 @@ pub(crate) fn run_with(config: Config, attached: Option<Attached>) -> anyhow::Re
         }
         other => anyhow::anyhow!("{other}"),
     })?;
-    let (kv, overrides) = stores::open(&config, &db)?;
+    let stores::Stores { kv, blob, overrides } = stores::open(&config, &db, true)?;
     // Held with the database: a `moat run` beside this moat hands its sandbox here.
     let attach_listener = attach::bind(&config.data_dir).map_err(|e| {
         anyhow::anyhow!("cannot listen on {}: {e}", config.data_dir.join(crate::sandbox::attach::SOCKET).display())
     })?;
     let mut bindings = bindings;
     bindings.attach_kv(kv.clone());
-    bindings.attach_blob(Arc::new(crate::bindings::blob::BlobStore::new(db.clone(), &config.data_dir)));
+    bindings.attach_blob(blob);
     std::thread::Builder::new().name("moat-kv-expiry".into()).spawn(move || {
         loop {
             std::thread::sleep(std::time::Duration::from_secs(60));

@@ -1,17 +1,27 @@
-//! The stores `[kv]` and `[cluster]` ask for: moat's redb file by default, a shared
-//! PostgreSQL database per URL otherwise (each URL is opened once, whatever uses it).
+//! The stores `[kv]`, `[blob]` and `[cluster]` ask for: moat's redb file and blob folder by
+//! default; a shared PostgreSQL database per URL (each URL opened once, whatever uses it);
+//! an S3-compatible service per bucket that names one.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::bindings::blob::{BlobBackend, BlobStore, local::LocalBlobs};
 use crate::bindings::kv::{KvBackend, KvStore, kv_table, postgres::PgKv, redb::RedbKv};
 use crate::config::{Backend, Config};
 use crate::db::overrides::PgOverrides;
 use crate::db::pg::Pg;
 use crate::proxy::overrides::OverrideStore;
 
-/// The KV store and the override store, each watching its shared database if it has one.
-pub(super) fn open(config: &Config, db: &Arc<redb::Database>) -> anyhow::Result<(Arc<KvStore>, Arc<OverrideStore>)> {
+/// Every store of a config, open.
+pub(crate) struct Stores {
+    pub kv: Arc<KvStore>,
+    pub blob: Arc<BlobStore>,
+    pub overrides: Arc<OverrideStore>,
+}
+
+/// Opens every store. With `watch` (a serving moat), the KV cache and the overrides follow
+/// the changes other nodes make to a shared database.
+pub(crate) fn open(config: &Config, db: &Arc<redb::Database>, watch: bool) -> anyhow::Result<Stores> {
     let mut databases: HashMap<String, Arc<Pg>> = HashMap::new();
     let mut database = |url: &str, url_env: &str| -> anyhow::Result<Arc<Pg>> {
         if let Some(pg) = databases.get(url) {
@@ -41,8 +51,26 @@ pub(super) fn open(config: &Config, db: &Arc<redb::Database>) -> anyhow::Result<
         _ => (local.clone(), OverrideStore::open(db.clone(), &config.data_dir)?),
     };
     let kv = Arc::new(KvStore::with_backends(local, routes, storage));
-    kv.watch();
     let overrides = Arc::new(overrides);
-    overrides.watch()?;
-    Ok((kv, overrides))
+    if watch {
+        kv.watch();
+        overrides.watch()?;
+    }
+    Ok(Stores { kv, blob: Arc::new(blob_store(config, db)?), overrides })
+}
+
+/// The buckets: moat's blob folder, but for those that name an S3-compatible service.
+fn blob_store(config: &Config, db: &Arc<redb::Database>) -> anyhow::Result<BlobStore> {
+    let local: Arc<dyn BlobBackend> = Arc::new(LocalBlobs::new(db.clone(), &config.data_dir));
+    #[allow(unused_mut)]
+    let mut routes: HashMap<String, Arc<dyn BlobBackend>> = HashMap::new();
+    #[cfg(feature = "s3")]
+    for (name, s3) in &config.stores.blob {
+        for (what, secret) in [("access key", &s3.access_key), ("secret key", &s3.secret_key)] {
+            crate::log::add_own_secret(format!("blob.{name} {what}"), secret.clone());
+        }
+        let backend = crate::bindings::blob::s3::S3Blobs::open(s3).map_err(|e| anyhow::anyhow!("blob.{name}: {e}"))?;
+        routes.insert(name.clone(), Arc::new(backend));
+    }
+    Ok(BlobStore::with_backends(local, routes))
 }

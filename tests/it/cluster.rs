@@ -25,6 +25,16 @@ outboundByHost = {
     return Response.new(ctx.storage:get(key) or "none")
   end,
   ["a.test"] = function() return Response.new("class") end,
+  ["blob.test"] = function(request, env, ctx)
+    local key = URL.new(request.url).pathname:sub(2)
+    if request.method == "PUT" then
+      local o = env.BUCKET:put(key, request.body, { customMetadata = { via = request.headers:get("x-node") } })
+      return Response.new(tostring(o.size))
+    end
+    local o = env.BUCKET:get(key)
+    if o == nil then return Response.new("missing", { status = 404 }) end
+    return Response.new(o.body, { headers = { ["x-via"] = o.customMetadata.via } })
+  end,
 }
 outboundHandlers = {
   other = function() return Response.new("override") end,
@@ -45,6 +55,33 @@ store = {{ backend = "postgres", url_env = "MOAT_PG_URL" }}
 
 fn node(name: &str, url: &str) -> Moat {
     Moat::policy(POLICY).config(&config(name)).env("MOAT_PG_URL", url).start()
+}
+
+/// A node whose bucket is on the S3-compatible server at `endpoint`.
+fn s3_node(name: &str, url: &str, endpoint: &str) -> Moat {
+    let toml = format!(
+        "{}[blob]\nBUCKET = {{ backend = \"s3\", bucket = \"shared\", endpoint = \"{endpoint}\", access_key_env = \"S3_KEY\", secret_key_env = \"S3_SECRET\" }}\n",
+        config(name)
+    );
+    Moat::policy(POLICY)
+        .config(&toml)
+        .env("MOAT_PG_URL", url)
+        .env("S3_KEY", S3_ACCESS_KEY)
+        .env("S3_SECRET", S3_SECRET_KEY)
+        .start()
+}
+
+/// curl through `moat` for a large transfer: uploads `upload` (PUT) or saves the answer to
+/// `save`; returns the status.
+fn transfer(moat: &Moat, url: &str, upload: Option<&std::path::Path>, save: &std::path::Path) -> String {
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-sS", "--max-time", "120", "--noproxy", "", "-x", &moat.proxy_url(), "-U", "agent-1:x"]);
+    cmd.args(["-H", &format!("x-node: {}", moat.addr), "-w", "%{http_code}", "-o"]).arg(save);
+    if let Some(file) = upload {
+        cmd.arg("-T").arg(file);
+    }
+    let out = cmd.arg(url).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn put(moat: &Moat, url: &str, body: &str) -> CurlOut {
@@ -101,6 +138,43 @@ fn two_nodes_share_kv_ctx_storage_and_overrides() {
     assert!(status.contains(r#""node":"node-a""#), "{status}");
     let (_, metrics) = admin(&socket_b, "GET", "/metrics", None);
     assert!(metrics.contains(r#"moat_node_info{node="node-b"} 1"#), "{metrics}");
+}
+
+#[test]
+fn a_blob_uploaded_through_one_node_streams_from_another_without_buffering() {
+    let Some(pg) = shared_pg() else { return };
+    let Some(s3) = S3Server::start() else { return };
+    s3.create_bucket("shared");
+    let url = pg.fresh_database();
+    let (a, b) = (s3_node("node-a", &url, &s3.endpoint()), s3_node("node-b", &url, &s3.endpoint()));
+    let dir = tempfile::tempdir().unwrap();
+    let (file, back) = (dir.path().join("100MiB.bin"), dir.path().join("back.bin"));
+    let data: Vec<u8> = (0..(100u32 << 20)).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    std::fs::write(&file, &data).unwrap();
+    drop(data);
+    let answer = dir.path().join("answer.txt");
+    assert_eq!(transfer(&a, "http://blob.test/big", Some(&file), &answer), "200");
+    assert_eq!(std::fs::read_to_string(&answer).unwrap(), (100u64 << 20).to_string());
+    assert_eq!(transfer(&b, "http://blob.test/big", None, &back), "200");
+    let same = std::process::Command::new("cmp").arg("-s").arg(&file).arg(&back).status().unwrap();
+    assert!(same.success(), "the object B streamed differs from what A received");
+    // Neither node held the object: each one's peak resident memory stays far below 100 MiB.
+    for (name, n) in [("A", &a), ("B", &b)] {
+        let peak = memory_kib(n.pid(), "VmHWM");
+        eprintln!("node {name}: peak RSS {} MiB", peak / 1024);
+        assert!(peak < 90 << 10, "node {name} peaked at {peak} KiB: did it buffer the object?");
+    }
+    // Metadata set through A is seen through B.
+    let r = curl(&b, "http://blob.test/big", &["-U", "agent-1:x", "-r", "0-3"]);
+    assert_eq!(r.headers.get("x-via").map(String::as_str), Some(a.addr.to_string().as_str()));
+    drop(s3);
+    // The bucket's service gone: a clear 503 within seconds, never a hang.
+    let t = Instant::now();
+    let r = get(&a, "http://blob.test/big");
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.starts_with("moat: blob storage failed: s3 bucket shared at http://127.0.0.1:"), "{}", r.body);
+    assert!(t.elapsed() < Duration::from_secs(12), "answered after {:?}", t.elapsed());
+    assert!(!a.logs().contains(S3_SECRET_KEY), "the bucket's secret key leaked into the log");
 }
 
 #[test]

@@ -5,6 +5,7 @@ mod harness;
 mod auth;
 mod authoring;
 mod bindings;
+mod blob_stores;
 mod blobs;
 mod cli;
 mod cluster;

@@ -1,20 +1,13 @@
 //! A blob bucket as Lua sees it (`env.BUCKET`): the R2 API in Lua idiom. Bodies stream to and
-//! from disk; nothing is buffered unless a script calls `:text()`/`:json()`/`:bytes()`.
+//! from the backend; nothing is buffered unless a script calls `:text()`/`:json()`/`:bytes()`.
 
-use std::io::SeekFrom;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
-use http_body::{Frame, SizeHint};
-use http_body_util::BodyExt;
+use bytes::Bytes;
 use mlua::{Lua, LuaSerdeExt, Result, Table, UserData, UserDataFields, UserDataMethods, Value};
-use tokio::io::{AsyncRead, AsyncSeekExt, AsyncWriteExt, ReadBuf};
 
 use super::body::{BodyHandle, BodySlot, SharedBody};
-use crate::bindings::blob::{BlobError, BlobStore, MAX_LIST, ObjectMeta, validate_key};
-use crate::body::BoxError;
+use crate::bindings::blob::{BlobError, BlobStore, ListQuery, MAX_LIST, ObjectMeta, PutMeta, validate_key};
 
 /// One bucket.
 #[derive(Clone)]
@@ -29,17 +22,15 @@ pub struct LuaObject {
     body: Option<SharedBody>,
 }
 
+/// A storage failure travels as [`super::kv::StoreUnavailable`] (uncaught, moat answers
+/// 503); a mistake of the script's is a plain error.
 fn lua_err(e: BlobError) -> mlua::Error {
-    mlua::Error::runtime(e.to_string())
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> std::result::Result<T, BlobError> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| mlua::Error::runtime(format!("blob task failed: {e}")))?
-        .map_err(lua_err)
+    match e {
+        BlobError::Storage(m) => {
+            mlua::Error::external(super::kv::StoreUnavailable(format!("blob storage failed: {m}")))
+        }
+        other => mlua::Error::runtime(other.to_string()),
+    }
 }
 
 impl UserData for LuaObject {
@@ -68,7 +59,8 @@ impl UserData for LuaBucket {
         m.add_async_method("head", |_, this, key: String| {
             let b = this.clone();
             async move {
-                let meta = blocking(move || b.store.head(&b.bucket, &key)).await?;
+                validate_key(&key).map_err(lua_err)?;
+                let meta = b.store.of(&b.bucket).head(&b.bucket, &key).await.map_err(lua_err)?;
                 Ok(meta.map(|meta| LuaObject { meta, body: None }))
             }
         });
@@ -84,14 +76,19 @@ impl UserData for LuaBucket {
                 };
                 Ok(Some((field("offset")?.unwrap_or(0), field("length")?)))
             })();
-            async move { get(b, key, range?).await }
+            async move {
+                let range = range?;
+                validate_key(&key).map_err(lua_err)?;
+                let found = b.store.of(&b.bucket).get(&b.bucket, &key, range).await.map_err(lua_err)?;
+                Ok(found.map(|(meta, body)| LuaObject { meta, body: Some(SharedBody::new(BodySlot::Stream(body))) }))
+            }
         });
         m.add_async_method("put", |lua, this, (key, value, opts): (String, Value, Option<Table>)| {
             let b = this.clone();
             let prepared = prepare_put(&lua, &key, value, opts);
             async move {
-                let (body, http_metadata, custom_metadata) = prepared?;
-                let meta = put(&b, key, body, http_metadata, custom_metadata).await?;
+                let (body, meta) = prepared?;
+                let meta = b.store.of(&b.bucket).put(&b.bucket, &key, body, meta).await.map_err(lua_err)?;
                 Ok(LuaObject { meta, body: None })
             }
         });
@@ -104,13 +101,8 @@ impl UserData for LuaBucket {
             };
             async move {
                 let keys = keys?;
-                let store = b.store.clone();
-                let bucket = b.bucket.clone();
-                let removed = blocking(move || store.remove(&bucket, &keys)).await?;
-                for m in removed {
-                    let _ = tokio::fs::remove_file(b.store.bucket_dir(&b.bucket).join(&m.file)).await;
-                }
-                Ok(())
+                keys.iter().try_for_each(|k| validate_key(k)).map_err(lua_err)?;
+                b.store.of(&b.bucket).delete(&b.bucket, &keys).await.map_err(lua_err)
             }
         });
         m.add_async_method("list", |lua, this, opts: Option<Table>| {
@@ -126,9 +118,8 @@ impl UserData for LuaBucket {
             })();
             async move {
                 let (prefix, limit, cursor, delimiter) = args?;
-                let l =
-                    blocking(move || b.store.list(&b.bucket, &prefix, limit, cursor.as_deref(), delimiter.as_deref()))
-                        .await?;
+                let query = ListQuery { prefix, limit: limit.clamp(1, MAX_LIST), cursor, delimiter };
+                let l = b.store.of(&b.bucket).list(&b.bucket, &query).await.map_err(lua_err)?;
                 let objects = lua.create_table()?;
                 for (i, meta) in l.objects.into_iter().enumerate() {
                     objects.raw_set(i + 1, LuaObject { meta, body: None })?;
@@ -144,8 +135,7 @@ impl UserData for LuaBucket {
     }
 }
 
-type PutArgs =
-    (crate::body::Body, serde_json::Map<String, serde_json::Value>, serde_json::Map<String, serde_json::Value>);
+type PutArgs = (crate::body::Body, PutMeta);
 
 fn prepare_put(lua: &Lua, key: &str, value: Value, opts: Option<Table>) -> Result<PutArgs> {
     validate_key(key).map_err(lua_err)?;
@@ -165,148 +155,11 @@ fn prepare_put(lua: &Lua, key: &str, value: Value, opts: Option<Table>) -> Resul
             v => lua.from_value(v),
         }
     };
-    let (http, custom) = match opts {
-        Some(o) => (map(o.get("httpMetadata")?)?, map(o.get("customMetadata")?)?),
-        None => Default::default(),
+    let meta = match opts {
+        Some(o) => {
+            PutMeta { http_metadata: map(o.get("httpMetadata")?)?, custom_metadata: map(o.get("customMetadata")?)? }
+        }
+        None => PutMeta::default(),
     };
-    Ok((body, http, custom))
-}
-
-/// An upload's temporary file, removed unless the upload completed: a handler call cancelled
-/// mid-upload (its timeout, the client gone) must not leave it behind.
-struct Unfinished(Option<std::path::PathBuf>);
-
-impl Drop for Unfinished {
-    fn drop(&mut self) {
-        if let Some(path) = self.0.take() {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-}
-
-async fn put(
-    b: &LuaBucket,
-    key: String,
-    mut body: crate::body::Body,
-    http_metadata: serde_json::Map<String, serde_json::Value>,
-    custom_metadata: serde_json::Map<String, serde_json::Value>,
-) -> Result<ObjectMeta> {
-    let io = |e: std::io::Error| mlua::Error::runtime(format!("blob put {key:?}: {e}"));
-    let dir = b.store.bucket_dir(&b.bucket);
-    tokio::fs::create_dir_all(&dir).await.map_err(io)?;
-    let (file, tmp) = crate::bindings::blob::new_file_names(&key);
-    let tmp = dir.join(tmp);
-    let mut out = tokio::fs::File::create(&tmp).await.map_err(io)?;
-    let mut unfinished = Unfinished(Some(tmp.clone()));
-    let mut hash = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-    let mut size = 0u64;
-    let written: std::result::Result<(), String> = async {
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| e.to_string())?;
-            if let Ok(data) = frame.into_data() {
-                hash.update(&data);
-                size += data.len() as u64;
-                out.write_all(&data).await.map_err(|e| e.to_string())?;
-            }
-        }
-        out.sync_all().await.map_err(|e| e.to_string())
-    }
-    .await;
-    if let Err(e) = written {
-        let _ = tokio::fs::remove_file(&tmp).await;
-        return Err(mlua::Error::runtime(format!("blob put {key:?}: {e}")));
-    }
-    drop(out);
-    tokio::fs::rename(&tmp, dir.join(&file)).await.map_err(io)?;
-    unfinished.0 = None;
-    let meta = ObjectMeta {
-        key,
-        size,
-        etag: crate::bindings::blob::etag(hash.finish().as_ref()),
-        uploaded: crate::bindings::blob::now_millis(),
-        http_metadata,
-        custom_metadata,
-        file,
-    };
-    let (store, bucket, m) = (b.store.clone(), b.bucket.clone(), meta.clone());
-    let old = blocking(move || store.commit(&bucket, &m)).await?;
-    if let Some(old) = old {
-        let _ = tokio::fs::remove_file(dir.join(old.file)).await;
-    }
-    Ok(meta)
-}
-
-async fn get(b: LuaBucket, key: String, range: Option<(u64, Option<u64>)>) -> Result<Option<LuaObject>> {
-    // The metadata names the file of the current version; if a concurrent put replaced and
-    // removed it between the two steps, read the metadata again.
-    for _ in 0..3 {
-        let (store, bucket, k) = (b.store.clone(), b.bucket.clone(), key.clone());
-        let Some(meta) = blocking(move || store.head(&bucket, &k)).await? else { return Ok(None) };
-        let path = b.store.bucket_dir(&b.bucket).join(&meta.file);
-        let mut file = match tokio::fs::File::open(&path).await {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(mlua::Error::runtime(format!("blob get {key:?}: {e}"))),
-        };
-        let (offset, length) = match range {
-            None => (0, meta.size),
-            Some((off, len)) => {
-                let off = off.min(meta.size);
-                (off, len.unwrap_or(meta.size - off).min(meta.size - off))
-            }
-        };
-        if offset > 0 {
-            file.seek(SeekFrom::Start(offset)).await.map_err(|e| mlua::Error::runtime(e.to_string()))?;
-        }
-        let body = FileBody { file, remaining: length, buf: BytesMut::new() };
-        let body = SharedBody::new(BodySlot::Stream(crate::body::boxed(body)));
-        return Ok(Some(LuaObject { meta, body: Some(body) }));
-    }
-    Err(mlua::Error::runtime(format!("blob get {key:?}: the object kept changing; try again")))
-}
-
-/// Streams `remaining` bytes of a file in 64 KiB chunks.
-struct FileBody {
-    file: tokio::fs::File,
-    remaining: u64,
-    buf: BytesMut,
-}
-
-impl http_body::Body for FileBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<std::result::Result<Frame<Bytes>, BoxError>>> {
-        if self.remaining == 0 {
-            return Poll::Ready(None);
-        }
-        let want = self.remaining.min(64 * 1024) as usize;
-        let this = &mut *self;
-        this.buf.resize(want, 0);
-        let mut rb = ReadBuf::new(&mut this.buf[..want]);
-        match Pin::new(&mut this.file).poll_read(cx, &mut rb) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(Ok(())) => {
-                let n = rb.filled().len();
-                if n == 0 {
-                    return Poll::Ready(Some(Err("blob file ended early".into())));
-                }
-                this.remaining -= n as u64;
-                let chunk = this.buf.split_to(n).freeze();
-                Poll::Ready(Some(Ok(Frame::data(chunk))))
-            }
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.remaining)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.remaining == 0
-    }
+    Ok((body, meta))
 }

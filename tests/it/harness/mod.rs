@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 mod postgres;
+mod s3;
+pub use s3::*;
 mod upstreams;
 pub use postgres::*;
 pub use upstreams::*;
