@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # moat benchmark: direct vs through moat, on loopback only, bounded in time.
-#   bash bench/run.sh            (SECS=10 CONNS=32 by default; ONLY=https|sandbox runs that part)
+#   bash bench/run.sh            (SECS=10 CONNS=32 by default; ONLY=https|sandbox|peer|shared runs that part)
 # Prints requests/s, p50/p99 latency, the ratio of each path to direct, the p99 added at a
 # fixed 2,000 req/s, moat's RSS (with 1,000 idle keep-alive connections, and peak), and for
 # HTTPS: intercepted handler vs direct TLS, and the cost of a new host's first request.
@@ -15,7 +15,12 @@ cargo build --release --quiet --bin moat --example bench-upstream --example benc
 BIN=target/release
 work=$(mktemp -d)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  # The shared-store part's PostgreSQL (its postmaster, whoever started it).
+  [ -f "$work/pg/postmaster.pid" ] && kill -INT "$(head -1 "$work/pg/postmaster.pid")" 2>/dev/null && sleep 1
+  rm -rf "$work"
+}
 trap cleanup EXIT
 ulimit -n 65536 2>/dev/null || true
 
@@ -54,6 +59,10 @@ outboundByHost = {
     local key = URL.new(request.url).pathname:sub(2)
     if request.method == "PUT" then env.KV:put(key, request:text()) return Response.new("ok") end
     return Response.new(env.KV:get(key))
+  end,
+  -- A read that goes to the store every time (a list is never answered from moat's cache).
+  ["list.kv"] = function(request, env)
+    return Response.new(env.KV:list({ prefix = "greet", limit = 1 }).keys[1].name)
   end,
 }
 LUA
@@ -286,6 +295,57 @@ instructions_part() {
     printf 'moat %-8s %s instructions per request\n' "$path" "$total"
   done
 }
+# KV-reading handlers with the namespace in moat's redb file and in a shared PostgreSQL
+# database (a second moat, [kv] KV = { backend = "postgres" }), in one run: a hot key's get
+# (answered from moat's cache on both, which a shared database keeps exact through its
+# notifications), and a list (a store round trip on every request).
+shared_part() {
+  local bin; bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort | tail -1)
+  [ -n "$bin" ] || { echo "== shared store: skipped (no PostgreSQL server; apt-get install postgresql)"; return; }
+  local as=(); [ "$(id -u)" = 0 ] && as=(runuser -u postgres --)
+  mkdir -p "$work/pg"; echo bench-pg-pass > "$work/pgpw"
+  [ "$(id -u)" = 0 ] && chown -R postgres "$work/pg" "$work/pgpw" && chmod 755 "$work"
+  "${as[@]}" "$bin/initdb" -D "$work/pg" -U moat --auth=scram-sha-256 --pwfile="$work/pgpw" --no-sync > /dev/null
+  "${as[@]}" "$bin/postgres" -D "$work/pg" -p 15432 -k "$work/pg" -c listen_addresses=127.0.0.1 > "$work/pg.log" 2>&1 &
+  for _ in $(seq 100); do PGPASSWORD=bench-pg-pass psql -h 127.0.0.1 -p 15432 -U moat -d postgres -c 'select 1' > /dev/null 2>&1 && break; sleep 0.1; done
+  cat > "$work/moat-pg.toml" <<TOML
+data_dir = "$work/data-pg"
+[kv]
+KV = { backend = "postgres", url_env = "BENCH_PG_URL" }
+[[class]]
+name = "kv"
+policy = "$work/kv.lua"
+listen = "127.0.0.1:13133"
+TOML
+  BENCH_PG_URL=postgres://moat:bench-pg-pass@127.0.0.1:15432/postgres MOAT_NO_DNS=1 RUST_LOG=warn \
+    MOAT_WORKERS=${MOAT_WORKERS:-} "$BIN/moat" serve --config "$work/moat-pg.toml" > /dev/null 2> "$work/moat-pg.log" &
+  local pgmoat=$!
+  pids+=($pgmoat)
+  sleep 1
+  for port in 13130 13133; do
+    curl -s --noproxy '' -x "http://127.0.0.1:$port" -X PUT --data 'hello, moat!' http://my.kv/greeting > /dev/null
+  done
+  echo "== KV-reading handler, namespace in redb vs in PostgreSQL: $CONNS connections, ${SECS}s per run, $ROUNDS rounds"
+  local r
+  for f in redb-get pg-get redb-list pg-list; do : > "$work/$f"; done
+  for r in $(seq "$ROUNDS"); do
+    run_cpu "$MOAT" 127.0.0.1:13130 "http://my.kv/greeting" "$CONNS" "$SECS" >> "$work/redb-get"
+    run_cpu "$pgmoat" 127.0.0.1:13133 "http://my.kv/greeting" "$CONNS" "$SECS" >> "$work/pg-get"
+    run_cpu "$MOAT" 127.0.0.1:13130 "http://list.kv/" "$CONNS" "$SECS" >> "$work/redb-list"
+    run_cpu "$pgmoat" 127.0.0.1:13133 "http://list.kv/" "$CONNS" "$SECS" >> "$work/pg-list"
+  done
+  for f in redb-get pg-get redb-list pg-list; do
+    local line; line=$(grep "rps=$(median_rps "$work/$f")" "$work/$f" | head -1)
+    printf '%-10s rps=%-7s p50_us=%-6s p99_us=%-6s proxy_cpu_us=%s\n' "$f" "$(echo "$line" | field rps)" \
+      "$(echo "$line" | field p50_us)" "$(echo "$line" | field p99_us)" "$(echo "$line" | field proxy_cpu_us)"
+  done
+  echo "   (proxy_cpu_us: moat's own CPU; PostgreSQL's is not in it)"
+}
+
+if [ "${ONLY:-}" = shared ]; then
+  shared_part
+  exit 0
+fi
 if [ "${ONLY:-}" = peer ]; then
   peer_part
   exit 0
@@ -413,3 +473,4 @@ sandbox_part
 https_part
 echo "moat peak RSS (whole run): $(awk '/VmHWM/ {print $2, $3}' /proc/$MOAT/status)"
 peer_part
+shared_part

@@ -181,31 +181,53 @@ fn a_blob_uploaded_through_one_node_streams_from_another_without_buffering() {
 fn a_store_that_dies_gives_503_with_its_reason_and_traffic_recovers_without_a_restart() {
     let Some(mut pg) = PgServer::start() else { return };
     let url = pg.fresh_database();
-    let a = node("node-a", &url);
+    let a = std::sync::Arc::new(node("node-a", &url));
     assert_eq!(put(&a, "http://kv.test/k", "v").body, "stored");
+    // Load all along: writes, and reads of keys never cached, each timed.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (a, stop) = (a.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for i in 0.. {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                let t = Instant::now();
+                let r = if i % 2 == 0 {
+                    put(&a, &format!("http://kv.test/w{i}"), "x")
+                } else {
+                    get(&a, &format!("http://kv.test/r{i}"))
+                };
+                seen.push((r.status, r.body, t.elapsed()));
+            }
+            seen
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
     pg.kill();
-    // Reads of a key not cached and writes both need the store: each gets 503 with the
-    // reason, within the store's deadline, never a hang.
-    for (what, r) in [("get", get(&a, "http://kv.test/uncached")), ("put", put(&a, "http://kv.test/k2", "x"))] {
-        assert_eq!(r.status, 503, "{what}: {}", r.body);
-        assert!(r.body.starts_with("moat: KV storage failed: postgres 127.0.0.1:"), "{what}: {}", r.body);
-        assert_eq!(r.body.lines().count(), 1, "{what}: one line: {}", r.body);
-    }
-    let t = Instant::now();
-    let r = get(&a, "http://kv.test/another");
-    assert_eq!(r.status, 503);
-    assert!(t.elapsed() < Duration::from_secs(6), "answered after {:?}", t.elapsed());
+    std::thread::sleep(Duration::from_secs(4));
     pg.run();
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = put(&a, "http://kv.test/k2", "back");
-        if r.status == 200 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no recovery: {} {}", r.status, r.body);
+    while put(&a, "http://kv.test/after", "back").status != 200 {
+        assert!(Instant::now() < deadline, "no recovery 10 s after the database returned");
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(get(&a, "http://kv.test/k2").body, "back");
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let seen = load.join().unwrap();
+    let failed: Vec<_> = seen.iter().filter(|(status, _, _)| *status == 503).collect();
+    assert!(!failed.is_empty(), "no request saw the store down");
+    for (status, body, took) in &seen {
+        assert!([200, 404, 503].contains(status), "{status} {body}");
+        assert!(*took < Duration::from_secs(6), "a request took {took:?}: {status} {body}");
+    }
+    for (_, body, _) in failed {
+        assert!(body.starts_with("moat: KV storage failed: postgres 127.0.0.1:"), "{body}");
+        assert_eq!(body.trim_end().lines().count(), 1, "one line: {body}");
+    }
+    assert!(matches!(seen.last().map(|s| s.0), Some(200 | 404)), "traffic did not recover: {:?}", seen.last());
+    assert_eq!(get(&a, "http://kv.test/after").body, "back");
     assert_eq!(get(&a, "http://kv.test/k").body, "v");
     let logs = a.logs();
     assert!(!logs.contains(PG_PASSWORD), "the database password leaked into the log:\n{logs}");

@@ -80,8 +80,13 @@ fn run(dir: &Path, args: &[&str], env: &[(String, String)]) -> (i32, String) {
 fn check_toml(dir: &Path, b: &Block, ca: &TestCa) {
     let mut text = b.text.clone();
     let mut env = Vec::new();
-    for var in values_of(&text, "env").into_iter().chain(values_of(&text, "token_env")) {
+    let credentials = ["env", "token_env", "access_key_env", "secret_key_env"];
+    for var in credentials.iter().flat_map(|key| values_of(&text, key)) {
         env.push((var, "a-value-of-sixteen-chars-or-more".to_string()));
+    }
+    // A database URL is checked for its form (moat check does not connect).
+    for var in values_of(&text, "url_env") {
+        env.push((var, "postgres://moat:a-password@db.internal:5432/moat".to_string()));
     }
     for file in values_of(&text, "file").into_iter().chain(values_of(&text, "token_file")) {
         let local = dir.join(file.trim_start_matches('/').replace('/', "_"));
