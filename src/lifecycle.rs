@@ -87,6 +87,9 @@ pub struct Status {
     /// Its limit of processes and threads, if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids: Option<u32>,
+    /// The node it runs on, when nodes share one registry (`[cluster] store`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// Why a lifecycle request changed nothing; the message is one line for the user.

@@ -78,8 +78,13 @@ pub fn start(config: &Config, options: StartOptions, cmd: &[String]) -> Result<(
 pub fn ps(config: &Config) -> Result<(), CommandError> {
     let v = call(config, "GET", "/v1/containers", None)?;
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{:<20} {:<12} {:<10} {:>8} {:>5}  COMMAND", "ID", "CLASS", "STATE", "PID", "EXIT");
-    for r in v["records"].as_array().into_iter().flatten() {
+    let records: Vec<&Value> = v["records"].as_array().into_iter().flatten().collect();
+    // Nodes sharing a registry ([cluster] store) list each other's containers: say whose.
+    let nodes = records.iter().any(|r| r["node"].is_string());
+    let node_of = |r: &Value| if nodes { format!("{:<14} ", r["node"].as_str().unwrap_or("-")) } else { String::new() };
+    let header = if nodes { format!("{:<14} ", "NODE") } else { String::new() };
+    let _ = writeln!(out, "{:<20} {header}{:<12} {:<10} {:>8} {:>5}  COMMAND", "ID", "CLASS", "STATE", "PID", "EXIT");
+    for r in records {
         let field = |k: &str| match &r[k] {
             Value::Null => "-".to_string(),
             Value::String(s) => s.clone(),
@@ -88,8 +93,9 @@ pub fn ps(config: &Config) -> Result<(), CommandError> {
         let cmd: Vec<&str> = r["entrypoint"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
         let _ = writeln!(
             out,
-            "{:<20} {:<12} {:<10} {:>8} {:>5}  {}",
+            "{:<20} {}{:<12} {:<10} {:>8} {:>5}  {}",
             field("id"),
+            node_of(r),
             field("class"),
             field("state"),
             field("pid"),

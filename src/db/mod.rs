@@ -2,6 +2,7 @@
 //! namespaces, ctx.storage, the container registry), and optionally a shared PostgreSQL
 //! database ([`pg`]) that several moat nodes use together.
 
+pub mod containers;
 pub mod overrides;
 pub mod pg;
 pub mod schema;

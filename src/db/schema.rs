@@ -28,5 +28,11 @@ CREATE TABLE IF NOT EXISTS moat_overrides (
     container text PRIMARY KEY,
     spec text NOT NULL
 );
+CREATE TABLE IF NOT EXISTS moat_containers (
+    id text PRIMARY KEY,
+    node text NOT NULL,
+    running boolean NOT NULL,
+    status text NOT NULL
+);
 SELECT pg_advisory_unlock(7262011);
 ";

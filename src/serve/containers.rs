@@ -6,17 +6,15 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::watch;
 
 use super::attach::Running;
+use crate::db::containers::RegistryBackend;
 use crate::identity::ContainerId;
 use crate::lifecycle::{Lifecycle, LifecycleError, StartSpec, State, Status};
 use crate::proxy::listen::WorkerTx;
 use crate::proxy::state::Shared;
 
-/// container id → JSON of its [`Status`].
-const TABLE: TableDefinition<'_, &str, &str> = TableDefinition::new("containers");
 /// How long `destroy` and shutdown wait after SIGTERM before SIGKILL.
 pub(super) const GRACE: Duration = Duration::from_secs(10);
 /// A container's log keeps at most this much of its latest output.
@@ -27,7 +25,8 @@ pub(crate) struct Supervisor {
     shared: Arc<Shared>,
     workers: Vec<WorkerTx>,
     handle: tokio::runtime::Handle,
-    db: Arc<redb::Database>,
+    /// Where the records are kept (this node's, and with a shared store the others').
+    registry: Arc<dyn RegistryBackend>,
     /// Ids with a sandbox served here (attached `moat run`s too): one at a time per id.
     running: Running,
     entries: Mutex<BTreeMap<String, Entry>>,
@@ -56,55 +55,48 @@ impl Supervisor {
     pub(super) fn open(
         shared: Arc<Shared>,
         workers: Vec<WorkerTx>,
-        db: Arc<redb::Database>,
+        registry: Arc<dyn RegistryBackend>,
         running: Running,
     ) -> anyhow::Result<Arc<Self>> {
         let mut entries = BTreeMap::new();
-        let read = db.begin_read()?;
-        match read.open_table(TABLE) {
-            Ok(table) => {
-                for row in table.iter()? {
-                    let (k, v) = row?;
-                    let Ok(mut status) = serde_json::from_str::<Status>(v.value()) else { continue };
-                    if status.running {
-                        status.running = false;
-                        status.state = State::Lost;
-                        status.pid = None;
-                    }
-                    let (tx, _) = watch::channel(status);
-                    entries.insert(
-                        k.value().to_string(),
-                        Entry { status: tx, init: None, destroyed: None, handover: None },
-                    );
-                }
+        for json in registry.mine().map_err(anyhow::Error::msg)? {
+            let Ok(mut status) = serde_json::from_str::<Status>(&json) else { continue };
+            if status.running {
+                status.running = false;
+                status.state = State::Lost;
+                status.pid = None;
             }
-            Err(redb::TableError::TableDoesNotExist(_)) => {}
-            Err(e) => return Err(e.into()),
+            let (tx, _) = watch::channel(status.clone());
+            entries.insert(status.id, Entry { status: tx, init: None, destroyed: None, handover: None });
         }
-        drop(read);
         let me = Arc::new_cyclic(|me| Self {
             shared,
             workers,
             handle: tokio::runtime::Handle::current(),
-            db,
+            registry,
             running,
             entries: Mutex::new(entries),
             me: me.clone(),
         });
-        for status in me.list().into_iter().filter(|s| s.state == State::Lost) {
+        let lost: Vec<Status> = me
+            .entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|e| e.status.borrow().clone())
+            .filter(|s| s.state == State::Lost)
+            .collect();
+        for status in lost {
             me.persist(&status);
         }
         Ok(me)
     }
 
     fn persist(&self, status: &Status) {
-        let store = || -> anyhow::Result<()> {
-            let tx = self.db.begin_write()?;
-            tx.open_table(TABLE)?.insert(status.id.as_str(), serde_json::to_string(status)?.as_str())?;
-            tx.commit()?;
-            Ok(())
-        };
-        if let Err(e) = store() {
+        let stored = serde_json::to_string(status)
+            .map_err(|e| e.to_string())
+            .and_then(|json| self.registry.save(&status.id, &json, status.running));
+        if let Err(e) = stored {
             tracing::warn!(container = status.id, "container record not stored: {e}");
         }
     }
@@ -230,8 +222,26 @@ impl Lifecycle for Supervisor {
         if !self.running.lock().unwrap_or_else(|e| e.into_inner()).insert(spec.id.clone()) {
             return Err(LifecycleError::Conflict(format!("container {container} is already running")));
         }
-        let free = || {
+        let free_here = || {
             self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(&spec.id);
+        };
+        // With a shared registry, the id must not run on another node (overrides are per id).
+        match self.registry.claim(&spec.id) {
+            Ok(Ok(())) => {}
+            Ok(Err(node)) => {
+                free_here();
+                return Err(LifecycleError::Conflict(format!("container {container} is running on node {node}")));
+            }
+            Err(e) => {
+                free_here();
+                return Err(LifecycleError::Failed(format!("the container registry: {e}")));
+            }
+        }
+        let free = || {
+            free_here();
+            if let Err(e) = self.registry.release(&spec.id) {
+                tracing::warn!(container = spec.id, "container id not released in the registry: {e}");
+            }
         };
         let Started { sandbox, class } = self.start_sandbox(&spec, &container).inspect_err(|_| free())?;
         let settings =
@@ -272,6 +282,7 @@ impl Lifecycle for Supervisor {
             error: None,
             memory: spec.memory,
             pids: spec.pids,
+            node: None,
         };
         self.persist(&status);
         let (tx, _) = watch::channel(status.clone());
@@ -297,8 +308,30 @@ impl Lifecycle for Supervisor {
         Ok(status)
     }
 
+    /// This node's containers; with a shared registry, every other node's too, each named
+    /// with its node.
     fn list(&self) -> Vec<Status> {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner()).values().map(|e| e.status.borrow().clone()).collect()
+        let mut all: Vec<Status> = self
+            .entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|e| e.status.borrow().clone())
+            .collect();
+        if self.registry.shared() {
+            let me = &self.shared.config.stores.node;
+            all.iter_mut().for_each(|s| s.node = Some(me.clone()));
+            match self.registry.others() {
+                Ok(others) => all.extend(others.into_iter().filter_map(|(node, json)| {
+                    let mut s = serde_json::from_str::<Status>(&json).ok()?;
+                    s.node = Some(node);
+                    Some(s)
+                })),
+                Err(e) => tracing::warn!("other nodes' containers not listed: {e}"),
+            }
+            all.sort_by(|a, b| a.id.cmp(&b.id));
+        }
+        all
     }
 
     fn get(&self, id: &str) -> Option<Status> {

@@ -47,7 +47,7 @@ pub(crate) fn run_with(config: Config, attached: Option<Attached>) -> anyhow::Re
         }
         other => anyhow::anyhow!("{other}"),
     })?;
-    let stores::Stores { kv, blob, overrides } = stores::open(&config, &db, true)?;
+    let stores::Stores { kv, blob, overrides, registry } = stores::open(&config, &db, true)?;
     // Held with the database: a `moat run` beside this moat hands its sandbox here.
     let attach_listener = attach::bind(&config.data_dir).map_err(|e| {
         anyhow::anyhow!("cannot listen on {}: {e}", config.data_dir.join(crate::sandbox::attach::SOCKET).display())
@@ -128,7 +128,7 @@ pub(crate) fn run_with(config: Config, attached: Option<Attached>) -> anyhow::Re
         }
         // The daemon's containers (not `moat run`'s, whose one container is its command).
         let supervisor = match &attached {
-            None => Some(containers::Supervisor::open(shared.clone(), workers.clone(), db, running.clone())?),
+            None => Some(containers::Supervisor::open(shared.clone(), workers.clone(), registry, running.clone())?),
             Some(_) => None,
         };
         let lifecycle = supervisor.clone().map(|s| s as Arc<dyn crate::lifecycle::Lifecycle>);

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use crate::bindings::blob::{BlobBackend, BlobStore, local::LocalBlobs};
 use crate::bindings::kv::{KvBackend, KvStore, kv_table, postgres::PgKv, redb::RedbKv};
 use crate::config::{Backend, Config};
+use crate::db::containers::{PgRegistry, RedbRegistry, RegistryBackend};
 use crate::db::overrides::PgOverrides;
 use crate::db::pg::Pg;
 use crate::proxy::overrides::OverrideStore;
@@ -17,6 +18,8 @@ pub(crate) struct Stores {
     pub kv: Arc<KvStore>,
     pub blob: Arc<BlobStore>,
     pub overrides: Arc<OverrideStore>,
+    /// The daemon's container records.
+    pub registry: Arc<dyn RegistryBackend>,
 }
 
 /// Opens every store. With `watch` (a serving moat), the KV cache and the overrides follow
@@ -42,13 +45,19 @@ pub(crate) fn open(config: &Config, db: &Arc<redb::Database>, watch: bool) -> an
             routes.insert(kv_table(name), Arc::new(PgKv { pg: database(url, url_env)? }));
         }
     }
-    let (storage, overrides): (Arc<dyn KvBackend>, OverrideStore) = match &config.stores.cluster {
+    type Cluster = (Arc<dyn KvBackend>, OverrideStore, Arc<dyn RegistryBackend>);
+    let (storage, overrides, registry): Cluster = match &config.stores.cluster {
         Some(Backend::Postgres { url, url_env }) => {
             let pg = database(url, url_env)?;
             let shown = pg.shown.clone();
-            (Arc::new(PgKv { pg: pg.clone() }), OverrideStore::on(Arc::new(PgOverrides { pg }), shown)?)
+            let registry = Arc::new(PgRegistry { pg: pg.clone(), node: config.stores.node.clone() });
+            (Arc::new(PgKv { pg: pg.clone() }), OverrideStore::on(Arc::new(PgOverrides { pg }), shown)?, registry)
         }
-        _ => (local.clone(), OverrideStore::open(db.clone(), &config.data_dir)?),
+        _ => (
+            local.clone(),
+            OverrideStore::open(db.clone(), &config.data_dir)?,
+            Arc::new(RedbRegistry { db: db.clone() }),
+        ),
     };
     let kv = Arc::new(KvStore::with_backends(local, routes, storage));
     let overrides = Arc::new(overrides);
@@ -56,7 +65,7 @@ pub(crate) fn open(config: &Config, db: &Arc<redb::Database>, watch: bool) -> an
         kv.watch();
         overrides.watch()?;
     }
-    Ok(Stores { kv, blob: Arc::new(blob_store(config, db)?), overrides })
+    Ok(Stores { kv, blob: Arc::new(blob_store(config, db)?), overrides, registry })
 }
 
 /// The buckets: moat's blob folder, but for those that name an S3-compatible service.

@@ -274,3 +274,46 @@ fn a_missing_url_or_an_unknown_backend_is_a_check_error_naming_the_key() {
         assert_eq!(err.trim().lines().count(), 1, "{err}");
     }
 }
+
+/// Starts container `id` (`sleep`) through `moat`'s admin API: (status, body).
+fn start_container(moat: &Moat, id: &str) -> (u16, String) {
+    let body = format!(r#"{{"id":"{id}","entrypoint":["sleep","4401"],"env":{{}},"workdir":"/"}}"#);
+    admin(&moat.dir.path().join("data/admin.sock"), "POST", "/v1/containers", Some(&body))
+}
+
+#[test]
+fn nodes_sharing_a_registry_list_each_others_containers_and_keep_an_id_to_one_node() {
+    if !crate::sandbox::sandbox_available() || !rustix::process::geteuid().is_root() {
+        return;
+    }
+    let Some(pg) = shared_pg() else { return };
+    let url = pg.fresh_database();
+    let (a, b) = (node("node-a", &url), node("node-b", &url));
+    let (code, body) = start_container(&a, "c1");
+    assert_eq!(code, 201, "{body}");
+    // B lists A's container, with its node; A lists it as its own.
+    let socket_b = b.dir.path().join("data/admin.sock");
+    let (_, list) = admin(&socket_b, "GET", "/v1/containers", None);
+    let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let c1 = v["records"].as_array().unwrap().iter().find(|r| r["id"] == "c1").unwrap_or_else(|| panic!("{list}"));
+    assert_eq!((c1["node"].as_str(), c1["running"].as_bool()), (Some("node-a"), Some(true)), "{list}");
+    // The id is node A's while it runs there.
+    let (code, body) = start_container(&b, "c1");
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("container c1 is running on node node-a"), "{body}");
+    // Once it ended on A, B may run it.
+    let (code, _) = admin(&a.dir.path().join("data/admin.sock"), "DELETE", "/v1/containers/c1", Some("{}"));
+    assert_eq!(code, 200);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, body) = start_container(&b, "c1");
+        if code == 201 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "B never got c1: {code} {body}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (_, list) = admin(&a.dir.path().join("data/admin.sock"), "GET", "/v1/containers", None);
+    assert!(list.contains(r#""node":"node-b""#), "{list}");
+    let _ = admin(&socket_b, "DELETE", "/v1/containers/c1", Some("{}"));
+}
