@@ -25,5 +25,6 @@ pub use crate::bindings::kv::redb::RedbKv;
 pub use crate::bindings::kv::{Entry as KvEntry, KvBackend, KvStore, Page as KvPage};
 pub use crate::body::{Body, boxed as boxed_body, full as full_body};
 pub use crate::config::S3Options;
+pub use crate::db::containers::{PgRegistry, RedbRegistry, RegistryBackend};
 pub use crate::db::overrides::{OverrideBackend, PgOverrides, RedbOverrides};
 pub use crate::db::pg::Pg;

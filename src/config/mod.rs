@@ -278,7 +278,7 @@ impl Config {
                 }
             },
         };
-        let stores = stores::resolve(&file.kv, &file.blob, file.cluster.as_ref()).map_err(err)?;
+        let stores = stores::resolve(&file.kv, &file.blob, file.cluster.as_ref(), &rel).map_err(err)?;
         Ok(Self {
             data_dir,
             classes,

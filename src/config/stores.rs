@@ -2,6 +2,7 @@
 //! default, or a shared database that several moat nodes use together.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -20,6 +21,10 @@ pub(crate) struct BindingOptions {
     /// `AWS_SECRET_ACCESS_KEY`).
     pub access_key_env: Option<String>,
     pub secret_key_env: Option<String>,
+    /// The same, read from files (a mounted secret); trailing newlines removed.
+    pub url_file: Option<PathBuf>,
+    pub access_key_file: Option<PathBuf>,
+    pub secret_key_file: Option<PathBuf>,
 }
 
 /// An S3-compatible bucket, with its credentials read (never shown).
@@ -54,16 +59,16 @@ pub enum Backend {
     /// moat's own file (`data_dir/moat.redb`; blobs under `data_dir/blobs`).
     #[default]
     Local,
-    /// A PostgreSQL database; the URL came from `url_env` and is never shown (it may carry a
-    /// password).
-    Postgres { url: String, url_env: String },
+    /// A PostgreSQL database; the URL came from `source` (`$VAR` or a file) and is never
+    /// shown (it may carry a password).
+    Postgres { url: String, source: String },
 }
 
 impl std::fmt::Debug for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Local => f.write_str("Local"),
-            Self::Postgres { url_env, .. } => write!(f, "Postgres(${url_env})"),
+            Self::Postgres { source, .. } => write!(f, "Postgres({source})"),
         }
     }
 }
@@ -81,28 +86,51 @@ pub struct Stores {
     pub node: String,
 }
 
+/// A credential given as `KEY_env = "VAR"` or `KEY_file = "PATH"` (else the variable
+/// `default`): its value, and where it came from (`$VAR` or the path) for messages.
+fn credential(
+    what: &str,
+    key: &str,
+    (env, file): (Option<&str>, Option<&Path>),
+    default: Option<&str>,
+    rel: &dyn Fn(&Path) -> PathBuf,
+) -> Result<(String, String), String> {
+    match (env.or(if file.is_none() { default } else { None }), file) {
+        (Some(_), Some(_)) => Err(format!("{what}: set one of {key}_env, {key}_file")),
+        (Some(var), None) => std::env::var(var).map(|v| (v, format!("${var}"))).map_err(|_| {
+            format!("{what}: environment variable {var} is not set (export it before moat starts, or use {key}_file)")
+        }),
+        (None, Some(path)) => {
+            let path = rel(path);
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("{what}.{key}_file: cannot read {}: {e}", path.display()))?;
+            Ok((text.trim_end_matches(['\r', '\n']).to_string(), path.display().to_string()))
+        }
+        (None, None) => Err(format!("{what}: give {key}_env = \"VAR\" or {key}_file = \"PATH\"")),
+    }
+}
+
 /// `what` (`kv.KV`, `cluster.store`) resolved; `allow` lists the backends this store can have.
-fn backend(what: &str, o: &BindingOptions, allow: &[&str]) -> Result<Backend, String> {
+fn backend(what: &str, o: &BindingOptions, allow: &[&str], rel: &dyn Fn(&Path) -> PathBuf) -> Result<Backend, String> {
     let name = o.backend.as_deref().unwrap_or("redb");
     if !allow.contains(&name) {
         return Err(format!("{what}.backend {name:?} is not one moat knows: use one of {}", allow.join(", ")));
     }
+    let url_given = o.url_env.is_some() || o.url_file.is_some();
     match name {
         "postgres" => {
-            let var = o.url_env.as_deref().ok_or_else(|| {
-                format!("{what}: backend \"postgres\" needs url_env = \"VAR\" (a variable holding postgres://USER:PASSWORD@HOST:PORT/DB)")
-            })?;
-            let url = std::env::var(var).map_err(|_| {
-                format!(
-                    "{what}.url_env: environment variable {var} is not set (export the database URL before moat starts)"
-                )
-            })?;
-            crate::db::pg::parse_url(&url).map_err(|e| format!("{what}: ${var}: {e}"))?;
-            Ok(Backend::Postgres { url, url_env: var.to_string() })
+            if !url_given {
+                return Err(format!(
+                    "{what}: backend \"postgres\" needs url_env = \"VAR\" or url_file = \"PATH\" (holding postgres://USER:PASSWORD@HOST:PORT/DB)"
+                ));
+            }
+            let (url, source) = credential(what, "url", (o.url_env.as_deref(), o.url_file.as_deref()), None, rel)?;
+            crate::db::pg::parse_url(&url).map_err(|e| format!("{what}: {source}: {e}"))?;
+            Ok(Backend::Postgres { url, source })
         }
         _ => {
-            if o.url_env.is_some() {
-                return Err(format!("{what}.url_env: only backend = \"postgres\" takes a URL"));
+            if url_given {
+                return Err(format!("{what}: only backend = \"postgres\" takes a URL"));
             }
             Ok(Backend::Local)
         }
@@ -114,19 +142,20 @@ pub(crate) fn resolve(
     kv: &BTreeMap<String, BindingOptions>,
     blob: &BTreeMap<String, BindingOptions>,
     cluster: Option<&ClusterSection>,
+    rel: &dyn Fn(&Path) -> PathBuf,
 ) -> Result<Stores, String> {
     let mut stores = Stores::default();
     for (name, o) in kv {
-        stores.kv.insert(name.clone(), backend(&format!("kv.{name}"), o, &["redb", "postgres"])?);
+        stores.kv.insert(name.clone(), backend(&format!("kv.{name}"), o, &["redb", "postgres"], rel)?);
     }
     for (name, o) in blob {
-        if let Some(s3) = bucket(name, o)? {
+        if let Some(s3) = bucket(name, o, rel)? {
             stores.blob.insert(name.clone(), s3);
         }
     }
     if let Some(c) = cluster {
         if let Some(store) = &c.store {
-            stores.cluster = Some(backend("cluster.store", store, &["redb", "postgres"])?);
+            stores.cluster = Some(backend("cluster.store", store, &["redb", "postgres"], rel)?);
         }
         if let Some(node) = c
             .node
@@ -141,13 +170,16 @@ pub(crate) fn resolve(
 }
 
 /// A bucket's backend: `None` for moat's blob folder.
-fn bucket(name: &str, o: &BindingOptions) -> Result<Option<S3Options>, String> {
+fn bucket(name: &str, o: &BindingOptions, rel: &dyn Fn(&Path) -> PathBuf) -> Result<Option<S3Options>, String> {
     let what = format!("blob.{name}");
     let s3_only = [("bucket", o.bucket.is_some()), ("endpoint", o.endpoint.is_some()), ("region", o.region.is_some())];
-    let s3_only = s3_only
-        .into_iter()
-        .chain([("access_key_env", o.access_key_env.is_some()), ("secret_key_env", o.secret_key_env.is_some())]);
-    if o.url_env.is_some() {
+    let s3_only = s3_only.into_iter().chain([
+        ("access_key_env", o.access_key_env.is_some()),
+        ("secret_key_env", o.secret_key_env.is_some()),
+        ("access_key_file", o.access_key_file.is_some()),
+        ("secret_key_file", o.secret_key_file.is_some()),
+    ]);
+    if o.url_env.is_some() || o.url_file.is_some() {
         return Err(format!("{what}.url_env: a bucket takes no URL (backend = \"s3\" takes endpoint, bucket, region)"));
     }
     match o.backend.as_deref() {
@@ -157,14 +189,20 @@ fn bucket(name: &str, o: &BindingOptions) -> Result<Option<S3Options>, String> {
         },
         Some("s3") if cfg!(feature = "s3") => {
             let bucket = o.bucket.clone().ok_or_else(|| format!("{what}: backend \"s3\" needs bucket = \"NAME\""))?;
-            let var = |given: &Option<String>, default: &str| -> Result<String, String> {
-                let var = given.as_deref().unwrap_or(default);
-                std::env::var(var).map_err(|_| {
-                    format!("{what}: environment variable {var} is not set (export the bucket's credentials before moat starts)")
-                })
-            };
-            let access_key = var(&o.access_key_env, "AWS_ACCESS_KEY_ID")?;
-            let secret_key = var(&o.secret_key_env, "AWS_SECRET_ACCESS_KEY")?;
+            let (access_key, _) = credential(
+                &what,
+                "access_key",
+                (o.access_key_env.as_deref(), o.access_key_file.as_deref()),
+                Some("AWS_ACCESS_KEY_ID"),
+                rel,
+            )?;
+            let (secret_key, _) = credential(
+                &what,
+                "secret_key",
+                (o.secret_key_env.as_deref(), o.secret_key_file.as_deref()),
+                Some("AWS_SECRET_ACCESS_KEY"),
+                rel,
+            )?;
             if let Some(e) = &o.endpoint {
                 url::Url::parse(e)
                     .ok()

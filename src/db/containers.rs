@@ -79,9 +79,11 @@ pub struct PgRegistry {
 
 const MINE: &str = "SELECT status FROM moat_containers WHERE node = $1";
 const OTHERS: &str = "SELECT node, status FROM moat_containers WHERE node <> $1";
-// A new id, or one that this node has, or one whose container no longer runs.
+// A new id, or one that this node has, or one whose container no longer runs (its old
+// record, another node's, is dropped).
 const CLAIM: &str = "INSERT INTO moat_containers (id, node, running, status) VALUES ($1, $2, true, '')
-    ON CONFLICT (id) DO UPDATE SET node = EXCLUDED.node, running = true
+    ON CONFLICT (id) DO UPDATE SET node = EXCLUDED.node, running = true,
+        status = CASE WHEN moat_containers.node = EXCLUDED.node THEN moat_containers.status ELSE '' END
     WHERE moat_containers.node = EXCLUDED.node OR NOT moat_containers.running
     RETURNING node";
 const HOLDER: &str = "SELECT node FROM moat_containers WHERE id = $1";

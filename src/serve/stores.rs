@@ -26,29 +26,29 @@ pub(crate) struct Stores {
 /// the changes other nodes make to a shared database.
 pub(crate) fn open(config: &Config, db: &Arc<redb::Database>, watch: bool) -> anyhow::Result<Stores> {
     let mut databases: HashMap<String, Arc<Pg>> = HashMap::new();
-    let mut database = |url: &str, url_env: &str| -> anyhow::Result<Arc<Pg>> {
+    let mut database = |url: &str, source: &str| -> anyhow::Result<Arc<Pg>> {
         if let Some(pg) = databases.get(url) {
             return Ok(pg.clone());
         }
         // The URL may carry a password: redacted from every log line from now on.
         if let Some(password) = crate::db::pg::parse_url(url).ok().and_then(|c| c.get_password().map(<[u8]>::to_vec)) {
-            crate::log::add_own_secret(format!("{url_env} password"), String::from_utf8_lossy(&password).into_owned());
+            crate::log::add_own_secret(format!("{source} password"), String::from_utf8_lossy(&password).into_owned());
         }
-        let pg = Pg::open(url).map_err(|e| anyhow::anyhow!("${url_env}: {e}"))?;
+        let pg = Pg::open(url).map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
         databases.insert(url.to_string(), pg.clone());
         Ok(pg)
     };
     let local: Arc<dyn KvBackend> = Arc::new(RedbKv { db: db.clone() });
     let mut routes: HashMap<String, Arc<dyn KvBackend>> = HashMap::new();
     for (name, backend) in &config.stores.kv {
-        if let Backend::Postgres { url, url_env } = backend {
-            routes.insert(kv_table(name), Arc::new(PgKv { pg: database(url, url_env)? }));
+        if let Backend::Postgres { url, source } = backend {
+            routes.insert(kv_table(name), Arc::new(PgKv { pg: database(url, source)? }));
         }
     }
     type Cluster = (Arc<dyn KvBackend>, OverrideStore, Arc<dyn RegistryBackend>);
     let (storage, overrides, registry): Cluster = match &config.stores.cluster {
-        Some(Backend::Postgres { url, url_env }) => {
-            let pg = database(url, url_env)?;
+        Some(Backend::Postgres { url, source }) => {
+            let pg = database(url, source)?;
             let shown = pg.shown.clone();
             let registry = Arc::new(PgRegistry { pg: pg.clone(), node: config.stores.node.clone() });
             (Arc::new(PgKv { pg: pg.clone() }), OverrideStore::on(Arc::new(PgOverrides { pg }), shown)?, registry)

@@ -57,6 +57,14 @@ fn node(name: &str, url: &str) -> Moat {
     Moat::policy(POLICY).config(&config(name)).env("MOAT_PG_URL", url).start()
 }
 
+/// A node that reads the database URL from a file (a mounted secret) instead.
+fn node_with_url_file(name: &str, url: &str, folder: &std::path::Path) -> Moat {
+    let file = write(folder, &format!("{name}.url"), &format!("{url}\n"));
+    let toml =
+        config(name).replace(r#"url_env = "MOAT_PG_URL""#, &format!("url_file = {:?}", file.display().to_string()));
+    Moat::policy(POLICY).config(&toml).start()
+}
+
 /// A node whose bucket is on the S3-compatible server at `endpoint`.
 fn s3_node(name: &str, url: &str, endpoint: &str) -> Moat {
     let toml = format!(
@@ -96,7 +104,8 @@ fn get(moat: &Moat, url: &str) -> CurlOut {
 fn two_nodes_share_kv_ctx_storage_and_overrides() {
     let Some(pg) = shared_pg() else { return };
     let url = pg.fresh_database();
-    let (a, b) = (node("node-a", &url), node("node-b", &url));
+    let secrets = tempfile::tempdir().unwrap();
+    let (a, b) = (node("node-a", &url), node_with_url_file("node-b", &url, secrets.path()));
 
     // A KV put through A's handler is read through B's; so is ctx.storage.
     assert_eq!(get(&b, "http://kv.test/k1").status, 404);
@@ -255,6 +264,7 @@ fn sigkill_of_a_node_loses_no_acknowledged_write() {
 fn a_missing_url_or_an_unknown_backend_is_a_check_error_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "policy.lua", "allowedHosts = {}\n");
+    write(dir.path(), "bad.url", "mysql://nope\n");
     for (toml, expect) in [
         (
             "[kv]\nKV = { backend = \"dynamo\" }\n",
@@ -262,9 +272,18 @@ fn a_missing_url_or_an_unknown_backend_is_a_check_error_naming_the_key() {
         ),
         (
             "[kv]\nKV = { backend = \"postgres\", url_env = \"MOAT_TEST_UNSET_URL\" }\n",
-            "kv.KV.url_env: environment variable MOAT_TEST_UNSET_URL is not set",
+            "kv.KV: environment variable MOAT_TEST_UNSET_URL is not set (export it before moat starts, or use url_file)",
         ),
         ("[cluster]\nstore = { backend = \"postgres\" }\n", "cluster.store: backend \"postgres\" needs url_env"),
+        (
+            "[cluster]\nstore = { backend = \"postgres\", url_file = \"missing.url\" }\n",
+            "cluster.store.url_file: cannot read",
+        ),
+        ("[kv]\nKV = { backend = \"postgres\", url_file = \"bad.url\" }\n", "kv.KV: "),
+        (
+            "[blob]\nB = { backend = \"s3\", access_key_env = \"K\", secret_key_env = \"K\" }\n",
+            "blob.B: backend \"s3\" needs bucket",
+        ),
         ("[blob]\nBUCKET = { backend = \"gcs\" }\n", "blob.BUCKET.backend \"gcs\""),
     ] {
         write(dir.path(), "moat.toml", &format!("[[class]]\npolicy = \"policy.lua\"\n{toml}"));

@@ -187,3 +187,43 @@ fn a_cached_key_follows_what_another_node_writes() {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// What a node's container registry keeps (its own records), and, shared, what it lets
+/// other nodes see and take.
+fn registry_contract(a: &dyn moat::bench::RegistryBackend, b: Option<&dyn moat::bench::RegistryBackend>) {
+    assert!(a.mine().unwrap().is_empty());
+    assert_eq!(a.claim("c1").unwrap(), Ok(()));
+    a.save("c1", r#"{"id":"c1","v":1}"#, true).unwrap();
+    a.save("c1", r#"{"id":"c1","v":2}"#, true).unwrap();
+    assert_eq!(a.mine().unwrap(), [r#"{"id":"c1","v":2}"#]);
+    assert_eq!(a.claim("c1").unwrap(), Ok(()), "a node may claim its own id again");
+    let Some(b) = b else { return };
+    assert_eq!(b.others().unwrap(), [("node-a".to_string(), r#"{"id":"c1","v":2}"#.to_string())]);
+    assert_eq!(b.claim("c1").unwrap(), Err("node-a".to_string()), "an id running elsewhere is refused");
+    b.save("c1", r#"{"id":"c1","v":"b"}"#, false).unwrap();
+    assert_eq!(a.mine().unwrap(), [r#"{"id":"c1","v":2}"#], "B cannot overwrite A's record");
+    a.save("c1", r#"{"id":"c1","v":3}"#, false).unwrap();
+    assert_eq!(b.claim("c1").unwrap(), Ok(()), "an id that no longer runs may move");
+    assert!(a.mine().unwrap().is_empty());
+    b.release("c1").unwrap();
+    assert_eq!(a.claim("c1").unwrap(), Ok(()), "a released id may move back");
+    // A claim whose start failed leaves no record: B never saved one, A's old one is gone.
+    assert_eq!(b.claim("c2").unwrap(), Ok(()));
+    b.release("c2").unwrap();
+    assert!(b.mine().unwrap().is_empty(), "{:?}", b.mine());
+}
+
+#[test]
+fn registry_contract_on_redb() {
+    let (_dir, db) = redb_file();
+    registry_contract(&moat::bench::RedbRegistry { db }, None);
+}
+
+#[test]
+fn registry_contract_on_postgres() {
+    let Some(server) = shared_pg() else { return };
+    let url = server.fresh_database();
+    let a = moat::bench::PgRegistry { pg: Pg::open(&url).unwrap(), node: "node-a".into() };
+    let b = moat::bench::PgRegistry { pg: Pg::open(&url).unwrap(), node: "node-b".into() };
+    registry_contract(&a, Some(&b));
+}
