@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use redb::TableDefinition;
 
 use super::pg::Pg;
 
@@ -38,17 +38,7 @@ pub struct RedbRegistry {
 
 impl RegistryBackend for RedbRegistry {
     fn mine(&self) -> Result<Vec<String>, String> {
-        let read = self.db.begin_read().map_err(|e| e.to_string())?;
-        let table = match read.open_table(TABLE) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(e.to_string()),
-        };
-        let mut out = Vec::new();
-        for row in table.iter().map_err(|e| e.to_string())? {
-            out.push(row.map_err(|e| e.to_string())?.1.value().to_string());
-        }
-        Ok(out)
+        Ok(super::text_rows(&self.db, TABLE)?.into_iter().map(|(_, status)| status).collect())
     }
 
     fn claim(&self, _id: &str) -> Result<Result<(), String>, String> {

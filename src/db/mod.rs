@@ -43,6 +43,26 @@ pub fn describe(e: redb::Error) -> String {
     }
 }
 
+/// Every row of a text table (key, value); none when the table was never written.
+pub fn text_rows(
+    db: &redb::Database,
+    table: redb::TableDefinition<'_, &str, &str>,
+) -> Result<Vec<(String, String)>, String> {
+    use redb::{ReadableDatabase, ReadableTable};
+    let read = db.begin_read().map_err(|e| e.to_string())?;
+    let table = match read.open_table(table) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(e.to_string()),
+    };
+    let mut out = Vec::new();
+    for row in table.iter().map_err(|e| e.to_string())? {
+        let (k, v) = row.map_err(|e| e.to_string())?;
+        out.push((k.value().to_string(), v.value().to_string()));
+    }
+    Ok(out)
+}
+
 /// Why the database could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {

@@ -33,18 +33,7 @@ pub struct RedbOverrides {
 
 impl OverrideBackend for RedbOverrides {
     fn load_all(&self) -> Result<Vec<(String, String)>, String> {
-        let read = self.db.begin_read().map_err(|e| e.to_string())?;
-        let table = match read.open_table(TABLE) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(e.to_string()),
-        };
-        let mut out = Vec::new();
-        for row in table.iter().map_err(|e| e.to_string())? {
-            let (k, v) = row.map_err(|e| e.to_string())?;
-            out.push((k.value().to_string(), v.value().to_string()));
-        }
-        Ok(out)
+        super::text_rows(&self.db, TABLE)
     }
 
     fn load(&self, container: &str) -> Result<Option<String>, String> {
