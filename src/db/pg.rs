@@ -20,6 +20,8 @@ use tokio_postgres::{AsyncMessage, Client, NoTls, Statement};
 pub const CALL_DEADLINE: Duration = Duration::from_secs(3);
 /// Longest one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the listener checks that its connection still answers.
+const LISTENER_PING: Duration = Duration::from_secs(1);
 /// Most connections one moat opens to one database (the listener's not counted).
 const MAX_CONNECTIONS: usize = 16;
 
@@ -266,12 +268,26 @@ async fn listen(pg: std::sync::Weak<Pg>) {
         drop(this);
         tell_all(&subscribers, Event::Listening);
         tracing::debug!("{shown}: listening for changes");
-        while let Some((channel, payload)) = rx.recv().await {
-            let list = subscribers.lock().unwrap_or_else(|e| e.into_inner()).get(&channel).cloned().unwrap_or_default();
-            for s in list {
-                s(Event::Notified(&payload));
+        // A database that vanished without closing the connection (a partition, a host gone)
+        // would leave it open and silent: a ping every second with a deadline finds out.
+        let mut ping = tokio::time::interval(LISTENER_PING);
+        loop {
+            tokio::select! {
+                next = rx.recv() => {
+                    let Some((channel, payload)) = next else { break };
+                    let list = subscribers.lock().unwrap_or_else(|e| e.into_inner()).get(&channel).cloned().unwrap_or_default();
+                    for s in list {
+                        s(Event::Notified(&payload));
+                    }
+                }
+                _ = ping.tick() => {
+                    if !matches!(tokio::time::timeout(LISTENER_PING * 2, client.simple_query("SELECT 1")).await, Ok(Ok(_))) {
+                        break;
+                    }
+                }
             }
         }
+        driver.abort();
         tracing::warn!("{shown}: lost the notification connection; reconnecting (caches are off meanwhile)");
         tell_all(&subscribers, Event::Lost);
         drop(client);

@@ -81,14 +81,22 @@ impl OverrideStore {
         });
         let store = Arc::downgrade(self);
         std::thread::Builder::new().name("moat-overrides".into()).spawn(move || {
+            let mut reconciled = std::time::Instant::now();
             loop {
-                let next = rx.recv_timeout(RECONCILE_EVERY);
+                // A steady stream of notifications must not put the reconcile off.
+                let next = rx.recv_timeout(RECONCILE_EVERY.saturating_sub(reconciled.elapsed()));
                 let Some(store) = store.upgrade() else { return };
+                let reconnected = matches!(next, Ok(None));
                 let result = match next {
                     Ok(Some(container)) => store.backend.load(&container).map(|raw| store.adopt(&container, raw)),
-                    Ok(None) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => store.reconcile(),
+                    Ok(None) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Ok(()),
                     Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
                 };
+                let due = reconciled.elapsed() >= RECONCILE_EVERY || reconnected;
+                let result = result.and_then(|()| if due { store.reconcile() } else { Ok(()) });
+                if due {
+                    reconciled = std::time::Instant::now();
+                }
                 if let Err(e) = result {
                     tracing::debug!("overrides: {}: {e}", store.path);
                 }
