@@ -95,6 +95,15 @@ async fn bucket_contract(store: &BlobStore) {
     seen.sort();
     assert_eq!(seen, ["a1", "a2", "ab/", "abc", "b", "big.bin", "dir/"]);
 
+    // Keys with spaces, percent signs, plus signs and non-ASCII letters are kept as given.
+    for k in ["odd/sp ace+plus%25 ü.txt", "odd/100%"] {
+        b.put("B", k, body(k.to_string()), PutMeta::default()).await.unwrap();
+        assert_eq!(read(store, k, None).await.unwrap(), k.as_bytes(), "{k}");
+    }
+    let (objects, _, _) = keys(store, q("odd/", 10, None, None)).await;
+    assert_eq!(objects, ["odd/100%", "odd/sp ace+plus%25 ü.txt"]);
+    b.delete("B", &["odd/100%".to_string(), "odd/sp ace+plus%25 ü.txt".to_string()]).await.unwrap();
+
     // Deletes: one, several, missing ones too.
     b.delete("B", &["a1".to_string()]).await.unwrap();
     b.delete("B", &["a2".to_string(), "nope".to_string(), "ab/x".to_string()]).await.unwrap();
