@@ -191,7 +191,11 @@ fn a_store_that_dies_gives_503_with_its_reason_and_traffic_recovers_without_a_re
     let Some(mut pg) = PgServer::start() else { return };
     let url = pg.fresh_database();
     let a = std::sync::Arc::new(node("node-a", &url));
+    let b = node("node-b", &url);
     assert_eq!(put(&a, "http://kv.test/k", "v").body, "stored");
+    // B reads k until its cache holds it (once B's notification connection is up).
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(get(&b, "http://kv.test/k").body, "v");
     // Load all along: writes, and reads of keys never cached, each timed.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = {
@@ -238,6 +242,15 @@ fn a_store_that_dies_gives_503_with_its_reason_and_traffic_recovers_without_a_re
     assert!(matches!(seen.last().map(|s| s.0), Some(200 | 404)), "traffic did not recover: {:?}", seen.last());
     assert_eq!(get(&a, "http://kv.test/after").body, "back");
     assert_eq!(get(&a, "http://kv.test/k").body, "v");
+    // What B cached before the outage is not served after it: a change made once the
+    // database is back reaches B within 1 s (its cache was emptied when it lost the
+    // notification connection, and follows the notifications again once reconnected).
+    assert_eq!(put(&a, "http://kv.test/k", "v2").body, "stored");
+    let changed = Instant::now();
+    while get(&b, "http://kv.test/k").body != "v2" {
+        assert!(changed.elapsed() < Duration::from_secs(1), "B still serves the value from before the outage");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let logs = a.logs();
     assert!(!logs.contains(PG_PASSWORD), "the database password leaked into the log:\n{logs}");
 }
