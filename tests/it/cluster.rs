@@ -349,3 +349,36 @@ fn nodes_sharing_a_registry_list_each_others_containers_and_keep_an_id_to_one_no
     assert!(list.contains(r#""node":"node-b""#), "{list}");
     let _ = admin(&socket_b, "DELETE", "/v1/containers/c1", Some("{}"));
 }
+
+#[test]
+fn moat_kv_without_a_running_moat_reads_and_writes_the_shared_namespace() {
+    let Some(pg) = shared_pg() else { return };
+    let url = pg.fresh_database();
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "moat.toml", &format!("[[class]]\npolicy = \"policy.lua\"\n{}", config("cli")));
+    write(dir.path(), "policy.lua", "allowedHosts = {}\n");
+    let kv = |args: &[&str]| {
+        let out = std::process::Command::new(MOAT)
+            .arg("kv")
+            .args(args)
+            .args(["--config", "moat.toml"])
+            .current_dir(dir.path())
+            .env("MOAT_PG_URL", &url)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, _, err) = kv(&["put", "KV", "from-cli", "hello"]);
+    assert_eq!(code, Some(0), "{err}");
+    // A node on the same database reads it through its handler, and its write is the CLI's.
+    let a = node("node-a", &url);
+    assert_eq!(get(&a, "http://kv.test/from-cli").body, "hello");
+    assert_eq!(put(&a, "http://kv.test/from-node", "hi").body, "stored");
+    drop(a);
+    assert_eq!(kv(&["get", "KV", "from-node"]).1, "hi");
+    assert_eq!(kv(&["list", "KV"]).1, "from-cli\nfrom-node\n");
+}
