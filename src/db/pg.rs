@@ -63,7 +63,7 @@ pub struct Pg {
     config: tokio_postgres::Config,
     /// `host:port/dbname`: how errors name the database (never the URL: it may carry a password).
     pub shown: String,
-    rt: tokio::runtime::Runtime,
+    rt: crate::rt::StoreRuntime,
     idle: Mutex<Vec<Arc<Conn>>>,
     permits: Arc<tokio::sync::Semaphore>,
     subscribers: Arc<Mutex<HashMap<String, Vec<Subscriber>>>>,
@@ -106,12 +106,8 @@ impl Pg {
         let mut config = parse_url(url)?;
         config.connect_timeout(CONNECT_TIMEOUT);
         config.application_name("moat");
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("moat-store")
-            .enable_all()
-            .build()
-            .map_err(|e| format!("cannot start the store runtime: {e}"))?;
+        let rt =
+            crate::rt::StoreRuntime::new("moat-store").map_err(|e| format!("cannot start the store runtime: {e}"))?;
         let pg = Arc::new(Self {
             shown: show(&config),
             config,
@@ -208,8 +204,7 @@ impl Pg {
             .push(Arc::new(subscriber));
         let this = self.clone();
         self.listener_started.call_once(move || {
-            let rt = this.rt.handle().clone();
-            rt.spawn(listen(Arc::downgrade(&this)));
+            this.rt.spawn(listen(Arc::downgrade(&this)));
         });
     }
 
