@@ -5,6 +5,7 @@
 pub mod containers;
 pub mod overrides;
 pub mod pg;
+pub mod runtime;
 pub mod schema;
 
 use std::os::unix::fs::PermissionsExt;

@@ -63,7 +63,7 @@ pub struct Pg {
     config: tokio_postgres::Config,
     /// `host:port/dbname`: how errors name the database (never the URL: it may carry a password).
     pub shown: String,
-    rt: crate::rt::StoreRuntime,
+    rt: crate::db::runtime::StoreRuntime,
     idle: Mutex<Vec<Arc<Conn>>>,
     permits: Arc<tokio::sync::Semaphore>,
     subscribers: Arc<Mutex<HashMap<String, Vec<Subscriber>>>>,
@@ -106,8 +106,8 @@ impl Pg {
         let mut config = parse_url(url)?;
         config.connect_timeout(CONNECT_TIMEOUT);
         config.application_name("moat");
-        let rt =
-            crate::rt::StoreRuntime::new("moat-store").map_err(|e| format!("cannot start the store runtime: {e}"))?;
+        let rt = crate::db::runtime::StoreRuntime::new("moat-store")
+            .map_err(|e| format!("cannot start the store runtime: {e}"))?;
         let pg = Arc::new(Self {
             shown: show(&config),
             config,

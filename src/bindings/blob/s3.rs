@@ -36,7 +36,7 @@ pub struct S3Blobs {
     store: Arc<AmazonS3>,
     /// `s3 BUCKET at ENDPOINT`: how errors name it.
     shown: String,
-    rt: crate::rt::StoreRuntime,
+    rt: crate::db::runtime::StoreRuntime,
 }
 
 /// R2's `httpMetadata` names and the attribute each is stored as.
@@ -74,8 +74,8 @@ impl S3Blobs {
             b = b.with_endpoint(endpoint).with_allow_http(endpoint.starts_with("http://"));
         }
         let store = b.build().map_err(|e| format!("cannot use bucket {:?}: {e}", o.bucket))?;
-        let rt =
-            crate::rt::StoreRuntime::new("moat-blob").map_err(|e| format!("cannot start the blob runtime: {e}"))?;
+        let rt = crate::db::runtime::StoreRuntime::new("moat-blob")
+            .map_err(|e| format!("cannot start the blob runtime: {e}"))?;
         let at = o.endpoint.as_deref().unwrap_or("AWS");
         Ok(Self { store: Arc::new(store), shown: format!("s3 bucket {} at {at}", o.bucket), rt })
     }
