@@ -125,7 +125,13 @@ impl OverrideStore {
         if specs.get(container).map(|(_, r)| r) == raw.as_ref() {
             return;
         }
-        match raw.and_then(|r| Some((parse(container, &r)?, r))) {
+        self.keep(&mut specs, container, raw.and_then(|r| Some((parse(container, &r)?, r))));
+    }
+
+    /// Sets `container`'s entry in `specs` (`None`: removes it); its compiled overrides are
+    /// made again on the next request.
+    fn keep(&self, specs: &mut HashMap<String, Stored>, container: &str, stored: Option<Stored>) {
+        match stored {
             Some(stored) => specs.insert(container.to_string(), stored),
             None => specs.remove(container),
         };
@@ -241,22 +247,18 @@ impl OverrideStore {
                 Some(serde_json::to_string(&spec).map_err(|e| store_err(e.to_string()))?)
             };
             if self.backend.swap(container, old.as_deref(), new.as_deref()).map_err(store_err)? {
-                match new {
-                    Some(raw) => specs.insert(container.to_string(), (spec.clone(), raw)),
-                    None => specs.remove(container),
-                };
-                self.compiled.write().unwrap_or_else(|e| e.into_inner()).remove(container);
+                self.keep(&mut specs, container, new.map(|raw| (spec.clone(), raw)));
                 return Ok(spec);
             }
             // Changed elsewhere: take what the store has now and apply the setter to it.
-            match self.backend.load(container).map_err(store_err)? {
+            let stored = match self.backend.load(container).map_err(store_err)? {
                 Some(raw) => match parse(container, &raw) {
-                    Some(spec) => specs.insert(container.to_string(), (spec, raw)),
+                    Some(spec) => Some((spec, raw)),
                     None => return Err(store_err(format!("container {container}'s stored overrides are unreadable"))),
                 },
-                None => specs.remove(container),
+                None => None,
             };
-            self.compiled.write().unwrap_or_else(|e| e.into_inner()).remove(container);
+            self.keep(&mut specs, container, stored);
         }
         Err(store_err(format!("container {container}'s overrides kept changing on other nodes; try again")))
     }
