@@ -126,6 +126,9 @@ pub struct KvStore {
     /// table → key → entry (`None`: known to be absent).
     cache: std::sync::RwLock<HashMap<String, TableCache>>,
     cache_bytes: AtomicUsize,
+    /// Whether any namespace is on a shared database (else every read may use the cache, and
+    /// a cached read looks up no backend).
+    any_shared: bool,
     /// Whether shared namespaces may be served from the cache now.
     shared_cache_on: AtomicBool,
     /// Bumped by every invalidation: a read that started before one must not fill the cache.
@@ -145,7 +148,9 @@ impl KvStore {
         routes: HashMap<String, Arc<dyn KvBackend>>,
         storage: Arc<dyn KvBackend>,
     ) -> Self {
+        let any_shared = routes.values().chain([&default, &storage]).any(|b| b.shared().is_some());
         Self {
+            any_shared,
             routes,
             default,
             storage,
@@ -197,7 +202,7 @@ impl KvStore {
 
     /// Whether `ns`'s entries may be cached now.
     fn cacheable(&self, ns: &str) -> bool {
-        self.backend(ns).shared().is_none() || self.shared_cache_on.load(Ordering::SeqCst)
+        !self.any_shared || self.backend(ns).shared().is_none() || self.shared_cache_on.load(Ordering::SeqCst)
     }
 
     /// Drops one cached key, or everything.
