@@ -105,6 +105,20 @@ fn one_line(e: &dyn std::error::Error) -> String {
     out.replace('\n', " ")
 }
 
+/// `key` with `options`, or `None` when the service has no such object.
+async fn get_object(
+    store: &AmazonS3,
+    key: &str,
+    options: GetOptions,
+    shown: &str,
+) -> Result<Option<object_store::GetResult>, BlobError> {
+    match store.get_opts(&path(key)?, options).await {
+        Ok(r) => Ok(Some(r)),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(BlobError::Storage(format!("{shown}: {}", one_line(&e)))),
+    }
+}
+
 fn path(key: &str) -> Result<Path, BlobError> {
     Path::parse(key).map_err(|e| BlobError::Invalid(format!("invalid object key {key:?} for an S3 bucket: {e}")))
 }
@@ -159,11 +173,8 @@ impl BlobBackend for S3Blobs {
         let shown = self.shown.clone();
         self.run(async move {
             let options = GetOptions { head: true, ..Default::default() };
-            match store.get_opts(&path(&key)?, options).await {
-                Ok(r) => Ok(Some(object(&key, &r.meta, Some(&r.attributes), None))),
-                Err(object_store::Error::NotFound { .. }) => Ok(None),
-                Err(e) => Err(BlobError::Storage(format!("{shown}: {}", one_line(&e)))),
-            }
+            let found = get_object(&store, &key, options, &shown).await?;
+            Ok(found.map(|r| object(&key, &r.meta, Some(&r.attributes), None)))
         })
     }
 
@@ -184,17 +195,14 @@ impl BlobBackend for S3Blobs {
                     Some(GetRange::Bounded(offset..offset + length))
                 }
             };
-            let task = self.rt.spawn(async move {
-                match store.get_opts(&path(&key)?, GetOptions { range, ..Default::default() }).await {
-                    Ok(r) => {
-                        let meta = object(&key, &r.meta, Some(&r.attributes), None);
-                        Ok(Some((meta, crate::body::boxed(StreamBody(r.into_stream())))))
-                    }
-                    Err(object_store::Error::NotFound { .. }) => Ok(None),
-                    Err(e) => Err(BlobError::Storage(format!("{shown}: {}", one_line(&e)))),
-                }
-            });
-            task.await.map_err(|e| BlobError::Storage(format!("blob task failed: {e}")))?
+            self.run(async move {
+                let found = get_object(&store, &key, GetOptions { range, ..Default::default() }, &shown).await?;
+                Ok(found.map(|r| {
+                    let meta = object(&key, &r.meta, Some(&r.attributes), None);
+                    (meta, crate::body::boxed(StreamBody(r.into_stream())))
+                }))
+            })
+            .await
         })
     }
 
