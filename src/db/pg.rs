@@ -47,6 +47,7 @@ impl Conn {
 }
 
 /// What a subscriber to a channel is told.
+#[derive(Clone, Copy)]
 pub enum Event<'a> {
     /// A notification's payload.
     Notified(&'a str),
@@ -293,10 +294,6 @@ fn tell_all(subscribers: &Mutex<HashMap<String, Vec<Subscriber>>>, event: Event<
     let all: Vec<Subscriber> =
         subscribers.lock().unwrap_or_else(|e| e.into_inner()).values().flatten().cloned().collect();
     for s in all {
-        s(match &event {
-            Event::Lost => Event::Lost,
-            Event::Listening => Event::Listening,
-            Event::Notified(p) => Event::Notified(p),
-        });
+        s(event);
     }
 }
