@@ -13,6 +13,9 @@
 //!                                 it (what `fetch` costs beyond the Lua call)
 //! bench-lua-call raw N UPSTREAM   no moat: 32 sockets writing the same request and reading
 //!                                 the answer with httparse (the floor for `send`)
+//! bench-lua-call body N [UPSTREAM] the handler's whole body from $BENCH_LUA (it gets
+//!                                 `request`, `env`, `ctx`), one call at a time: prices each
+//!                                 piece of a handler (under callgrind, see bench/README.md)
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -55,13 +58,19 @@ fn main() {
         }
         _ => "Response.new(\"hello, moat!\\n\")",
     };
+    let body = match mode.as_str() {
+        "body" => std::env::var("BENCH_LUA").expect("body mode reads the handler from BENCH_LUA"),
+        _ => format!(
+            "local r = Request.new(request)\n    r.headers:set(\"x-moat-container\", ctx.containerId)\n    return {answer}"
+        ),
+    };
     let dir = std::env::temp_dir().join(format!("moat-bench-lua-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let policy = dir.join("policy.lua");
     std::fs::write(
         &policy,
         format!(
-            "allowedHosts = {{ \"127.0.0.1\" }}\noutboundByHost = {{\n  [\"127.0.0.1\"] = function(request, env, ctx)\n    local r = Request.new(request)\n    r.headers:set(\"x-moat-container\", ctx.containerId)\n    return {answer}\n  end,\n}}\n"
+            "allowedHosts = {{ \"127.0.0.1\" }}\noutboundByHost = {{\n  [\"127.0.0.1\"] = function(request, env, ctx)\n    {body}\n  end,\n}}\n"
         ),
     )
     .unwrap();
@@ -128,7 +137,7 @@ fn main() {
         };
         // Calls in flight at once: 32 with fetch (as the end-to-end benchmark's connections,
         // so that upstream round trips overlap), 1 without.
-        let conc: u32 = if mode == "local" || mode == "loop" { 1 } else { 32 };
+        let conc: u32 = if matches!(mode.as_str(), "local" | "loop" | "body") { 1 } else { 32 };
         let run = |count: u32| {
             let tasks: Vec<_> = (0..conc)
                 .map(|_| {

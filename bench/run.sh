@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # moat benchmark: direct vs through moat, on loopback only, bounded in time.
-#   bash bench/run.sh            (SECS=10 CONNS=32 by default; ONLY=https|sandbox|peer|shared runs that part)
+#   bash bench/run.sh            (SECS=10 CONNS=32 by default; ONLY=https|sandbox|peer|ir|shared runs that part)
 # Prints requests/s, p50/p99 latency, the ratio of each path to direct, the p99 added at a
 # fixed 2,000 req/s, moat's RSS (with 1,000 idle keep-alive connections, and peak), and for
 # HTTPS: intercepted handler vs direct TLS, and the cost of a new host's first request.
@@ -294,6 +294,27 @@ instructions_part() {
       -v n=$(( n2 - n1 )) 'BEGIN {printf "%.0f", (b - a) / n}')
     printf 'moat %-8s %s instructions per request\n' "$path" "$total"
   done
+  # The peer, counted the same way: nginx without a master process, one worker. LuaJIT
+  # writes machine code at run time, which callgrind follows only with --smc-check=all.
+  [ -x /usr/sbin/nginx ] || { echo "(nginx not installed: no peer count)"; return 0; }
+  local counts=()
+  for n in "$n1" "$n2"; do
+    local dir="$work/cg-nginx-$n"
+    mkdir -p "$dir"
+    sed -e "s|@WORK@|$dir|g" -e "s|@LISTEN@|127.0.0.1:13240|" -e "s|@UPSTREAM@|$UP|" -e "s|@WORKERS@|1|" \
+      bench/nginx-lua.conf > "$dir/nginx.conf"
+    echo "master_process off;" >> "$dir/nginx.conf"
+    valgrind --tool=callgrind --smc-check=all --callgrind-out-file="$dir/cg.out" \
+      /usr/sbin/nginx -p "$dir" -c "$dir/nginx.conf" -g "daemon off;" 2> "$dir/stderr" &
+    local vg=$!
+    for _ in $(seq 300); do curl -s -o /dev/null -x http://127.0.0.1:13240 "http://$UP/" && break; sleep 0.2; done
+    run count 127.0.0.1:13240 "http://$UP/" 4 "$n" > /dev/null
+    kill -QUIT "$vg"; wait "$vg" 2> /dev/null || true
+    counts+=("$(sed -n 's/^summary: //p' "$dir/cg.out")")
+  done
+  # The warm-up request above is in both runs, so it cancels out like start-up does.
+  printf 'nginx+lua         %s instructions per request (the peer, same job as moat handler)\n' \
+    "$(awk -v a="${counts[0]}" -v b="${counts[1]}" -v n=$(( n2 - n1 )) 'BEGIN {printf "%.0f", (b - a) / n}')"
 }
 # KV-reading handlers with the namespace in moat's redb file and in a shared PostgreSQL
 # database (a second moat, [kv] KV = { backend = "postgres" }), in one run: a hot key's get
@@ -344,6 +365,11 @@ TOML
 
 if [ "${ONLY:-}" = shared ]; then
   shared_part
+  exit 0
+fi
+if [ "${ONLY:-}" = ir ]; then
+  ensure_nginx
+  instructions_part
   exit 0
 fi
 if [ "${ONLY:-}" = peer ]; then
