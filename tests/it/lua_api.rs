@@ -60,6 +60,11 @@ outboundByHost = {{
     local manual = fetch(Request.new(UP .. "/redirect", {{ redirect = "manual" }}))
     return Response.new(followed.status .. " " .. followed.url .. " " .. manual.status .. " " .. manual.headers:get("location"))
   end,
+  ["get-body.test"] = function(request)
+    -- A GET with a body is refused by fetch as by Request.new, whether given as is or copied.
+    local ok, err = pcall(fetch, request)
+    return Response.new(tostring(ok) .. ": " .. tostring(err))
+  end,
   ["fetch-manual.test"] = function(request)
     -- Built from the intercepted request: redirect = "manual", as in Workers.
     return fetch(Request.new(UP .. "/redirect", request))
@@ -150,6 +155,8 @@ fn every_api_type_is_observable() {
     assert_eq!(r.body, format!("200 {} 302 /echo?redirected=1", up.url("/echo?redirected=1")));
     let r = curl(&moat, "http://fetch-manual.test/", &[]);
     assert_eq!((r.status, r.headers["location"].as_str()), (302, "/echo?redirected=1"));
+    let r = curl(&moat, "http://get-body.test/", &["-X", "GET", "-d", "a body"]);
+    assert!(r.body.starts_with("false: ") && r.body.contains("a GET or HEAD request cannot have a body"), "{}", r.body);
 
     let r = curl(&moat, "http://ctx.test/", &["-U", "agent-3:"]);
     assert_eq!(r.body, "agent-3 policy 16");

@@ -9,7 +9,7 @@ use mlua::{Lua, Result, Value};
 use super::body::{BodySlot, SharedBody};
 use super::headers::LuaHeaders;
 use super::meter::STREAM_HOLD;
-use super::request::{LuaRequest, ParsedUrl, Redirect};
+use super::request::{LuaRequest, Outgoing, ParsedUrl, Redirect};
 use super::response::LuaResponse;
 use crate::body;
 use crate::upstream::{self, DialRules, Upstream, UpstreamError};
@@ -34,7 +34,7 @@ pub fn install(lua: &Lua, upstream: Option<Rc<Upstream>>) -> Result<()> {
         let upstream = upstream.clone();
         async move {
             let upstream = upstream.ok_or_else(|| mlua::Error::runtime("fetch can only be called inside a handler"))?;
-            let req = LuaRequest::construct(&lua, input, init)?;
+            let req = LuaRequest::outgoing(&lua, input, init)?;
             // mlua keeps a finished future's allocation until Lua collects the call's objects,
             // and Lua's collector does not count it. Boxed, the request's state (about 3 KB)
             // is freed when the fetch ends; what Lua holds on to is this small wrapper.
@@ -44,8 +44,8 @@ pub fn install(lua: &Lua, upstream: Option<Rc<Upstream>>) -> Result<()> {
     lua.globals().set("fetch", f)
 }
 
-async fn fetch(lua: &Lua, upstream: &Upstream, req: LuaRequest) -> Result<LuaResponse> {
-    let LuaRequest { mut method, url: url_text, headers, body: req_body, redirect, parsed, .. } = req;
+async fn fetch(lua: &Lua, upstream: &Upstream, req: Outgoing) -> Result<LuaResponse> {
+    let Outgoing { mut method, url: url_text, mut headers, body: req_body, redirect, parsed } = req;
     // The URL as text, taken apart once: a request moat made (or `Request.new` parsed) comes
     // with its target; the `url::Url` itself is needed only to follow a redirect.
     let mut url: Option<url::Url> = None;
@@ -59,7 +59,6 @@ async fn fetch(lua: &Lua, upstream: &Upstream, req: LuaRequest) -> Result<LuaRes
             p
         }
     });
-    let mut headers = headers.into_map();
     if super::redacts_secrets(lua) {
         // A compressed body would hide a reflected secret from the redactor.
         headers.remove(http::header::ACCEPT_ENCODING);

@@ -85,6 +85,28 @@ impl LuaRequest {
         Self::made(lua, self.method.clone(), url, headers, self.body.transfer()?, self.redirect)
     }
 
+    /// What `fetch(input, init?)` sends. A Request given as is (no `init`) is read directly:
+    /// the copy a `Request.new` would make (a header object, its charges) lives only until
+    /// fetch takes it apart, and cost about 2,000 instructions per fetch.
+    pub fn outgoing(lua: &Lua, input: Value, init: Option<Value>) -> Result<Outgoing> {
+        if let (Value::UserData(ud), None | Some(Value::Nil)) = (&input, &init)
+            && let Ok(req) = ud.borrow::<LuaRequest>()
+        {
+            let body = req.body.transfer()?;
+            check_body(&req.method, &body)?;
+            return Ok(Outgoing {
+                method: req.method.clone(),
+                url: req.url.clone(),
+                parsed: req.parsed.clone(),
+                headers: req.headers.snapshot(),
+                body,
+                redirect: req.redirect,
+            });
+        }
+        let LuaRequest { method, url, headers, body, redirect, parsed, .. } = Self::construct(lua, input, init)?;
+        Ok(Outgoing { method, url, parsed, headers: headers.into_map(), body, redirect })
+    }
+
     /// `Request.new(input, init?)`.
     pub fn construct(lua: &Lua, input: Value, init: Option<Value>) -> Result<Self> {
         let from_url = |url: &str| -> Result<Self> {
@@ -114,9 +136,7 @@ impl LuaRequest {
             }
             Some(_) => return Err(mlua::Error::runtime("Request.new: init must be a table")),
         }
-        if matches!(req.method, Method::GET | Method::HEAD) && !req.body.is_empty() && !req.body.is_used() {
-            return Err(mlua::Error::runtime("Request.new: a GET or HEAD request cannot have a body"));
-        }
+        check_body(&req.method, &req.body)?;
         Ok(req)
     }
 
@@ -148,6 +168,23 @@ impl LuaRequest {
         }
         Ok(())
     }
+}
+
+/// A request on its way out through `fetch`: a [`LuaRequest`] taken apart.
+pub struct Outgoing {
+    pub method: Method,
+    pub url: String,
+    pub parsed: Option<ParsedUrl>,
+    pub headers: http::HeaderMap,
+    pub body: SharedBody,
+    pub redirect: Redirect,
+}
+
+fn check_body(method: &Method, body: &SharedBody) -> Result<()> {
+    if matches!(*method, Method::GET | Method::HEAD) && !body.is_empty() && !body.is_used() {
+        return Err(mlua::Error::runtime("Request.new: a GET or HEAD request cannot have a body"));
+    }
+    Ok(())
 }
 
 /// Validates that `s` is an absolute http(s) URL and returns its serialisation.
