@@ -115,8 +115,13 @@ pub fn explain(config: &Config, id: Option<&str>, method: &str, url: &str) -> Re
     Ok(())
 }
 
-/// Every container's stored overrides (from the running moat when it holds the database).
+/// Every container's stored overrides: from the `[cluster]` store when there is one, else
+/// from the running moat when it holds the database, else from the database.
 pub(crate) fn all_stored_overrides(config: &Config) -> Result<Vec<(String, OverrideSpec)>, String> {
+    if let Some(store) = crate::serve::stores::cluster_overrides(config) {
+        let store = store.map_err(|e| e.to_string())?;
+        return Ok(store.containers().into_iter().map(|id| (id.clone(), store.spec(&id))).collect());
+    }
     if !config.data_dir.join("moat.redb").exists() {
         return Ok(Vec::new());
     }
@@ -144,9 +149,13 @@ pub(crate) fn all_stored_overrides(config: &Config) -> Result<Vec<(String, Overr
         .collect()
 }
 
-/// The overrides `id` has: asked of the running moat when it holds the database, else read
-/// from the database; none when there is no database yet (nothing was ever set).
+/// The overrides `id` has: read from the `[cluster]` store when there is one; else asked of
+/// the running moat when it holds the database, else read from the database; none when
+/// there is no database yet (nothing was ever set).
 fn stored_overrides(config: &Config, id: &ContainerId) -> Result<OverrideSpec, String> {
+    if let Some(store) = crate::serve::stores::cluster_overrides(config) {
+        return Ok(store.map_err(|e| e.to_string())?.spec(id.as_str()));
+    }
     if !config.data_dir.join("moat.redb").exists() {
         return Ok(OverrideSpec::default());
     }

@@ -30,11 +30,7 @@ pub(crate) fn open(config: &Config, db: &Arc<redb::Database>, watch: bool) -> an
         if let Some(pg) = databases.get(url) {
             return Ok(pg.clone());
         }
-        // The URL may carry a password: redacted from every log line from now on.
-        if let Some(password) = crate::db::pg::parse_url(url).ok().and_then(|c| c.get_password().map(<[u8]>::to_vec)) {
-            crate::log::add_own_secret(format!("{source} password"), String::from_utf8_lossy(&password).into_owned());
-        }
-        let pg = Pg::open(url).map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
+        let pg = open_database(url, source)?;
         databases.insert(url.to_string(), pg.clone());
         Ok(pg)
     };
@@ -66,6 +62,26 @@ pub(crate) fn open(config: &Config, db: &Arc<redb::Database>, watch: bool) -> an
         overrides.watch()?;
     }
     Ok(Stores { kv, blob: Arc::new(blob_store(config, db)?), overrides, registry })
+}
+
+/// The overrides of a `[cluster]` store, opened alone: what commands that only read them
+/// (`moat check`, `moat explain`) must see, whether or not this node's moat is running.
+/// None without a `[cluster]` store (the overrides are in moat's redb file).
+pub(crate) fn cluster_overrides(config: &Config) -> Option<anyhow::Result<OverrideStore>> {
+    let Some(Backend::Postgres { url, source }) = &config.stores.cluster else { return None };
+    Some(open_database(url, source).and_then(|pg| {
+        let shown = pg.shown.clone();
+        Ok(OverrideStore::on(Arc::new(PgOverrides { pg }), shown)?)
+    }))
+}
+
+/// Opens a PostgreSQL database; the password its URL may carry is redacted from every log
+/// line from now on.
+fn open_database(url: &str, source: &str) -> anyhow::Result<Arc<Pg>> {
+    if let Some(password) = crate::db::pg::parse_url(url).ok().and_then(|c| c.get_password().map(<[u8]>::to_vec)) {
+        crate::log::add_own_secret(format!("{source} password"), String::from_utf8_lossy(&password).into_owned());
+    }
+    Pg::open(url).map_err(|e| anyhow::anyhow!("{source}: {e}"))
 }
 
 /// The buckets: moat's blob folder, but for those that name an S3-compatible service.

@@ -382,3 +382,43 @@ fn moat_kv_without_a_running_moat_reads_and_writes_the_shared_namespace() {
     assert_eq!(kv(&["get", "KV", "from-node"]).1, "hi");
     assert_eq!(kv(&["list", "KV"]).1, "from-cli\nfrom-node\n");
 }
+
+/// `moat check` on a node reads the overrides from the `[cluster]` store: an override that
+/// another node set, naming a handler this node's policy no longer defines, is found even
+/// where moat never ran (no local database at all).
+#[test]
+fn check_finds_a_stale_override_in_the_cluster_store() {
+    let Some(pg) = shared_pg() else { return };
+    let url = pg.fresh_database();
+    let a = node("node-a", &url);
+    let socket = a.dir.path().join("data/admin.sock");
+    let (code, body) = admin(&socket, "PUT", "/v1/containers/agent-1/outbound-by-host/a.test", Some(r#""other""#));
+    assert_eq!(code, 200, "{body}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("policy.lua"),
+        "outboundByHost = { [\"a.test\"] = function() return Response.new(\"x\") end }\n",
+    )
+    .unwrap();
+    std::fs::write(d.join("moat.toml"), format!("data_dir = \"data\"\n{}", config("node-b"))).unwrap();
+    let check = || {
+        let out = std::process::Command::new(MOAT)
+            .args(["check", "--config", "moat.toml", "--policy", "policy.lua"])
+            .env("MOAT_PG_URL", &url)
+            .current_dir(d)
+            .output()
+            .unwrap();
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let finding = "container agent-1: its override setOutboundByHost a.test names \"other\", which outboundHandlers does not define (define it, or moat policy agent-1 clearOverrides)";
+    let (code, err) = check();
+    assert_eq!((code, err.lines().next().unwrap_or_default()), (2, finding), "{err}");
+    assert!(!d.join("data/moat.redb").exists(), "check made a local database");
+    assert!(!err.contains(PG_PASSWORD), "{err}");
+    // Cleared on node A, it is no longer found.
+    assert_eq!(admin(&socket, "DELETE", "/v1/containers/agent-1/overrides", None).0, 200);
+    let (code, err) = check();
+    assert_eq!(code, 0, "{err}");
+}
