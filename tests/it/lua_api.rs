@@ -70,6 +70,12 @@ outboundByHost = {{
     return fetch(Request.new(UP .. "/redirect", request))
   end,
   -- console, ctx, print.
+  ["ctx-vararg.test"] = function(...)
+    -- A handler that takes `...` gets ctx too (one without a third parameter gets none).
+    local _, _, ctx = ...
+    local ok, err = pcall(function() return ctx.nope end)
+    return Response.new(select('#', ...) .. " " .. ctx.containerId .. " " .. tostring(ok) .. " " .. tostring(tostring(err):match("unknown field 'nope'")))
+  end,
   ["ctx.test"] = function(request, env, ctx)
     console.log("hello from", ctx.containerId, {{ n = 1 }})
     print("printed")
@@ -160,6 +166,8 @@ fn every_api_type_is_observable() {
 
     let r = curl(&moat, "http://ctx.test/", &["-U", "agent-3:"]);
     assert_eq!(r.body, "agent-3 policy 16");
+    let r = curl(&moat, "http://ctx-vararg.test/", &["-U", "agent-3:"]);
+    assert_eq!(r.body, "3 agent-3 false unknown field 'nope'");
     let log = moat.wait_log("printed");
     assert!(log.contains(r#"hello from agent-3 {"n":1}"#), "{log}");
     assert!(log.contains("container=\"agent-3\""), "{log}");
