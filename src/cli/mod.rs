@@ -117,11 +117,20 @@ pub fn explain(config: &Config, id: Option<&str>, method: &str, url: &str) -> Re
 
 /// Every container's stored overrides: from the `[cluster]` store when there is one, else
 /// from the running moat when it holds the database, else from the database.
-pub(crate) fn all_stored_overrides(config: &Config) -> Result<Vec<(String, OverrideSpec)>, String> {
+/// `Ok(Err(reason))` when they are in a `[cluster]` store that cannot be read from here.
+pub(crate) fn all_stored_overrides(config: &Config) -> Result<Result<StoredOverrides, String>, String> {
     if let Some(store) = crate::serve::stores::cluster_overrides(config) {
-        let store = store.map_err(|e| e.to_string())?;
-        return Ok(store.containers().into_iter().map(|id| (id.clone(), store.spec(&id))).collect());
+        return Ok(store
+            .map(|store| store.containers().into_iter().map(|id| (id.clone(), store.spec(&id))).collect())
+            .map_err(|e| format!("{e:#}")));
     }
+    local_stored_overrides(config).map(Ok)
+}
+
+/// Every container's overrides, by container id.
+pub(crate) type StoredOverrides = Vec<(String, OverrideSpec)>;
+
+fn local_stored_overrides(config: &Config) -> Result<StoredOverrides, String> {
     if !config.data_dir.join("moat.redb").exists() {
         return Ok(Vec::new());
     }
@@ -154,7 +163,13 @@ pub(crate) fn all_stored_overrides(config: &Config) -> Result<Vec<(String, Overr
 /// there is no database yet (nothing was ever set).
 fn stored_overrides(config: &Config, id: &ContainerId) -> Result<OverrideSpec, String> {
     if let Some(store) = crate::serve::stores::cluster_overrides(config) {
-        return Ok(store.map_err(|e| e.to_string())?.spec(id.as_str()));
+        return match store {
+            Ok(store) => Ok(store.spec(id.as_str())),
+            Err(e) => {
+                println!("  note: the [cluster] store cannot be read ({e:#}): shown without runtime overrides");
+                Ok(OverrideSpec::default())
+            }
+        };
     }
     if !config.data_dir.join("moat.redb").exists() {
         return Ok(OverrideSpec::default());
