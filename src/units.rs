@@ -1,7 +1,16 @@
 //! Sizes and durations as users write them (`"16MiB"`, `"500ms"`): in `moat.toml`, on the
-//! command line and in the admin API.
+//! command line and in the admin API; numbers written without the formatting machinery; a
+//! message made one line.
 
 use std::time::Duration;
+
+/// `text` on one line, its lines joined with "; ". A reason moat gives a client is one line,
+/// and servers' messages are not: PostgreSQL puts `DETAIL:` and `HINT:` on lines of their own
+/// (a server starting up answers "FATAL: the database system is not yet accepting
+/// connections", then "DETAIL: ..."), an S3 service may answer with an XML document.
+pub fn one_line(text: &str) -> String {
+    text.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
+}
 
 /// `"10s"`, `"500ms"`, `"2m"`, `"1h"`, `"250us"`.
 pub fn parse_duration(text: &str) -> Option<Duration> {
@@ -63,6 +72,16 @@ pub fn decimal(n: u64, buf: &mut [u8; 20]) -> &str {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_server_message_with_detail_lines_becomes_one_line() {
+        let text = "FATAL: the database system is not yet accepting connections\nDETAIL: Consistent recovery state has not been yet reached.\n";
+        assert_eq!(
+            super::one_line(text),
+            "FATAL: the database system is not yet accepting connections; DETAIL: Consistent recovery state has not been yet reached."
+        );
+        assert_eq!(super::one_line("connection refused"), "connection refused");
+    }
+
     use super::*;
 
     #[test]

@@ -164,7 +164,7 @@ impl Pg {
                             e.as_db_error().map_or(e.to_string(), |d| d.message().to_string())
                         ));
                     }
-                    Err(e) => e.to_string(),
+                    Err(e) => crate::units::one_line(&e.to_string()),
                 },
                 Err(e) => e,
             };
@@ -219,8 +219,8 @@ impl Pg {
 fn describe_connect(e: &tokio_postgres::Error) -> String {
     use std::error::Error;
     match e.source() {
-        Some(cause) => format!("cannot connect: {cause}"),
-        None => format!("cannot connect: {e}"),
+        Some(cause) => format!("cannot connect: {}", crate::units::one_line(&cause.to_string())),
+        None => format!("cannot connect: {}", crate::units::one_line(&e.to_string())),
     }
 }
 

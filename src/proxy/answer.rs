@@ -65,7 +65,9 @@ pub fn handler_failure(f: &HandlerFailure, request_id: &str, handler_timeout: st
             ),
         ),
         HandlerFailure::Upstream(_, fe) => upstream_failure(&fe.source),
-        HandlerFailure::Store(m) => text(StatusCode::SERVICE_UNAVAILABLE, format!("moat: {m} (request {request_id})")),
+        HandlerFailure::Store(m) => {
+            text(StatusCode::SERVICE_UNAVAILABLE, format!("moat: {} (request {request_id})", crate::units::one_line(m)))
+        }
         _ => text(StatusCode::INTERNAL_SERVER_ERROR, format!("policy handler error (request {request_id})")),
     }
 }
