@@ -80,7 +80,7 @@ pub fn explain(config: &Config, id: Option<&str>, method: &str, url: &str) -> Re
     let (host, port) = split_authority(authority).map_err(|e| e.to_string())?;
     let host = CanonicalHost::parse(host).map_err(|e| e.to_string())?;
     let port = port.unwrap_or(default_port);
-    let spec = stored_overrides(config, &id)?;
+    let (spec, unread) = stored_overrides(config, &id)?;
     let (overrides, dropped) = spec.compile(&g.policy);
     let inst = (!spec.is_empty()).then_some(&overrides);
     let v = decide(&host, port, &g.policy, inst);
@@ -92,6 +92,9 @@ pub fn explain(config: &Config, id: Option<&str>, method: &str, url: &str) -> Re
             g.class,
             serde_json::to_string(&spec).unwrap_or_default()
         ),
+    }
+    if let Some(reason) = unread {
+        println!("  note: the [cluster] store cannot be read ({reason}): shown without runtime overrides");
     }
     for name in dropped {
         println!("  note: override names handler {name:?}, which the policy no longer has; it is ignored");
@@ -153,24 +156,26 @@ fn local_stored_overrides(config: &Config) -> Result<StoredOverrides, String> {
     ids.into_iter()
         .map(|id| {
             let cid = ContainerId::parse(&id).map_err(|e| format!("{id}: {e}"))?;
-            Ok((id, stored_overrides(config, &cid)?))
+            Ok((id, local_overrides(config, &cid)?))
         })
         .collect()
 }
 
-/// The overrides `id` has: read from the `[cluster]` store when there is one; else asked of
-/// the running moat when it holds the database, else read from the database; none when
-/// there is no database yet (nothing was ever set).
-fn stored_overrides(config: &Config, id: &ContainerId) -> Result<OverrideSpec, String> {
+/// The overrides `id` has: read from the `[cluster]` store when there is one (none, and the
+/// reason, when it cannot be read), else as [`local_overrides`].
+fn stored_overrides(config: &Config, id: &ContainerId) -> Result<(OverrideSpec, Option<String>), String> {
     if let Some(store) = crate::serve::stores::cluster_overrides(config) {
-        return match store {
-            Ok(store) => Ok(store.spec(id.as_str())),
-            Err(e) => {
-                println!("  note: the [cluster] store cannot be read ({e:#}): shown without runtime overrides");
-                Ok(OverrideSpec::default())
-            }
-        };
+        return Ok(match store {
+            Ok(store) => (store.spec(id.as_str()), None),
+            Err(e) => (OverrideSpec::default(), Some(format!("{e:#}"))),
+        });
     }
+    local_overrides(config, id).map(|spec| (spec, None))
+}
+
+/// The overrides `id` has in this node's database: asked of the running moat when it holds
+/// the database, else read from it; none when there is no database yet (nothing was ever set).
+fn local_overrides(config: &Config, id: &ContainerId) -> Result<OverrideSpec, String> {
     if !config.data_dir.join("moat.redb").exists() {
         return Ok(OverrideSpec::default());
     }

@@ -416,7 +416,31 @@ fn check_finds_a_stale_override_in_the_cluster_store() {
     let finding = "container agent-1: its override setOutboundByHost a.test names \"other\", which outboundHandlers does not define (define it, or moat policy agent-1 clearOverrides)";
     let (code, err) = check();
     assert_eq!((code, err.lines().next().unwrap_or_default()), (2, finding), "{err}");
-    assert!(!d.join("data/moat.redb").exists(), "check made a local database");
+    // explain reads the same store: the override is there, and ignored as naming no handler.
+    let explain = |url: &str| {
+        let out = std::process::Command::new(MOAT)
+            .args(["explain", "--config", "moat.toml", "--policy", "policy.lua", "--id", "agent-1", "GET"])
+            .arg("http://a.test/")
+            .env("MOAT_PG_URL", url)
+            .current_dir(d)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let shown = explain(&url);
+    assert!(shown.contains("runtime overrides: {") && shown.contains("\"other\""), "{shown}");
+    assert!(shown.contains("note: override names handler \"other\""), "{shown}");
+    let unreachable = explain(&format!("postgres://moat:{PG_PASSWORD}@127.0.0.1:1/moat"));
+    assert_eq!(
+        unreachable.lines().nth(1),
+        Some("  container: agent-1 (class policy, no runtime overrides)"),
+        "{unreachable}"
+    );
+    assert!(
+        unreachable.lines().nth(2).is_some_and(|l| l.starts_with("  note: the [cluster] store cannot be read")),
+        "{unreachable}"
+    );
+    assert!(!d.join("data/moat.redb").exists(), "check or explain made a local database");
     assert!(!err.contains(PG_PASSWORD), "{err}");
     // Cleared on node A, it is no longer found.
     assert_eq!(admin(&socket, "DELETE", "/v1/containers/agent-1/overrides", None).0, 200);
