@@ -123,15 +123,17 @@ pub fn explain(config: &Config, id: Option<&str>, method: &str, url: &str) -> Re
 /// `Ok(Err(reason))` when they are in a `[cluster]` store that cannot be read from here.
 pub(crate) fn all_stored_overrides(config: &Config) -> Result<Result<StoredOverrides, String>, String> {
     if let Some(store) = crate::serve::stores::cluster_overrides(config) {
-        return Ok(store
-            .map(|store| store.containers().into_iter().map(|id| (id.clone(), store.spec(&id))).collect())
-            .map_err(|e| format!("{e:#}")));
+        return Ok(store.map(|store| every_spec(&store)).map_err(|e| format!("{e:#}")));
     }
     local_stored_overrides(config).map(Ok)
 }
 
 /// Every container's overrides, by container id.
 pub(crate) type StoredOverrides = Vec<(String, OverrideSpec)>;
+
+fn every_spec(store: &crate::proxy::overrides::OverrideStore) -> StoredOverrides {
+    store.containers().into_iter().map(|id| (id.clone(), store.spec(&id))).collect()
+}
 
 fn local_stored_overrides(config: &Config) -> Result<StoredOverrides, String> {
     if !config.data_dir.join("moat.redb").exists() {
@@ -141,7 +143,7 @@ fn local_stored_overrides(config: &Config) -> Result<StoredOverrides, String> {
         Ok(db) => {
             let store =
                 crate::proxy::overrides::OverrideStore::open(db, &config.data_dir).map_err(|e| e.to_string())?;
-            return Ok(store.containers().into_iter().map(|id| (id.clone(), store.spec(&id))).collect());
+            return Ok(every_spec(&store));
         }
         Err(crate::db::OpenError::InUse) => {
             let (code, body) = crate::admin::client::call(&config.admin_socket, "GET", "/v1/containers", None)?;
