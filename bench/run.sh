@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # moat benchmark: direct vs through moat, on loopback only, bounded in time.
-#   bash bench/run.sh            (SECS=10 CONNS=32 by default; ONLY=https|sandbox|peer|ir|shared runs that part)
+#   bash bench/run.sh            (SECS=10 CONNS=32 by default; ONLY=https|sandbox|peer|ir|shared|p99 runs that part; BASELINE=other/moat in part 3)
 # Prints requests/s, p50/p99 latency, the ratio of each path to direct, the p99 added at a
 # fixed 2,000 req/s, moat's RSS (with 1,000 idle keep-alive connections, and peak), and for
 # HTTPS: intercepted handler vs direct TLS, and the cost of a new host's first request.
@@ -134,7 +134,8 @@ field() { sed -n "s/.*$1=\([0-9.]*\).*/\1/p"; }
 ROUNDS=${ROUNDS:-3}
 
 median() { sort -t= -k4 -n "$1" | awk '{a[NR]=$0} END {print a[int((NR+1)/2)]}'; }
-median_rps() { field rps < "$1" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+middle() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+median_rps() { field rps < "$1" | middle; }
 
 https_part() {
   echo "== HTTPS, $CONNS keep-alive connections, ${SECS}s per run, $ROUNDS rounds: direct TLS to the"
@@ -316,6 +317,39 @@ instructions_part() {
   printf 'nginx+lua         %s instructions per request (the peer, same job as moat handler)\n' \
     "$(awk -v a="${counts[0]}" -v b="${counts[1]}" -v n=$(( n2 - n1 )) 'BEGIN {printf "%.0f", (b - a) / n}')"
 }
+# The p99 latency each moat path adds at RATE req/s over direct: ROUNDS rounds, each path's
+# added p99 taken against that round's direct run, the median round reported. With
+# BASELINE=path/to/another/moat (a build of another commit), that moat serves the same classes
+# on other ports and its runs alternate with this one's, so the machine's noise hits both
+# alike: a change's effect on latency, judged in one run.
+open_loop_part() {
+  local paths=(egress handler) r p
+  if [ -n "${BASELINE:-}" ]; then
+    sed -e "s|$work/data|$work/base-data|" -e "s|127.0.0.1:131|127.0.0.1:133|" "$work/moat.toml" > "$work/base.toml"
+    MOAT_NO_DNS=1 RUST_LOG=warn "$BASELINE" serve --config "$work/base.toml" > "$work/base.out" 2> "$work/base.log" &
+    pids+=($!)
+    for _ in $(seq 100); do grep -q "listening on 127.0.0.1:13329" "$work/base.out" "$work/base.log" 2> /dev/null && break; sleep 0.1; done
+    paths+=(base-egress base-handler)
+  fi
+  echo "== open loop at $RATE req/s, $CONNS connections, ${SECS}s per run, $ROUNDS rounds${BASELINE:+ (baseline: $BASELINE)}"
+  : > "$work/ol-direct"; for p in "${paths[@]}"; do : > "$work/ol-$p"; done
+  for r in $(seq "$ROUNDS"); do
+    local d; d=$(run "$UP" "http://$UP/" "$CONNS" "$SECS" "$RATE" | tee -a "$work/ol-direct" | field p99_us)
+    # Every other round runs the paths in reverse order: none always runs first after direct.
+    local order=("${paths[@]}")
+    [ $(( r % 2 )) = 0 ] && order=($(printf '%s\n' "${paths[@]}" | tac))
+    for p in "${order[@]}"; do
+      local port; port=$(case $p in egress) echo 13128;; handler) echo 13129;; base-egress) echo 13328;; base-handler) echo 13329;; esac)
+      run "127.0.0.1:$port" "http://$UP/" "$CONNS" "$SECS" "$RATE" | awk -v d="$d" '{print} {sub(/.*p99_us=/, ""); print "added=" $1 - d}' >> "$work/ol-$p"
+    done
+  done
+  printf '%-13s p99 (µs) per round: %s median %s\n' direct "$(field p99_us < "$work/ol-direct" | tr '\n' ' ')" \
+    "$(field p99_us < "$work/ol-direct" | middle)"
+  for p in "${paths[@]}"; do
+    local added; added=$(sed -n 's/^added=//p' "$work/ol-$p")
+    printf '%-13s p99 added (µs) per round: %s median %s\n' "$p" "$(echo "$added" | tr '\n' ' ')" "$(echo "$added" | middle)"
+  done
+}
 # KV-reading handlers with the namespace in moat's redb file and in a shared PostgreSQL
 # database (a second moat, [kv] KV = { backend = "postgres" }), in one run: a hot key's get
 # (answered from moat's cache on both, which a shared database keeps exact through its
@@ -378,6 +412,10 @@ if [ "${ONLY:-}" = peer ]; then
 fi
 if [ "${ONLY:-}" = https ]; then
   https_part
+  exit 0
+fi
+if [ "${ONLY:-}" = p99 ]; then
+  open_loop_part
   exit 0
 fi
 if [ "${ONLY:-}" = sandbox ]; then
@@ -457,13 +495,8 @@ printf 'egress, access log on  median rps=%-7s ratio=%.2f  proxy CPU per request
   "$(awk -v m="$l" -v d="$d" 'BEGIN {print m/d}')" "$(echo "$line" | field proxy_cpu_us)" "$(grep -c 'access' "$work/logged.log" || true)"
 rm -f "$work/logged.log"
 
-echo "== open loop at $RATE req/s, $CONNS connections, ${SECS}s"
-rd=$(run "$UP" "http://$UP/" "$CONNS" "$SECS" "$RATE")
-re=$(run 127.0.0.1:13128 "http://$UP/" "$CONNS" "$SECS" "$RATE")
-rh=$(run 127.0.0.1:13129 "http://$UP/" "$CONNS" "$SECS" "$RATE")
-printf '%-26s %s\n' "direct @${RATE}" "$rd" "moat egress @${RATE}" "$re" "moat handler @${RATE}" "$rh"
-p99d=$(echo "$rd" | field p99_us)
-echo "p99 added: egress $(( $(echo "$re" | field p99_us) - p99d )) us, handler $(( $(echo "$rh" | field p99_us) - p99d )) us"
+open_loop_part
+p99d=$(field p99_us < "$work/ol-direct" | middle)
 echo "handler on the fresh instance (the first run of all): $fresh"
 echo "p99 added on the fresh instance: handler $(( $(echo "$fresh" | field p99_us) - p99d )) us"
 
