@@ -37,6 +37,11 @@ pub fn drain() -> Vec<Captured> {
     CAPTURED.with(|c| c.borrow_mut().as_mut().map(std::mem::take).unwrap_or_default())
 }
 
+/// Whether this thread captures.
+pub(super) fn active() -> bool {
+    CAPTURED.with(|c| c.borrow().is_some())
+}
+
 /// Keeps `r` when this thread captures; `false` when it does not (the record is logged).
 pub(super) fn take(r: &AccessRecord<'_>) -> bool {
     CAPTURED.with(|c| match c.borrow_mut().as_mut() {

@@ -110,7 +110,7 @@ pub(crate) fn access(r: &AccessRecord<'_>) {
         return;
     }
     // Redaction scans the text: skip it when the access log is filtered out.
-    if !tracing::enabled!(target: "moat::access", tracing::Level::INFO) {
+    if !access_enabled() {
         return;
     }
     let detail = redact(r.detail);
@@ -120,6 +120,16 @@ pub(crate) fn access(r: &AccessRecord<'_>) {
         }
         None => access::via_tracing(r, &detail),
     }
+}
+
+/// Whether an access record would be written or captured: when not, the caller need not
+/// format the fields it keeps unformatted (the host, about 1,000 instructions a request).
+pub(crate) fn access_wanted() -> bool {
+    capture::active() || access_enabled()
+}
+
+fn access_enabled() -> bool {
+    tracing::enabled!(target: "moat::access", tracing::Level::INFO)
 }
 
 /// The log thread's queue and the format, for access lines formatted by moat itself.

@@ -142,13 +142,17 @@ pub enum HandlerChoice {
 impl HandlerChoice {
     /// The name used in logs and `moat explain`.
     pub fn label(&self) -> String {
-        match self {
+        // Joined without the formatting machinery: this is made on every handler call.
+        let parts = match self {
             Self::InstanceByHost { handler, .. } | Self::InstanceOutbound(handler) => {
-                format!("outboundHandlers.{}", handler.name)
+                ["outboundHandlers.", handler.name.as_str(), ""]
             }
-            Self::ClassByHost { key } => format!("outboundByHost[\"{key}\"]"),
-            Self::ClassOutbound => "outbound".to_string(),
-        }
+            Self::ClassByHost { key } => ["outboundByHost[\"", key.as_str(), "\"]"],
+            Self::ClassOutbound => ["outbound", "", ""],
+        };
+        let mut label = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+        parts.iter().for_each(|p| label.push_str(p));
+        label
     }
 
     /// `ctx.params`, for runtime-selected handlers.

@@ -112,7 +112,7 @@ pub async fn serve_transparent_tls(
     };
     let Some(host) = host else {
         log.decision = Logged::Error;
-        log.host = dialled.ip().to_string();
+        log.host = Some(CanonicalHost::Ip(dialled.ip()));
         log.port = dialled.port();
         log.detail = "port 443 carries TLS with a valid server name only".into();
         log.emit();
@@ -265,7 +265,7 @@ fn plan_for(
     log: &mut LogLine,
 ) -> Result<Plan, Box<http::Response<crate::body::Body>>> {
     let shared = &worker.shared;
-    log.host = host.to_string();
+    log.host = Some(host.clone());
     log.port = port;
     let runtime = worker.runtime(class).ok_or_else(|| {
         log.decision = Logged::Error;

@@ -186,7 +186,7 @@ async fn h2_request(
             class: shared.class(class).config.name.clone(),
             method: parts.method.clone(),
             scheme: "https",
-            host: tunnel.target.host.to_string(),
+            host: Some(tunnel.target.host.clone()),
             port: tunnel.target.port,
             decision: Logged::Error,
             detail: msg.clone(),

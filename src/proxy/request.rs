@@ -15,7 +15,7 @@ use super::worker::Worker;
 use crate::body::Body;
 use crate::identity::{self, AuthError, ContainerId};
 use crate::log::Logged;
-use crate::policy::{Decision, DenyReason, HandlerChoice, Overrides};
+use crate::policy::{CanonicalHost, Decision, DenyReason, HandlerChoice, Overrides};
 use crate::script::api::body::{BodySlot, SharedBody};
 use crate::script::api::headers::LuaHeaders;
 use crate::script::api::request::{LuaRequest, ParsedUrl};
@@ -31,7 +31,8 @@ pub struct LogLine {
     pub generation: u64,
     pub method: http::Method,
     pub scheme: &'static str,
-    pub host: String,
+    /// Formatted only when the line is written (the access log is often filtered out).
+    pub host: Option<CanonicalHost>,
     pub port: u16,
     pub path: String,
     pub decision: Logged,
@@ -63,6 +64,10 @@ impl LogLine {
     }
 
     pub fn emit(&self) {
+        if !crate::log::access_wanted() {
+            return;
+        }
+        let host = self.host.as_ref().map(CanonicalHost::to_string).unwrap_or_default();
         crate::log::access(&crate::log::AccessRecord {
             request_id: &self.request_id,
             container: &self.container,
@@ -70,7 +75,7 @@ impl LogLine {
             generation: self.generation,
             method: self.method.as_str(),
             scheme: self.scheme,
-            host: &self.host,
+            host: &host,
             port: self.port,
             path: &self.path,
             decision: self.decision,
@@ -225,7 +230,7 @@ fn target_phase(
         };
         refuse(log, msg)
     })?;
-    log.host = target.host.to_string();
+    log.host = Some(target.host.clone());
     log.port = target.port;
     log.path = path.split('?').next().unwrap_or("/").to_string();
     Ok((target, path))
