@@ -72,17 +72,17 @@ pub fn decimal(n: u64, buf: &mut [u8; 20]) -> &str {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn a_server_message_with_detail_lines_becomes_one_line() {
         let text = "FATAL: the database system is not yet accepting connections\nDETAIL: Consistent recovery state has not been yet reached.\n";
         assert_eq!(
-            super::one_line(text),
+            one_line(text),
             "FATAL: the database system is not yet accepting connections; DETAIL: Consistent recovery state has not been yet reached."
         );
-        assert_eq!(super::one_line("connection refused"), "connection refused");
+        assert_eq!(one_line("connection refused"), "connection refused");
     }
-
-    use super::*;
 
     #[test]
     fn durations_and_sizes() {

@@ -218,10 +218,8 @@ impl Pg {
 /// A connection failure as one line (tokio-postgres's own text is "error connecting to server").
 fn describe_connect(e: &tokio_postgres::Error) -> String {
     use std::error::Error;
-    match e.source() {
-        Some(cause) => format!("cannot connect: {}", crate::units::one_line(&cause.to_string())),
-        None => format!("cannot connect: {}", crate::units::one_line(&e.to_string())),
-    }
+    let text = e.source().map_or_else(|| e.to_string(), |cause| cause.to_string());
+    format!("cannot connect: {}", crate::units::one_line(&text))
 }
 
 /// The listener: one connection that `LISTEN`s on every subscribed channel, forwarding each
