@@ -13,9 +13,15 @@
 //!                                 it (what `fetch` costs beyond the Lua call)
 //! bench-lua-call raw N UPSTREAM   no moat: 32 sockets writing the same request and reading
 //!                                 the answer with httparse (the floor for `send`)
+//! bench-lua-call floor N          no moat: the `local` handler on bare mlua with the thinnest
+//!                                 userdata that can serve it (the floor for `local`)
+//! bench-lua-call floor-fetch N    the same answering with an async `fetch` that is ready at
+//!                                 once (the Lua side's floor on the handler path)
 //! bench-lua-call body N [UPSTREAM] the handler's whole body from $BENCH_LUA (it gets
 //!                                 `request`, `env`, `ctx`), one call at a time: prices each
 //!                                 piece of a handler (under callgrind, see bench/README.md)
+
+mod lua_floor;
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -81,6 +87,10 @@ fn main() {
     let local = tokio::task::LocalSet::new();
     if mode == "raw" {
         local.block_on(&rt, raw_floor(n, &upstream_addr));
+        return;
+    }
+    if mode.starts_with("floor") {
+        local.block_on(&rt, lua_floor::run(n, mode == "floor-fetch"));
         return;
     }
     local.block_on(&rt, async move {

@@ -11,7 +11,7 @@ CONNS=${CONNS:-32}
 RATE=${RATE:-2000}
 IDLE=${IDLE:-1000}
 
-cargo build --release --quiet --bin moat --example bench-upstream --example bench-load --example bench-relay
+cargo build --release --quiet --bin moat --example bench-upstream --example bench-load --example bench-relay --example bench-lua-call
 BIN=target/release
 work=$(mktemp -d)
 pids=()
@@ -314,8 +314,27 @@ instructions_part() {
     counts+=("$(sed -n 's/^summary: //p' "$dir/cg.out")")
   done
   # The warm-up request above is in both runs, so it cancels out like start-up does.
-  printf 'nginx+lua         %s instructions per request (the peer, same job as moat handler)\n' \
-    "$(awk -v a="${counts[0]}" -v b="${counts[1]}" -v n=$(( n2 - n1 )) 'BEGIN {printf "%.0f", (b - a) / n}')"
+  local peer
+  peer=$(awk -v a="${counts[0]}" -v b="${counts[1]}" -v n=$(( n2 - n1 )) 'BEGIN {printf "%.0f", (b - a) / n}')
+  printf 'nginx+lua         %s instructions per request (the peer, same job as moat handler)\n' "$peer"
+  lua_floor_count "$peer"
+}
+# The handler's Lua side alone on bare mlua and Lua 5.4, with no moat code and no HTTP
+# (bench/lua_floor.rs): what any handler call of this shape costs under SPEC's Lua 5.4 and
+# its CPU limit's count hook, set against the peer's whole request.
+lua_floor_count() {
+  local peer=$1 n1=2000 n2=6000 counts=() n
+  for n in "$n1" "$n2"; do
+    valgrind --tool=callgrind --callgrind-out-file="$work/callgrind-floor-$n" \
+      "$BIN/examples/bench-lua-call" floor-fetch "$n" > /dev/null 2>&1
+    counts+=("$(sed -n 's/^summary: //p' "$work/callgrind-floor-$n")")
+  done
+  # Each run also makes a tenth of its calls as warm-up: 1.1 * (n2 - n1) calls apart.
+  awk -v a="${counts[0]}" -v b="${counts[1]}" -v n=$(( n2 - n1 )) -v peer="$peer" 'BEGIN {
+    f = (b - a) / (1.1 * n)
+    printf "lua floor         %.0f instructions per call (mlua + Lua 5.4 with the count hook: the bench handler, fetch ready at once, no HTTP)\n", f
+    printf "                  = %.2f x nginx+lua'"'"'s whole request, before moat parses, sends or receives a byte\n", f / peer
+  }'
 }
 # The p99 latency each moat path adds at RATE req/s over direct: ROUNDS rounds, each path's
 # added p99 taken against that round's direct run, the median round reported. With
