@@ -1,13 +1,13 @@
-//! `bench-lua-call floor N`: the least a runtime built on mlua and Lua 5.4 (SPEC 2, RUST-NOTES)
-//! can spend on the bench handler's Lua side, with none of moat's code: the same handler
-//! source as `local` (copy the request, set a header, answer with `Response.new`), run as
-//! moat must run it (a coroutine per call from mlua's async call, a count hook set, a memory
-//! limit), against the thinnest userdata that can serve it: fields that hand back stored
-//! values, a header list without validation, no scope, no timeout, no metering, no bodies.
+//! `bench-lua-call floor N`: what the bench handler's Lua side costs on mlua and Lua 5.4 (SPEC 2,
+//! RUST-NOTES) with none of moat's code: the same handler source as `local` (copy the
+//! request, set a header, answer with `Response.new`), run as moat must run it (a coroutine
+//! per call from mlua's async call, a count hook set, a memory limit), against the thinnest
+//! userdata we could write for it: fields that hand back stored values, a header list
+//! without validation, no scope, no timeout, no metering, no bodies.
 //!
-//! What `local` spends above this is moat's own glue; what this spends is the floor every
-//! handler call pays before any HTTP work, which is what the handler path's target is
-//! judged against (bench/README.md).
+//! It is a reference, not a proof of a minimum: it shows how much of a handler call is the
+//! Lua VM and the binding every mlua-based runtime pays, and how much is moat's own glue
+//! (`local` against `floor`; `floor-fetch` against the handler path minus the egress path).
 
 use std::cell::RefCell;
 use std::rc::Rc;
