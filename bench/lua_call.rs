@@ -17,6 +17,7 @@
 //!                                 userdata that can serve it (the floor for `local`)
 //! bench-lua-call floor-fetch N    the same answering with an async `fetch` that is ready at
 //!                                 once (the Lua side's floor on the handler path)
+//! bench-lua-call floor-tables N   floor-fetch with plain Lua tables instead of userdata
 //! bench-lua-call body N [UPSTREAM] the handler's whole body from $BENCH_LUA (it gets
 //!                                 `request`, `env`, `ctx`), one call at a time: prices each
 //!                                 piece of a handler (under callgrind, see bench/README.md)
@@ -87,6 +88,10 @@ fn main() {
     let local = tokio::task::LocalSet::new();
     if mode == "raw" {
         local.block_on(&rt, raw_floor(n, &upstream_addr));
+        return;
+    }
+    if mode == "floor-tables" {
+        local.block_on(&rt, lua_floor::run_tables(n));
         return;
     }
     if mode.starts_with("floor") {
