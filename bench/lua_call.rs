@@ -90,13 +90,10 @@ fn main() {
         local.block_on(&rt, raw_floor(n, &upstream_addr));
         return;
     }
-    if mode == "floor-tables" {
-        local.block_on(&rt, lua_floor::run_tables(n));
-        return;
-    }
-    if mode.starts_with("floor") {
-        local.block_on(&rt, lua_floor::run(n, mode == "floor-fetch"));
-        return;
+    match mode.as_str() {
+        "floor" | "floor-fetch" => return local.block_on(&rt, lua_floor::run(n, mode == "floor-fetch")),
+        "floor-tables" => return local.block_on(&rt, lua_floor::run_tables(n)),
+        _ => {}
     }
     local.block_on(&rt, async move {
         let upstream = Rc::new(Upstream::new(
