@@ -81,15 +81,22 @@ return function(request, env, ctx)
 end
 "#;
 
+/// A Lua state set up as moat's (script/sandbox.rs): the same libraries, thread pool and
+/// collector, a count hook every 1,000 instructions as moat's (here it only lets the code
+/// go on) and a memory limit; nothing else installed.
+fn bare_state() -> Lua {
+    let libs = StdLib::STRING | StdLib::TABLE | StdLib::MATH | StdLib::UTF8 | StdLib::COROUTINE | StdLib::OS;
+    let lua = Lua::new_with(libs, LuaOptions::new().thread_pool_size(64)).unwrap();
+    lua.set_global_hook(HookTriggers::new().every_nth_instruction(1_000), |_, _| Ok(VmState::Continue)).unwrap();
+    lua.set_memory_limit(64 << 20).unwrap();
+    lua.gc_set_mode(mlua::prelude::LuaGcMode::Generational(Default::default()));
+    lua
+}
+
 /// Runs the floor handler `n` times (after a tenth as warm-up) and prints the CPU per call;
 /// with `fetch`, the handler answers with an async `fetch` instead of `Response.new`.
 pub async fn run(n: u32, fetch: bool) {
-    let libs = StdLib::STRING | StdLib::TABLE | StdLib::MATH | StdLib::UTF8 | StdLib::COROUTINE | StdLib::OS;
-    let lua = Lua::new_with(libs, LuaOptions::new().thread_pool_size(64)).unwrap();
-    // A count hook as moat sets one (the instruction budget), which never fires here.
-    lua.set_global_hook(HookTriggers::new().every_nth_instruction(100_000), |_, _| Ok(VmState::Continue)).unwrap();
-    lua.set_memory_limit(64 << 20).unwrap();
-    lua.gc_set_mode(mlua::prelude::LuaGcMode::Generational(Default::default()));
+    let lua = bare_state();
     let request_api = lua.create_table().unwrap();
     let copy = lua
         .create_function(|lua, from: AnyUserData| {
@@ -157,11 +164,7 @@ end
 
 /// `floor-tables`: the bench handler (answering with `fetch`) over plain tables.
 pub async fn run_tables(n: u32) {
-    let libs = StdLib::STRING | StdLib::TABLE | StdLib::MATH | StdLib::UTF8 | StdLib::COROUTINE | StdLib::OS;
-    let lua = Lua::new_with(libs, LuaOptions::new().thread_pool_size(64)).unwrap();
-    lua.set_global_hook(HookTriggers::new().every_nth_instruction(100_000), |_, _| Ok(VmState::Continue)).unwrap();
-    lua.set_memory_limit(64 << 20).unwrap();
-    lua.gc_set_mode(mlua::prelude::LuaGcMode::Generational(Default::default()));
+    let lua = bare_state();
     lua.load(TABLES_PRELUDE).exec().unwrap();
     let fetch_fn = lua
         .create_async_function(|lua, request: mlua::Table| async move {
