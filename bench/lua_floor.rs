@@ -93,8 +93,7 @@ fn bare_state() -> Lua {
     lua
 }
 
-/// Runs the floor handler `n` times (after a tenth as warm-up) and prints the CPU per call;
-/// with `fetch`, the handler answers with an async `fetch` instead of `Response.new`.
+/// Runs the floor handler `n` times and prints the CPU per call; with `fetch`, the handler answers with an async `fetch` instead of `Response.new`.
 pub async fn run(n: u32, fetch: bool) {
     let lua = bare_state();
     let request_api = lua.create_table().unwrap();
@@ -130,18 +129,7 @@ pub async fn run(n: u32, fetch: bool) {
         let Value::UserData(answer) = answer else { panic!("the handler answers a Response") };
         assert!(!answer.borrow::<Response>().unwrap().body.is_empty());
     };
-    let call = &call;
-    let (cpu, wall) = super::measure(n, |count| async move {
-        for _ in 0..count {
-            call().await;
-        }
-    })
-    .await;
-    let mode = if fetch { "floor-fetch" } else { "floor" };
-    println!(
-        "{mode}: {n} calls, {cpu:.0} ns CPU ({wall:.0} ns wall) per call, Lua memory {} KiB",
-        lua.used_memory() / 1024
-    );
+    time_calls(if fetch { "floor-fetch" } else { "floor" }, n, &lua, call).await;
 }
 
 /// Request and headers as plain Lua tables, `Request.new` and `headers:set` written in Lua:
@@ -187,6 +175,12 @@ pub async fn run_tables(n: u32) {
         let answer = handler.call_async::<mlua::Table>((request, env.clone(), ctx)).await.unwrap();
         assert_eq!(answer.get::<u16>("status").unwrap(), 200);
     };
+    time_calls("floor-tables", n, &lua, call).await;
+}
+
+/// Makes `call` `n` times one after another (after a tenth as warm-up) and prints the CPU
+/// and wall time per call.
+async fn time_calls<F: std::future::Future<Output = ()>>(mode: &str, n: u32, lua: &Lua, call: impl Fn() -> F) {
     let call = &call;
     let (cpu, wall) = super::measure(n, |count| async move {
         for _ in 0..count {
@@ -194,5 +188,8 @@ pub async fn run_tables(n: u32) {
         }
     })
     .await;
-    println!("floor-tables: {n} calls, {cpu:.0} ns CPU ({wall:.0} ns wall) per call");
+    println!(
+        "{mode}: {n} calls, {cpu:.0} ns CPU ({wall:.0} ns wall) per call, Lua memory {} KiB",
+        lua.used_memory() / 1024
+    );
 }
