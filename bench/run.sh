@@ -271,6 +271,10 @@ peer_part() {
   instructions_part
   kill "$master" 2> /dev/null || true
 }
+# A callgrind file's instruction total, and what one unit (request, call) costs between two
+# runs that made N1 and N2 of them: (total2 - total1) / count apart, without start-up.
+cg_total() { sed -n 's/^summary: //p' "$1"; }
+per_unit() { awk -v a="$1" -v b="$2" -v n="$3" 'BEGIN {printf "%.0f", (b - a) / n}'; }
 # Instructions per request of moat's handler and egress paths, from callgrind: a moat with
 # one worker serves N1 then N2 requests in two runs; the difference over N2 - N1 is what one
 # request costs, without start-up and without the machine's noise.
@@ -291,8 +295,7 @@ instructions_part() {
       run count "127.0.0.1:$port" "http://$UP/" 4 "$n" > /dev/null
       kill -TERM "$vg"; wait "$vg" 2> /dev/null || true
     done
-    total=$(awk -v a="$(sed -n 's/^summary: //p' "$work/callgrind-$path-$n1")" -v b="$(sed -n 's/^summary: //p' "$work/callgrind-$path-$n2")" \
-      -v n=$(( n2 - n1 )) 'BEGIN {printf "%.0f", (b - a) / n}')
+    total=$(per_unit "$(cg_total "$work/callgrind-$path-$n1")" "$(cg_total "$work/callgrind-$path-$n2")" $(( n2 - n1 )))
     printf 'moat %-8s %s instructions per request\n' "$path" "$total"
   done
   # The peer, counted the same way: nginx without a master process, one worker. LuaJIT
@@ -311,11 +314,11 @@ instructions_part() {
     for _ in $(seq 300); do curl -s -o /dev/null -x http://127.0.0.1:13240 "http://$UP/" && break; sleep 0.2; done
     run count 127.0.0.1:13240 "http://$UP/" 4 "$n" > /dev/null
     kill -QUIT "$vg"; wait "$vg" 2> /dev/null || true
-    counts+=("$(sed -n 's/^summary: //p' "$dir/cg.out")")
+    counts+=("$(cg_total "$dir/cg.out")")
   done
   # The warm-up request above is in both runs, so it cancels out like start-up does.
   local peer
-  peer=$(awk -v a="${counts[0]}" -v b="${counts[1]}" -v n=$(( n2 - n1 )) 'BEGIN {printf "%.0f", (b - a) / n}')
+  peer=$(per_unit "${counts[0]}" "${counts[1]}" $(( n2 - n1 )))
   printf 'nginx+lua         %s instructions per request (the peer, same job as moat handler)\n' "$peer"
   lua_floor_count "$peer"
 }
@@ -327,11 +330,10 @@ lua_floor_count() {
   for n in "$n1" "$n2"; do
     valgrind --tool=callgrind --callgrind-out-file="$work/callgrind-floor-$n" \
       "$BIN/examples/bench-lua-call" floor-fetch "$n" > /dev/null 2>&1
-    counts+=("$(sed -n 's/^summary: //p' "$work/callgrind-floor-$n")")
+    counts+=("$(cg_total "$work/callgrind-floor-$n")")
   done
   # Each run also makes a tenth of its calls as warm-up: 1.1 * (n2 - n1) calls apart.
-  awk -v a="${counts[0]}" -v b="${counts[1]}" -v n=$(( n2 - n1 )) -v peer="$peer" 'BEGIN {
-    f = (b - a) / (1.1 * n)
+  awk -v f="$(per_unit "${counts[0]}" "${counts[1]}" $(( (n2 - n1) * 11 / 10 )))" -v peer="$peer" 'BEGIN {
     printf "lua floor         %.0f instructions per call (mlua + Lua 5.4 with the count hook: the bench handler, fetch ready at once, no HTTP)\n", f
     printf "                  = %.2f x nginx+lua'"'"'s whole request, before moat parses, sends or receives a byte\n", f / peer
   }'
